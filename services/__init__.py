@@ -1,0 +1,1 @@
+"""pfmon's services (collector, analytics, actuator, archiver) and the ``pfmon`` CLI."""

@@ -1,0 +1,1 @@
+"""Actuator: relay actions and capacitor-bank control over Modbus coils."""

@@ -1,0 +1,1 @@
+"""Analytics: readings and waveforms in, power-quality metrics and alarms out."""

@@ -1,0 +1,1 @@
+"""Archiver: metrics, events and commands into TimescaleDB / PostgreSQL."""

@@ -1,0 +1,21 @@
+"""``pfmon archiver`` and the archiver's tools."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from services.common import DURATION_OPTION, SITE_FILE_OPTION, run_service
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("archiver")
+    def _run(
+        site_file: Path | None = SITE_FILE_OPTION,
+        duration: float | None = DURATION_OPTION,
+    ) -> None:
+        """Store metrics, events and commands in TimescaleDB / PostgreSQL."""
+        from services.archiver.service import SERVICE, run
+
+        run_service(SERVICE, run, site_file, duration)

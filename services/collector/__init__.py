@@ -1,0 +1,1 @@
+"""Collector (edge): polls meters over Modbus and publishes ``reading`` messages."""

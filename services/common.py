@@ -1,0 +1,63 @@
+"""What every ``pfmon <service>`` command does before its service runs."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import NoReturn
+
+import typer
+
+from shared import service
+from shared.errors import ConfigError
+from shared.logs import setup_logging
+from shared.settings import Settings, load_settings
+from shared.site import SiteConfig, load_site
+
+ServiceMain = Callable[[Settings, SiteConfig, service.Shutdown], Awaitable[None]]
+
+SITE_FILE_OPTION = typer.Option(
+    None,
+    "--site-file",
+    "-s",
+    help="Site YAML (meters, buses, rules). Default: $PFM_SITE_FILE.",
+    show_default=False,
+)
+DURATION_OPTION = typer.Option(
+    None, "--duration", help="Stop after this many seconds (default: run until SIGTERM/Ctrl-C)."
+)
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    typer.secho(f"pfmon: {message}", err=True, fg=typer.colors.RED)
+    raise typer.Exit(code)
+
+
+def load_config(site_file: Path | None) -> tuple[Settings, SiteConfig]:
+    """Settings + site file, or exit 2 with every problem listed (nothing half-starts)."""
+    try:
+        settings = load_settings()
+        path = site_file or settings.site_file
+        if path is None:
+            raise ConfigError(
+                "no site file: pass --site-file FILE or set PFM_SITE_FILE "
+                "(an example is deploy/site.example.yaml)"
+            )
+        site = load_site(path)
+    except ConfigError as exc:
+        fail(str(exc))
+    return settings, site
+
+
+def run_service(
+    name: str, main: ServiceMain, site_file: Path | None, duration: float | None
+) -> None:
+    settings, site = load_config(site_file)
+    setup_logging(settings.log_level, settings.log_format)
+    try:
+        service.run(lambda shutdown: main(settings, site, shutdown), duration=duration)
+    except ConfigError as exc:
+        fail(f"{name}: {exc}")
+    except KeyboardInterrupt:  # pragma: no cover - second Ctrl-C
+        sys.exit(130)

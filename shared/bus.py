@@ -1,0 +1,450 @@
+"""The MQTT bus every service uses: an aiomqtt wrapper as an async context manager.
+
+* publishes models (orjson) at QoS 1;
+* typed handlers per topic pattern: a payload is validated where it enters, and
+  a malformed or wrong-schema payload goes to ``pfm/v1/{site}/deadletter/{service}``
+  with the reason, a counter goes up, and the service carries on;
+* connects in the background and reconnects with exponential backoff and jitter,
+  resubscribing every pattern; a broker that is down at start is retried, never fatal;
+* MQTT v5 where the broker speaks it, 3.1.1 otherwise (``PFM_MQTT_PROTOCOL=auto``);
+* persistent sessions (stable client id, clean start off) so QoS 1 messages that
+  arrive while a service is away are delivered when it is back;
+* TLS (CA, client certificate) and username/password from :class:`Settings`;
+* optional manual acknowledgement: the handler calls :meth:`Incoming.ack` only
+  after its data is safe downstream (the archiver does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+import aiomqtt
+import orjson
+from aiomqtt.exceptions import MqttConnectError
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from pydantic import BaseModel, ValidationError
+
+from shared import topics
+from shared.errors import PeerError
+from shared.messages import DeadLetter, describe_error
+from shared.metrics import ServiceMetrics
+from shared.settings import Settings
+
+log = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=BaseModel)
+
+#: how long a v5 session survives a disconnect on the broker (seconds)
+SESSION_EXPIRY_S = 7 * 24 * 3600
+
+
+class BusUnavailable(PeerError):
+    """The broker is not connected right now; the caller decides (spool, retry)."""
+
+
+@dataclass(slots=True)
+class Incoming:
+    """One received message as the handler sees it."""
+
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    mid: int
+    _ack: Callable[[Incoming], None] | None = None
+    _acked: bool = False
+
+    def ack(self) -> None:
+        """Acknowledge (manual-ack buses only; a no-op otherwise). Idempotent."""
+        if self._ack is not None and not self._acked:
+            self._acked = True
+            self._ack(self)
+
+
+Handler = Callable[[M, Incoming], Awaitable[None]]
+
+
+@dataclass(slots=True)
+class _Subscription(Generic[M]):
+    pattern: str  # without any $share prefix
+    model: type[M]
+    handler: Handler[M]
+    qos: int
+    share_group: str | None
+    kind: str
+    parts: list[str] = field(default_factory=list)
+
+    @property
+    def filter(self) -> str:
+        if self.share_group:
+            return f"$share/{self.share_group}/{self.pattern}"
+        return self.pattern
+
+
+def topic_matches(pattern_parts: list[str], topic: str) -> bool:
+    """MQTT wildcard match of ``topic`` against a split filter (``+`` and ``#``)."""
+    tparts = topic.split("/")
+    for i, p in enumerate(pattern_parts):
+        if p == "#":
+            return True
+        if i >= len(tparts):
+            return False
+        if p != "+" and p != tparts[i]:
+            return False
+    return len(tparts) == len(pattern_parts)
+
+
+@dataclass
+class Backoff:
+    """Exponential backoff with full jitter on the upper half: delay in [d/2, d]."""
+
+    initial_s: float = 0.5
+    max_s: float = 30.0
+    factor: float = 2.0
+
+    def delay(self, attempt: int) -> float:
+        d = min(self.max_s, self.initial_s * self.factor**attempt)
+        return d * random.uniform(0.5, 1.0)
+
+
+OnConnect = Callable[["Bus"], Awaitable[None]]
+
+
+class Bus:
+    """An MQTT connection for one service. Use as ``async with Bus(...) as bus:``.
+
+    Register handlers with :meth:`subscribe` before entering (or at any time: new
+    patterns are subscribed at once when connected and after every reconnect).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        service: str,
+        site: str,
+        metrics: ServiceMetrics | None = None,
+        client_id: str | None = None,
+        will: tuple[str, bytes] | None = None,
+        persistent: bool = True,
+        manual_ack: bool = False,
+        backoff: Backoff | None = None,
+        max_inflight: int = 100,
+    ) -> None:
+        self.settings = settings
+        self.service = service
+        self.site = topics.check_slug(site, "site")
+        self.metrics = metrics or ServiceMetrics(service, site)
+        prefix = settings.mqtt_client_id or f"pfm-{service}-{site}-{socket.gethostname()}"
+        self.client_id = client_id or prefix
+        self._will = will
+        self._persistent = persistent
+        self._manual_ack = manual_ack
+        self._backoff = backoff or Backoff()
+        self._max_inflight = max_inflight
+        self._subs: list[_Subscription[Any]] = []
+        self._client: aiomqtt.Client | None = None
+        self._connected = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._on_connect: list[OnConnect] = []
+        self._dl_seq = 0
+        self._protocol: aiomqtt.ProtocolVersion | None = {
+            "5": aiomqtt.ProtocolVersion.V5,
+            "3.1.1": aiomqtt.ProtocolVersion.V311,
+        }.get(settings.mqtt_protocol)
+        self.connections = 0
+        self.last_error: str | None = None
+
+    # -- public API --------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    @property
+    def protocol(self) -> str | None:
+        """``"5"`` or ``"3.1.1"`` once connected."""
+        if self._protocol is None:
+            return None
+        return "5" if self._protocol == aiomqtt.ProtocolVersion.V5 else "3.1.1"
+
+    async def wait_connected(self, timeout: float | None = None) -> None:
+        """Wait until connected; raises :class:`TimeoutError`."""
+        await asyncio.wait_for(self._connected.wait(), timeout)
+
+    def on_connect(self, callback: OnConnect) -> None:
+        """Run ``callback(bus)`` after every (re)connection and resubscription."""
+        self._on_connect.append(callback)
+
+    def subscribe(
+        self,
+        pattern: str,
+        model: type[M],
+        handler: Handler[M],
+        *,
+        qos: int = 1,
+        share_group: str | None = None,
+    ) -> None:
+        """Route messages matching ``pattern`` to ``handler(model_instance, incoming)``."""
+        kind = pattern.rsplit("/", 1)[-1]
+        if kind in ("+", "#"):
+            kind = "any"
+        sub = _Subscription(pattern, model, handler, qos, share_group, kind, pattern.split("/"))
+        self._subs.append(sub)
+        client = self._client
+        if client is not None and self.connected:
+            task = asyncio.get_running_loop().create_task(
+                self._subscribe_one(client, sub), name=f"bus-subscribe-{pattern}"
+            )
+            task.add_done_callback(_log_task_error)
+
+    async def publish(
+        self,
+        topic: str,
+        message: BaseModel | bytes,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        timeout: float = 10.0,
+    ) -> None:
+        """Publish and, at QoS 1, wait for the broker's PUBACK.
+
+        Raises :class:`BusUnavailable` when not connected or the broker did not
+        acknowledge in time: the message was not delivered and the caller decides.
+        """
+        client = self._client
+        if client is None or not self.connected:
+            raise BusUnavailable(f"not connected to {self.settings.mqtt_url}", kind="disconnected")
+        payload = message if isinstance(message, bytes) else _encode(message)
+        try:
+            await client.publish(topic, payload, qos=qos, retain=retain, timeout=timeout)
+        except aiomqtt.MqttError as exc:
+            raise BusUnavailable(f"publish to {topic} failed: {exc}", kind="publish") from exc
+        self.metrics.published.labels(self.service, topic.rsplit("/", 1)[-1]).inc()
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    async def __aenter__(self) -> Bus:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"bus-{self.service}")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._connected.clear()
+        self.metrics.bus_connected.labels(self.service).set(0)
+
+    # -- internals -----------------------------------------------------------------
+
+    def _make_client(self, protocol: aiomqtt.ProtocolVersion) -> aiomqtt.Client:
+        target = self.settings.mqtt()
+        tls_params = None
+        if target.tls or self.settings.mqtt_ca_file:
+            tls_params = aiomqtt.TLSParameters(
+                ca_certs=str(self.settings.mqtt_ca_file) if self.settings.mqtt_ca_file else None,
+                certfile=str(self.settings.mqtt_cert_file)
+                if self.settings.mqtt_cert_file
+                else None,
+                keyfile=str(self.settings.mqtt_key_file) if self.settings.mqtt_key_file else None,
+            )
+        will = None
+        if self._will is not None:
+            will = aiomqtt.Will(self._will[0], self._will[1], qos=1, retain=True)
+        kwargs: dict[str, Any] = {}
+        if protocol == aiomqtt.ProtocolVersion.V5:
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            props.SessionExpiryInterval = SESSION_EXPIRY_S if self._persistent else 0
+            kwargs["properties"] = props
+            kwargs["clean_start"] = not self._persistent
+        else:
+            kwargs["clean_session"] = not self._persistent
+        client = aiomqtt.Client(
+            target.host,
+            target.port,
+            username=target.username,
+            password=target.password,
+            identifier=self.client_id,
+            protocol=protocol,
+            will=will,
+            keepalive=self.settings.mqtt_keepalive_s,
+            tls_params=tls_params,
+            timeout=10,
+            max_inflight_messages=self._max_inflight,
+            logger=logging.getLogger("aiomqtt"),
+            **kwargs,
+        )
+        client.pending_calls_threshold = 1_000_000
+        if self._manual_ack:
+            client._client.manual_ack_set(True)
+        return client
+
+    async def _run(self) -> None:
+        attempt = 0
+        tried_v311 = False
+        while True:
+            protocol = self._protocol or aiomqtt.ProtocolVersion.V5
+            client = self._make_client(protocol)
+            try:
+                async with client:
+                    self._protocol = protocol
+                    self._client = client
+                    self.connections += 1
+                    if self.connections > 1:
+                        self.metrics.bus_reconnects.labels(self.service).inc()
+                    for sub in self._subs:
+                        await self._subscribe_one(client, sub)
+                    self._connected.set()
+                    self.metrics.bus_connected.labels(self.service).set(1)
+                    log.info(
+                        "connected to %s (MQTT %s)",
+                        self.settings.mqtt_url,
+                        self.protocol,
+                        extra={"service": self.service},
+                    )
+                    attempt = 0
+                    for callback in self._on_connect:
+                        await callback(self)
+                    async for msg in client.messages:
+                        await self._dispatch(client, msg)
+            except aiomqtt.MqttError as exc:
+                self.last_error = str(exc)
+                was_connected = self.connected
+                self._connected.clear()
+                self.metrics.bus_connected.labels(self.service).set(0)
+                if (
+                    self.settings.mqtt_protocol == "auto"
+                    and not was_connected
+                    and protocol == aiomqtt.ProtocolVersion.V5
+                    and self.connections == 0
+                    and not tried_v311
+                    and _looks_like_protocol_refusal(exc)
+                ):
+                    # an MQTT 3.1.1-only broker: try the older protocol straight away
+                    tried_v311 = True
+                    self._protocol = aiomqtt.ProtocolVersion.V311
+                    log.info("broker refused MQTT v5 (%s); using 3.1.1", exc)
+                    continue
+                if self.connections == 0 and tried_v311 and not was_connected:
+                    self._protocol = None  # keep trying both until one works
+                    tried_v311 = False
+                delay = self._backoff.delay(attempt)
+                attempt += 1
+                log.warning(
+                    "broker %s %s: %s; retrying in %.1f s",
+                    self.settings.mqtt_url,
+                    "lost" if was_connected else "unreachable",
+                    exc,
+                    delay,
+                    extra={"service": self.service},
+                )
+                await asyncio.sleep(delay)
+            finally:
+                self._client = None
+
+    async def _subscribe_one(self, client: aiomqtt.Client, sub: _Subscription[Any]) -> None:
+        await client.subscribe(sub.filter, qos=sub.qos)
+        log.debug("subscribed %s", sub.filter, extra={"service": self.service})
+
+    def _ack(self, incoming: Incoming) -> None:
+        client = self._client
+        if client is not None and incoming.qos > 0:
+            client._client.ack(incoming.mid, incoming.qos)
+
+    async def _dispatch(self, client: aiomqtt.Client, msg: aiomqtt.Message) -> None:
+        topic = msg.topic.value
+        raw = msg.payload
+        payload = raw if isinstance(raw, bytes) else str(raw if raw is not None else "").encode()
+        incoming = Incoming(
+            topic,
+            payload,
+            msg.qos,
+            bool(msg.retain),
+            msg.mid,
+            self._ack if self._manual_ack else None,
+        )
+        sub = next((s for s in self._subs if topic_matches(s.parts, topic)), None)
+        if sub is None:
+            incoming.ack()
+            return
+        started = time.perf_counter()
+        self.metrics.received.labels(self.service, sub.kind).inc()
+        try:
+            model = sub.model.model_validate(orjson.loads(payload))
+        except (ValidationError, orjson.JSONDecodeError, UnicodeDecodeError) as exc:
+            await self._dead_letter(topic, payload, describe_error(exc), sub.kind)
+            incoming.ack()
+            return
+        try:
+            await sub.handler(model, incoming)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            self.metrics.handler_errors.labels(self.service, sub.kind).inc()
+            log.exception(
+                "handler for %s failed", topic, extra={"service": self.service, "topic": topic}
+            )
+            incoming.ack()
+        else:
+            if not self._manual_ack:
+                incoming.ack()
+        self.metrics.handle_seconds.labels(self.service, sub.kind).observe(
+            time.perf_counter() - started
+        )
+
+    async def _dead_letter(self, topic: str, payload: bytes, reason: str, kind: str) -> None:
+        self.metrics.deadletters.labels(self.service, kind).inc()
+        log.warning(
+            "dead-lettered a %s message from %s: %s",
+            kind,
+            topic,
+            reason,
+            extra={"service": self.service, "topic": topic, "reason": reason},
+        )
+        try:
+            site = topics.parse(topic).site
+        except Exception:
+            site = self.site
+        self._dl_seq += 1
+        letter = DeadLetter.of(
+            site=site,
+            service=self.service,
+            topic=topic,
+            reason=reason,
+            payload=payload,
+            seq=self._dl_seq,
+        )
+        try:
+            await self.publish(topics.deadletter(site, self.service), letter)
+        except BusUnavailable as exc:
+            log.error("could not publish dead letter: %s", exc, extra={"service": self.service})
+
+
+def _encode(message: BaseModel) -> bytes:
+    return orjson.dumps(message.model_dump(mode="json", by_alias=True))
+
+
+def _looks_like_protocol_refusal(exc: aiomqtt.MqttError) -> bool:
+    text = str(exc).lower()
+    if isinstance(exc, MqttConnectError):
+        return True
+    return "protocol" in text or "disconnected" in text or "timed out" in text
+
+
+def _log_task_error(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("bus task %s failed: %s", task.get_name(), task.exception())

@@ -1,0 +1,114 @@
+"""Process settings from ``PFM_*`` environment variables (pydantic-settings).
+
+Per-site content (meters, buses, rules, thresholds) lives in the site YAML file
+(:mod:`shared.site`); these settings say where things are and how to reach them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+from urllib.parse import unquote, urlsplit
+
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.errors import ConfigError
+
+DEFAULT_MQTT_URL = "mqtt://127.0.0.1:1883"
+DEFAULT_DB_DSN = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+class MqttTarget(BaseModel):
+    """A parsed broker address."""
+
+    host: str
+    port: int
+    tls: bool
+    username: str | None = None
+    password: str | None = None
+
+
+def parse_mqtt_url(url: str) -> MqttTarget:
+    """``mqtt://[user:pass@]host[:1883]`` or ``mqtts://host[:8883]``."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
+        raise ConfigError(f"PFM_MQTT_URL {url!r}: scheme must be mqtt:// or mqtts://")
+    if not parts.hostname:
+        raise ConfigError(f"PFM_MQTT_URL {url!r}: no host")
+    tls = parts.scheme in ("mqtts", "ssl")
+    try:
+        port = parts.port or (8883 if tls else 1883)
+    except ValueError as exc:
+        raise ConfigError(f"PFM_MQTT_URL {url!r}: bad port") from exc
+    return MqttTarget(
+        host=parts.hostname,
+        port=port,
+        tls=tls,
+        username=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password else None,
+    )
+
+
+class Settings(BaseSettings):
+    """Every setting has an environment variable ``PFM_<NAME>``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="PFM_", env_file=None, extra="ignore", case_sensitive=False
+    )
+
+    mqtt_url: str = Field(DEFAULT_MQTT_URL, description="broker, mqtt://host:port or mqtts://")
+    mqtt_username: str | None = Field(None, description="broker user (overrides the URL's)")
+    mqtt_password: SecretStr | None = Field(None, description="broker password")
+    mqtt_ca_file: Path | None = Field(None, description="CA bundle that signed the broker cert")
+    mqtt_cert_file: Path | None = Field(None, description="client certificate (mutual TLS)")
+    mqtt_key_file: Path | None = Field(None, description="client private key (mutual TLS)")
+    mqtt_protocol: Literal["auto", "5", "3.1.1"] = Field(
+        "auto", description="MQTT version: auto tries v5 and falls back to 3.1.1"
+    )
+    mqtt_keepalive_s: int = Field(30, ge=5, le=3600)
+    mqtt_client_id: str | None = Field(
+        None, description="client id prefix; default pfm-<service>-<site>-<host>"
+    )
+    db_dsn: str = Field(DEFAULT_DB_DSN, description="PostgreSQL / TimescaleDB DSN")
+    site_file: Path | None = Field(None, description="site YAML (meters, buses, rules)")
+    data_dir: Path = Field(Path("var"), description="spool and buffer folder")
+    metrics_host: str = Field("0.0.0.0", description="address of the /metrics server")
+    metrics_port: int | None = Field(
+        None, ge=0, le=65535, description="port of /metrics (default per service; 0 = off)"
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["auto", "json", "text"] = Field(
+        "auto", description="auto = JSON lines unless stderr is a terminal"
+    )
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    def mqtt(self) -> MqttTarget:
+        target = parse_mqtt_url(self.mqtt_url)
+        if self.mqtt_username is not None:
+            target.username = self.mqtt_username
+        if self.mqtt_password is not None:
+            target.password = self.mqtt_password.get_secret_value()
+        return target
+
+
+#: default /metrics port per service
+METRICS_PORTS = {"collector": 9101, "analytics": 9102, "actuator": 9103, "archiver": 9104}
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the environment; a bad value is a :class:`ConfigError` naming the variable."""
+    try:
+        settings = Settings(**overrides)  # type: ignore[arg-type]
+        settings.mqtt()
+    except ValidationError as exc:
+        problems = [
+            f"PFM_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}"
+            for err in exc.errors(include_url=False)
+        ]
+        raise ConfigError("invalid environment settings", problems) from exc
+    return settings

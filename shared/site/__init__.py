@@ -1,0 +1,166 @@
+"""The site file: one YAML document per site (meters, buses, rules, thresholds).
+
+:func:`load_site` reads and validates it. An invalid file raises one
+:class:`~shared.errors.ConfigError` that names the file and lists every bad
+field with its path (``meters[2].unit: ...``); the CLI turns it into exit code 2.
+
+Each service owns its own section module here (``collector``, ``analytics``,
+``actuator``, ``archiver``); ``core`` holds what several services share.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from shared.errors import ConfigError
+from shared.site.actuator import BankConfig, OutputDevice, RelayAction
+from shared.site.analytics import AnalyticsConfig
+from shared.site.archiver import ArchiverConfig
+from shared.site.collector import ProfileSpec
+from shared.site.core import BusConfig, MeterConfig, Thresholds
+from shared.topics import Slug
+
+__all__ = [
+    "BankConfig",
+    "BusConfig",
+    "MeterConfig",
+    "OutputDevice",
+    "ProfileSpec",
+    "RelayAction",
+    "SiteConfig",
+    "Thresholds",
+    "format_validation_error",
+    "load_site",
+    "parse_site",
+]
+
+
+class SiteConfig(BaseModel):
+    """Root of the site YAML file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    site: Slug
+    gateway: Slug = "gw1"
+    description: str = ""
+    thresholds: Thresholds = Field(default_factory=Thresholds)
+    buses: list[BusConfig] = Field(default_factory=list)
+    meters: list[MeterConfig] = Field(default_factory=list)
+    profiles: dict[str, ProfileSpec] = Field(default_factory=dict)
+    devices: list[OutputDevice] = Field(default_factory=list)
+    relay_actions: list[RelayAction] = Field(default_factory=list)
+    banks: list[BankConfig] = Field(default_factory=list)
+    analytics: AnalyticsConfig = Field(default_factory=AnalyticsConfig)
+    archiver: ArchiverConfig = Field(default_factory=ArchiverConfig)
+
+    @model_validator(mode="after")
+    def _cross_check(self) -> SiteConfig:
+        problems: list[str] = []
+        bus_names = [b.name for b in self.buses]
+        problems += _duplicates("buses", bus_names)
+        problems += _duplicates("meters", [m.name for m in self.meters])
+        problems += _duplicates("devices", [d.name for d in self.devices])
+        for i, meter in enumerate(self.meters):
+            if meter.bus not in bus_names:
+                known = ", ".join(bus_names) or "none"
+                problems.append(f"meters[{i}].bus: no bus named {meter.bus!r} (buses: {known})")
+        for i, dev in enumerate(self.devices):
+            if dev.bus not in bus_names:
+                problems.append(f"devices[{i}].bus: no bus named {dev.bus!r}")
+        seen_units: dict[tuple[str, int], str] = {}
+        for i, meter in enumerate(self.meters):
+            key = (meter.bus, meter.unit)
+            if key in seen_units:
+                problems.append(
+                    f"meters[{i}].unit: unit {meter.unit} on bus {meter.bus!r} is already "
+                    f"used by {seen_units[key]!r}"
+                )
+            seen_units[key] = meter.name
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def meter(self, name: str) -> MeterConfig:
+        for m in self.meters:
+            if m.name == name:
+                return m
+        raise KeyError(name)
+
+    def bus(self, name: str) -> BusConfig:
+        for b in self.buses:
+            if b.name == name:
+                return b
+        raise KeyError(name)
+
+
+def _duplicates(section: str, names: list[str]) -> list[str]:
+    seen: set[str] = set()
+    out = []
+    for i, name in enumerate(names):
+        if name in seen:
+            out.append(f"{section}[{i}].name: {name!r} is used twice")
+        seen.add(name)
+    return out
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(top level)"
+
+
+def format_validation_error(exc: ValidationError) -> list[str]:
+    """One line per bad field, with its path in the file."""
+    problems = []
+    for err in exc.errors(include_url=False):
+        msg = err["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        loc = _loc(tuple(err["loc"]))
+        if err["type"] == "value_error" and "; " in msg and loc == "(top level)":
+            problems.extend(msg.split("; "))
+            continue
+        got = err.get("input")
+        hint = ""
+        if err["type"] not in ("missing", "extra_forbidden") and not isinstance(got, dict | list):
+            hint = f" (got {got!r})"
+        problems.append(f"{loc}: {msg}{hint}")
+    return problems
+
+
+def parse_site(data: Any, source: str = "<site>") -> SiteConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{source}: expected a mapping at the top level, got {type(data).__name__}"
+        )
+    try:
+        return SiteConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = format_validation_error(exc)
+        raise ConfigError(f"{source}: {len(problems)} invalid field(s)", problems) from exc
+
+
+def load_site(path: Path | str) -> SiteConfig:
+    """Read and validate a site file. Raises :class:`ConfigError` naming file and fields."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read site file: {exc.strerror or exc}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown place"
+        raise ConfigError(f"{path}: not valid YAML at {where}: {exc.problem}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    return parse_site(data, str(path))

@@ -1,0 +1,80 @@
+"""Site-file sections several services share: thresholds, buses, meters."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from shared.topics import Slug
+
+
+class Thresholds(BaseModel):
+    """Power-factor thresholds of the site (used by analytics, actuator and reports)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pf_alert: float = Field(0.97, gt=0, le=1, description="internal alert below this PF")
+    pf_penalty: float = Field(0.90, gt=0, le=1, description="utility penalty below this PF")
+    voltage_unbalance_pct: float = Field(2.0, gt=0, description="u2 alarm threshold")
+    nominal_voltage_v: float = Field(230.0, gt=0, description="line-to-neutral nominal")
+    nominal_frequency_hz: Literal[50, 60] = 50
+
+    @model_validator(mode="after")
+    def _order(self) -> Thresholds:
+        if self.pf_penalty > self.pf_alert:
+            raise ValueError(
+                f"pf_penalty ({self.pf_penalty}) must not be above pf_alert ({self.pf_alert})"
+            )
+        return self
+
+
+class BusConfig(BaseModel):
+    """One Modbus bus: TCP, RTU on a serial port, or RTU framed over TCP."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Slug
+    kind: Literal["tcp", "rtu", "rtu_over_tcp"] = "tcp"
+    host: str | None = None
+    port: int | None = Field(None, ge=1, le=65535)
+    serial: str | None = Field(None, description="serial device, e.g. /dev/ttyUSB0")
+    baudrate: int = Field(9600, gt=0)
+    parity: Literal["N", "E", "O"] = "N"
+    bytesize: Literal[7, 8] = 8
+    stopbits: Literal[1, 2] = 1
+    timeout_s: float = Field(1.0, gt=0, le=60)
+    retries: int = Field(1, ge=0, le=10)
+    inter_frame_delay_s: float = Field(
+        0.0, ge=0, le=5, description="pause between requests to different units on this bus"
+    )
+
+    @model_validator(mode="after")
+    def _endpoint(self) -> BusConfig:
+        if self.kind in ("tcp", "rtu_over_tcp") and not self.host:
+            raise ValueError(f"bus {self.name!r}: kind {self.kind} needs 'host'")
+        if self.kind == "rtu" and not self.serial:
+            raise ValueError(f"bus {self.name!r}: kind rtu needs 'serial' (e.g. /dev/ttyUSB0)")
+        if self.kind in ("tcp", "rtu_over_tcp") and self.port is None:
+            self.port = 502
+        return self
+
+
+class MeterConfig(BaseModel):
+    """One meter: where it is and which profile decodes it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Slug
+    bus: Slug
+    unit: int = Field(
+        ge=1, le=247, description="Modbus unit id 1-247 (0 is broadcast, 248-255 reserved)"
+    )
+    profile: str = Field(min_length=1, description="built-in or user-defined profile name")
+    interval_s: float = Field(1.0, ge=0.05, le=3600, description="poll interval")
+    wiring: Literal["star", "delta"] = Field(
+        "star", description="delta = the meter reports line-to-line voltages (sqrt(3) correction)"
+    )
+    expect_export: bool = Field(False, description="site may export here (no ct_reversed alarm)")
+    timeout_s: float | None = Field(None, gt=0, le=60, description="overrides the bus timeout")
+    offline_after: int = Field(3, ge=1, le=100, description="failed polls before offline")

@@ -1,0 +1,101 @@
+"""A bounded, ordered, on-disk FIFO of (topic, payload) records.
+
+Used when a peer is down (the collector while the broker is unreachable, the
+archiver while the database is): records survive a restart, drain in the order
+they were written, and when the spool is full the *oldest* are dropped and
+counted - never silently. SQLite (stdlib) in WAL mode gives crash safety.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolRecord:
+    id: int
+    topic: str
+    payload: bytes
+
+
+class Spool:
+    """``Spool(path, max_records)``; thread-safe; calls are short and synchronous."""
+
+    def __init__(self, path: Path | str, max_records: int = 1_000_000) -> None:
+        if max_records < 1:
+            raise ValueError("max_records must be at least 1")
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.max_records = max_records
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS spool ("
+            " id INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, payload BLOB NOT NULL)"
+        )
+        self._db.execute("CREATE TABLE IF NOT EXISTS stats (k TEXT PRIMARY KEY, v INTEGER)")
+        self._count = int(self._db.execute("SELECT count(*) FROM spool").fetchone()[0])
+
+    def __len__(self) -> int:
+        return self._count
+
+    @property
+    def dropped(self) -> int:
+        """Records dropped because the spool was full, over its whole life."""
+        row = self._db.execute("SELECT v FROM stats WHERE k='dropped'").fetchone()
+        return int(row[0]) if row else 0
+
+    def put(self, topic: str, payload: bytes) -> int:
+        """Append one record; returns how many old records were dropped to make room."""
+        return self.put_many([(topic, payload)])
+
+    def put_many(self, records: Iterable[tuple[str, bytes]]) -> int:
+        rows = list(records)
+        if not rows:
+            return 0
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany("INSERT INTO spool(topic, payload) VALUES (?, ?)", rows)
+                self._count += len(rows)
+                overflow = self._count - self.max_records
+                if overflow > 0:
+                    self._db.execute(
+                        "DELETE FROM spool WHERE id IN (SELECT id FROM spool ORDER BY id LIMIT ?)",
+                        (overflow,),
+                    )
+                    self._db.execute(
+                        "INSERT INTO stats(k, v) VALUES ('dropped', ?) "
+                        "ON CONFLICT(k) DO UPDATE SET v = v + excluded.v",
+                        (overflow,),
+                    )
+                    self._count = self.max_records
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return max(0, overflow)
+
+    def peek(self, limit: int = 100) -> list[SpoolRecord]:
+        """The oldest ``limit`` records, without removing them."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, topic, payload FROM spool ORDER BY id LIMIT ?", (limit,)
+            ).fetchall()
+        return [SpoolRecord(int(r[0]), str(r[1]), bytes(r[2])) for r in rows]
+
+    def remove_through(self, record_id: int) -> None:
+        """Remove every record up to and including ``record_id`` (after it is delivered)."""
+        with self._lock:
+            cur = self._db.execute("DELETE FROM spool WHERE id <= ?", (record_id,))
+            self._count = max(0, self._count - cur.rowcount)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

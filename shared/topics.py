@@ -1,0 +1,125 @@
+"""MQTT topics under the versioned root ``pfm/v1`` (DESIGN.md, "Topics").
+
+Names are slugs (``[a-z0-9_-]+``). A name that is not a slug is refused, never
+rewritten.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Annotated
+
+from pydantic import AfterValidator
+
+from shared.errors import ConfigError
+
+ROOT = "pfm/v1"
+_SLUG = re.compile(r"^[a-z0-9_-]+$")
+
+
+def check_slug(value: str, what: str = "name") -> str:
+    """Return ``value`` if it is a slug, else raise :class:`ConfigError` saying why."""
+    if not isinstance(value, str) or not _SLUG.fullmatch(value):
+        raise ConfigError(
+            f"{what} {value!r} is not a slug: use only lower-case letters, digits, '_' and '-'"
+        )
+    return value
+
+
+def _slug_validator(value: str) -> str:
+    if not _SLUG.fullmatch(value):
+        raise ValueError(
+            f"{value!r} is not a slug: use only lower-case letters, digits, '_' and '-'"
+        )
+    return value
+
+
+#: pydantic type for a slug field (site, meter, device, gateway, rule names).
+Slug = Annotated[str, AfterValidator(_slug_validator)]
+
+
+class Kind(StrEnum):
+    READING = "reading"
+    WAVEFORM = "waveform"
+    METRICS = "metrics"
+    EVENT = "event"
+    COMMAND = "command"
+    STATE = "state"
+    STATUS = "status"
+    DEADLETTER = "deadletter"
+
+
+def reading(site: str, meter: str) -> str:
+    return f"{ROOT}/{check_slug(site, 'site')}/{check_slug(meter, 'meter')}/reading"
+
+
+def waveform(site: str, meter: str) -> str:
+    return f"{ROOT}/{check_slug(site, 'site')}/{check_slug(meter, 'meter')}/waveform"
+
+
+def metrics(site: str, meter: str) -> str:
+    return f"{ROOT}/{check_slug(site, 'site')}/{check_slug(meter, 'meter')}/metrics"
+
+
+def event(site: str, meter: str) -> str:
+    return f"{ROOT}/{check_slug(site, 'site')}/{check_slug(meter, 'meter')}/event"
+
+
+def command(site: str, device: str) -> str:
+    return f"{ROOT}/{check_slug(site, 'site')}/actuator/{check_slug(device, 'device')}/command"
+
+
+def state(site: str, device: str) -> str:
+    return f"{ROOT}/{check_slug(site, 'site')}/actuator/{check_slug(device, 'device')}/state"
+
+
+def gateway_status(site: str, gateway: str) -> str:
+    return f"{ROOT}/{check_slug(site, 'site')}/gateway/{check_slug(gateway, 'gateway')}/status"
+
+
+def deadletter(site: str, service: str) -> str:
+    return f"{ROOT}/{check_slug(site, 'site')}/deadletter/{check_slug(service, 'service')}"
+
+
+def pattern(kind: Kind, site: str = "+", name: str = "+") -> str:
+    """Subscription filter, e.g. ``pattern(Kind.READING)`` -> ``pfm/v1/+/+/reading``."""
+    if kind in (Kind.COMMAND, Kind.STATE):
+        return f"{ROOT}/{site}/actuator/{name}/{kind.value}"
+    if kind is Kind.STATUS:
+        return f"{ROOT}/{site}/gateway/{name}/status"
+    if kind is Kind.DEADLETTER:
+        return f"{ROOT}/{site}/deadletter/{name}"
+    return f"{ROOT}/{site}/{name}/{kind.value}"
+
+
+@dataclass(frozen=True, slots=True)
+class TopicParts:
+    site: str
+    name: str  # meter, device, gateway or service
+    kind: Kind
+
+
+def parse(topic: str) -> TopicParts:
+    """Split a concrete pfm topic. Raises :class:`ConfigError` naming what is wrong."""
+    parts = topic.split("/")
+    if len(parts) < 5 or f"{parts[0]}/{parts[1]}" != ROOT:
+        raise ConfigError(f"topic {topic!r} is not under {ROOT}/")
+    site = parts[2]
+    check_slug(site, "site")
+    rest = parts[3:]
+    if len(rest) == 3 and rest[0] == "actuator" and rest[2] in ("command", "state"):
+        return TopicParts(site, check_slug(rest[1], "device"), Kind(rest[2]))
+    if len(rest) == 3 and rest[0] == "gateway" and rest[2] == "status":
+        return TopicParts(site, check_slug(rest[1], "gateway"), Kind.STATUS)
+    if len(rest) == 2 and rest[0] == "deadletter":
+        return TopicParts(site, check_slug(rest[1], "service"), Kind.DEADLETTER)
+    if len(rest) == 2 and rest[1] in (
+        Kind.READING,
+        Kind.WAVEFORM,
+        Kind.METRICS,
+        Kind.EVENT,
+    ):
+        return TopicParts(site, check_slug(rest[0], "meter"), Kind(rest[1]))
+    raise ConfigError(f"topic {topic!r} has an unknown layout")
