@@ -82,6 +82,21 @@ class Settings(BaseSettings):
         "auto", description="auto = JSON lines unless stderr is a terminal"
     )
 
+    @field_validator(
+        "mqtt_username",
+        "mqtt_password",
+        "mqtt_ca_file",
+        "mqtt_cert_file",
+        "mqtt_key_file",
+        "mqtt_client_id",
+        "site_file",
+        "metrics_port",
+        mode="before",
+    )
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper(cls, value: object) -> object:

@@ -1,0 +1,62 @@
+"""``pfmon demo --duration``: with the machine's broker and database, and with neither."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from shared.embedded import free_port
+
+
+def _demo(env: dict[str, str], duration: int = 20) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "services.cli",
+            "demo",
+            "--duration",
+            str(duration),
+            "--meters",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=duration + 90,
+        env={**os.environ, **env},
+    )
+
+
+def _rows(stderr: str) -> int:
+    m = re.search(r"demo finished: (\d+) metric rows archived", stderr)
+    assert m, stderr[-3000:]
+    return int(m.group(1))
+
+
+@pytest.mark.timeout(150)
+def test_demo_uses_the_machine_broker_and_database(mqtt_url: str, db_dsn: str) -> None:
+    res = _demo({"PFM_MQTT_URL": mqtt_url, "PFM_DB_DSN": db_dsn}, duration=12)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "(PFM_MQTT_URL)" in res.stderr and "(PFM_DB_DSN)" in res.stderr
+    # 2 meters at 1 Hz for ~12 s
+    assert _rows(res.stderr) >= 10
+
+
+@pytest.mark.timeout(200)
+def test_demo_starts_its_own_broker_and_database_when_none_answers() -> None:
+    dead = free_port()
+    res = _demo(
+        {
+            "PFM_MQTT_URL": f"mqtt://127.0.0.1:{dead}",
+            "PFM_DB_DSN": f"postgresql://postgres@127.0.0.1:{dead}/postgres",
+        },
+        duration=20,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "private mosquitto" in res.stderr or "amqtt" in res.stderr
+    assert "private PostgreSQL" in res.stderr
+    assert _rows(res.stderr) >= 10

@@ -1,0 +1,171 @@
+"""Message schemas and topics: round trips, refusals with reasons."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta, timezone
+
+import orjson
+import pytest
+from pydantic import ValidationError
+
+from shared import topics
+from shared.errors import ConfigError
+from shared.measurements import Measurement
+from shared.messages import (
+    ActuatorState,
+    Command,
+    DeadLetter,
+    Event,
+    EventState,
+    GatewayStatus,
+    Metrics,
+    Reading,
+    Waveform,
+    decode,
+    describe_error,
+    encode,
+)
+
+TS = datetime(2026, 1, 2, 3, 4, 5, 600000, tzinfo=UTC)
+
+
+def samples() -> list[object]:
+    return [
+        Reading(
+            site="s1",
+            meter="m1",
+            ts=TS,
+            seq=1,
+            profile="pmtr001",
+            values={Measurement.VOLTAGE_L1: 230.1},
+        ),
+        Waveform(
+            site="s1",
+            meter="m1",
+            ts=TS,
+            seq=2,
+            fs_hz=12800,
+            channels={"v1": [0.0, 1.0], "i1": [0.0, 0.5]},
+        ),
+        Metrics(
+            site="s1",
+            meter="m1",
+            ts=TS,
+            seq=3,
+            interval_s=0,
+            values={Measurement.POWER_FACTOR: 0.93},
+            averages={"10s": {Measurement.POWER: 5.0}},
+        ),
+        Event(
+            site="s1",
+            meter="m1",
+            ts=TS,
+            seq=4,
+            code="low_pf",
+            state=EventState.RAISED,
+            evidence={"pf": 0.8},
+        ),
+        Command(
+            site="s1",
+            device="cap1",
+            ts=TS,
+            seq=5,
+            address=2,
+            value=1,
+            reason="pf 0.80 below target 0.97",
+            origin="bank:main",
+        ),
+        ActuatorState(site="s1", device="cap1", ts=TS, seq=6, online=True, coils={0: True}),
+        GatewayStatus(site="s1", gateway="gw1", ts=TS, seq=0, status="online"),
+        DeadLetter.of(
+            site="s1", service="analytics", topic="x", reason="bad", payload=b"\xff", seq=1
+        ),
+    ]
+
+
+@pytest.mark.parametrize("message", samples(), ids=lambda m: type(m).__name__)
+def test_round_trip_keeps_every_field(message: object) -> None:
+    raw = encode(message)  # type: ignore[arg-type]
+    data = orjson.loads(raw)
+    assert data["schema"] == type(message).SCHEMA  # type: ignore[attr-defined]
+    assert data["ts"].endswith("Z")  # UTC on the wire
+    again = decode(type(message), raw)  # type: ignore[arg-type]
+    assert again == message
+
+
+def test_wrong_schema_is_refused_with_the_field_named() -> None:
+    raw = orjson.loads(encode(samples()[0]))  # type: ignore[arg-type]
+    raw["schema"] = "pfm.reading/2"
+    with pytest.raises(ValidationError) as info:
+        Reading.model_validate(raw)
+    assert "schema" in describe_error(info.value)
+
+
+def test_naive_timestamp_is_refused_and_offsets_become_utc() -> None:
+    with pytest.raises(ValidationError, match="timezone"):
+        Reading(site="s1", meter="m1", ts=datetime(2026, 1, 1), seq=0, profile="x", values={})
+    r = Reading(
+        site="s1",
+        meter="m1",
+        ts=datetime(2026, 1, 1, 2, tzinfo=timezone(timedelta(hours=2))),
+        seq=0,
+        profile="x",
+        values={},
+    )
+    assert r.ts == datetime(2026, 1, 1, 0, tzinfo=UTC) and r.ts.tzinfo == UTC
+
+
+def test_unknown_measurement_and_negative_seq_are_refused() -> None:
+    with pytest.raises(ValidationError) as info:
+        Reading.model_validate(
+            {
+                "schema": "pfm.reading/1",
+                "site": "s",
+                "meter": "m",
+                "ts": TS,
+                "seq": -1,
+                "profile": "p",
+                "values": {"voltage_l9": 1},
+            }
+        )
+    text = describe_error(info.value)
+    assert "seq" in text and "values.voltage_l9" in text
+
+
+def test_waveform_channels_must_match() -> None:
+    with pytest.raises(ValidationError, match="differ in length"):
+        Waveform(
+            site="s", meter="m", ts=TS, seq=0, fs_hz=1000, channels={"v1": [1.0], "i1": [1.0, 2.0]}
+        )
+
+
+def test_every_measurement_has_unit_and_description() -> None:
+    for m in Measurement:
+        assert m.description
+        assert isinstance(m.unit, str)
+    assert Measurement.per_phase("voltage", 2) is Measurement.VOLTAGE_L2
+    assert Measurement.IMPORT_ENERGY.is_counter and not Measurement.POWER.is_counter
+
+
+def test_topics_build_and_parse() -> None:
+    assert topics.reading("plant-1", "main_board") == "pfm/v1/plant-1/main_board/reading"
+    assert topics.command("p", "cap1") == "pfm/v1/p/actuator/cap1/command"
+    parts = topics.parse("pfm/v1/p/actuator/cap1/state")
+    assert (parts.site, parts.name, parts.kind) == ("p", "cap1", topics.Kind.STATE)
+    assert topics.parse("pfm/v1/p/m1/metrics").kind is topics.Kind.METRICS
+    assert topics.pattern(topics.Kind.READING) == "pfm/v1/+/+/reading"
+
+
+@pytest.mark.parametrize("bad", ["Main", "main board", "mäin", "a/b", "", "x+"])
+def test_non_slug_names_are_refused_not_rewritten(bad: str) -> None:
+    with pytest.raises(ConfigError, match="not a slug"):
+        topics.reading("site", bad)
+    with pytest.raises(ValidationError, match="not a slug"):
+        Reading(site="s", meter=bad, ts=TS, seq=0, profile="p", values={})
+
+
+def test_foreign_topics_are_refused() -> None:
+    with pytest.raises(ConfigError, match="not under"):
+        topics.parse("other/v1/a/b/reading")
+    with pytest.raises(ConfigError, match="unknown layout"):
+        topics.parse("pfm/v1/a/b/c/d/e")

@@ -1,0 +1,126 @@
+"""Site file and settings: every bad field listed with its path, exit code 2."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from shared.errors import ConfigError
+from shared.settings import load_settings
+from shared.site import load_site
+
+GOOD = """
+site: plant1
+buses:
+  - {name: b1, kind: tcp, host: 10.0.0.5}
+meters:
+  - {name: main, bus: b1, unit: 1, profile: pmtr001}
+"""
+
+BAD = """
+site: Plant 1
+thresholds: {pf_alert: 0.9, pf_penalty: 0.95}
+buses:
+  - {name: b1, kind: tcp}
+  - {name: b2, kind: rtu, serial: /dev/ttyUSB0}
+meters:
+  - {name: main, bus: b1, unit: 0, profile: pmtr001}
+  - {name: sub, bus: nope, unit: 250, profile: pmtr001, interval_s: -1}
+  - {name: x, bus: b2, unit: 3, profile: pmtr001, colour: red}
+"""
+
+
+def test_a_good_file_loads(tmp_path: Path) -> None:
+    f = tmp_path / "site.yaml"
+    f.write_text(GOOD)
+    site = load_site(f)
+    assert site.site == "plant1"
+    assert site.bus("b1").port == 502
+    assert site.meter("main").interval_s == 1.0
+
+
+def test_every_bad_field_is_listed_with_its_path(tmp_path: Path) -> None:
+    f = tmp_path / "site.yaml"
+    f.write_text(BAD)
+    with pytest.raises(ConfigError) as info:
+        load_site(f)
+    text = str(info.value)
+    assert str(f) in text
+    for expected in (
+        "site:",
+        "thresholds",
+        "buses[0]",
+        "meters[0].unit",
+        "meters[1].unit",
+        "meters[1].interval_s",
+        "meters[2].colour",
+    ):
+        assert expected in text, f"{expected!r} missing from:\n{text}"
+
+
+def test_cross_references_are_checked(tmp_path: Path) -> None:
+    f = tmp_path / "site.yaml"
+    f.write_text(GOOD + "  - {name: main, bus: nowhere, unit: 1, profile: pmtr001}\n")
+    with pytest.raises(ConfigError) as info:
+        load_site(f)
+    text = str(info.value)
+    assert "meters[1].name: 'main' is used twice" in text
+    assert "meters[1].bus: no bus named 'nowhere'" in text
+
+
+def test_yaml_syntax_error_names_line(tmp_path: Path) -> None:
+    f = tmp_path / "site.yaml"
+    f.write_text("site: a\nmeters: [\n  {name: x\n")
+    with pytest.raises(ConfigError, match=r"not valid YAML at line \d+, column \d+"):
+        load_site(f)
+
+
+def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read site file"):
+        load_site(tmp_path / "absent.yaml")
+
+
+def test_bad_environment_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PFM_METRICS_PORT", "99999")
+    monkeypatch.setenv("PFM_MQTT_URL", "http://x")
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert "PFM_METRICS_PORT" in str(info.value)
+
+
+def _pfmon(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "services.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.mark.parametrize("service", ["collector", "analytics", "actuator", "archiver"])
+def test_services_refuse_a_bad_file_with_exit_2(tmp_path: Path, service: str) -> None:
+    f = tmp_path / "site.yaml"
+    f.write_text(BAD)
+    res = _pfmon(service, "--site-file", str(f))
+    assert res.returncode == 2, res.stderr
+    assert "meters[1].unit" in res.stderr and str(f) in res.stderr
+
+
+def test_service_without_site_file_says_how_to_give_one() -> None:
+    res = _pfmon("collector", env={"PFM_SITE_FILE": ""})
+    assert res.returncode == 2
+    assert "--site-file" in res.stderr
+
+
+def test_help_explains_every_command() -> None:
+    res = _pfmon("--help")
+    assert res.returncode == 0
+    for cmd in ("collector", "analytics", "actuator", "archiver", "demo"):
+        assert cmd in res.stdout
+        sub = _pfmon(cmd, "--help")
+        assert sub.returncode == 0 and "Usage" in sub.stdout
