@@ -104,6 +104,7 @@ def test_phase_cut_current_pf_differs_from_dpf() -> None:
     a1 = -ip / math.pi * math.sin(alpha) ** 2
     dpf = b1 / math.hypot(a1, b1)
     q1 = vr * (-a1) / SQ2
+
     # odd harmonics h >= 3 of the chopped sine (closed-form Fourier integrals)
     def coeff(h: int) -> float:
         def s_int(x: float) -> float:
@@ -249,3 +250,11 @@ def test_batch_equals_single_windows_and_rejects_short() -> None:
         assert rel(batch.p[k, 0], single.p[0, 0]) < 1e-12
     with pytest.raises(dsp.WaveformError):
         dsp.analyze(v[:1, None, :100], i[:1, None, :100], FS)
+
+
+def test_hann_kernel_closed_form_matches_the_sum() -> None:
+    n = 2560
+    w = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n) / n)
+    for d in (0.0, 0.3, -0.5, 1.0, -1.0, 9.7, 20.02):
+        direct = np.sum(w * np.exp(-2j * np.pi * d * np.arange(n) / n))
+        assert abs(dsp._hann_kernel(np.array([d]), n)[0] - direct) < 1e-9 * n
