@@ -30,7 +30,7 @@ def one(v: np.ndarray, i: np.ndarray, f_nom: float = 50.0) -> dsp.Analysis:
 
 
 def window(f_nom: float) -> int:
-    return int(round(FS * (10 if f_nom == 50 else 12) / f_nom))
+    return round(FS * (10 if f_nom == 50 else 12) / f_nom)
 
 
 @pytest.mark.parametrize("f", [50.0, 49.8, 50.3, 47.5])

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -104,7 +105,7 @@ class Analysis:
         v2 = (va + _A**2 * vb + _A * vc) / 3.0
         return np.stack([v0, v1, v2], axis=1)
 
-    def quadrant(self, k: int, ph: int | None = None) -> int:
+    def quadrant(self, k: int, ph: int | None = None) -> Literal[1, 2, 3, 4]:
         p = float(self.p[k].sum() if ph is None else self.p[k, ph])
         q = float(self.q1[k].sum() if ph is None else self.q1[k, ph])
         s1 = float(self.s1[k].sum() if ph is None else self.s1[k, ph])
@@ -118,7 +119,7 @@ class Analysis:
         return load_kind(float(p), float(q), float(s1))
 
 
-def quadrant(p: float, q: float, tol: float = 0.0) -> int:
+def quadrant(p: float, q: float, tol: float = 0.0) -> Literal[1, 2, 3, 4]:
     """IEC quadrant: 1 import+inductive, 2 export+Q>0, 3 export+Q<0, 4 import+capacitive.
 
     ``|q| <= tol`` counts as Q = 0 (numerical noise on a resistive load).
@@ -219,7 +220,7 @@ def analyze(
             i_n = np.asarray(i_n, dtype=np.float64)[None]
     if v.shape != i.shape or v.ndim != 3:
         raise WaveformError(f"voltage {v.shape} and current {i.shape} shapes differ")
-    b, nph, n = v.shape
+    nph = v.shape[1]
     if nph not in (1, 3):
         raise WaveformError(f"expected 1 or 3 phases, got {nph}")
     parts = [v, i]

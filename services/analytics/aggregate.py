@@ -1,0 +1,166 @@
+"""Moving averages, demand and IEC 61000-4-30 aggregates, in bounded memory.
+
+Every structure here has a fixed size per meter: values are added into time
+buckets of a ring (numpy, one row per bucket, one column per quantity), and
+running sums per slot are updated on the fly, so a reading costs O(slots)
+whatever the reading rate, and state never grows with run time.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Iterable
+
+import numpy as np
+import numpy.typing as npt
+
+F64 = npt.NDArray[np.float64]
+
+
+class MovingAverages:
+    """Time-based moving averages of K quantities over several slots (seconds).
+
+    Samples fall into buckets of ``bucket_s`` (default: the shortest slot / 50);
+    the average of a slot covers the buckets of the last ``slot`` seconds, so its
+    edge is exact to one bucket. A quantity missing from a sample (NaN) is left
+    out of that quantity's average (per-column counts).
+    """
+
+    def __init__(self, slots_s: Iterable[float], width: int, bucket_s: float | None = None):
+        self.slots = sorted(float(s) for s in slots_s)
+        self.bucket_s = bucket_s or self.slots[0] / 50.0
+        self.spans = [max(1, round(s / self.bucket_s)) for s in self.slots]
+        self.size = max(self.spans) + 1
+        self._spans = np.array(self.spans)
+        self.width = width
+        self.sums = np.zeros((self.size, width))
+        self.counts = np.zeros((self.size, width))
+        self.run_sum = np.zeros((len(self.slots), width))
+        self.run_cnt = np.zeros((len(self.slots), width))
+        self.last: int | None = None
+        self._advances = 0
+
+    def add(self, t: float, x: F64) -> None:
+        b = math.floor(t / self.bucket_s)
+        if self.last is None:
+            self.last = b
+        elif b > self.last:
+            self._advance(b)
+        elif b < self.last:  # out of order (clock step back): count it in the newest bucket
+            b = self.last
+        ok = ~np.isnan(x)
+        xv = np.where(ok, x, 0.0)
+        row = b % self.size
+        self.sums[row] += xv
+        self.counts[row] += ok
+        self.run_sum += xv
+        self.run_cnt += ok
+
+    def _advance(self, b: int) -> None:
+        assert self.last is not None
+        steps = b - self.last
+        if steps >= self.size:
+            self.sums[:] = 0.0
+            self.counts[:] = 0.0
+            self.run_sum[:] = 0.0
+            self.run_cnt[:] = 0.0
+            self.last = b
+            return
+        new = np.arange(self.last + 1, b + 1)
+        # buckets leaving each slot's span as the window moves forward (S, steps)
+        old = (new[None, :] - self._spans[:, None]) % self.size
+        self.run_sum -= self.sums[old].sum(axis=1)
+        self.run_cnt -= self.counts[old].sum(axis=1)
+        rows = new % self.size
+        self.sums[rows] = 0.0
+        self.counts[rows] = 0.0
+        self.last = b
+        self._advances += steps
+        if self._advances >= 4 * self.size:  # wipe accumulated rounding now and then
+            self._advances = 0
+            self._recompute()
+
+    def _recompute(self) -> None:
+        assert self.last is not None
+        for k, span in enumerate(self.spans):
+            rows = [(self.last - j) % self.size for j in range(span)]
+            self.run_sum[k] = self.sums[rows].sum(axis=0)
+            self.run_cnt[k] = self.counts[rows].sum(axis=0)
+
+    def means(self) -> F64:
+        """(slots, K) averages; NaN where a slot has no sample of a quantity."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out = self.run_sum / self.run_cnt
+        out[self.run_cnt < 0.5] = np.nan
+        return out
+
+
+class WindowExtremes:
+    """Sliding-window min and max of one quantity (monotonic deques, O(1) amortised).
+
+    Bounded: at most ``maxlen`` samples are kept (the oldest are dropped first).
+    """
+
+    def __init__(self, window_s: float, maxlen: int = 4096):
+        self.window_s = window_s
+        self.maxlen = maxlen
+        self._min: deque[tuple[float, float]] = deque()
+        self._max: deque[tuple[float, float]] = deque()
+
+    def add(self, t: float, x: float) -> None:
+        while self._min and self._min[-1][1] >= x:
+            self._min.pop()
+        self._min.append((t, x))
+        while self._max and self._max[-1][1] <= x:
+            self._max.pop()
+        self._max.append((t, x))
+        cutoff = t - self.window_s
+        for dq in (self._min, self._max):
+            while dq and (dq[0][0] < cutoff or len(dq) > self.maxlen):
+                dq.popleft()
+
+    def spread(self) -> float:
+        if not self._min:
+            return 0.0
+        return self._max[0][1] - self._min[0][1]
+
+    def extremes(self) -> tuple[float, float]:
+        return self._min[0][1], self._max[0][1]
+
+
+class BlockAggregate:
+    """Clock-aligned fixed intervals (IEC 61000-4-30: 3 s ~ 150/180 cycles, 10 min).
+
+    RMS-type quantities aggregate as the root of the mean of squares, the others
+    as the mean. :meth:`add` returns the finished interval's values (and its
+    start) when a sample opens a new interval.
+    """
+
+    def __init__(self, interval_s: float, rms_mask: npt.NDArray[np.bool_]):
+        self.interval_s = interval_s
+        self.rms = rms_mask
+        width = len(rms_mask)
+        self.sum = np.zeros(width)
+        self.cnt = np.zeros(width)
+        self.block: int | None = None
+
+    def add(self, t: float, x: F64) -> tuple[float, F64] | None:
+        block = math.floor(t / self.interval_s)
+        done = None
+        if self.block is not None and block != self.block:
+            done = (self.block * self.interval_s, self.result())
+            self.sum[:] = 0.0
+            self.cnt[:] = 0.0
+        self.block = block
+        ok = ~np.isnan(x)
+        xv = np.where(ok, np.where(self.rms, x * x, x), 0.0)
+        self.sum += xv
+        self.cnt += ok
+        return done
+
+    def result(self) -> F64:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = self.sum / self.cnt
+        mean[self.cnt < 0.5] = np.nan
+        return np.where(self.rms, np.sqrt(np.abs(mean)), mean)

@@ -1,0 +1,426 @@
+"""One meter's analytics state: derive, average, aggregate, alarm.
+
+:class:`MeterEngine` takes a register-level :class:`Reading` or a
+:class:`Waveform` and returns the :class:`Metrics` and :class:`Event` messages
+to publish. It holds only fixed-size state (rings, deques with a bound), so
+memory per meter does not grow with run time. No I/O here: the service wires it
+to the bus, the ``analyze`` command and the benchmark use it directly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Literal
+
+import numpy as np
+import orjson
+
+from services.analytics import dsp, neutral, registers
+from services.analytics.aggregate import BlockAggregate, MovingAverages, WindowExtremes
+from services.analytics.alarms import AlarmSet, Evidence, ieee519_voltage_limits
+from shared.measurements import Measurement as M
+from shared.messages import Event, EventState, LoadKind, Metrics, Reading, Severity, Waveform
+from shared.site import SiteConfig
+from shared.site.core import MeterConfig
+
+SERVICE = "analytics"
+_NOT_AVERAGED = {M.DEMAND_POWER, M.DEMAND_APPARENT_POWER, M.DEMAND_PF}
+#: every quantity that is averaged (energy counters and demand values never are)
+AVG_COLS: tuple[M, ...] = tuple(m for m in M if not m.is_counter and m not in _NOT_AVERAGED)
+COL = {m: k for k, m in enumerate(AVG_COLS)}
+_RMS_STEMS = ("voltage", "current", "thd_")
+RMS_MASK = np.array([m.value.startswith(_RMS_STEMS) for m in AVG_COLS])
+_CRITICAL = {"broken_neutral", "voltage_missing", "ct_reversed"}
+_PH = ("L1", "L2", "L3")
+
+
+@dataclass(slots=True)
+class Output:
+    metrics: list[Metrics] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+
+
+class MeterEngine:
+    def __init__(self, site: SiteConfig, meter: str):
+        self.site = site.site
+        self.meter = meter
+        cfg = site.analytics
+        self.cfg = cfg
+        self.limits = cfg.limits
+        self.thresholds = site.thresholds
+        try:
+            mc: MeterConfig | None = site.meter(meter)
+        except KeyError:
+            mc = None
+        opts = cfg.meter(meter)
+        self.expect_export = bool(mc and mc.expect_export)
+        wiring_delta = bool(mc and mc.wiring == "delta")
+        self.sqrt3 = opts.sqrt3_correction if opts.sqrt3_correction is not None else wiring_delta
+        self.pf_tolerance = opts.pf_mismatch_tolerance
+        self.three_phase_opt = opts.three_phase
+        self.slots = cfg.average_slots_s
+        self.slot_names = [f"{s}s" for s in self.slots]
+        self.alarm_row = self.slots.index(cfg.alarm_slot_s)
+        self.ma = MovingAverages(self.slots, len(AVG_COLS))
+        self.demand = MovingAverages([cfg.demand_window_s], 2, bucket_s=cfg.demand_window_s / 90)
+        self.blocks = (
+            [BlockAggregate(3.0, RMS_MASK), BlockAggregate(600.0, RMS_MASK)]
+            if cfg.aggregates
+            else []
+        )
+        self.pf_window = WindowExtremes(self.limits.pf_erratic_window_s)
+        self.alarms = AlarmSet({str(k): v for k, v in cfg.alarms.items()})
+        self.seen = np.zeros(len(AVG_COLS), dtype=bool)
+        self.seq = 0
+        self.event_seq = 0
+        self.last_source_seq: int | None = None
+        bus_v = self.thresholds.nominal_voltage_v * math.sqrt(3.0)
+        indiv, thd = ieee519_voltage_limits(bus_v)
+        self.harm_v_limit = self.limits.harmonic_voltage_pct or indiv
+        self.thd_v_limit = self.limits.thd_voltage_pct or thd
+
+    # -- inputs ------------------------------------------------------------------
+
+    def on_reading(self, reading: Reading) -> Output:
+        d = registers.derive(reading.values, sqrt3=self.sqrt3)
+        evidence: Evidence = {}
+        if d.star is not None:
+            evidence = {
+                "displacement_v": round(d.star.displacement_v, 3),
+                "line_v": round(d.star.line_v, 3),
+                "angle_sum_deg": round(sum(d.star.angles_deg), 3),
+                "consistent": d.star.consistent,
+            }
+        return self._process(
+            reading.ts,
+            reading.seq,
+            "reading",
+            d.values,
+            d.load,
+            d.quadrant,
+            {},
+            d.pf_pairs,
+            evidence,
+        )
+
+    def on_waveform(self, wf: Waveform) -> Output:
+        a = analyze_waveform(wf)
+        values = dsp.window_values(a)
+        load = {_PH[k]: a.load(0, k) for k in range(a.phases)}
+        quad = {_PH[k]: a.quadrant(0, k) for k in range(a.phases)}
+        load["total"] = a.load(0)
+        quad["total"] = a.quadrant(0)
+        harmonics: dict[str, list[float]] = {}
+        for k in range(a.phases):
+            harmonics[f"v{k + 1}"] = a.harm_v[0, k].tolist()
+            harmonics[f"i{k + 1}"] = a.harm_i[0, k].tolist()
+        evidence: Evidence = {}
+        if a.phases == 3:
+            tot = a.totals()
+            evidence = {"displacement_v": round(float(tot["v0"][0]), 3)}
+        worst = _worst_harmonics(a)
+        return self._process(
+            wf.ts, wf.seq, "waveform", values, load, quad, harmonics, {}, evidence, worst
+        )
+
+    # -- common path -----------------------------------------------------------------
+
+    def _process(
+        self,
+        ts: datetime,
+        source_seq: int,
+        source: Literal["reading", "waveform"],
+        values: dict[M, float],
+        load: dict[str, LoadKind],
+        quad: dict[str, Literal[1, 2, 3, 4]],
+        harmonics: dict[str, list[float]],
+        pf_pairs: dict[str, tuple[float, float]],
+        neutral_ev: Evidence,
+        worst_harm: dict[str, tuple[int, float]] | None = None,
+    ) -> Output:
+        out = Output()
+        t = ts.timestamp()
+        u0 = values.get(M.ZERO_SEQ_UNBALANCE)
+        three = self.three_phase_opt
+        if three is None:
+            three = M.VOLTAGE_L3 in values and M.VOLTAGE_L2 in values
+        if three and u0 is not None:
+            values[M.NEUTRAL_SCORE] = neutral.score(
+                u0, self.limits.neutral_u0_low_pct, self.limits.neutral_u0_high_pct
+            )
+        x = np.full(len(AVG_COLS), np.nan)
+        for key, val in values.items():
+            k = COL.get(key)
+            if k is not None:
+                x[k] = val
+        present = ~np.isnan(x)
+        self.seen |= present
+        self.ma.add(t, x)
+        means = self.ma.means()
+        p = values.get(M.POWER)
+        s = values.get(M.APPARENT_POWER)
+        if p is not None and s is not None:
+            self.demand.add(t, np.array([p, s]))
+            dp, ds = self.demand.means()[0].tolist()
+            values[M.DEMAND_POWER] = dp
+            values[M.DEMAND_APPARENT_POWER] = ds
+            values[M.DEMAND_PF] = dp / ds if ds > 0 else 0.0
+        cols = np.flatnonzero(self.seen)
+        names = [AVG_COLS[k] for k in cols]
+        averages: dict[str, dict[M, float]] = {}
+        for row, slot in zip(means[:, cols].tolist(), self.slot_names, strict=True):
+            averages[slot] = {n: v for n, v in zip(names, row, strict=True) if v == v}
+        self.seq += 1
+        out.metrics.append(
+            Metrics.model_construct(
+                site=self.site,
+                ts=ts,
+                seq=self.seq,
+                meter=self.meter,
+                source=source,
+                interval_s=0.0,
+                values=values,
+                averages=averages,
+                load=load,
+                quadrant=quad,
+                harmonics=harmonics,
+                source_seq=source_seq,
+            )
+        )
+        for block in self.blocks:
+            done = block.add(t, x)
+            if done is not None:
+                start, res = done
+                agg = {AVG_COLS[k]: float(res[k]) for k in cols if res[k] == res[k]}
+                self.seq += 1
+                out.metrics.append(
+                    Metrics.model_construct(
+                        site=self.site,
+                        ts=datetime.fromtimestamp(start, UTC) + timedelta(seconds=block.interval_s),
+                        seq=self.seq,
+                        meter=self.meter,
+                        source=source,
+                        interval_s=block.interval_s,
+                        values=agg,
+                        averages={},
+                        load={},
+                        quadrant={},
+                        harmonics={},
+                        source_seq=self.last_source_seq,
+                    )
+                )
+        self.last_source_seq = source_seq
+        avg = means[self.alarm_row]
+        self._alarms(t, ts, values, avg, pf_pairs, neutral_ev, worst_harm or {}, bool(three), out)
+        return out
+
+    def _alarms(
+        self,
+        t: float,
+        ts: datetime,
+        values: dict[M, float],
+        avg: np.ndarray,
+        pf_pairs: dict[str, tuple[float, float]],
+        neutral_ev: Evidence,
+        worst: dict[str, tuple[int, float]],
+        three: bool,
+        out: Output,
+    ) -> None:
+        lim = self.limits
+        th = self.thresholds
+
+        def a(m: M) -> float:
+            return float(avg[COL[m]])
+
+        def fire(
+            code: str, phase: str | None, bad: bool | None, good: bool | None, ev: Evidence
+        ) -> None:
+            res = self.alarms.update(t, code, phase, bad, good, ev)
+            if res is not None:
+                alarm, state = res
+                out.events.append(self._event(ts, alarm.code, phase, state, ev))
+
+        p_avg, s_avg = a(M.POWER), a(M.APPARENT_POWER)
+        if s_avg == s_avg and s_avg >= lim.min_apparent_power_va and p_avg == p_avg:
+            pf = abs(p_avg) / s_avg
+            ev: Evidence = {"pf": round(pf, 4), "p_w": round(p_avg, 1), "s_va": round(s_avg, 1)}
+            for code, level in (("low_pf", th.pf_alert), ("penalty_pf", th.pf_penalty)):
+                fire(
+                    code, None, pf < level, pf >= level + lim.pf_hysteresis, {**ev, "limit": level}
+                )
+        pf_now = values.get(M.POWER_FACTOR)
+        s_now = values.get(M.APPARENT_POWER)
+        if pf_now is not None and s_now is not None and s_now >= lim.min_apparent_power_va:
+            self.pf_window.add(t, abs(pf_now))
+            spread = self.pf_window.spread()
+            lo, hi = self.pf_window.extremes()
+            fire(
+                "pf_erratic",
+                None,
+                spread > lim.pf_erratic_spread,
+                spread < 0.5 * lim.pf_erratic_spread,
+                {"spread": round(spread, 4), "pf_min": round(lo, 4), "pf_max": round(hi, 4)},
+            )
+        v_missing = lim.voltage_missing_pct / 100.0 * th.nominal_voltage_v
+        for k, ph in enumerate(_PH):
+            n = k + 1
+            v_now = values.get(M.per_phase("voltage", n))
+            i_now = values.get(M.per_phase("current", n))
+            if v_now is not None and i_now is not None:
+                flowing = i_now > lim.min_current_a
+                fire(
+                    "voltage_missing",
+                    ph,
+                    v_now < v_missing and flowing,
+                    v_now >= 2 * v_missing or not flowing,
+                    {"voltage_v": round(v_now, 2), "current_a": round(i_now, 3)},
+                )
+            pk, sk = a(M.per_phase("power", n)), a(M.per_phase("apparent_power", n))
+            if not self.expect_export and pk == pk and sk == sk:
+                fire(
+                    "ct_reversed",
+                    ph,
+                    pk < -max(lim.ct_reversed_w, 0.02 * sk),
+                    pk >= 0,
+                    {"p_w": round(pk, 1), "s_va": round(sk, 1)},
+                )
+            if ph in pf_pairs:
+                pf_m, pf_c = pf_pairs[ph]
+                diff = abs(abs(pf_m) - pf_c)
+                fire(
+                    "meter_pf_mismatch",
+                    ph,
+                    diff > self.pf_tolerance,
+                    diff <= 0.5 * self.pf_tolerance,
+                    {
+                        "pf_meter": pf_m,
+                        "pf_p_over_s": round(pf_c, 4),
+                        "tolerance": self.pf_tolerance,
+                    },
+                )
+            thd_v, thd_i = a(M.per_phase("thd_voltage", n)), a(M.per_phase("thd_current", n))
+            if thd_v == thd_v or thd_i == thd_i:
+                order, pct = worst.get(ph, (0, 0.0))
+                over_v = thd_v == thd_v and thd_v > self.thd_v_limit
+                over_i = thd_i == thd_i and thd_i > lim.thd_current_pct
+                over_h = pct > self.harm_v_limit
+                ok = not (
+                    (thd_v == thd_v and thd_v > 0.9 * self.thd_v_limit)
+                    or (thd_i == thd_i and thd_i > 0.9 * lim.thd_current_pct)
+                    or pct > 0.9 * self.harm_v_limit
+                )
+                fire(
+                    "thd_limit",
+                    ph,
+                    over_v or over_i or over_h,
+                    ok,
+                    {
+                        "thd_v_pct": _r(thd_v),
+                        "thd_i_pct": _r(thd_i),
+                        "worst_v_order": order,
+                        "worst_v_pct": round(pct, 3),
+                        "limit_thd_v_pct": self.thd_v_limit,
+                        "limit_harmonic_v_pct": self.harm_v_limit,
+                        "limit_thd_i_pct": lim.thd_current_pct,
+                    },
+                )
+        if three:
+            u2 = a(M.VOLTAGE_UNBALANCE)
+            kind = "u2"
+            if u2 != u2:
+                u2, kind = a(M.NEMA_UNBALANCE), "nema"
+            if u2 == u2:
+                limit = th.voltage_unbalance_pct
+                fire(
+                    "unbalance",
+                    None,
+                    u2 > limit,
+                    u2 < limit - lim.unbalance_hysteresis_pct,
+                    {"unbalance_pct": round(u2, 3), "measure": kind, "limit_pct": limit},
+                )
+            score = a(M.NEUTRAL_SCORE)
+            if score == score:
+                ev = {
+                    "score": round(score, 3),
+                    "u0_pct": _r(a(M.ZERO_SEQ_UNBALANCE)),
+                    "u2_pct": _r(a(M.VOLTAGE_UNBALANCE)),
+                    **neutral_ev,
+                }
+                fire(
+                    "broken_neutral",
+                    None,
+                    score >= lim.neutral_raise_score,
+                    score < lim.neutral_clear_score,
+                    ev,
+                )
+
+    def _event(
+        self, ts: datetime, code: str, phase: str | None, state: EventState, ev: Evidence
+    ) -> Event:
+        self.event_seq += 1
+        where = f" on {phase}" if phase else ""
+        return Event(
+            site=self.site,
+            ts=ts,
+            seq=self.event_seq,
+            meter=self.meter,
+            code=code,
+            state=state,
+            severity=Severity.CRITICAL if code in _CRITICAL else Severity.WARNING,
+            phase=phase,
+            message=f"{code}{where} {state.value}",
+            evidence=ev,
+            service=SERVICE,
+        )
+
+
+def _r(x: float) -> float | None:
+    return round(x, 3) if x == x else None
+
+
+def analyze_waveform(wf: Waveform) -> dsp.Analysis:
+    ch = wf.channels
+    three = all(k in ch for k in ("v2", "v3", "i2", "i3"))
+    names = ["v1", "v2", "v3", "i1", "i2", "i3"] if three else ["v1", "i1"]
+    has_in = three and "in" in ch
+    if has_in:
+        names.append("in")
+    x = np.array([ch[n] for n in names], dtype=np.float64)[None]  # type: ignore[index]
+    a = dsp.analyze_stacked(x, 3 if three else 1, wf.fs_hz, float(wf.f_nominal_hz), has_in)
+    return a
+
+
+def _worst_harmonics(a: dsp.Analysis) -> dict[str, tuple[int, float]]:
+    out = {}
+    for k in range(a.phases):
+        h = a.harm_v[0, k]
+        if h[0] <= 0:
+            continue
+        rel = h[1:] / h[0] * 100.0
+        j = int(np.argmax(rel))
+        out[_PH[k]] = (j + 2, float(rel[j]))
+    return out
+
+
+def encode_metrics(m: Metrics) -> bytes:
+    """Fast serialisation of a Metrics built here (same JSON as ``shared.messages.encode``)."""
+    return orjson.dumps(
+        {
+            "schema": "pfm.metrics/1",
+            "site": m.site,
+            "ts": m.ts,
+            "seq": m.seq,
+            "meter": m.meter,
+            "source": m.source,
+            "interval_s": m.interval_s,
+            "values": m.values,
+            "averages": m.averages,
+            "load": m.load,
+            "quadrant": m.quadrant,
+            "harmonics": m.harmonics,
+            "source_seq": m.source_seq,
+        },
+        option=orjson.OPT_NON_STR_KEYS,
+    )
