@@ -146,6 +146,13 @@ class BlockAggregate:
         self.block: int | None = None
 
     def add(self, t: float, x: F64) -> tuple[float, F64] | None:
+        ok = ~np.isnan(x)
+        return self.add_prepared(t, np.where(ok, np.where(self.rms, x * x, x), 0.0), ok)
+
+    def add_prepared(
+        self, t: float, xv: F64, ok: npt.NDArray[np.bool_]
+    ) -> tuple[float, F64] | None:
+        """``xv``: squares for RMS columns, NaN replaced by 0; ``ok``: present columns."""
         block = math.floor(t / self.interval_s)
         done = None
         if self.block is not None and block != self.block:
@@ -153,8 +160,6 @@ class BlockAggregate:
             self.sum[:] = 0.0
             self.cnt[:] = 0.0
         self.block = block
-        ok = ~np.isnan(x)
-        xv = np.where(ok, np.where(self.rms, x * x, x), 0.0)
         self.sum += xv
         self.cnt += ok
         return done
@@ -164,3 +169,39 @@ class BlockAggregate:
             mean = self.sum / self.cnt
         mean[self.cnt < 0.5] = np.nan
         return np.where(self.rms, np.sqrt(np.abs(mean)), mean)
+
+
+class DemandWindow:
+    """Rolling billing demand: mean P and S over ``window_s`` in sub-intervals.
+
+    Utilities bill the mean power over a demand window (15 min by default); the
+    window rolls in ``subintervals`` steps (90: 10 s for 15 min). Pure Python on
+    two values: cheaper than numpy at this size, and bounded (a fixed deque).
+    """
+
+    def __init__(self, window_s: float, subintervals: int = 90):
+        self.width = window_s / subintervals
+        self.n = subintervals
+        self.buckets: deque[list[float]] = deque()  # [index, sum_p, sum_s, count]
+        self.sum_p = self.sum_s = 0.0
+        self.count = 0
+
+    def add(self, t: float, p: float, s: float) -> tuple[float, float]:
+        b = math.floor(t / self.width)
+        if not self.buckets or b > self.buckets[-1][0]:
+            self.buckets.append([b, 0.0, 0.0, 0])
+        last = self.buckets[-1]
+        last[1] += p
+        last[2] += s
+        last[3] += 1
+        self.sum_p += p
+        self.sum_s += s
+        self.count += 1
+        while self.buckets and self.buckets[0][0] <= b - self.n:
+            _, sp, ss, c = self.buckets.popleft()
+            self.sum_p -= sp
+            self.sum_s -= ss
+            self.count -= int(c)
+        if len(self.buckets) == 1:  # re-sync the running sums (no drift)
+            self.sum_p, self.sum_s, self.count = last[1], last[2], int(last[3])
+        return self.sum_p / self.count, self.sum_s / self.count

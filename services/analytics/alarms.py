@@ -20,6 +20,7 @@ limit), ``unbalance`` on u2 (NEMA where no line-to-line data exists),
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from shared.messages import EventState
@@ -49,16 +50,16 @@ class Alarm:
     evidence: Evidence = field(default_factory=dict)
 
     def update(
-        self, t: float, bad: bool | None, good: bool | None, ev: Evidence
+        self, t: float, bad: bool | None, good: bool | None, ev: Callable[[], Evidence]
     ) -> EventState | None:
-        """Feed one evaluation; returns RAISED/CLEARED on a transition."""
+        """Feed one evaluation; returns RAISED/CLEARED on a transition.
+
+        ``ev`` builds the evidence only when it is needed (a transition)."""
         if not self.timing.enabled:
             return None
         want = good if self.active else bad
         if not want:
             self.since = None
-            if self.active and bad:
-                self.evidence = ev
             return None
         if self.since is None:
             self.since = t
@@ -67,7 +68,7 @@ class Alarm:
             return None
         self.since = None
         self.active = not self.active
-        self.evidence = ev
+        self.evidence = ev()
         return EventState.RAISED if self.active else EventState.CLEARED
 
 
@@ -85,7 +86,7 @@ class AlarmSet:
         phase: str | None,
         bad: bool | None,
         good: bool | None,
-        ev: Evidence,
+        ev: Callable[[], Evidence],
     ) -> tuple[Alarm, EventState] | None:
         key = (code, phase)
         alarm = self.alarms.get(key)

@@ -10,6 +10,7 @@ to the bus, the ``analyze`` command and the benchmark use it directly.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Literal
@@ -18,7 +19,12 @@ import numpy as np
 import orjson
 
 from services.analytics import dsp, neutral, registers
-from services.analytics.aggregate import BlockAggregate, MovingAverages, WindowExtremes
+from services.analytics.aggregate import (
+    BlockAggregate,
+    DemandWindow,
+    MovingAverages,
+    WindowExtremes,
+)
 from services.analytics.alarms import AlarmSet, Evidence, ieee519_voltage_limits
 from shared.measurements import Measurement as M
 from shared.messages import Event, EventState, LoadKind, Metrics, Reading, Severity, Waveform
@@ -34,11 +40,35 @@ _RMS_STEMS = ("voltage", "current", "thd_")
 RMS_MASK = np.array([m.value.startswith(_RMS_STEMS) for m in AVG_COLS])
 _CRITICAL = {"broken_neutral", "voltage_missing", "ct_reversed"}
 _PH = ("L1", "L2", "L3")
+_STEMS = ("voltage", "current", "power", "apparent_power", "thd_voltage", "thd_current")
+_PHASE_KEYS = tuple(tuple(M.per_phase(stem, n) for stem in _STEMS) for n in (1, 2, 3))
+
+
+@dataclass(slots=True)
+class MetricsOut:
+    """A :class:`Metrics` built by the engine (no validation: we made it). Same fields;
+    :meth:`model` gives the validated pydantic model, ``encode_metrics`` the JSON."""
+
+    site: str
+    ts: datetime
+    seq: int
+    meter: str
+    source: Literal["reading", "waveform"]
+    interval_s: float
+    values: dict[M, float]
+    averages: dict[str, dict[M, float]]
+    load: dict[str, LoadKind]
+    quadrant: dict[str, Literal[1, 2, 3, 4]]
+    harmonics: dict[str, list[float]]
+    source_seq: int | None
+
+    def model(self) -> Metrics:
+        return Metrics.model_validate_json(encode_metrics(self))
 
 
 @dataclass(slots=True)
 class Output:
-    metrics: list[Metrics] = field(default_factory=list)
+    metrics: list[MetricsOut] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
 
 
@@ -64,7 +94,7 @@ class MeterEngine:
         self.slot_names = [f"{s}s" for s in self.slots]
         self.alarm_row = self.slots.index(cfg.alarm_slot_s)
         self.ma = MovingAverages(self.slots, len(AVG_COLS))
-        self.demand = MovingAverages([cfg.demand_window_s], 2, bucket_s=cfg.demand_window_s / 90)
+        self.demand = DemandWindow(cfg.demand_window_s)
         self.blocks = (
             [BlockAggregate(3.0, RMS_MASK), BlockAggregate(600.0, RMS_MASK)]
             if cfg.aggregates
@@ -162,19 +192,23 @@ class MeterEngine:
         p = values.get(M.POWER)
         s = values.get(M.APPARENT_POWER)
         if p is not None and s is not None:
-            self.demand.add(t, np.array([p, s]))
-            dp, ds = self.demand.means()[0].tolist()
+            dp, ds = self.demand.add(t, p, s)
             values[M.DEMAND_POWER] = dp
             values[M.DEMAND_APPARENT_POWER] = ds
             values[M.DEMAND_PF] = dp / ds if ds > 0 else 0.0
         cols = np.flatnonzero(self.seen)
         names = [AVG_COLS[k] for k in cols]
         averages: dict[str, dict[M, float]] = {}
-        for row, slot in zip(means[:, cols].tolist(), self.slot_names, strict=True):
-            averages[slot] = {n: v for n, v in zip(names, row, strict=True) if v == v}
+        sel = means[:, cols]
+        gaps = [bool(g) for g in np.isnan(sel).any(axis=1)]
+        for row, slot, gap in zip(sel.tolist(), self.slot_names, gaps, strict=True):
+            if gap:
+                averages[slot] = {n: v for n, v in zip(names, row, strict=True) if v == v}
+            else:
+                averages[slot] = dict(zip(names, row, strict=True))
         self.seq += 1
         out.metrics.append(
-            Metrics.model_construct(
+            MetricsOut(
                 site=self.site,
                 ts=ts,
                 seq=self.seq,
@@ -189,14 +223,16 @@ class MeterEngine:
                 source_seq=source_seq,
             )
         )
+        if self.blocks:
+            xv = np.where(present, np.where(RMS_MASK, x * x, x), 0.0)
         for block in self.blocks:
-            done = block.add(t, x)
+            done = block.add_prepared(t, xv, present)
             if done is not None:
                 start, res = done
                 agg = {AVG_COLS[k]: float(res[k]) for k in cols if res[k] == res[k]}
                 self.seq += 1
                 out.metrics.append(
-                    Metrics.model_construct(
+                    MetricsOut(
                         site=self.site,
                         ts=datetime.fromtimestamp(start, UTC) + timedelta(seconds=block.interval_s),
                         seq=self.seq,
@@ -235,39 +271,54 @@ class MeterEngine:
             return float(avg[COL[m]])
 
         def fire(
-            code: str, phase: str | None, bad: bool | None, good: bool | None, ev: Evidence
+            code: str,
+            phase: str | None,
+            bad: bool | None,
+            good: bool | None,
+            ev: Callable[[], Evidence],
         ) -> None:
             res = self.alarms.update(t, code, phase, bad, good, ev)
             if res is not None:
                 alarm, state = res
-                out.events.append(self._event(ts, alarm.code, phase, state, ev))
+                out.events.append(self._event(ts, alarm.code, phase, state, alarm.evidence))
 
         p_avg, s_avg = a(M.POWER), a(M.APPARENT_POWER)
         if s_avg == s_avg and s_avg >= lim.min_apparent_power_va and p_avg == p_avg:
             pf = abs(p_avg) / s_avg
-            ev: Evidence = {"pf": round(pf, 4), "p_w": round(p_avg, 1), "s_va": round(s_avg, 1)}
             for code, level in (("low_pf", th.pf_alert), ("penalty_pf", th.pf_penalty)):
                 fire(
-                    code, None, pf < level, pf >= level + lim.pf_hysteresis, {**ev, "limit": level}
+                    code,
+                    None,
+                    pf < level,
+                    pf >= level + lim.pf_hysteresis,
+                    lambda: {
+                        "pf": round(pf, 4),
+                        "p_w": round(p_avg, 1),
+                        "s_va": round(s_avg, 1),
+                        "limit": level,  # noqa: B023 (called at once)
+                    },
                 )
         pf_now = values.get(M.POWER_FACTOR)
         s_now = values.get(M.APPARENT_POWER)
         if pf_now is not None and s_now is not None and s_now >= lim.min_apparent_power_va:
             self.pf_window.add(t, abs(pf_now))
             spread = self.pf_window.spread()
-            lo, hi = self.pf_window.extremes()
             fire(
                 "pf_erratic",
                 None,
                 spread > lim.pf_erratic_spread,
                 spread < 0.5 * lim.pf_erratic_spread,
-                {"spread": round(spread, 4), "pf_min": round(lo, 4), "pf_max": round(hi, 4)},
+                lambda: {
+                    "spread": round(spread, 4),
+                    "pf_min": round(self.pf_window.extremes()[0], 4),
+                    "pf_max": round(self.pf_window.extremes()[1], 4),
+                },
             )
         v_missing = lim.voltage_missing_pct / 100.0 * th.nominal_voltage_v
-        for k, ph in enumerate(_PH):
-            n = k + 1
-            v_now = values.get(M.per_phase("voltage", n))
-            i_now = values.get(M.per_phase("current", n))
+        for ph, keys in zip(_PH, _PHASE_KEYS, strict=True):
+            k_v, k_i, k_p, k_s, k_thv, k_thi = keys
+            v_now = values.get(k_v)
+            i_now = values.get(k_i)
             if v_now is not None and i_now is not None:
                 flowing = i_now > lim.min_current_a
                 fire(
@@ -275,16 +326,19 @@ class MeterEngine:
                     ph,
                     v_now < v_missing and flowing,
                     v_now >= 2 * v_missing or not flowing,
-                    {"voltage_v": round(v_now, 2), "current_a": round(i_now, 3)},
+                    lambda: {
+                        "voltage_v": round(v_now, 2),  # noqa: B023 (called at once)
+                        "current_a": round(i_now, 3),  # noqa: B023 (called at once)
+                    },
                 )
-            pk, sk = a(M.per_phase("power", n)), a(M.per_phase("apparent_power", n))
+            pk, sk = a(k_p), a(k_s)
             if not self.expect_export and pk == pk and sk == sk:
                 fire(
                     "ct_reversed",
                     ph,
                     pk < -max(lim.ct_reversed_w, 0.02 * sk),
                     pk >= 0,
-                    {"p_w": round(pk, 1), "s_va": round(sk, 1)},
+                    lambda: {"p_w": round(pk, 1), "s_va": round(sk, 1)},  # noqa: B023 (called at once)
                 )
             if ph in pf_pairs:
                 pf_m, pf_c = pf_pairs[ph]
@@ -294,13 +348,13 @@ class MeterEngine:
                     ph,
                     diff > self.pf_tolerance,
                     diff <= 0.5 * self.pf_tolerance,
-                    {
-                        "pf_meter": pf_m,
-                        "pf_p_over_s": round(pf_c, 4),
+                    lambda: {
+                        "pf_meter": pf_m,  # noqa: B023 (called at once)
+                        "pf_p_over_s": round(pf_c, 4),  # noqa: B023 (called at once)
                         "tolerance": self.pf_tolerance,
                     },
                 )
-            thd_v, thd_i = a(M.per_phase("thd_voltage", n)), a(M.per_phase("thd_current", n))
+            thd_v, thd_i = a(k_thv), a(k_thi)
             if thd_v == thd_v or thd_i == thd_i:
                 order, pct = worst.get(ph, (0, 0.0))
                 over_v = thd_v == thd_v and thd_v > self.thd_v_limit
@@ -316,11 +370,11 @@ class MeterEngine:
                     ph,
                     over_v or over_i or over_h,
                     ok,
-                    {
-                        "thd_v_pct": _r(thd_v),
-                        "thd_i_pct": _r(thd_i),
-                        "worst_v_order": order,
-                        "worst_v_pct": round(pct, 3),
+                    lambda: {
+                        "thd_v_pct": _r(thd_v),  # noqa: B023 (called at once)
+                        "thd_i_pct": _r(thd_i),  # noqa: B023 (called at once)
+                        "worst_v_order": order,  # noqa: B023 (called at once)
+                        "worst_v_pct": round(pct, 3),  # noqa: B023 (called at once)
                         "limit_thd_v_pct": self.thd_v_limit,
                         "limit_harmonic_v_pct": self.harm_v_limit,
                         "limit_thd_i_pct": lim.thd_current_pct,
@@ -338,22 +392,21 @@ class MeterEngine:
                     None,
                     u2 > limit,
                     u2 < limit - lim.unbalance_hysteresis_pct,
-                    {"unbalance_pct": round(u2, 3), "measure": kind, "limit_pct": limit},
+                    lambda: {"unbalance_pct": round(u2, 3), "measure": kind, "limit_pct": limit},
                 )
             score = a(M.NEUTRAL_SCORE)
             if score == score:
-                ev = {
-                    "score": round(score, 3),
-                    "u0_pct": _r(a(M.ZERO_SEQ_UNBALANCE)),
-                    "u2_pct": _r(a(M.VOLTAGE_UNBALANCE)),
-                    **neutral_ev,
-                }
                 fire(
                     "broken_neutral",
                     None,
                     score >= lim.neutral_raise_score,
                     score < lim.neutral_clear_score,
-                    ev,
+                    lambda: {
+                        "score": round(score, 3),
+                        "u0_pct": _r(a(M.ZERO_SEQ_UNBALANCE)),
+                        "u2_pct": _r(a(M.VOLTAGE_UNBALANCE)),
+                        **neutral_ev,
+                    },
                 )
 
     def _event(
@@ -404,7 +457,7 @@ def _worst_harmonics(a: dsp.Analysis) -> dict[str, tuple[int, float]]:
     return out
 
 
-def encode_metrics(m: Metrics) -> bytes:
+def encode_metrics(m: MetricsOut | Metrics) -> bytes:
     """Fast serialisation of a Metrics built here (same JSON as ``shared.messages.encode``)."""
     return orjson.dumps(
         {
