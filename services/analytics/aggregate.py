@@ -21,7 +21,7 @@ F64 = npt.NDArray[np.float64]
 class MovingAverages:
     """Time-based moving averages of K quantities over several slots (seconds).
 
-    Samples fall into buckets of ``bucket_s`` (default: the shortest slot / 50);
+    Samples fall into buckets of ``bucket_s`` (default: the shortest slot / 10);
     the average of a slot covers the buckets of the last ``slot`` seconds, so its
     edge is exact to one bucket. A quantity missing from a sample (NaN) is left
     out of that quantity's average (per-column counts).
@@ -29,7 +29,7 @@ class MovingAverages:
 
     def __init__(self, slots_s: Iterable[float], width: int, bucket_s: float | None = None):
         self.slots = sorted(float(s) for s in slots_s)
-        self.bucket_s = bucket_s or self.slots[0] / 50.0
+        self.bucket_s = bucket_s or self.slots[0] / 10.0
         self.spans = [max(1, round(s / self.bucket_s)) for s in self.slots]
         self.size = max(self.spans) + 1
         self._spans = np.array(self.spans)

@@ -200,7 +200,7 @@ class MeterEngine:
         names = [AVG_COLS[k] for k in cols]
         averages: dict[str, dict[M, float]] = {}
         sel = means[:, cols]
-        gaps = [bool(g) for g in np.isnan(sel).any(axis=1)]
+        gaps = np.asarray(np.isnan(sel).any(axis=1), dtype=bool).tolist()
         for row, slot, gap in zip(sel.tolist(), self.slot_names, gaps, strict=True):
             if gap:
                 averages[slot] = {n: v for n, v in zip(names, row, strict=True) if v == v}
