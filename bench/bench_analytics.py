@@ -22,7 +22,6 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import argparse
 import asyncio
-import subprocess
 import sys
 import tempfile
 import time
