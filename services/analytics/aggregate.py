@@ -32,6 +32,7 @@ class MovingAverages:
         self.bucket_s = bucket_s or self.slots[0] / 10.0
         self.spans = [max(1, round(s / self.bucket_s)) for s in self.slots]
         self.size = max(self.spans) + 1
+        self._ones = np.ones(width)
         self._spans = np.array(self.spans)
         self.width = width
         self.sums = np.zeros((self.size, width))
@@ -41,7 +42,8 @@ class MovingAverages:
         self.last: int | None = None
         self._advances = 0
 
-    def add(self, t: float, x: F64) -> None:
+    def add(self, t: float, x: F64, complete: bool = False) -> None:
+        """Add a sample; ``complete=True`` promises no NaN in ``x`` (a faster path)."""
         b = math.floor(t / self.bucket_s)
         if self.last is None:
             self.last = b
@@ -49,8 +51,12 @@ class MovingAverages:
             self._advance(b)
         elif b < self.last:  # out of order (clock step back): count it in the newest bucket
             b = self.last
-        ok = ~np.isnan(x)
-        xv = np.where(ok, x, 0.0)
+        if complete:
+            ok: npt.NDArray[np.bool_] | F64 = self._ones
+            xv = x
+        else:
+            ok = ~np.isnan(x)
+            xv = np.where(ok, x, 0.0)
         row = b % self.size
         self.sums[row] += xv
         self.counts[row] += ok
@@ -90,9 +96,8 @@ class MovingAverages:
 
     def means(self) -> F64:
         """(slots, K) averages; NaN where a slot has no sample of a quantity."""
-        with np.errstate(invalid="ignore", divide="ignore"):
-            out = self.run_sum / self.run_cnt
-        out[self.run_cnt < 0.5] = np.nan
+        out = np.full(self.run_sum.shape, np.nan)
+        np.divide(self.run_sum, self.run_cnt, out=out, where=self.run_cnt > 0.5)
         return out
 
 

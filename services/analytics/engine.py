@@ -40,6 +40,7 @@ _RMS_STEMS = ("voltage", "current", "thd_")
 RMS_MASK = np.array([m.value.startswith(_RMS_STEMS) for m in AVG_COLS])
 _CRITICAL = {"broken_neutral", "voltage_missing", "ct_reversed"}
 _PH = ("L1", "L2", "L3")
+_NAN = math.nan
 _STEMS = ("voltage", "current", "power", "apparent_power", "thd_voltage", "thd_current")
 _PHASE_KEYS = tuple(tuple(M.per_phase(stem, n) for stem in _STEMS) for n in (1, 2, 3))
 
@@ -93,16 +94,16 @@ class MeterEngine:
         self.slots = cfg.average_slots_s
         self.slot_names = [f"{s}s" for s in self.slots]
         self.alarm_row = self.slots.index(cfg.alarm_slot_s)
-        self.ma = MovingAverages(self.slots, len(AVG_COLS))
+        #: the averaged quantities this meter reports (grows when a new one appears)
+        self.keys: list[M] = []
+        self.key_index: dict[M, int] = {}
+        self.known: set[M] = set()
+        self.rms_mask = np.zeros(0, dtype=bool)
+        self.ma = MovingAverages(self.slots, 0)
+        self.blocks: list[BlockAggregate] = []
         self.demand = DemandWindow(cfg.demand_window_s)
-        self.blocks = (
-            [BlockAggregate(3.0, RMS_MASK), BlockAggregate(600.0, RMS_MASK)]
-            if cfg.aggregates
-            else []
-        )
         self.pf_window = WindowExtremes(self.limits.pf_erratic_window_s)
         self.alarms = AlarmSet({str(k): v for k, v in cfg.alarms.items()})
-        self.seen = np.zeros(len(AVG_COLS), dtype=bool)
         self.seq = 0
         self.event_seq = 0
         self.last_source_seq: int | None = None
@@ -180,14 +181,13 @@ class MeterEngine:
             values[M.NEUTRAL_SCORE] = neutral.score(
                 u0, self.limits.neutral_u0_low_pct, self.limits.neutral_u0_high_pct
             )
-        x = np.full(len(AVG_COLS), np.nan)
-        for key, val in values.items():
-            k = COL.get(key)
-            if k is not None:
-                x[k] = val
-        present = ~np.isnan(x)
-        self.seen |= present
-        self.ma.add(t, x)
+        if values.keys() - self.known:
+            self._grow(values)
+        get = values.get
+        row = [get(k, _NAN) for k in self.keys]
+        complete = _NAN not in row
+        x = np.array(row)
+        self.ma.add(t, x, complete)
         means = self.ma.means()
         p = values.get(M.POWER)
         s = values.get(M.APPARENT_POWER)
@@ -196,16 +196,15 @@ class MeterEngine:
             values[M.DEMAND_POWER] = dp
             values[M.DEMAND_APPARENT_POWER] = ds
             values[M.DEMAND_PF] = dp / ds if ds > 0 else 0.0
-        cols = np.flatnonzero(self.seen)
-        names = [AVG_COLS[k] for k in cols]
+        names = self.keys
         averages: dict[str, dict[M, float]] = {}
-        sel = means[:, cols]
-        gaps = np.asarray(np.isnan(sel).any(axis=1), dtype=bool).tolist()
-        for row, slot, gap in zip(sel.tolist(), self.slot_names, gaps, strict=True):
+        gaps: list[bool] = np.asarray(np.isnan(means).any(axis=1), dtype=bool).tolist()
+        rows = means.tolist()
+        for mrow, slot, gap in zip(rows, self.slot_names, gaps, strict=True):
             if gap:
-                averages[slot] = {n: v for n, v in zip(names, row, strict=True) if v == v}
+                averages[slot] = {n: v for n, v in zip(names, mrow, strict=True) if v == v}
             else:
-                averages[slot] = dict(zip(names, row, strict=True))
+                averages[slot] = dict(zip(names, mrow, strict=True))
         self.seq += 1
         out.metrics.append(
             MetricsOut(
@@ -224,12 +223,17 @@ class MeterEngine:
             )
         )
         if self.blocks:
-            xv = np.where(present, np.where(RMS_MASK, x * x, x), 0.0)
+            if complete:
+                ok: np.ndarray = self.ma._ones
+                xv = np.where(self.rms_mask, x * x, x)
+            else:
+                ok = ~np.isnan(x)
+                xv = np.where(ok, np.where(self.rms_mask, x * x, x), 0.0)
         for block in self.blocks:
-            done = block.add_prepared(t, xv, present)
+            done = block.add_prepared(t, xv, ok)
             if done is not None:
                 start, res = done
-                agg = {AVG_COLS[k]: float(res[k]) for k in cols if res[k] == res[k]}
+                agg = {n: v for n, v in zip(names, res.tolist(), strict=True) if v == v}
                 self.seq += 1
                 out.metrics.append(
                     MetricsOut(
@@ -248,16 +252,32 @@ class MeterEngine:
                     )
                 )
         self.last_source_seq = source_seq
-        avg = means[self.alarm_row]
+        avg = rows[self.alarm_row]
         self._alarms(t, ts, values, avg, pf_pairs, neutral_ev, worst_harm or {}, bool(three), out)
         return out
+
+    def _grow(self, values: dict[M, float]) -> None:
+        """New averaged quantities appeared: widen the per-meter state (starts afresh)."""
+        self.known |= values.keys()
+        keys = [m for m in AVG_COLS if m in self.known]
+        if keys == self.keys:
+            return
+        self.keys = keys
+        self.key_index = {m: k for k, m in enumerate(keys)}
+        self.rms_mask = np.array([m.value.startswith(_RMS_STEMS) for m in keys], dtype=bool)
+        self.ma = MovingAverages(self.slots, len(keys))
+        if self.cfg.aggregates:
+            self.blocks = [
+                BlockAggregate(3.0, self.rms_mask),
+                BlockAggregate(600.0, self.rms_mask),
+            ]
 
     def _alarms(
         self,
         t: float,
         ts: datetime,
         values: dict[M, float],
-        avg: np.ndarray,
+        avg: list[float],
         pf_pairs: dict[str, tuple[float, float]],
         neutral_ev: Evidence,
         worst: dict[str, tuple[int, float]],
@@ -267,8 +287,12 @@ class MeterEngine:
         lim = self.limits
         th = self.thresholds
 
+        idx = self.key_index
+        tracked = self.alarms.alarms
+
         def a(m: M) -> float:
-            return float(avg[COL[m]])
+            k = idx.get(m)
+            return _NAN if k is None else avg[k]
 
         def fire(
             code: str,
@@ -277,6 +301,8 @@ class MeterEngine:
             good: bool | None,
             ev: Callable[[], Evidence],
         ) -> None:
+            if not bad and (code, phase) not in tracked:
+                return  # fast path: nothing to track until the condition first appears
             res = self.alarms.update(t, code, phase, bad, good, ev)
             if res is not None:
                 alarm, state = res

@@ -70,10 +70,9 @@ def nema(values: list[float]) -> float:
 
 def derive(reading: dict[M, float], *, sqrt3: bool = False) -> Derived:
     """Everything computable from one register-level reading."""
-    out: dict[M, float] = {}
-    for key, val in reading.items():
-        if math.isfinite(val):
-            out[key] = val
+    out = dict(reading)
+    if not all(map(math.isfinite, out.values())):  # NaN/inf registers are left out
+        out = {k: v for k, v in out.items() if math.isfinite(v)}
     load: dict[str, LoadKind] = {}
     quad: dict[str, Quadrant] = {}
     pairs: dict[str, tuple[float, float]] = {}
