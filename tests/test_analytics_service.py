@@ -13,7 +13,7 @@ import numpy as np
 from services.analytics import service as analytics
 from shared import topics
 from shared.measurements import Measurement as M
-from shared.messages import Event, Metrics, Reading, Waveform, decode, encode
+from shared.messages import DeadLetter, Event, Metrics, Reading, Waveform, decode, encode
 from shared.service import Shutdown
 from shared.settings import Settings, parse_mqtt_url
 from shared.site import parse_site
@@ -61,12 +61,14 @@ async def test_service_publishes_metrics_and_events(settings: Settings, site_nam
     target = parse_mqtt_url(settings.mqtt_url)
     got_metrics: list[Metrics] = []
     got_events: list[Event] = []
+    dead: list[DeadLetter] = []
     svc_settings = settings.model_copy(update={"mqtt_client_id": f"{settings.mqtt_client_id}-a"})
     task = asyncio.create_task(analytics.run(svc_settings, site, shutdown))
     try:
         async with aiomqtt.Client(target.host, target.port) as client:
             await client.subscribe(topics.pattern(topics.Kind.METRICS, site_name), qos=1)
             await client.subscribe(topics.pattern(topics.Kind.EVENT, site_name), qos=1)
+            await client.subscribe(topics.deadletter(site_name, "analytics"), qos=1)
             await asyncio.sleep(1.0)  # the service subscribes
             # a garbage payload first: dead-lettered, the service carries on
             await client.publish(topics.reading(site_name, "m1"), b"{not json", qos=1)
@@ -93,22 +95,23 @@ async def test_service_publishes_metrics_and_events(settings: Settings, site_nam
             async def collect() -> None:
                 async for msg in client.messages:
                     payload = bytes(msg.payload)  # type: ignore[arg-type]
-                    if msg.topic.value.endswith("/metrics"):
+                    if "/deadletter/" in msg.topic.value:
+                        dead.append(decode(DeadLetter, payload))
+                    elif msg.topic.value.endswith("/metrics"):
                         got_metrics.append(decode(Metrics, payload))
                     else:
                         got_events.append(decode(Event, payload))
                     inst = [m for m in got_metrics if m.interval_s == 0]
                     codes = {(e.meter, e.code) for e in got_events}
-                    if (
-                        len(inst) >= 14
-                        and {("m1", "penalty_pf"), ("scope", "broken_neutral")} <= codes
-                    ):
+                    want = {("m1", "penalty_pf"), ("scope", "broken_neutral")}
+                    if len(inst) >= 14 and want <= codes and dead:
                         return
 
             await asyncio.wait_for(collect(), 20)
     finally:
         shutdown.request("test done")
         await asyncio.wait_for(task, 10)
+    assert dead[0].payload() == b"{not json" and "JSON" in dead[0].reason
     readings = [m for m in got_metrics if m.meter == "m1" and m.interval_s == 0]
     assert [m.source_seq for m in readings] == list(range(100, 108))
     last = readings[-1]
@@ -119,6 +122,8 @@ async def test_service_publishes_metrics_and_events(settings: Settings, site_nam
     waves = [m for m in got_metrics if m.meter == "scope" and m.interval_s == 0]
     assert len(waves) == 6 and waves[0].source == "waveform"
     assert waves[-1].values[M.NEUTRAL_SCORE] == 1.0
+    assert waves[-1].values[M.ZERO_SEQ_UNBALANCE] > 10
+    assert waves[-1].values[M.VOLTAGE_UNBALANCE] < 0.01
     assert len(waves[-1].harmonics["v1"]) == 50
     bn = next(e for e in got_events if e.code == "broken_neutral")
     assert bn.state == "raised" and bn.evidence["u0_pct"] is not None

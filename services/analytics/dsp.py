@@ -382,6 +382,9 @@ def window_values(a: Analysis, k: int = 0) -> dict[M, float]:
         out[M.per_phase("power", n)] = float(a.p[k, ph])
         out[M.per_phase("apparent_power", n)] = float(a.s[k, ph])
         out[M.per_phase("fund_reactive_power", n)] = float(a.q1[k, ph])
+        # IEEE 1459 defines no total Q under distortion: the signed reactive power
+        # published for waveforms is Q1 (N = sqrt(S^2 - P^2) carries the rest)
+        out[M.per_phase("reactive_power", n)] = float(a.q1[k, ph])
         out[M.per_phase("nonactive_power", n)] = float(a.n[k, ph])
         out[M.per_phase("power_factor", n)] = float(a.pf[k, ph])
         out[M.per_phase("displacement_pf", n)] = float(a.dpf[k, ph])
@@ -392,6 +395,7 @@ def window_values(a: Analysis, k: int = 0) -> dict[M, float]:
     out[M.POWER] = float(tot["p"][k])
     out[M.APPARENT_POWER] = float(tot["s"][k])
     out[M.FUND_REACTIVE_POWER] = float(tot["q1"][k])
+    out[M.REACTIVE_POWER] = float(tot["q1"][k])
     out[M.POWER_FACTOR] = float(tot["pf"][k])
     out[M.FREQUENCY] = float(a.frequency[k])
     if a.phases == 3:

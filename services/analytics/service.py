@@ -14,6 +14,7 @@ import asyncio
 import logging
 import time
 from collections import deque
+from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -89,6 +90,20 @@ class Analytics:
         self.engines: dict[str, MeterEngine] = {}
         self.inflight: deque[asyncio.Task[None]] = deque()
         self.notice_seq = 0
+        self.children: dict[str, tuple[Any, Any, Any, Any]] = {}
+
+    def _children(self, meter: str) -> tuple[Any, Any, Any, Any]:
+        """Labelled Prometheus children per meter, looked up once."""
+        got = self.children.get(meter)
+        if got is None:
+            m = self.metrics
+            got = self.children[meter] = (
+                m.readings.labels(meter),
+                m.waveforms.labels(meter),
+                m.pf.labels(meter),
+                m.neutral.labels(meter),
+            )
+        return got
 
     def engine(self, meter: str) -> MeterEngine:
         eng = self.engines.get(meter)
@@ -99,7 +114,7 @@ class Analytics:
     async def on_reading(self, reading: Reading, incoming: Incoming) -> None:
         started = time.perf_counter()
         out = self.engine(reading.meter).on_reading(reading)
-        self.metrics.readings.labels(reading.meter).inc()
+        self._children(reading.meter)[0].inc()
         await self._emit(reading.meter, out, started)
 
     async def on_waveform(self, wf: Waveform, incoming: Incoming) -> None:
@@ -131,7 +146,7 @@ class Analytics:
             )
             self._publish(topics.event(wf.site, wf.meter), encode(notice), "event")
             return
-        self.metrics.waveforms.labels(wf.meter).inc()
+        self._children(wf.meter)[1].inc()
         await self._emit(wf.meter, out, started)
 
     async def _emit(self, meter: str, out: Output, started: float) -> None:
@@ -144,13 +159,14 @@ class Analytics:
                 1 if ev.state == EventState.RAISED else -1
             )
         if out.metrics:
+            _, _, pf_gauge, neutral_gauge = self._children(meter)
             vals = out.metrics[0].values
             pf = vals.get(M.POWER_FACTOR)
             if pf is not None:
-                self.metrics.pf.labels(meter).set(pf)
+                pf_gauge.set(pf)
             score = vals.get(M.NEUTRAL_SCORE)
             if score is not None:
-                self.metrics.neutral.labels(meter).set(score)
+                neutral_gauge.set(score)
         self.metrics.process.observe(time.perf_counter() - started)
         while len(self.inflight) > MAX_IN_FLIGHT:
             await asyncio.wait([self.inflight[0]])
