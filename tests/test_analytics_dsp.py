@@ -258,3 +258,38 @@ def test_hann_kernel_closed_form_matches_the_sum() -> None:
     for d in (0.0, 0.3, -0.5, 1.0, -1.0, 9.7, 20.02):
         direct = np.sum(w * np.exp(-2j * np.pi * d * np.arange(n) / n))
         assert abs(dsp._hann_kernel(np.array([d]), n)[0] - direct) < 1e-9 * n
+
+
+def test_star_point_trilateration_and_floating_fit() -> None:
+    e = [230.0, 230.0 * A**2, 230.0 * A]
+    r = [5.0, 20.0, 40.0]
+    vn = sum(ee / rr for ee, rr in zip(e, r, strict=True)) / sum(1 / x for x in r)
+    mags = tuple(abs(ee - vn) for ee in e)
+    d, sup = neutral.star_point(*mags)
+    assert abs(d - vn) < 1e-9 * 230 and abs(sup[1] - e[1]) < 1e-9 * 230
+    # floating neutral: the rebuilt currents sum to zero (Millman), fit = 1
+    amps = tuple(m / rr for m, rr in zip(mags, r, strict=True))
+    ratio = neutral.current_sum_ratio(mags, amps, (1.0, 1.0, 1.0))  # type: ignore[arg-type]
+    assert ratio < 1e-9
+    u0 = neutral.star_shift(*mags).u0_pct
+    assert neutral.consistency(u0, ratio) == 1.0
+
+
+def test_one_phase_supply_sag_with_intact_neutral_is_not_a_broken_neutral() -> None:
+    # L1 sags to 70 %: u0 = u2 = 11.1 %, far past the score ramp; balanced 10-ohm
+    # loads on an intact neutral draw currents that follow the voltages
+    e = [0.7 * 230.0, 230.0 * A**2, 230.0 * A]
+    iv = [x / 10.0 for x in e]
+    a = _three_phase(e, iv)
+    tot = a.totals()
+    u0 = float(tot["u0"][0])
+    # V0 = (0.7 - 1) * 230 / 3, V1 = (0.7 + 2) * 230 / 3
+    assert u0 == pytest.approx(100 * 0.3 / 2.7, rel=1e-3)
+    assert neutral.score(u0) == 1.0  # u0 alone would alarm
+    ratio = float(abs(a.i1[0].sum()) / np.abs(a.i1[0]).sum())
+    assert neutral.consistency(u0, ratio) < 0.05  # the currents say: neutral intact
+    mags = tuple(abs(x) for x in e)
+    amps = tuple(abs(x) for x in iv)
+    ratio_m = neutral.current_sum_ratio(mags, amps, (1.0, 1.0, 1.0))  # type: ignore[arg-type]
+    u0_m = neutral.star_shift(*mags).u0_pct
+    assert neutral.consistency(u0_m, ratio_m) < 0.05

@@ -268,3 +268,13 @@ def test_memory_bounded_per_meter() -> None:
     sizes = (eng.ma.sums.nbytes, len(eng.pf_window._min), len(eng.alarms.alarms))
     run(eng, 200, 200, 2000, vals)
     assert (eng.ma.sums.nbytes, len(eng.pf_window._min), len(eng.alarms.alarms)) == sizes
+
+
+def test_one_phase_sag_on_intact_neutral_raises_no_broken_neutral() -> None:
+    # L1 sags to 70 % at the supply; balanced 10-ohm loads, neutral intact
+    mags = (0.7 * 230.0, 230.0, 230.0)
+    eng = MeterEngine(site(**fast()), "m1")
+    out = run(eng, 0, 0, 10, three(mags, tuple(m / 10.0 for m in mags), (1.0,) * 3))
+    assert out.metrics[-1].values[M.ZERO_SEQ_UNBALANCE] > 10  # u0 alone would alarm
+    assert out.metrics[-1].values[M.NEUTRAL_SCORE] < 0.05
+    assert not any(e.code == "broken_neutral" for e in out.events)

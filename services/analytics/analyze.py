@@ -173,7 +173,10 @@ def analyze_capture(
             "u0_pct": float(tot["u0"][0]),
             "nema_pct": float(tot["nema"][0]),
         }
-        score = neutral.score(float(tot["u0"][0]))
+        u0 = float(tot["u0"][0])
+        size = float(np.abs(a.i1[0]).sum())
+        ratio = float(abs(a.i1[0].sum())) / size if size > 0 else 0.0
+        score = neutral.score(u0) * neutral.consistency(u0, ratio)
         out["neutral"] = {"score": score, "displacement_v": float(tot["v0"][0])}
     events = _events(a, tot, score, v_nominal, pf_spread(v, i, fs, a))
     out["events"] = [{k: x for k, x in e.items() if x is not None} for e in events]

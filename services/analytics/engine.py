@@ -134,6 +134,7 @@ class MeterEngine:
             {},
             d.pf_pairs,
             evidence,
+            current_ratio=d.current_ratio,
         )
 
     def on_waveform(self, wf: Waveform) -> Output:
@@ -148,12 +149,25 @@ class MeterEngine:
             harmonics[f"v{k + 1}"] = a.harm_v[0, k].tolist()
             harmonics[f"i{k + 1}"] = a.harm_i[0, k].tolist()
         evidence: Evidence = {}
+        ratio = None
         if a.phases == 3:
             tot = a.totals()
             evidence = {"displacement_v": round(float(tot["v0"][0]), 3)}
+            size = float(np.abs(a.i1[0]).sum())
+            ratio = float(abs(a.i1[0].sum())) / size if size > 0 else None
         worst = _worst_harmonics(a)
         return self._process(
-            wf.ts, wf.seq, "waveform", values, load, quad, harmonics, {}, evidence, worst
+            wf.ts,
+            wf.seq,
+            "waveform",
+            values,
+            load,
+            quad,
+            harmonics,
+            {},
+            evidence,
+            worst,
+            current_ratio=ratio,
         )
 
     # -- common path -----------------------------------------------------------------
@@ -170,6 +184,7 @@ class MeterEngine:
         pf_pairs: dict[str, tuple[float, float]],
         neutral_ev: Evidence,
         worst_harm: dict[str, tuple[int, float]] | None = None,
+        current_ratio: float | None = None,
     ) -> Output:
         out = Output()
         t = ts.timestamp()
@@ -178,9 +193,18 @@ class MeterEngine:
         if three is None:
             three = M.VOLTAGE_L3 in values and M.VOLTAGE_L2 in values
         if three and u0 is not None:
-            values[M.NEUTRAL_SCORE] = neutral.score(
+            score = neutral.score(
                 u0, self.limits.neutral_u0_low_pct, self.limits.neutral_u0_high_pct
             )
+            if current_ratio is not None and score > 0:
+                fit = neutral.consistency(u0, current_ratio)
+                score *= fit
+                neutral_ev = {
+                    **neutral_ev,
+                    "current_sum_ratio": round(current_ratio, 4),
+                    "floating_fit": round(fit, 3),
+                }
+            values[M.NEUTRAL_SCORE] = score
         if values.keys() - self.known:
             self._grow(values)
         get = values.get

@@ -99,3 +99,69 @@ def score(u0_pct: float, low_pct: float = 4.0, high_pct: float = 10.0) -> float:
     if u0_pct >= high_pct:
         return 1.0
     return (u0_pct - low_pct) / (high_pct - low_pct)
+
+
+def star_point(a: float, b: float, c: float) -> tuple[complex, tuple[complex, complex, complex]]:
+    """The star point D and the supply phasors E1..E3 from three magnitudes.
+
+    Frame: E_k = (L/√3)·exp(−j·120°·(k−1)) (positive sequence L1, L2, L3). The
+    star point is found by trilateration: ``|E_k − D| = a_k`` gives two linear
+    equations ``Re(conj(E1 − Ek)·D) = (a_k² − a1²)/2``. Returns (D, (E1, E2, E3));
+    the measured phase voltages are then ``E_k − D`` (angles included).
+    """
+    shift = star_shift(a, b, c)
+    r = shift.line_v / SQRT3
+    rot = complex(-0.5, -SQRT3 / 2)  # exp(-j 120°)
+    e = (complex(r, 0.0), r * rot, r * rot * rot)
+    mags = (a, b, c)
+    rows = []
+    rhs = []
+    for k in (1, 2):
+        d = e[0] - e[k]
+        rows.append((d.real, d.imag))
+        rhs.append((mags[k] ** 2 - mags[0] ** 2) / 2.0)
+    det = rows[0][0] * rows[1][1] - rows[0][1] * rows[1][0]
+    if abs(det) < 1e-12:
+        return 0j, e
+    x = (rhs[0] * rows[1][1] - rows[0][1] * rhs[1]) / det
+    y = (rows[0][0] * rhs[1] - rhs[0] * rows[1][0]) / det
+    return complex(x, y), e
+
+
+def current_sum_ratio(
+    volts: tuple[float, float, float],
+    amps: tuple[float, float, float],
+    pfs: tuple[float, float, float],
+) -> float:
+    """|ΣI| / Σ|I| of the phase currents rebuilt from magnitudes.
+
+    Voltage angles come from :func:`star_point`; each current lags its voltage by
+    ``acos(|PF|)`` (the lead/lag sign is unknown: lagging is assumed, which
+    matters little at the PFs where it matters at all).
+    """
+    d, e = star_point(*volts)
+    total = 0j
+    size = 0.0
+    for k in range(3):
+        v = e[k] - d
+        ang = math.atan2(v.imag, v.real) - math.acos(min(1.0, abs(pfs[k])))
+        total += amps[k] * complex(math.cos(ang), math.sin(ang))
+        size += amps[k]
+    return abs(total) / size if size > 0 else 0.0
+
+
+def consistency(u0_pct: float, current_ratio: float) -> float:
+    """How well a zero-sequence shift fits a floating neutral, in [0, 1].
+
+    With a floating neutral no current returns: the phase currents sum to zero
+    (Millman), whatever the loads. With an intact neutral and a supply-side
+    zero-sequence shift (a one-phase sag), the currents follow the voltages:
+    for balanced constant-impedance (or constant-power) loads ``|ΣI|/Σ|I| = u0``
+    exactly, and unequal loads only add to ``ΣI``. So ``k = ratio / u0`` is ~0
+    for a broken neutral and ≥ ~1 for an intact one; the factor falls linearly
+    from 1 at ``k = 0.1`` (meter resolution, PF sign unknown) to 0 at ``k = 1``.
+    """
+    if u0_pct <= 0:
+        return 1.0
+    k = current_ratio / (u0_pct / 100.0)
+    return min(1.0, max(0.0, (1.0 - k) / 0.9))

@@ -48,6 +48,8 @@ class Derived:
     #: phase -> (meter PF, computed |P|/S) where the meter reported a PF
     pf_pairs: dict[str, tuple[float, float]] = field(default_factory=dict)
     star: neutral.StarShift | None = None
+    #: |ΣI|/Σ|I| of the currents rebuilt from magnitudes (neutral.current_sum_ratio)
+    current_ratio: float | None = None
 
 
 def u2_from_line_magnitudes(a: float, b: float, c: float) -> float:
@@ -134,10 +136,15 @@ def derive(reading: dict[M, float], *, sqrt3: bool = False) -> Derived:
         out[M.NEMA_UNBALANCE] = nema(lls)
     elif len(volts) == 3:
         out[M.NEMA_UNBALANCE] = nema(volts)
+    ratio = None
     if len(volts) == 3 and not sqrt3 and min(volts) > 0:
         star = neutral.star_shift(*volts)
         out[M.ZERO_SEQ_UNBALANCE] = star.u0_pct
-    return Derived(out, load, quad, pairs, star)
+        if phases == 3 and star.consistent:
+            currents = (out[_I[0]], out[_I[1]], out[_I[2]])
+            pfs = (out[_PF[0]], out[_PF[1]], out[_PF[2]])
+            ratio = neutral.current_sum_ratio((volts[0], volts[1], volts[2]), currents, pfs)
+    return Derived(out, load, quad, pairs, star, ratio)
 
 
 def _kind(p: float, q: float, s: float) -> LoadKind:
