@@ -278,3 +278,62 @@ def test_one_phase_sag_on_intact_neutral_raises_no_broken_neutral() -> None:
     assert out.metrics[-1].values[M.ZERO_SEQ_UNBALANCE] > 10  # u0 alone would alarm
     assert out.metrics[-1].values[M.NEUTRAL_SCORE] < 0.05
     assert not any(e.code == "broken_neutral" for e in out.events)
+
+
+def test_bad_analytics_config_lists_every_problem() -> None:
+    from shared.errors import ConfigError
+
+    bad = {
+        "average_slots_s": [5, 5, 0],
+        "alarm_slot_s": 7,
+        "limits": {"neutral_clear_score": 0.9, "pf_hysteresis": -1},
+        "alarms": {"no_such_alarm": {"raise_after_s": 1}},
+    }
+    with pytest.raises(ConfigError) as err:
+        site(**bad)
+    text = "\n".join(err.value.problems)
+    assert "analytics.average_slots_s" in text
+    assert "analytics.limits.pf_hysteresis" in text
+    assert "analytics.alarms.no_such_alarm" in text
+    with pytest.raises(ConfigError) as err2:
+        site(alarm_slot_s=7)
+    assert "alarm_slot_s 7 is not one of" in "\n".join(err2.value.problems)
+
+
+async def test_service_refuses_analytics_options_for_unknown_meters() -> None:
+    from services.analytics.service import check_config
+    from shared.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        check_config(site(meters={"nope": {"pf_mismatch_tolerance": 0.1}}))
+    assert "analytics.meters.nope" in err.value.problems[0]
+
+
+def test_unanalysable_waveforms_are_refused_with_a_reason() -> None:
+    from services.analytics.dsp import WaveformError
+    from shared.messages import Waveform
+
+    eng = MeterEngine(site(), "m1")
+    short = Waveform(
+        site="s1",
+        meter="m1",
+        ts=T0,
+        seq=1,
+        fs_hz=1000.0,
+        channels={"v1": [1.0] * 20, "i1": [0.0] * 20},
+    )
+    with pytest.raises(WaveformError, match="cycle"):
+        eng.on_waveform(short)
+    t = np.arange(200) / 10000.0
+    v = (325 * np.sin(2 * np.pi * 50 * t)).tolist()
+    nan = Waveform(
+        site="s1",
+        meter="m1",
+        ts=T0,
+        seq=2,
+        fs_hz=10000.0,
+        channels={"v1": v, "i1": [float("nan")] * 200},
+    )
+    with pytest.raises(WaveformError, match="i1"):
+        eng.on_waveform(nan)
+    assert eng.seq == 0  # nothing was published or averaged

@@ -26,6 +26,7 @@ from the sign of ``P·Q1`` (a reversed CT on an inductive load is still inductiv
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -261,6 +262,12 @@ def analyze_stacked(
 ) -> Analysis:
     """The core on one stacked array ``x`` (B, C, N): ``v1..vP, i1..iP[, in]``."""
     b, _, n = x.shape
+    need = math.ceil(2 * fs / f_nominal)
+    if n < need:
+        raise WaveformError(
+            f"window of {n} samples at {fs:g} Hz holds fewer than two cycles at "
+            f"{f_nominal:g} Hz (need at least {need} samples)"
+        )
     chans = 2 * nph
     spec = np.fft.rfft(x[:, :chans], axis=-1)
     if frequency is None:

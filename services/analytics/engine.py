@@ -491,6 +491,9 @@ def analyze_waveform(wf: Waveform) -> dsp.Analysis:
     if has_in:
         names.append("in")
     x = np.array([ch[n] for n in names], dtype=np.float64)[None]  # type: ignore[index]
+    if not np.isfinite(x).all():
+        bad = [n for k, n in enumerate(names) if not np.isfinite(x[0, k]).all()]
+        raise dsp.WaveformError(f"non-finite samples in channel(s) {', '.join(bad)}")
     a = dsp.analyze_stacked(x, 3 if three else 1, wf.fs_hz, float(wf.f_nominal_hz), has_in)
     return a
 
