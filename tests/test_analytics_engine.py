@@ -261,6 +261,16 @@ def test_broken_neutral_from_magnitudes_and_not_on_ordinary_unbalance() -> None:
     assert neutral.score(out2.metrics[-1].values[M.ZERO_SEQ_UNBALANCE]) == 0.0
 
 
+def test_seq_is_contiguous_and_survives_a_restart() -> None:
+    vals = three((230.0,) * 3, (10.0,) * 3, (0.99,) * 3)
+    first = MeterEngine(site(), "m1")
+    out = run(first, 0, 0, 5, vals)
+    seqs = [m.seq for m in out.metrics]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+    restarted = MeterEngine(site(), "m1")
+    assert run(restarted, 0, 0, 1, vals).metrics[0].seq > seqs[-1]
+
+
 def test_memory_bounded_per_meter() -> None:
     eng = MeterEngine(site(), "m1")
     vals = three((230.0,) * 3, (10.0,) * 3, (0.5, 0.99, 0.7))
@@ -314,6 +324,7 @@ def test_unanalysable_waveforms_are_refused_with_a_reason() -> None:
     from shared.messages import Waveform
 
     eng = MeterEngine(site(), "m1")
+    seq0 = eng.seq
     short = Waveform(
         site="s1",
         meter="m1",
@@ -336,4 +347,4 @@ def test_unanalysable_waveforms_are_refused_with_a_reason() -> None:
     )
     with pytest.raises(WaveformError, match="i1"):
         eng.on_waveform(nan)
-    assert eng.seq == 0  # nothing was published or averaged
+    assert eng.seq == seq0  # nothing was published or averaged

@@ -10,6 +10,7 @@ to the bus, the ``analyze`` command and the benchmark use it directly.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -104,8 +105,10 @@ class MeterEngine:
         self.demand = DemandWindow(cfg.demand_window_s)
         self.pf_window = WindowExtremes(self.limits.pf_erratic_window_s)
         self.alarms = AlarmSet({str(k): v for k, v in cfg.alarms.items()})
-        self.seq = 0
-        self.event_seq = 0
+        # seq of the messages this engine publishes: contiguous within a run (gaps
+        # stay visible) and seeded from the start time, so that a restarted
+        # service never reuses a seq the archiver already holds
+        self.seq = self.event_seq = seq_seed()
         self.last_source_seq: int | None = None
         bus_v = self.thresholds.nominal_voltage_v * math.sqrt(3.0)
         indiv, thd = ieee519_voltage_limits(bus_v)
@@ -477,6 +480,17 @@ class MeterEngine:
             evidence=ev,
             service=SERVICE,
         )
+
+
+_last_seed = 0
+
+
+def seq_seed() -> int:
+    """A per-run starting seq: milliseconds since the epoch x 1000 (room for 1000
+    messages per millisecond of run time before a later run could overlap)."""
+    global _last_seed
+    _last_seed = max(int(time.time() * 1000) * 1000, _last_seed + 1_000_000)
+    return _last_seed
 
 
 def _r(x: float) -> float | None:
