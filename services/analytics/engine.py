@@ -118,7 +118,9 @@ class MeterEngine:
     # -- inputs ------------------------------------------------------------------
 
     def on_reading(self, reading: Reading) -> Output:
-        d = registers.derive(reading.values, sqrt3=self.sqrt3)
+        d = registers.derive(
+            reading.values, sqrt3=self.sqrt3, neutral_u0_pct=self.limits.neutral_u0_low_pct
+        )
         evidence: Evidence = {}
         if d.star is not None:
             evidence = {

@@ -70,8 +70,12 @@ def nema(values: list[float]) -> float:
     return 100.0 * max(abs(v - mean) for v in values) / mean if mean > 0 else 0.0
 
 
-def derive(reading: dict[M, float], *, sqrt3: bool = False) -> Derived:
-    """Everything computable from one register-level reading."""
+def derive(reading: dict[M, float], *, sqrt3: bool = False, neutral_u0_pct: float = 0.0) -> Derived:
+    """Everything computable from one register-level reading.
+
+    The phase-current sum (broken-neutral fit) is only worked out when the
+    star-point shift exceeds ``neutral_u0_pct`` (below it the score is 0 anyway).
+    """
     out = dict(reading)
     if not all(map(math.isfinite, out.values())):  # NaN/inf registers are left out
         out = {k: v for k, v in out.items() if math.isfinite(v)}
@@ -140,7 +144,7 @@ def derive(reading: dict[M, float], *, sqrt3: bool = False) -> Derived:
     if len(volts) == 3 and not sqrt3 and min(volts) > 0:
         star = neutral.star_shift(*volts)
         out[M.ZERO_SEQ_UNBALANCE] = star.u0_pct
-        if phases == 3 and star.consistent:
+        if phases == 3 and star.consistent and star.u0_pct > neutral_u0_pct:
             currents = (out[_I[0]], out[_I[1]], out[_I[2]])
             pfs = (out[_PF[0]], out[_PF[1]], out[_PF[2]])
             ratio = neutral.current_sum_ratio((volts[0], volts[1], volts[2]), currents, pfs)

@@ -32,6 +32,13 @@ from shared.site import SiteConfig
 
 log = logging.getLogger(__name__)
 MAX_IN_FLIGHT = 2000
+#: state is per meter and bounded; the number of meters is bounded too
+MAX_METERS = 5000
+
+
+class TooManyMeters(RuntimeError):
+    """More distinct meter names than MAX_METERS arrived on the site's topics."""
+
 
 __all__ = ["SERVICE", "Analytics", "AnalyticsMetrics", "run"]
 
@@ -108,6 +115,11 @@ class Analytics:
     def engine(self, meter: str) -> MeterEngine:
         eng = self.engines.get(meter)
         if eng is None:
+            if len(self.engines) >= MAX_METERS:
+                raise TooManyMeters(
+                    f"meter {meter!r}: already tracking {MAX_METERS} meters; "
+                    "refusing more (is something publishing random meter names?)"
+                )
             eng = self.engines[meter] = MeterEngine(self.site, meter)
         return eng
 
