@@ -348,3 +348,29 @@ def test_unanalysable_waveforms_are_refused_with_a_reason() -> None:
     with pytest.raises(WaveformError, match="i1"):
         eng.on_waveform(nan)
     assert eng.seq == seq0  # nothing was published or averaged
+
+
+def test_prometheus_metric_names_for_dashboards() -> None:
+    from services.analytics.service import AnalyticsMetrics
+    from shared.metrics import ServiceMetrics
+
+    base = ServiceMetrics("analytics", "s1")
+    m = AnalyticsMetrics(base)
+    m.readings.labels("m1").inc()
+    m.waveforms.labels("m1").inc()
+    m.alarms_active.labels("m1", "low_pf").inc()
+    m.transitions.labels("m1", "low_pf", "raised").inc()
+    m.pf.labels("m1").set(0.9)
+    m.neutral.labels("m1").set(0.0)
+    m.process.observe(0.0001)
+    text = base.exposition().decode()
+    for name in (
+        'pfm_analytics_readings_total{meter="m1"}',
+        'pfm_analytics_waveforms_total{meter="m1"}',
+        'pfm_analytics_alarms_active{code="low_pf",meter="m1"}',
+        'pfm_analytics_alarm_transitions_total{code="low_pf",meter="m1",state="raised"}',
+        'pfm_analytics_power_factor{meter="m1"}',
+        'pfm_analytics_neutral_score{meter="m1"}',
+        "pfm_analytics_process_seconds_bucket",
+    ):
+        assert name in text, name
