@@ -210,7 +210,7 @@ class MeterEngine:
                     "floating_fit": round(fit, 3),
                 }
             values[M.NEUTRAL_SCORE] = score
-        if values.keys() - self.known:
+        if not self.known.issuperset(values):
             self._grow(values)
         get = values.get
         row = [get(k, _NAN) for k in self.keys]
