@@ -1,8 +1,110 @@
-"""Site-file section owned by analytics."""
+"""Site-file section owned by analytics (``analytics:`` in the site YAML).
+
+Thresholds the whole site shares (``pf_alert``, ``pf_penalty``,
+``voltage_unbalance_pct``, nominal voltage/frequency) live in ``thresholds:``;
+this section holds the analytics service's own settings: averaging slots, the
+demand window, alarm limits, hysteresis and minimum durations, and per-meter
+options.
+"""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+AlarmCode = Literal[
+    "low_pf",
+    "penalty_pf",
+    "ct_reversed",
+    "voltage_missing",
+    "pf_erratic",
+    "thd_limit",
+    "unbalance",
+    "meter_pf_mismatch",
+    "broken_neutral",
+]
+ALARM_CODES: tuple[str, ...] = AlarmCode.__args__  # type: ignore[attr-defined]
+
+
+class AlarmTiming(BaseModel):
+    """How long a condition must hold before an alarm is raised or cleared."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    raise_after_s: float = Field(10.0, ge=0, le=86400, description="condition held this long")
+    clear_after_s: float = Field(30.0, ge=0, le=86400, description="clear condition held")
+
+
+class AlarmLimits(BaseModel):
+    """Alarm limits beyond the shared ``thresholds`` (PF levels, u2 limit)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pf_hysteresis: float = Field(0.02, ge=0, le=0.5, description="PF must exceed limit + this")
+    min_apparent_power_va: float = Field(
+        50.0, ge=0, description="below this load PF alarms are not evaluated"
+    )
+    min_current_a: float = Field(0.2, ge=0, description="current that counts as flowing")
+    voltage_missing_pct: float = Field(
+        10.0, gt=0, lt=100, description="a phase below this % of nominal has no voltage"
+    )
+    ct_reversed_w: float = Field(20.0, ge=0, description="P below -this (W) counts as reversed")
+    pf_erratic_spread: float = Field(0.30, gt=0, le=2, description="max-min PF in the window")
+    pf_erratic_window_s: float = Field(10.0, gt=0, le=3600)
+    thd_current_pct: float = Field(20.0, gt=0, description="current THD limit (IEEE 519 TDD)")
+    thd_voltage_pct: float | None = Field(
+        None, gt=0, description="voltage THD limit; default from IEEE 519-2014 by bus voltage"
+    )
+    harmonic_voltage_pct: float | None = Field(
+        None, gt=0, description="individual voltage harmonic limit; default IEEE 519-2014"
+    )
+    unbalance_hysteresis_pct: float = Field(0.3, ge=0)
+    neutral_raise_score: float = Field(0.5, gt=0, le=1)
+    neutral_clear_score: float = Field(0.3, ge=0, lt=1)
+    neutral_u0_low_pct: float = Field(4.0, ge=0, description="u0 where the score starts")
+    neutral_u0_high_pct: float = Field(10.0, gt=0, description="u0 where the score reaches 1")
+
+    @model_validator(mode="after")
+    def _order(self) -> AlarmLimits:
+        if self.neutral_clear_score >= self.neutral_raise_score:
+            raise ValueError("neutral_clear_score must be below neutral_raise_score")
+        if self.neutral_u0_high_pct <= self.neutral_u0_low_pct:
+            raise ValueError("neutral_u0_high_pct must be above neutral_u0_low_pct")
+        return self
+
+
+class MeterAnalytics(BaseModel):
+    """Per-meter options (key: meter name)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sqrt3_correction: bool | None = Field(
+        None,
+        description="voltages are line-to-line: divide by sqrt(3) for per-phase S "
+        "(default: true when the meter's wiring is delta)",
+    )
+    pf_mismatch_tolerance: float = Field(
+        0.05, gt=0, le=1, description="|meter PF - P/S| above this flags meter_pf_mismatch"
+    )
+    three_phase: bool | None = Field(
+        None, description="broken-neutral/unbalance apply (default: three voltages present)"
+    )
+
+
+def _default_alarms() -> dict[AlarmCode, AlarmTiming]:
+    return {
+        "low_pf": AlarmTiming(raise_after_s=60, clear_after_s=60),
+        "penalty_pf": AlarmTiming(raise_after_s=60, clear_after_s=60),
+        "ct_reversed": AlarmTiming(raise_after_s=10, clear_after_s=30),
+        "voltage_missing": AlarmTiming(raise_after_s=5, clear_after_s=10),
+        "pf_erratic": AlarmTiming(raise_after_s=0, clear_after_s=60),
+        "thd_limit": AlarmTiming(raise_after_s=60, clear_after_s=60),
+        "unbalance": AlarmTiming(raise_after_s=60, clear_after_s=60),
+        "meter_pf_mismatch": AlarmTiming(raise_after_s=30, clear_after_s=60),
+        "broken_neutral": AlarmTiming(raise_after_s=5, clear_after_s=30),
+    }
 
 
 class AnalyticsConfig(BaseModel):
@@ -12,3 +114,39 @@ class AnalyticsConfig(BaseModel):
         default_factory=lambda: [5, 10, 20, 30, 60], description="moving-average windows"
     )
     demand_window_s: int = Field(900, ge=60, le=3600, description="billing demand window")
+    alarm_slot_s: int = Field(10, description="the averaging slot the alarms look at")
+    aggregates: bool = Field(True, description="publish IEC 61000-4-30 3 s / 10 min aggregates")
+    limits: AlarmLimits = Field(default_factory=AlarmLimits)
+    alarms: dict[AlarmCode, AlarmTiming] = Field(default_factory=_default_alarms)
+    meters: dict[str, MeterAnalytics] = Field(default_factory=dict)
+
+    @field_validator("average_slots_s")
+    @classmethod
+    def _slots(cls, value: list[int]) -> list[int]:
+        if not value:
+            raise ValueError("at least one averaging slot is needed")
+        bad = [s for s in value if s < 1 or s > 3600]
+        if bad:
+            raise ValueError(f"slots must be 1..3600 s, got {bad}")
+        if len(set(value)) != len(value):
+            raise ValueError(f"duplicate slots in {value}")
+        return sorted(value)
+
+    @field_validator("alarms")
+    @classmethod
+    def _fill(cls, value: dict[AlarmCode, AlarmTiming]) -> dict[AlarmCode, AlarmTiming]:
+        merged = _default_alarms()
+        merged.update(value)
+        return merged
+
+    @model_validator(mode="after")
+    def _alarm_slot(self) -> AnalyticsConfig:
+        if self.alarm_slot_s not in self.average_slots_s:
+            raise ValueError(
+                f"alarm_slot_s {self.alarm_slot_s} is not one of average_slots_s "
+                f"{self.average_slots_s}"
+            )
+        return self
+
+    def meter(self, name: str) -> MeterAnalytics:
+        return self.meters.get(name) or MeterAnalytics()

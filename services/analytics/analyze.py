@@ -1,0 +1,285 @@
+"""``pfmon analyze FILE``: the power-quality analysis of a scope/logger capture.
+
+Input: CSV with a header row; columns ``v,i`` (one phase) or
+``v1,v2,v3,i1,i2,i3`` (three phase, line to neutral), optional ``in`` (neutral
+current) and ``t`` (seconds). The whole capture is analysed as one window over
+a whole number of cycles of the tracked frequency (``dsp.analyze``): P = mean
+of v·i, RMS = root of the mean square, harmonics from the DFT.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from services.analytics import dsp, neutral
+from services.analytics.alarms import ieee519_voltage_limits
+from shared.errors import ConfigError
+
+ONE_PHASE = ("v", "i")
+THREE_PHASE = ("v1", "v2", "v3", "i1", "i2", "i3")
+
+
+class CaptureError(ConfigError):
+    """The file is not a valid capture; the message names the line and column."""
+
+
+def read_capture(path: Path, fs: float | None) -> tuple[dict[str, np.ndarray], float]:
+    """Columns as arrays and the sample rate. Raises :class:`CaptureError`."""
+    try:
+        handle = path.open(newline="", encoding="utf-8")
+    except OSError as exc:
+        raise CaptureError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    with handle:
+        reader = csv.reader(handle)
+        try:
+            header = next(reader)
+        except StopIteration:
+            raise CaptureError(f"{path}: line 1: empty file (expected a header row)") from None
+        except (csv.Error, UnicodeDecodeError) as exc:
+            raise CaptureError(f"{path}: line 1: not CSV: {exc}") from exc
+        names = [h.strip().lower() for h in header]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise CaptureError(f"{path}: line 1: column(s) {', '.join(dupes)} appear twice")
+        three = all(c in names for c in THREE_PHASE)
+        wanted = THREE_PHASE if three else ONE_PHASE
+        missing = [c for c in wanted if c not in names]
+        if missing:
+            raise CaptureError(
+                f"{path}: line 1: missing column(s) {', '.join(missing)} "
+                f"(need v,i or v1,v2,v3,i1,i2,i3; optional in, t; got {','.join(names)})"
+            )
+        use = list(wanted) + [c for c in ("in", "t") if c in names]
+        idx = {c: names.index(c) for c in use}
+        cols: dict[str, list[float]] = {c: [] for c in use}
+        lines: list[int] = []
+        try:
+            for row in reader:
+                line = reader.line_num
+                if not row or all(not cell.strip() for cell in row):
+                    continue
+                if len(row) != len(names):
+                    raise CaptureError(
+                        f"{path}: line {line}: expected {len(names)} fields, got {len(row)}"
+                    )
+                for c, k in idx.items():
+                    cell = row[k].strip()
+                    try:
+                        val = float(cell)
+                    except ValueError:
+                        raise CaptureError(
+                            f"{path}: line {line}, column {k + 1} ({c}): {cell!r} is not a number"
+                        ) from None
+                    if not math.isfinite(val):
+                        raise CaptureError(
+                            f"{path}: line {line}, column {k + 1} ({c}): {cell!r} is not finite"
+                        )
+                    cols[c].append(val)
+                lines.append(line)
+        except (csv.Error, UnicodeDecodeError) as exc:
+            raise CaptureError(f"{path}: line {reader.line_num}: not CSV: {exc}") from exc
+    arrays = {c: np.asarray(v, dtype=np.float64) for c, v in cols.items()}
+    n = len(arrays[wanted[0]])
+    if fs is None:
+        if "t" not in arrays:
+            raise CaptureError(f"{path}: no sample rate: add a 't' column or pass --fs HZ")
+        t = arrays["t"]
+        if n < 2:
+            raise CaptureError(f"{path}: {n} sample(s): fewer than one cycle")
+        dt = np.diff(t)
+        if np.any(dt <= 0):
+            bad = int(np.argmax(dt <= 0))
+            raise CaptureError(
+                f"{path}: line {lines[bad + 1]}, column {idx['t'] + 1} (t): time does not increase"
+            )
+        step = (t[-1] - t[0]) / (n - 1)
+        jitter = np.abs(dt - step).max() / step
+        if jitter > 0.01:
+            bad = int(np.argmax(np.abs(dt - step)))
+            raise CaptureError(
+                f"{path}: line {lines[bad + 1]}, column {idx['t'] + 1} (t): samples are not "
+                f"equally spaced ({jitter:.1%} off the mean step {step:g} s)"
+            )
+        fs = 1.0 / step
+    return arrays, fs
+
+
+def analyze_capture(
+    arrays: dict[str, np.ndarray],
+    fs: float,
+    f_nominal: float = 50.0,
+    v_nominal: float = 230.0,
+    source: str = "capture",
+) -> dict[str, Any]:
+    three = "v1" in arrays
+    n = len(arrays["v1" if three else "v"])
+    need = math.ceil(fs / f_nominal)
+    if n < need:
+        raise CaptureError(
+            f"{source}: {n} samples at {fs:g} Hz are fewer than one cycle at "
+            f"{f_nominal:g} Hz (need at least {need})"
+        )
+    if three:
+        v = np.stack([arrays["v1"], arrays["v2"], arrays["v3"]])
+        i = np.stack([arrays["i1"], arrays["i2"], arrays["i3"]])
+    else:
+        v, i = arrays["v"][None], arrays["i"][None]
+    i_n = arrays.get("in") if three else None
+    try:
+        a = dsp.analyze(v, i, fs, f_nominal, i_n)
+    except dsp.WaveformError as exc:
+        raise CaptureError(f"{source}: {exc}") from exc
+    tot = a.totals()
+    phases = []
+    for k in range(a.phases):
+        phases.append(
+            {
+                "name": f"L{k + 1}",
+                "vrms_v": float(a.vrms[0, k]),
+                "irms_a": float(a.irms[0, k]),
+                "p_w": float(a.p[0, k]),
+                "s_va": float(a.s[0, k]),
+                "q1_var": float(a.q1[0, k]),
+                "n_var": float(a.n[0, k]),
+                "pf": float(a.pf[0, k]),
+                "dpf": float(a.dpf[0, k]),
+                "thd_v_pct": float(a.thd_v[0, k]),
+                "thd_i_pct": float(a.thd_i[0, k]),
+                "quadrant": a.quadrant(0, k),
+                "load": a.load(0, k).value,
+                "harmonics_v": a.harm_v[0, k].tolist(),
+                "harmonics_i": a.harm_i[0, k].tolist(),
+            }
+        )
+    total: dict[str, float] = {
+        "p_w": float(tot["p"][0]),
+        "q1_var": float(tot["q1"][0]),
+        "s_va": float(tot["s"][0]),
+        "pf": float(tot["pf"][0]),
+    }
+    out: dict[str, Any] = {"frequency_hz": float(a.frequency[0]), "phases": phases}
+    out["total"] = total
+    score = 0.0
+    if three:
+        total["se_va"] = float(tot["se"][0])
+        total["pf_e"] = float(tot["pf_e"][0])
+        out["unbalance"] = {
+            "u2_pct": float(tot["u2"][0]),
+            "u0_pct": float(tot["u0"][0]),
+            "nema_pct": float(tot["nema"][0]),
+        }
+        u0 = float(tot["u0"][0])
+        size = float(np.abs(a.i1[0]).sum())
+        ratio = float(abs(a.i1[0].sum())) / size if size > 0 else 0.0
+        score = neutral.score(u0) * neutral.consistency(u0, ratio)
+        out["neutral"] = {"score": score, "displacement_v": float(tot["v0"][0])}
+    events = _events(a, tot, score, v_nominal, pf_spread(v, i, fs, a))
+    out["events"] = [{k: x for k, x in e.items() if x is not None} for e in events]
+    return out
+
+
+def pf_spread(v: np.ndarray, i: np.ndarray, fs: float, a: dsp.Analysis) -> float:
+    """Max - min of the total |PF| cycle by cycle (pf_erratic over the capture)."""
+    per = fs / float(a.frequency[0])
+    cycles = int(a.cycles[0])
+    if cycles < 2:
+        return 0.0
+    pfs = []
+    for c in range(cycles):
+        lo, hi = round(c * per), round((c + 1) * per)
+        vv, ii = v[:, lo:hi], i[:, lo:hi]
+        p = float((vv * ii).mean(axis=1).sum())
+        s = float((np.sqrt((vv**2).mean(axis=1)) * np.sqrt((ii**2).mean(axis=1))).sum())
+        if s > 0:
+            pfs.append(abs(p) / s)
+    return max(pfs) - min(pfs) if pfs else 0.0
+
+
+def _events(
+    a: dsp.Analysis, tot: dict[str, np.ndarray], score: float, v_nominal: float, spread: float
+) -> list[dict[str, Any]]:
+    """Alarm conditions present over the capture (no minimum durations: one window)."""
+    events: list[dict[str, Any]] = []
+    s = float(tot["s"][0])
+    pf = abs(float(tot["p"][0])) / s if s > 0 else 1.0
+    if s > 0 and pf < 0.97:
+        events.append({"code": "low_pf", "phase": None})
+    if s > 0 and pf < 0.90:
+        events.append({"code": "penalty_pf", "phase": None})
+    if spread > 0.30:
+        events.append({"code": "pf_erratic", "phase": None})
+    indiv, thd_limit = ieee519_voltage_limits(v_nominal * math.sqrt(3.0))
+    for k in range(a.phases):
+        ph = f"L{k + 1}"
+        if a.p[0, k] < -max(20.0, 0.02 * a.s[0, k]):
+            events.append({"code": "ct_reversed", "phase": ph})
+        if a.vrms[0, k] < 0.1 * v_nominal and a.irms[0, k] > 0.2:
+            events.append({"code": "voltage_missing", "phase": ph})
+        h = a.harm_v[0, k]
+        worst = float((h[1:] / h[0]).max() * 100) if h[0] > 0 else 0.0
+        if a.thd_v[0, k] > thd_limit or worst > indiv or a.thd_i[0, k] > 20.0:
+            events.append({"code": "thd_limit", "phase": ph})
+    if a.phases == 3:
+        if float(tot["u2"][0]) > 2.0:
+            events.append({"code": "unbalance", "phase": None})
+        if score >= 0.5:
+            events.append({"code": "broken_neutral", "phase": None})
+    return events
+
+
+def format_table(result: dict[str, Any]) -> str:
+    cols = [
+        ("phase", "name", "{}"),
+        ("Vrms V", "vrms_v", "{:.2f}"),
+        ("Irms A", "irms_a", "{:.3f}"),
+        ("P W", "p_w", "{:.1f}"),
+        ("S VA", "s_va", "{:.1f}"),
+        ("Q1 var", "q1_var", "{:.1f}"),
+        ("N var", "n_var", "{:.1f}"),
+        ("PF", "pf", "{:.4f}"),
+        ("DPF", "dpf", "{:.4f}"),
+        ("THDv %", "thd_v_pct", "{:.2f}"),
+        ("THDi %", "thd_i_pct", "{:.2f}"),
+        ("Q", "quadrant", "{}"),
+        ("load", "load", "{}"),
+    ]
+    rows = [[c[0] for c in cols]]
+    for ph in result["phases"]:
+        rows.append([fmt.format(ph[key]) for _, key, fmt in cols])
+    widths = [max(len(r[j]) for r in rows) for j in range(len(cols))]
+    lines = [f"frequency {result['frequency_hz']:.4f} Hz", ""]
+    for r in rows:
+        lines.append("  ".join(cell.rjust(w) for cell, w in zip(r, widths, strict=True)))
+    t = result["total"]
+    lines.append("")
+    line = (
+        f"total: P {t['p_w']:.1f} W  Q1 {t['q1_var']:.1f} var  "
+        f"S {t['s_va']:.1f} VA  PF {t['pf']:.4f}"
+    )
+    if "se_va" in t:
+        line += f"  Se {t['se_va']:.1f} VA  PFe {t['pf_e']:.4f}"
+    lines.append(line)
+    if "unbalance" in result:
+        u = result["unbalance"]
+        nt = result["neutral"]
+        lines.append(
+            f"unbalance: u2 {u['u2_pct']:.3f} %  u0 {u['u0_pct']:.3f} %  NEMA {u['nema_pct']:.3f} %"
+        )
+        lines.append(
+            f"neutral: score {nt['score']:.2f}  "
+            f"star-point displacement {nt['displacement_v']:.2f} V"
+        )
+    ev = result["events"]
+    if ev:
+        lines.append(
+            "events: "
+            + ", ".join(e["code"] + (f" ({e['phase']})" if "phase" in e else "") for e in ev)
+        )
+    else:
+        lines.append("events: none")
+    return "\n".join(lines)
