@@ -67,9 +67,10 @@ async def test_rows_arrive_with_the_right_values(settings: Settings, site_name: 
         assert row["meter"] == "main"
         # registers hold 0.1 V, 0.01 A, 1 W and 0.01 pf resolution
         p_expected = sum(
-            round(v * i * pf) for v, i, pf in zip(model.voltage_v, model.current_a, model.pf)
+            round(v * i * pf)
+            for v, i, pf in zip(model.voltage_v, model.current_a, model.pf, strict=True)
         )
-        s_expected = sum(v * i for v, i in zip(model.voltage_v, model.current_a))
+        s_expected = sum(v * i for v, i in zip(model.voltage_v, model.current_a, strict=True))
         assert row["power_w"] == p_expected
         assert math.isclose(row["apparent_power_va"], s_expected, rel_tol=1e-9)
         assert math.isclose(row["power_factor"], expected_pf(model), abs_tol=2e-3)
