@@ -139,6 +139,11 @@ class Actuator:
         )
         await self._publish(topics.state(self.site.site, dev.name), state, retain=True)
 
+    def close(self) -> None:
+        """Close the Modbus connections."""
+        for dev in self.devices.values():
+            dev.link.close()
+
     # -- start -----------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -350,8 +355,11 @@ async def run(settings: Settings, site: SiteConfig, shutdown: Shutdown) -> None:
             while not await shutdown.sleep(dev.config.poll_s):
                 await act.poll(dev)
 
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(ticker(), name="actuator-tick")
-            for dev in act.devices.values():
-                tg.create_task(poller(dev), name=f"actuator-poll-{dev.name}")
-            await shutdown.wait()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(ticker(), name="actuator-tick")
+                for dev in act.devices.values():
+                    tg.create_task(poller(dev), name=f"actuator-poll-{dev.name}")
+                await shutdown.wait()
+        finally:
+            act.close()
