@@ -116,6 +116,59 @@ def check_site(site: SiteConfig) -> list[str]:
                 (f"{bank.device}:coil:{coil}", f"bank {bank.name!r}", f"{where}.coils[{j}]")
             )
     problems += _conflicts(owners)
+    problems += _upload_problems(site)
+    return problems
+
+
+def uploads(site: SiteConfig) -> dict[str, list[Any]]:
+    """PMTR_001 device name -> the :class:`~services.actuator.pmtr.Upload` of its actions.
+
+    Raises :class:`~services.actuator.pmtr.UploadError` for the first action the
+    firmware cannot express (:func:`check_site` lists them all).
+    """
+    from services.actuator.pmtr import encode
+
+    out: dict[str, list[Any]] = {}
+    for action in site.relay_actions:
+        devs = {o.device for o in action.outputs if o.table == "pin"}
+        for dev in sorted(devs):
+            slot = len(out.setdefault(dev, []))
+            out[dev].append(encode(action, slot))
+    return out
+
+
+def _upload_problems(site: SiteConfig) -> list[str]:
+    from services.actuator.pmtr import UploadError, encode
+
+    problems = []
+    devices = {d.name: d for d in site.devices}
+    meters = {m.name: m for m in site.meters}
+    slots: dict[str, int] = {}
+    for i, action in enumerate(site.relay_actions):
+        pin_devs = sorted({o.device for o in action.outputs if o.table == "pin"})
+        if not pin_devs:
+            continue
+        if len(pin_devs) != 1 or any(o.table != "pin" for o in action.outputs):
+            problems.append(
+                f"relay_actions[{i}].outputs: an action uploaded to a PMTR_001 drives the pins "
+                "of that one meter only"
+            )
+            continue
+        dev = devices.get(pin_devs[0])
+        meter = meters.get(action.meter)
+        if dev is None or meter is None:
+            continue  # reported above
+        if (meter.bus, meter.unit) != (dev.bus, dev.unit):
+            problems.append(
+                f"relay_actions[{i}].meter: {action.meter!r} is not the PMTR_001 {dev.name!r} "
+                f"(bus {dev.bus}, unit {dev.unit}): the firmware evaluates its own measurements"
+            )
+        slot = slots.get(dev.name, 0)
+        slots[dev.name] = slot + 1
+        try:
+            encode(action, slot)
+        except UploadError as exc:
+            problems.append(f"relay_actions[{i}]: cannot upload to PMTR_001 {dev.name!r}: {exc}")
     return problems
 
 

@@ -20,7 +20,8 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from services.actuator.controller import BankController, Decision, Op
 from services.actuator.outputs import CoilDevice, ModbusLink
-from services.actuator.rules import Intent, RelayEngine, load_actions
+from services.actuator.pmtr import upload
+from services.actuator.rules import Intent, RelayEngine, load_actions, uploads
 from shared import topics
 from shared.bus import Bus, BusUnavailable, Incoming
 from shared.errors import PeerError
@@ -146,8 +147,37 @@ class Actuator:
 
     # -- start -----------------------------------------------------------------------
 
+    async def upload_pmtr(self) -> None:
+        """Upload the actions that drive PMTR_001 pins to their meters (verified)."""
+        for name, items in uploads(self.site).items():
+            cfg = next(d for d in self.site.devices if d.name == name)
+            link = ModbusLink(self.site.bus(cfg.bus))
+            try:
+                for item in items:
+                    await upload(link, cfg.unit, item)
+                    log.info(
+                        "uploaded %s to %s slot %d: %s", item.action, name, item.slot, item.formula
+                    )
+            except PeerError as exc:
+                await self.publish_event(
+                    Event(
+                        site=self.site.site,
+                        meter=name,
+                        ts=utcnow(),
+                        seq=0,
+                        code="upload_failed",
+                        state=EventState.NOTICE,
+                        severity=Severity.CRITICAL,
+                        message=f"uploading relay actions to PMTR_001 {name!r} failed: {exc}",
+                        service=SERVICE,
+                    )
+                )
+            finally:
+                link.close()
+
     async def start(self) -> None:
         """Read every device back; adopt what it shows; publish the retained states."""
+        await self.upload_pmtr()
         for dev in self.devices.values():
             try:
                 await dev.refresh()
