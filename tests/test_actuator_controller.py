@@ -346,10 +346,12 @@ def test_magnitude_only_meter_takes_the_sign_from_load() -> None:
 
 
 def test_operation_limit_locks_a_step() -> None:
-    run = make(Plant(steps_kvar=(10.0, 10.0)), operation_limit=1, program="linear")
-    run.ctl.operations[0] = 1  # step 1 worn out
+    run = make(Plant(steps_kvar=(10.0, 10.0)), operation_limit=2, program="linear")
+    run.ctl.operations[0] = 2  # step 1 worn out
     run.step(200)
     assert 0 not in {s for _, s, _ in run.ops}
+    assert run.raised("operation_limit")
+    assert run.ctl.alarms["operation_limit:1"] and not run.ctl.alarms["operation_limit:2"]
 
 
 def test_dry_run_drives_nothing_but_reports() -> None:

@@ -313,3 +313,17 @@ def test_old_or_duplicated_messages_are_ignored() -> None:
     clock.t += 10
     assert eng.on_metrics(metrics(clock.t, 2, 300, avg=300)).intents
     assert eng.on_metrics(metrics(clock.t - 1, 1, 200, avg=200)).intents == []
+
+
+def test_metrics_that_stop_arriving_are_reported_stale() -> None:
+    clock = Clock()
+    eng = engine(clock, recovery="0s")
+    clock.t += 1
+    assert eng.on_metrics(metrics(clock.t, 1, 300, avg=300)).intents
+    clock.t += 4
+    assert eng.tick().events == []
+    clock.t += 2  # 6 s without metrics, limit 5 s
+    res = eng.tick()
+    assert [e.code for e in res.events] == ["stale_data"] and res.stale_meters == ["main"]
+    assert eng.tick().events == []  # once per episode
+    assert eng.state["overvoltage"].active  # held, nothing switched

@@ -203,16 +203,23 @@ class BankController:
         )
 
     def _alarm(
-        self, out: Decision, code: str, active: bool, message: str, evidence: dict[str, Any]
+        self,
+        out: Decision,
+        code: str,
+        active: bool,
+        message: str,
+        evidence: dict[str, Any],
+        key: str | None = None,
     ) -> None:
-        was = self.alarms.get(code, False)
+        key = key or code
+        was = self.alarms.get(key, False)
         if active and not was:
             out.events.append(self._event(code, EventState.RAISED, message, evidence))
         elif not active and was:
             out.events.append(
                 self._event(code, EventState.CLEARED, f"{code} cleared", evidence, Severity.INFO)
             )
-        self.alarms[code] = active
+        self.alarms[key] = active
 
     def _delayed(self, code: str, condition: bool, now: float) -> bool:
         """True once ``condition`` has held for ``alarm_delay``."""
@@ -377,6 +384,16 @@ class BankController:
             {"pf": round(x.pf, 4), "q_var": round(x.q_var, 1), "kvar_in": self.kvar_in},
         )
 
+        for i in range(len(self.steps_in)):
+            self._alarm(
+                out,
+                "operation_limit",
+                self.locked(i),
+                f"bank {self.cfg.name!r}: step {i + 1} reached its operation limit "
+                f"({self.operations[i]} of {self.cfg.operation_limit}); it is no longer switched",
+                {"step": i + 1, "operations": self.operations[i]},
+                key=f"operation_limit:{i + 1}",
+            )
         if now - self.last_op < self.cfg.min_interval:
             return out
         op = self._choose(d, x.q_var, q_target, now)

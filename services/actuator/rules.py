@@ -322,6 +322,8 @@ class RelayEngine:
         for a in actions:
             self.by_meter.setdefault(a.config.meter, []).append(a)
         self._seq = 0
+        self._started = clock()
+        self._last_ts: dict[str, float] = {}
 
     def _event(
         self, meter: str, code: str, state: EventState, message: str, evidence: dict[str, Any]
@@ -340,6 +342,33 @@ class RelayEngine:
             service="actuator",
         )
 
+    def tick(self) -> EngineResult:
+        """Metrics that stopped arriving are stale too: report it (nothing switches)."""
+        out = EngineResult()
+        now = self.clock()
+        for meter, actions in self.by_meter.items():
+            last = self._last_ts.get(meter, self._started)
+            age = now - last
+            if age <= self.stale_after_s:
+                continue
+            for action in actions:
+                st = self.state[action.name]
+                if st.blocked == "stale":
+                    continue
+                st.blocked = "stale"
+                out.stale_meters.append(meter)
+                out.events.append(
+                    self._event(
+                        meter,
+                        "stale_data",
+                        EventState.NOTICE,
+                        f"relay action {action.name!r}: no metrics from {meter!r} for "
+                        f"{age:.1f}s (limit {self.stale_after_s:g}s); holding the outputs",
+                        {"rule": action.name, "age_s": round(age, 3)},
+                    )
+                )
+        return out
+
     def adopt(self, name: str, active: bool) -> None:
         """Start from what the outputs show (read back at start)."""
         self.state[name].active = active
@@ -352,6 +381,8 @@ class RelayEngine:
         ts = m.ts.timestamp()
         age = self.clock() - ts
         stale = age > self.stale_after_s
+        if not stale:
+            self._last_ts[m.meter] = max(ts, self._last_ts.get(m.meter, ts))
         if stale:
             out.stale_meters.append(m.meter)
         for action in actions:

@@ -245,6 +245,11 @@ class Actuator:
 
     async def tick(self) -> None:
         async with self._lock:
+            result = self.engine.tick()
+            for meter in result.stale_meters:
+                self.am.stale.labels(meter).inc()
+            for ev in result.events:
+                await self.publish_event(ev)
             touched: set[str] = set()
             for bank in self.banks:
                 decision = bank.tick()
