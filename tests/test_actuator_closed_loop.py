@@ -197,6 +197,21 @@ async def test_inductive_site_reaches_target_and_stays_put(loop_factory: Any) ->
     last = [s for s in loop.listener.states if s.device == "cap1"][-1]
     assert last.steps_in == [i + 1 for i in loop.sim.bank.steps_in]
     assert sum(last.operations.values()) == ops
+    # the dashboards' metrics
+    text = loop.act.metrics.exposition().decode()
+    assert f'pfm_actuator_commands_total{{device="cap1",origin="bank:main"}} {float(ops)}' in text
+    assert f'pfm_actuator_steps_in{{bank="main"}} {float(len(loop.sim.bank.steps_in))}' in text
+    per_step = [
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith('pfm_actuator_step_operations_total{bank="main"')
+    ]
+    assert sum(per_step) == ops
+    assert "pfm_actuator_eval_seconds_count" in text
+    # operation counters survive a restart through the retained state
+    fresh = Actuator(loop.act.site, loop.act.bus, ServiceMetrics("actuator", "x"), clock=loop.clock)
+    fresh.adopt_retained(last.model_copy(update={}))
+    assert fresh.banks[0].operations == loop.act.banks[0].operations
 
 
 async def test_reconnection_delay_never_violated_under_fluctuating_load(loop_factory: Any) -> None:
