@@ -176,12 +176,19 @@ async def _close_links(act: Actuator) -> None:
 async def test_inductive_site_reaches_target_and_stays_put(loop_factory: Any) -> None:
     loop: Loop = await loop_factory()
     assert loop.sim.state().pf == pytest.approx(0.78, abs=0.02)
-    # start-up discharge (60 s) + one step per min_interval (10 s) for 6 steps + margin
-    await loop.run(60 + 6 * 10 + 10)
+    reached: float | None = None
+    start = loop.clock.t
+    for _ in range(60 + 6 * 10 + 10):
+        await loop.run(1)
+        if reached is None and loop.sim.state().pf >= 0.97:
+            reached = loop.clock.t - start
     pf = loop.sim.state().pf
     assert pf >= 0.97, (pf, loop.sim.bank and loop.sim.bank.steps_in)
     ops = loop.operations
     assert ops >= 5  # ~160 kvar to compensate with 25 kvar steps
+    # within the configured delays: start-up discharge (60 s), then one step per
+    # min_interval (10 s); the first step goes in as soon as the discharge is over
+    assert reached is not None and reached <= 60 + (ops - 1) * 10 + 1, reached
     # constant load: no further operation for 10 simulated minutes
     await loop.run(600)
     assert loop.operations == ops
@@ -267,3 +274,20 @@ async def test_thd_block_takes_the_steps_out(loop_factory: Any) -> None:
     ops = loop.operations
     await loop.run(200)  # still blocked: nothing switches in
     assert loop.operations == ops and loop.sim.bank.steps_in == []
+
+
+async def test_dry_run_bank_publishes_but_drives_nothing(loop_factory: Any) -> None:
+    loop: Loop = await loop_factory(dry_run=True)
+    await loop.run(130)
+    assert loop.sim.bank is not None and loop.sim.bank.steps_in == []
+    assert loop.sim.state().pf < 0.8  # nothing was corrected
+    await loop.settle_bus(5)
+    cmds = loop.listener.commands
+    assert len(cmds) >= 5 and all(c.dry_run and c.origin == "bank:main" for c in cmds)
+    # the published state is the device's: no step in, no operation counted
+    for dev in loop.act.devices.values():
+        await loop.act.poll(dev)
+    await loop.act.publish_state(loop.act.devices["cap1"])
+    await asyncio.sleep(0.3)
+    last = [s for s in loop.listener.states if s.device == "cap1"][-1]
+    assert last.steps_in == [] and last.operations == {}

@@ -125,8 +125,10 @@ class Actuator:
         operations: dict[int, int] = {}
         for bank in self.banks:
             if bank.cfg.device == dev.name:
-                steps_in += [i + 1 for i, on in enumerate(bank.steps_in) if on]
-                operations.update({i + 1: n for i, n in enumerate(bank.operations)})
+                # what the device shows, also for a dry-run bank (which drives nothing)
+                steps_in += [i + 1 for i, c in enumerate(bank.coils) if dev.coils.get(c)]
+                if not bank.cfg.dry_run:  # a dry run's would-be operations are not real
+                    operations.update({i + 1: n for i, n in enumerate(bank.operations)})
         state = ActuatorState(
             site=self.site.site,
             ts=utcnow(),
@@ -189,7 +191,7 @@ class Actuator:
             dev = self.devices[bank.cfg.device]
             if dev.online:
                 bank.adopt(dev.coils)
-            self.am.steps_in.labels(bank.cfg.name).set(sum(bank.steps_in))
+            self._gauge(bank)
         for action in self.engine.actions:
             outs = [o for o in action.config.outputs if o.table == "coil"]
             level = action.config.level == "high"
@@ -269,12 +271,12 @@ class Actuator:
                 if before[1]:
                     await self.publish_event(self._device_event(dev, "device_offline", str(exc)))
             for bank in self.banks:
-                if bank.cfg.device == dev.name and dev.online:
+                if bank.cfg.device == dev.name and dev.online and not bank.cfg.dry_run:
                     for i, coil in enumerate(bank.coils):
                         shown = dev.coils.get(coil)
                         if shown is not None and shown != bank.steps_in[i]:
                             bank.feedback(i, shown)  # changed by hand: count it, honour discharge
-                    self.am.steps_in.labels(bank.cfg.name).set(sum(bank.steps_in))
+                    self._gauge(bank)
             if (dict(dev.coils), dev.online) != before:
                 await self.publish_state(dev)
 
@@ -298,9 +300,14 @@ class Actuator:
         before = bank.operations[op.step]
         actual = await self._drive_intent(intent, touched)
         bank.feedback(op.step, op.value if bank.cfg.dry_run else actual)
-        if bank.operations[op.step] > before:
+        if bank.operations[op.step] > before and not bank.cfg.dry_run:
             self.am.step_operations.labels(bank.cfg.name, str(op.step + 1)).inc()
-        self.am.steps_in.labels(bank.cfg.name).set(sum(bank.steps_in))
+        self._gauge(bank)
+
+    def _gauge(self, bank: BankController) -> None:
+        dev = self.devices[bank.cfg.device]
+        shown = sum(1 for c in bank.coils if dev.coils.get(c))
+        self.am.steps_in.labels(bank.cfg.name).set(shown)
 
     async def _drive_intent(self, intent: Intent, touched: set[str]) -> bool | None:
         """Publish the command, write it (unless dry-run), verify; returns what the device shows."""
