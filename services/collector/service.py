@@ -247,18 +247,17 @@ class Collector:
         started = time.monotonic()
         self.jitter.observe(max(0.0, started - due))
         ts = utcnow()
-        deadline = max(m.timeout * (1 + m.bus.retries), m.config.interval_s)
+        worst = m.timeout * (1 + m.bus.retries) * len(m.blocks)
+        deadline = max(m.timeout + 0.05, min(m.config.interval_s, worst))
         try:
             async with asyncio.timeout(deadline):
                 raw = await self.read_meter(conn, m)
             values = m.profile.decode(raw)
         except TimeoutError:
-            self._failed(
-                m,
-                PeerError(
-                    f"unit {m.config.unit}: poll deadline {deadline:g} s passed", kind="timeout"
-                ),
-            )
+            block = m.current
+            where = f"{block.table} {block.address}+{block.count}" if block else "?"
+            msg = f"unit {m.config.unit}: poll deadline {deadline:g} s passed reading {where}"
+            self._failed(m, PeerError(msg, kind="timeout"))
             return
         except PeerError as exc:
             self._failed(m, exc)
