@@ -62,7 +62,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from pymodbus.constants import ExcCodes
-from pymodbus.server import ModbusTcpServer
+from pymodbus.framer import FramerType
+from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
 from services.collector import profiles as prof
@@ -778,16 +779,23 @@ def _regs_size(profile: prof.Profile, table: str) -> int:
 class SimServer:
     """Serve every device of ``site`` on ``host:port`` (Modbus TCP; many unit ids).
 
+    ``framer="rtu"`` speaks RTU frames over TCP (a serial gateway in transparent
+    mode); ``serial="/dev/pts/3"`` serves Modbus RTU on a serial port instead.
     Unit ids with no device answer exception 0x0B (gateway target failed to
-    respond), as a Modbus TCP gateway in front of an RS-485 line does.
+    respond), as a Modbus TCP gateway in front of an RS-485 line does (on a
+    serial line they stay silent).
     """
 
     def __init__(
         self,
         site: SimSite,
-        port: int,
+        port: int = 0,
         host: str = "127.0.0.1",
         units: Iterable[int] | None = None,
+        *,
+        framer: str = "socket",
+        serial: str | None = None,
+        baudrate: int = 9600,
     ) -> None:
         self.site = site
         self.port = port
@@ -800,8 +808,16 @@ class SimServer:
             devices.append(self._bank_device(site.bank))
         if site.relays is not None and (chosen is None or site.relays.unit in chosen):
             devices.append(self._relay_device(site.relays))
-        devices.append(self._absent_device())
-        self.server = ModbusTcpServer(devices, address=(host, port))
+        self.server: ModbusTcpServer | ModbusSerialServer
+        if serial is not None:
+            devices.append(self._absent_device(silent=True))
+            self.server = ModbusSerialServer(
+                devices, framer=FramerType.RTU, port=serial, baudrate=baudrate
+            )
+        else:
+            devices.append(self._absent_device())
+            kind = FramerType.RTU if framer == "rtu" else FramerType.SOCKET
+            self.server = ModbusTcpServer(devices, address=(host, port), framer=kind)
 
     def _meter_device(self, meter: SimMeter) -> SimDevice:
         site = self.site
@@ -927,8 +943,10 @@ class SimServer:
             [len(relays.coils)],
         )
 
-    def _absent_device(self) -> SimDevice:
+    def _absent_device(self, silent: bool = False) -> SimDevice:
         async def action(*_: Any) -> ExcCodes | None:
+            if silent:  # on a serial line an absent unit says nothing at all
+                await asyncio.sleep(3600)
             return ExcCodes.GATEWAY_NO_RESPONSE
 
         bits = [SimData(0, count=256, values=False, datatype=DataType.BITS)]
