@@ -144,7 +144,7 @@ async def test_every_fault_kind_is_counted_and_the_healthy_meter_keeps_its_rate(
         }
     )
     metrics = ServiceMetrics("collector", site_name)
-    async with SimServer(sim, port), sink_for(settings, site_name) as sink:  # noqa: SIM117
+    async with SimServer(sim, port), sink_for(settings, site_name) as sink:
         async with running(settings, site, metrics=metrics):
             await asyncio.sleep(3.0)
             healthy = sink.arrived["m1"]
