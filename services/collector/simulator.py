@@ -90,6 +90,7 @@ __all__ = [
     "SimSite",
     "Supply",
     "expected_pf",
+    "fleet_site",
     "inductive_site",
 ]
 
@@ -768,6 +769,45 @@ def inductive_site(
     return site
 
 
+def fleet_site(
+    meters: int,
+    *,
+    seed: int = 1,
+    profile: str = "pmtr001",
+    first_unit: int = 1,
+    clock: Callable[[], float] = time.monotonic,
+) -> SimSite:
+    """``meters`` meters (units ``first_unit``..), each measuring its own small mix of
+    loads drawn from ``seed``: motors (PF 0.7-0.85), server PSUs, VFDs, heaters.
+    ``profile="mixed"`` rotates pmtr001 / sdm630 / pzem004t."""
+    if first_unit < 1 or first_unit + meters - 1 > 247:
+        raise ValueError(f"units {first_unit}..{first_unit + meters - 1} do not fit in 1-247")
+    site = SimSite(seed=seed, clock=clock)
+    rng = random.Random(seed)
+    kinds = ("motor", "servers", "vfd", "heater")
+    names = ("pmtr001", "sdm630", "pzem004t")
+    for i in range(meters):
+        unit = first_unit + i
+        loads = []
+        for j in range(rng.randint(1, 3)):
+            kind = rng.choice(kinds)
+            name = f"u{unit}_{kind}{j}"
+            kw = rng.uniform(3.0, 40.0)
+            if kind == "motor":
+                load = Motor(name, kw=kw, pf=rng.uniform(0.70, 0.85))
+            elif kind == "servers":
+                load = ServerPSU(name, kw=kw)
+            elif kind == "vfd":
+                load = VFD(name, kw=kw)
+            else:
+                load = Heater(name, kw=kw)
+            site.add_load(load)
+            loads.append(name)
+        chosen = names[i % 3] if profile == "mixed" else profile
+        site.add_meter(unit, f"meter{unit}", profile=chosen, loads=loads, bank=False)
+    return site
+
+
 # --- Modbus exposure ----------------------------------------------------------------
 
 
@@ -824,6 +864,8 @@ class SimServer:
         profile = meter.profile
         is_pmtr = profile.name == "pmtr001"
         is_sdm = profile.name == "sdm630"
+        holding = max(_regs_size(profile, "holding"), 200 if is_pmtr else 0)
+        inputs = _regs_size(profile, "input")
 
         async def action(
             fc: int,
@@ -842,6 +884,8 @@ class SimServer:
                 await asyncio.sleep(float(faults["slow"].get("delay_s", 0.5)))
             if "exception" in faults and fc in (3, 4):
                 return ExcCodes(int(faults["exception"].get("code", 4)))
+            if fc in (3, 4) and address + count > (holding if fc == 3 else inputs):
+                return ExcCodes.ILLEGAL_ADDRESS
             if fc in (3, 4):
                 meter.reads += 1
                 vals = meter.values(site, site.now())
@@ -864,16 +908,18 @@ class SimServer:
                         _pmtr_sync(meter, bool(val))
             return None
 
-        holding = max(_regs_size(profile, "holding"), 200 if is_pmtr else 0) + 1
-        inputs = _regs_size(profile, "input") + 1
         bits = [SimData(0, count=16, values=False, datatype=DataType.BITS)]
+        # both tables are allocated wide so that every request reaches the action (a
+        # device in comm loss must stay silent); the action answers 0x02 itself outside
+        # the device's real map
+        size = max(holding, inputs, 1)
         return SimDevice(
             id=meter.unit,
             simdata=(
                 bits,
                 list(bits),
-                [SimData(0, count=holding, values=0, datatype=DataType.REGISTERS)],
-                [SimData(0, count=inputs, values=0, datatype=DataType.REGISTERS)],
+                [SimData(0, count=size, values=0, datatype=DataType.REGISTERS)],
+                [SimData(0, count=size, values=0, datatype=DataType.REGISTERS)],
             ),
             action=action,
         )
