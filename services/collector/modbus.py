@@ -50,6 +50,11 @@ EXCEPTION_NAMES = {
 TRANSIENT = frozenset({"crc", "garbage", "timeout", "exception_06", "exception_0b"})
 
 
+def quiet_library_logs() -> None:
+    """pymodbus logs (and dumps frames) on every timeout; we classify and log ourselves."""
+    logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
+
+
 def crc16(data: bytes) -> int:
     """Modbus RTU CRC-16 (poly 0xA001, init 0xFFFF), as sent: low byte first."""
     crc = 0xFFFF

@@ -43,7 +43,7 @@ from services.collector.modbus import TRANSIENT, ModbusConnection
 from services.collector.profiles import Block, Profile, resolve
 from services.collector.timesync import CLOCKS, RESYNC_S
 from shared import __version__, topics
-from shared.bus import Bus, BusUnavailable
+from shared.bus import Backoff, Bus, BusUnavailable
 from shared.errors import PeerError
 from shared.messages import Event, EventState, GatewayStatus, Reading, Severity, encode, utcnow
 from shared.metrics import ServiceMetrics
@@ -247,18 +247,17 @@ class Collector:
         started = time.monotonic()
         self.jitter.observe(max(0.0, started - due))
         ts = utcnow()
-        deadline = max(m.timeout * (1 + m.bus.retries), m.config.interval_s)
+        worst = m.timeout * (1 + m.bus.retries) * len(m.blocks)
+        deadline = max(m.timeout + 0.05, min(m.config.interval_s, worst))
         try:
             async with asyncio.timeout(deadline):
                 raw = await self.read_meter(conn, m)
             values = m.profile.decode(raw)
         except TimeoutError:
-            self._failed(
-                m,
-                PeerError(
-                    f"unit {m.config.unit}: poll deadline {deadline:g} s passed", kind="timeout"
-                ),
-            )
+            block = m.current
+            where = f"{block.table} {block.address}+{block.count}" if block else "?"
+            msg = f"unit {m.config.unit}: poll deadline {deadline:g} s passed reading {where}"
+            self._failed(m, PeerError(msg, kind="timeout"))
             return
         except PeerError as exc:
             self._failed(m, exc)
@@ -533,8 +532,10 @@ async def run(
     *,
     spool_max_records: int = 1_000_000,
     metrics: ServiceMetrics | None = None,
+    backoff: Backoff | None = None,
 ) -> None:
-    """Run the collector until ``shutdown``; ``metrics`` may be passed in (tests, bench)."""
+    """Run the collector until ``shutdown``; ``metrics`` / ``backoff`` (broker reconnects)
+    may be passed in by tests and benchmarks."""
     if metrics is None:
         metrics = ServiceMetrics(SERVICE, site.site)
         port = (
@@ -553,7 +554,7 @@ async def run(
     stop_publishing = asyncio.Event()
     try:
         async with Bus(
-            settings, service=SERVICE, site=site.site, metrics=metrics, will=will
+            settings, service=SERVICE, site=site.site, metrics=metrics, will=will, backoff=backoff
         ) as bus:
             bus.on_connect(announce)
             by_bus: dict[str, list[MeterState]] = {}

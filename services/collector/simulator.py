@@ -62,7 +62,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from pymodbus.constants import ExcCodes
-from pymodbus.server import ModbusTcpServer
+from pymodbus.framer import FramerType
+from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
 from services.collector import profiles as prof
@@ -89,6 +90,7 @@ __all__ = [
     "SimSite",
     "Supply",
     "expected_pf",
+    "fleet_site",
     "inductive_site",
 ]
 
@@ -767,6 +769,45 @@ def inductive_site(
     return site
 
 
+def fleet_site(
+    meters: int,
+    *,
+    seed: int = 1,
+    profile: str = "pmtr001",
+    first_unit: int = 1,
+    clock: Callable[[], float] = time.monotonic,
+) -> SimSite:
+    """``meters`` meters (units ``first_unit``..), each measuring its own small mix of
+    loads drawn from ``seed``: motors (PF 0.7-0.85), server PSUs, VFDs, heaters.
+    ``profile="mixed"`` rotates pmtr001 / sdm630 / pzem004t."""
+    if first_unit < 1 or first_unit + meters - 1 > 247:
+        raise ValueError(f"units {first_unit}..{first_unit + meters - 1} do not fit in 1-247")
+    site = SimSite(seed=seed, clock=clock)
+    rng = random.Random(seed)
+    kinds = ("motor", "servers", "vfd", "heater")
+    names = ("pmtr001", "sdm630", "pzem004t")
+    for i in range(meters):
+        unit = first_unit + i
+        loads = []
+        for j in range(rng.randint(1, 3)):
+            kind = rng.choice(kinds)
+            name = f"u{unit}_{kind}{j}"
+            kw = rng.uniform(3.0, 40.0)
+            if kind == "motor":
+                load = Motor(name, kw=kw, pf=rng.uniform(0.70, 0.85))
+            elif kind == "servers":
+                load = ServerPSU(name, kw=kw)
+            elif kind == "vfd":
+                load = VFD(name, kw=kw)
+            else:
+                load = Heater(name, kw=kw)
+            site.add_load(load)
+            loads.append(name)
+        chosen = names[i % 3] if profile == "mixed" else profile
+        site.add_meter(unit, f"meter{unit}", profile=chosen, loads=loads, bank=False)
+    return site
+
+
 # --- Modbus exposure ----------------------------------------------------------------
 
 
@@ -778,16 +819,23 @@ def _regs_size(profile: prof.Profile, table: str) -> int:
 class SimServer:
     """Serve every device of ``site`` on ``host:port`` (Modbus TCP; many unit ids).
 
+    ``framer="rtu"`` speaks RTU frames over TCP (a serial gateway in transparent
+    mode); ``serial="/dev/pts/3"`` serves Modbus RTU on a serial port instead.
     Unit ids with no device answer exception 0x0B (gateway target failed to
-    respond), as a Modbus TCP gateway in front of an RS-485 line does.
+    respond), as a Modbus TCP gateway in front of an RS-485 line does (on a
+    serial line they stay silent).
     """
 
     def __init__(
         self,
         site: SimSite,
-        port: int,
+        port: int = 0,
         host: str = "127.0.0.1",
         units: Iterable[int] | None = None,
+        *,
+        framer: str = "socket",
+        serial: str | None = None,
+        baudrate: int = 9600,
     ) -> None:
         self.site = site
         self.port = port
@@ -800,14 +848,24 @@ class SimServer:
             devices.append(self._bank_device(site.bank))
         if site.relays is not None and (chosen is None or site.relays.unit in chosen):
             devices.append(self._relay_device(site.relays))
-        devices.append(self._absent_device())
-        self.server = ModbusTcpServer(devices, address=(host, port))
+        self.server: ModbusTcpServer | ModbusSerialServer
+        if serial is not None:
+            devices.append(self._absent_device(silent=True))
+            self.server = ModbusSerialServer(
+                devices, framer=FramerType.RTU, port=serial, baudrate=baudrate
+            )
+        else:
+            devices.append(self._absent_device())
+            kind = FramerType.RTU if framer == "rtu" else FramerType.SOCKET
+            self.server = ModbusTcpServer(devices, address=(host, port), framer=kind)
 
     def _meter_device(self, meter: SimMeter) -> SimDevice:
         site = self.site
         profile = meter.profile
         is_pmtr = profile.name == "pmtr001"
         is_sdm = profile.name == "sdm630"
+        holding = max(_regs_size(profile, "holding"), 200 if is_pmtr else 0)
+        inputs = _regs_size(profile, "input")
 
         async def action(
             fc: int,
@@ -826,6 +884,8 @@ class SimServer:
                 await asyncio.sleep(float(faults["slow"].get("delay_s", 0.5)))
             if "exception" in faults and fc in (3, 4):
                 return ExcCodes(int(faults["exception"].get("code", 4)))
+            if fc in (3, 4) and address + count > (holding if fc == 3 else inputs):
+                return ExcCodes.ILLEGAL_ADDRESS
             if fc in (3, 4):
                 meter.reads += 1
                 vals = meter.values(site, site.now())
@@ -848,16 +908,18 @@ class SimServer:
                         _pmtr_sync(meter, bool(val))
             return None
 
-        holding = max(_regs_size(profile, "holding"), 200 if is_pmtr else 0) + 1
-        inputs = _regs_size(profile, "input") + 1
         bits = [SimData(0, count=16, values=False, datatype=DataType.BITS)]
+        # both tables are allocated wide so that every request reaches the action (a
+        # device in comm loss must stay silent); the action answers 0x02 itself outside
+        # the device's real map
+        size = max(holding, inputs, 1)
         return SimDevice(
             id=meter.unit,
             simdata=(
                 bits,
                 list(bits),
-                [SimData(0, count=holding, values=0, datatype=DataType.REGISTERS)],
-                [SimData(0, count=inputs, values=0, datatype=DataType.REGISTERS)],
+                [SimData(0, count=size, values=0, datatype=DataType.REGISTERS)],
+                [SimData(0, count=size, values=0, datatype=DataType.REGISTERS)],
             ),
             action=action,
         )
@@ -927,8 +989,10 @@ class SimServer:
             [len(relays.coils)],
         )
 
-    def _absent_device(self) -> SimDevice:
+    def _absent_device(self, silent: bool = False) -> SimDevice:
         async def action(*_: Any) -> ExcCodes | None:
+            if silent:  # on a serial line an absent unit says nothing at all
+                await asyncio.sleep(3600)
             return ExcCodes.GATEWAY_NO_RESPONSE
 
         bits = [SimData(0, count=256, values=False, datatype=DataType.BITS)]
