@@ -187,6 +187,12 @@ def test_cli_rules_check(tmp_path: Path) -> None:
     assert res.exit_code == 2 and "not valid YAML" in res.output
     res = runner.invoke(app, ["rules", "check", str(tmp_path / "missing.yaml")])
     assert res.exit_code == 2 and "cannot read" in res.output
+    # the service refuses to start on the same file, exit 2, every problem listed
+    exprbad = tmp_path / "exprbad.yaml"
+    exprbad.write_text(yaml.safe_dump(site_with(relay_actions=[action(when="LII > 1 ||")])))
+    res = runner.invoke(app, ["actuator", "--site-file", str(exprbad), "--duration", "5"])
+    assert res.exit_code == 2, res.output
+    assert "did you mean 'L1I'" in res.output
 
 
 # -- engine --------------------------------------------------------------------------------

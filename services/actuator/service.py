@@ -368,6 +368,7 @@ class Actuator:
 
 
 async def run(settings: Settings, site: SiteConfig, shutdown: Shutdown) -> None:
+    load_actions(site)  # a bad rule refuses the start before anything connects
     metrics = ServiceMetrics(SERVICE, site.site)
     port = settings.metrics_port if settings.metrics_port is not None else METRICS_PORTS[SERVICE]
     async with Bus(settings, service=SERVICE, site=site.site, metrics=metrics) as bus:
