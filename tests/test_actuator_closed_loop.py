@@ -291,3 +291,17 @@ async def test_dry_run_bank_publishes_but_drives_nothing(loop_factory: Any) -> N
     await asyncio.sleep(0.3)
     last = [s for s in loop.listener.states if s.device == "cap1"][-1]
     assert last.steps_in == [] and last.operations == {}
+
+
+async def test_learns_the_real_step_size(loop_factory: Any) -> None:
+    # configured 35 kvar per step; the simulator's steps are 25 kvar (at nominal voltage)
+    loop: Loop = await loop_factory(steps_kvar=[35.0] * 6, learn_steps=True, settle="2s")
+    await loop.run(200)
+    bank = loop.act.banks[0]
+    assert loop.sim.bank is not None
+    switched = loop.sim.bank.steps_in
+    assert switched
+    for i in switched:
+        # each switching moves the estimate half-way from 35 toward the measured ~25
+        assert 28.0 <= bank.size_var[i] / 1000 <= 32.0, bank.size_var
+    assert loop.sim.state().pf >= 0.97
