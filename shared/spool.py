@@ -96,6 +96,29 @@ class Spool:
             cur = self._db.execute("DELETE FROM spool WHERE id <= ?", (record_id,))
             self._count = max(0, self._count - cur.rowcount)
 
+    def remove(self, record_ids: Iterable[int]) -> None:
+        """Remove the given records (delivered out of a batch whose others failed)."""
+        ids = [(i,) for i in record_ids]
+        if not ids:
+            return
+        with self._lock:
+            before = self._db.total_changes
+            self._db.executemany("DELETE FROM spool WHERE id = ?", ids)
+            self._count = max(0, self._count - (self._db.total_changes - before))
+
+    def get_meta(self, key: str) -> int | None:
+        """A small integer kept beside the records (e.g. the last seq of a meter)."""
+        with self._lock:
+            row = self._db.execute("SELECT v FROM stats WHERE k = ?", (f"meta:{key}",)).fetchone()
+        return int(row[0]) if row else None
+
+    def set_meta(self, values: dict[str, int]) -> None:
+        with self._lock:
+            self._db.executemany(
+                "INSERT INTO stats(k, v) VALUES (?, ?) ON CONFLICT(k) DO UPDATE SET v = excluded.v",
+                [(f"meta:{k}", v) for k, v in values.items()],
+            )
+
     def close(self) -> None:
         with self._lock:
             self._db.close()

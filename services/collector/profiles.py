@@ -3,22 +3,38 @@
 Adding a meter means adding a table here (or a ``profiles:`` entry in the site
 YAML with the same fields), never touching the polling loop. A model registers
 itself under a name; a duplicate name fails at import.
+
+Built in, as their vendors/firmware define them:
+
+* ``pzem004t`` - Peacefair PZEM-004T v3.0: single phase, input registers (FC04)
+  0x0000-0x0009, 32-bit values *low word first*; V 0.1 V, I 0.001 A, P 0.1 W,
+  energy 1 Wh, f 0.1 Hz, PF 0.01 (magnitude only).
+* ``sdm630`` - Eastron SDM630: IEEE-754 float input registers (FC04), high word
+  first, SI units except energies in kWh/kvarh. Its PF sign tells lead/lag
+  (negative = inductive); we publish P/S signed by P (IEC), so PF takes the sign
+  of the phase power (``signed_by``).
+* ``pmtr001`` - the PMTR_001 (``../shared/reference/pmtr001-modbus-map.json``):
+  u16 holding registers (FC03) 78-114, magnitudes only. Firmware quirks: a failed
+  sensor read is stored as 0 (so a 0 V / 0 Hz / 0 mV rail is dropped, not
+  published), the moving-average PF of L2/L3 sits at 112/114 (111/113 never
+  written), the time-sync epoch at 146 is a u64 least-significant word first.
 """
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from shared.errors import ConfigError
 from shared.measurements import Measurement as M
-from shared.site.collector import ProfileSpec, RegisterSpec
+from shared.site.collector import TYPE_WIDTH, ProfileSpec, RegisterSpec
 
 #: Modbus limit for one read of holding/input registers
 MAX_REGISTERS_PER_READ = 125
 
-_WIDTH = {"u16": 1, "s16": 1, "u32": 2, "s32": 2, "f32": 2, "u64": 4}
+_WIDTH = TYPE_WIDTH
 
 
 def _words(regs: list[int], order: str) -> list[int]:
@@ -66,6 +82,27 @@ DECODERS: dict[str, Callable[[list[int], str], float]] = {
 }
 
 
+def encode(value: float, type_: str, order: str = "big") -> list[int]:
+    """The registers a device holds for ``value`` (raw, already divided by the scale).
+
+    Out-of-range integers saturate, as a meter's firmware clamps them.
+    """
+    if type_ == "f32":
+        hi, lo = struct.unpack(">HH", struct.pack(">f", value))
+        words = [hi, lo]
+    else:
+        width = _WIDTH[type_]
+        bits = 16 * width
+        signed = type_.startswith("s")
+        n = 0 if math.isnan(value) else round(value)
+        lo_lim, hi_lim = (
+            (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+        )
+        n = max(lo_lim, min(hi_lim, n)) & ((1 << bits) - 1)
+        words = [(n >> (16 * (width - 1 - i))) & 0xFFFF for i in range(width)]
+    return words if order == "big" else list(reversed(words))
+
+
 @dataclass(frozen=True, slots=True)
 class Block:
     """One read request: ``count`` registers from ``address`` of ``table``."""
@@ -109,7 +146,36 @@ class Profile:
         for measurement, spec in self.registers.items():
             table = raw[spec.table]
             regs = [table[spec.address + i] for i in range(_WIDTH[spec.type])]
-            out[measurement] = DECODERS[spec.type](regs, spec.word_order) * spec.scale
+            if spec.zero_is_missing and not any(regs):
+                continue
+            value = DECODERS[spec.type](regs, spec.word_order) * spec.scale
+            if math.isnan(value) or math.isinf(value):
+                continue
+            out[measurement] = value
+        for measurement, spec in self.registers.items():
+            if spec.signed_by is not None and measurement in out:
+                sign = out.get(spec.signed_by, 1.0)
+                out[measurement] = (
+                    math.copysign(abs(out[measurement]), sign) if sign else abs(out[measurement])
+                )
+        return out
+
+    def image(self, values: Mapping[M, float]) -> dict[str, dict[int, int]]:
+        """The register image a device of this model holds for ``values`` (SI).
+
+        The inverse of :meth:`decode`, used by the simulator. Measurements not in
+        ``values`` are left out (a device would hold 0 there).
+        """
+        out: dict[str, dict[int, int]] = {"holding": {}, "input": {}}
+        for measurement, spec in self.registers.items():
+            value = values.get(measurement)
+            if value is None:
+                continue
+            raw = value / spec.scale if spec.scale else 0.0
+            if spec.type in ("u16", "u32", "u64"):
+                raw = abs(raw)  # magnitude-only registers
+            for i, word in enumerate(encode(raw, spec.type, spec.word_order)):
+                out[spec.table][spec.address + i] = word
         return out
 
 
@@ -123,12 +189,38 @@ def register(profile: Profile) -> Profile:
     return profile
 
 
-def _hr(address: int, type_: str = "u16", scale: float = 1.0, order: str = "big") -> RegisterSpec:
-    return RegisterSpec(table="holding", address=address, type=type_, scale=scale, word_order=order)  # type: ignore[arg-type,unused-ignore]
+def _reg(
+    table: str,
+    address: int,
+    type_: str = "u16",
+    scale: float = 1.0,
+    order: str = "big",
+    unit: str = "",
+    signed_by: M | None = None,
+    zero_is_missing: bool = False,
+) -> RegisterSpec:
+    return RegisterSpec.model_validate(
+        {
+            "table": table,
+            "address": address,
+            "type": type_,
+            "scale": scale,
+            "word_order": order,
+            "unit": unit,
+            "signed_by": signed_by,
+            "zero_is_missing": zero_is_missing,
+        }
+    )
+
+
+def _hr(address: int, scale: float = 1.0, unit: str = "", missing: bool = False) -> RegisterSpec:
+    return _reg("holding", address, "u16", scale, unit=unit, zero_is_missing=missing)
 
 
 # PMTR_001 (../shared/reference/pmtr001-modbus-map.json): all u16 holding registers,
-# big-endian bytes. kWh counters are scaled to Wh, mV rails to V.
+# big-endian bytes. kWh counters (0.1 kWh) are scaled to Wh, mV rails to V. A failed
+# sensor read is stored as 0: a 0 V, 0 Hz or 0 mV reading is impossible on a live
+# meter, so those are dropped rather than published.
 register(
     Profile(
         name="pmtr001",
@@ -136,36 +228,138 @@ register(
         phases=3,
         max_gap=2,
         registers={
-            M.SUPPLY_5V: _hr(78, scale=0.001),
-            M.SUPPLY_12V: _hr(79, scale=0.001),
-            M.VOLTAGE_L1: _hr(80, scale=0.1),
-            M.VOLTAGE_L2: _hr(81, scale=0.1),
-            M.VOLTAGE_L3: _hr(82, scale=0.1),
-            M.CURRENT_L1: _hr(83, scale=0.01),
-            M.CURRENT_L2: _hr(84, scale=0.01),
-            M.CURRENT_L3: _hr(85, scale=0.01),
-            M.POWER_L1: _hr(86),
-            M.POWER_L2: _hr(87),
-            M.POWER_L3: _hr(88),
-            M.IMPORT_ENERGY_L1: _hr(89, scale=100.0),
-            M.IMPORT_ENERGY_L2: _hr(90, scale=100.0),
-            M.IMPORT_ENERGY_L3: _hr(91, scale=100.0),
-            M.FREQUENCY_L1: _hr(92, scale=0.1),
-            M.FREQUENCY_L2: _hr(93, scale=0.1),
-            M.FREQUENCY_L3: _hr(94, scale=0.1),
-            M.POWER_FACTOR_L1: _hr(95, scale=0.01),
-            M.POWER_FACTOR_L2: _hr(96, scale=0.01),
-            M.POWER_FACTOR_L3: _hr(97, scale=0.01),
+            M.SUPPLY_5V: _hr(78, 0.001, "mV", missing=True),
+            M.SUPPLY_12V: _hr(79, 0.001, "mV", missing=True),
+            M.VOLTAGE_L1: _hr(80, 0.1, "0.1 V", missing=True),
+            M.VOLTAGE_L2: _hr(81, 0.1, "0.1 V", missing=True),
+            M.VOLTAGE_L3: _hr(82, 0.1, "0.1 V", missing=True),
+            M.CURRENT_L1: _hr(83, 0.01, "0.01 A"),
+            M.CURRENT_L2: _hr(84, 0.01, "0.01 A"),
+            M.CURRENT_L3: _hr(85, 0.01, "0.01 A"),
+            M.POWER_L1: _hr(86, 1.0, "W"),
+            M.POWER_L2: _hr(87, 1.0, "W"),
+            M.POWER_L3: _hr(88, 1.0, "W"),
+            M.IMPORT_ENERGY_L1: _hr(89, 100.0, "0.1 kWh"),
+            M.IMPORT_ENERGY_L2: _hr(90, 100.0, "0.1 kWh"),
+            M.IMPORT_ENERGY_L3: _hr(91, 100.0, "0.1 kWh"),
+            M.FREQUENCY_L1: _hr(92, 0.1, "0.1 Hz", missing=True),
+            M.FREQUENCY_L2: _hr(93, 0.1, "0.1 Hz", missing=True),
+            M.FREQUENCY_L3: _hr(94, 0.1, "0.1 Hz", missing=True),
+            M.POWER_FACTOR_L1: _hr(95, 0.01, "0.01"),
+            M.POWER_FACTOR_L2: _hr(96, 0.01, "0.01"),
+            M.POWER_FACTOR_L3: _hr(97, 0.01, "0.01"),
         },
     )
 )
+
+#: PMTR_001 registers outside the measurement table (tools and the simulator)
+PMTR001_AVG_BASE = 98  # avg V 98-100, avg I 101-103, avg P 104-106, avg f 107-109
+PMTR001_AVG_PF = (110, 112, 114)  # firmware stride-2 bug: 111 and 113 are never written
+PMTR001_SYNC_COIL = 0
+PMTR001_SYNC_EPOCH = 146  # u64, least significant word first
+PMTR001_SYNC_MILLIS = 150
+PMTR001_SYNC_OFFSET_S = 6  # the firmware adds 6 s and truncates to 32 bits
+
+
+def _ir(address: int, type_: str = "f32", scale: float = 1.0, **kw: object) -> RegisterSpec:
+    return _reg("input", address, type_, scale, **kw)  # type: ignore[arg-type]
+
+
+# Eastron SDM630 (Modbus protocol manual): IEEE-754 floats, two input registers each,
+# most significant word first. Energies are kWh/kvarh (scaled to Wh/varh). The PF
+# register's sign means lead/lag (negative inductive): PF takes the sign of P here.
+register(
+    Profile(
+        name="sdm630",
+        description="Eastron SDM630 three-phase meter (float input registers)",
+        phases=3,
+        max_gap=20,
+        registers={
+            M.VOLTAGE_L1: _ir(0x00),
+            M.VOLTAGE_L2: _ir(0x02),
+            M.VOLTAGE_L3: _ir(0x04),
+            M.CURRENT_L1: _ir(0x06),
+            M.CURRENT_L2: _ir(0x08),
+            M.CURRENT_L3: _ir(0x0A),
+            M.POWER_L1: _ir(0x0C),
+            M.POWER_L2: _ir(0x0E),
+            M.POWER_L3: _ir(0x10),
+            M.APPARENT_POWER_L1: _ir(0x12),
+            M.APPARENT_POWER_L2: _ir(0x14),
+            M.APPARENT_POWER_L3: _ir(0x16),
+            M.REACTIVE_POWER_L1: _ir(0x18),
+            M.REACTIVE_POWER_L2: _ir(0x1A),
+            M.REACTIVE_POWER_L3: _ir(0x1C),
+            M.POWER_FACTOR_L1: _ir(0x1E, signed_by=M.POWER_L1),
+            M.POWER_FACTOR_L2: _ir(0x20, signed_by=M.POWER_L2),
+            M.POWER_FACTOR_L3: _ir(0x22, signed_by=M.POWER_L3),
+            M.POWER: _ir(0x34),
+            M.APPARENT_POWER: _ir(0x38),
+            M.REACTIVE_POWER: _ir(0x3C),
+            M.POWER_FACTOR: _ir(0x3E, signed_by=M.POWER),
+            M.FREQUENCY: _ir(0x46),
+            M.IMPORT_ENERGY: _ir(0x48, scale=1000.0, unit="kWh"),
+            M.EXPORT_ENERGY: _ir(0x4A, scale=1000.0, unit="kWh"),
+            M.REACTIVE_ENERGY_IND: _ir(0x4C, scale=1000.0, unit="kvarh"),
+            M.REACTIVE_ENERGY_CAP: _ir(0x4E, scale=1000.0, unit="kvarh"),
+            M.APPARENT_ENERGY: _ir(0x50, scale=1000.0, unit="kVAh"),
+            M.DEMAND_POWER: _ir(0x54),
+            M.DEMAND_APPARENT_POWER: _ir(0x64),
+            M.VOLTAGE_L1_L2: _ir(0xC8),
+            M.VOLTAGE_L2_L3: _ir(0xCA),
+            M.VOLTAGE_L3_L1: _ir(0xCC),
+            M.NEUTRAL_CURRENT: _ir(0xE0),
+            M.THD_VOLTAGE_L1: _ir(0xEA),
+            M.THD_VOLTAGE_L2: _ir(0xEC),
+            M.THD_VOLTAGE_L3: _ir(0xEE),
+            M.THD_CURRENT_L1: _ir(0xF0),
+            M.THD_CURRENT_L2: _ir(0xF2),
+            M.THD_CURRENT_L3: _ir(0xF4),
+            M.IMPORT_ENERGY_L1: _ir(0x15A, scale=1000.0, unit="kWh"),
+            M.IMPORT_ENERGY_L2: _ir(0x15C, scale=1000.0, unit="kWh"),
+            M.IMPORT_ENERGY_L3: _ir(0x15E, scale=1000.0, unit="kWh"),
+        },
+    )
+)
+
+# Peacefair PZEM-004T v3.0: input registers 0x0000-0x0009, 32-bit values low word first.
+# Single phase: the phase-1 values are also the totals.
+_PZ_V = _ir(0x0000, "u16", 0.1, unit="0.1 V")
+_PZ_I = _ir(0x0001, "u32", 0.001, order="little", unit="0.001 A")
+_PZ_P = _ir(0x0003, "u32", 0.1, order="little", unit="0.1 W")
+_PZ_E = _ir(0x0005, "u32", 1.0, order="little", unit="Wh")
+_PZ_F = _ir(0x0007, "u16", 0.1, unit="0.1 Hz")
+_PZ_PF = _ir(0x0008, "u16", 0.01, unit="0.01")
+register(
+    Profile(
+        name="pzem004t",
+        description="Peacefair PZEM-004T v3.0 single-phase meter",
+        phases=1,
+        registers={
+            M.VOLTAGE_L1: _PZ_V,
+            M.CURRENT_L1: _PZ_I,
+            M.POWER_L1: _PZ_P,
+            M.POWER: _PZ_P,
+            M.IMPORT_ENERGY_L1: _PZ_E,
+            M.IMPORT_ENERGY: _PZ_E,
+            M.FREQUENCY_L1: _PZ_F,
+            M.FREQUENCY: _PZ_F,
+            M.POWER_FACTOR_L1: _PZ_PF,
+            M.POWER_FACTOR: _PZ_PF,
+        },
+    )
+)
+PZEM_ALARM = 0x0009  # 0xFFFF = power alarm
+
+
+def from_spec(name: str, spec: ProfileSpec) -> Profile:
+    return Profile(name, spec.description, spec.phases, dict(spec.registers), spec.max_gap)
 
 
 def resolve(name: str, user_profiles: Mapping[str, ProfileSpec] | None = None) -> Profile:
     """A built-in or user-defined profile by name; :class:`ConfigError` if unknown."""
     if user_profiles and name in user_profiles:
-        spec = user_profiles[name]
-        return Profile(name, spec.description, spec.phases, dict(spec.registers))
+        return from_spec(name, user_profiles[name])
     if name in PROFILES:
         return PROFILES[name]
     known = sorted(set(PROFILES) | set(user_profiles or {}))

@@ -1,62 +1,190 @@
 """The collector service: poll every meter of the site file, publish readings.
 
-Different buses are polled concurrently; meters on one bus in turn. A reading
-that cannot be published (broker away) goes to the on-disk spool and is drained
-in order when the broker is back.
+How it keeps going when things break:
+
+* every bus runs its own scheduler; a TCP bus gets ``BusConfig.pool_size``
+  connections worked by as many workers, a serial line one. Meters are staggered
+  over their interval so the load is even; a poll has a deadline (its request
+  timeout, and never more than its interval) so a dead or slow meter holds one
+  connection for at most that long and the others keep their schedule. A meter
+  still busy when its next poll is due skips that cycle (counted as missed);
+* each failure is classified (Modbus exception 0x01..0x0B, crc, timeout,
+  refused, garbage - see :mod:`services.collector.modbus`), counted in
+  ``pfm_collector_poll_errors_total{meter,kind}`` and logged with the device, unit
+  and registers; transient kinds are retried at once (``BusConfig.retries``);
+* after ``MeterConfig.offline_after`` failures in a row the meter is offline: a
+  ``device_offline`` event (state raised) on ``topics.event(site, meter)``, the
+  gauge ``pfm_collector_meter_online`` drops to 0, the retained gateway status
+  counts it; it is then re-probed with exponential backoff (up to
+  ``BusConfig.reprobe_max_s``) and a ``device_online`` event (state cleared) is
+  published when it answers again;
+* readings and events go through one outbox: published at QoS 1 while the broker
+  is connected, otherwise appended to the bounded on-disk spool, which is drained
+  in order when the broker is back (and survives a restart). When the spool is
+  full the oldest records are dropped and counted. Per-meter ``seq`` continues
+  across restarts (kept in the spool file).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import logging
+import random
 import time
-from collections import defaultdict
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import datetime
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
 
-from services.collector.modbus import ModbusBus
-from services.collector.profiles import Profile, resolve
+from services.collector.modbus import TRANSIENT, ModbusConnection
+from services.collector.profiles import Block, Profile, resolve
+from services.collector.timesync import CLOCKS, RESYNC_S
 from shared import __version__, topics
-from shared.bus import Bus, BusUnavailable
+from shared.bus import Backoff, Bus, BusUnavailable
 from shared.errors import PeerError
-from shared.messages import GatewayStatus, Reading, encode, utcnow
+from shared.messages import Event, EventState, GatewayStatus, Reading, Severity, encode, utcnow
 from shared.metrics import ServiceMetrics
 from shared.service import Shutdown
 from shared.settings import METRICS_PORTS, Settings
-from shared.site import MeterConfig, SiteConfig
+from shared.site import BusConfig, MeterConfig, SiteConfig
 from shared.spool import Spool
 
 log = logging.getLogger(__name__)
 SERVICE = "collector"
 
+#: records published concurrently per batch (paho sends them in order)
+BATCH = 200
+#: save the per-meter seq this often (and at shutdown)
+SEQ_SAVE_S = 5.0
+#: a restart after a crash resumes seq this far past the last save, so no seq repeats
+SEQ_MARGIN = 100
+
+
+@dataclass(eq=False)
+class MeterState:
+    """Everything the collector tracks about one meter."""
+
+    config: MeterConfig
+    bus: BusConfig
+    profile: Profile
+    blocks: list[Block]
+    seq: int = 0
+    event_seq: int = 0
+    failures: int = 0
+    #: None until the first poll result
+    online: bool | None = None
+    due: float = 0.0
+    busy: bool = False
+    probes: int = 0
+    last_error: str = ""
+    synced_at: float | None = None
+    #: the block being read (for the log line when the deadline passes)
+    current: Block | None = None
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def timeout(self) -> float:
+        return self.config.timeout_s or self.bus.timeout_s
+
+    def __lt__(self, other: MeterState) -> bool:  # heap tie-break
+        return self.config.name < other.config.name
+
+
+@dataclass
+class _Outbox:
+    records: deque[tuple[str, bytes]] = field(default_factory=deque)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def put(self, topic: str, payload: bytes) -> None:
+        self.records.append((topic, payload))
+        self.wake.set()
+
 
 class Collector:
-    def __init__(self, settings: Settings, site: SiteConfig, metrics: ServiceMetrics) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        site: SiteConfig,
+        metrics: ServiceMetrics,
+        *,
+        spool_max_records: int = 1_000_000,
+    ) -> None:
         self.settings = settings
         self.site = site
         self.metrics = metrics
-        self.profiles: dict[str, Profile] = {
-            m.name: resolve(m.profile, site.profiles) for m in site.meters
-        }
-        self.seq: dict[str, int] = defaultdict(int)
-        self.spool = Spool(settings.data_dir / f"collector-{site.site}.spool")
+        self.spool = Spool(
+            settings.data_dir / f"collector-{site.site}.spool", max_records=spool_max_records
+        )
+        self.meters: list[MeterState] = []
+        for mc in site.meters:
+            profile = resolve(mc.profile, site.profiles)
+            self.meters.append(MeterState(mc, site.bus(mc.bus), profile, profile.plan()))
+        # seq continues where the last run stopped (with a margin after a crash)
+        margin = 0 if self.spool.get_meta("clean_stop") else SEQ_MARGIN
+        self.spool.set_meta({"clean_stop": 0})
+        for ms in self.meters:
+            saved = self.spool.get_meta(f"seq:{ms.name}")
+            if saved is not None:
+                ms.seq = saved + margin
+            saved = self.spool.get_meta(f"eseq:{ms.name}")
+            if saved is not None:
+                ms.event_seq = saved + margin
+        self.outbox = _Outbox()
+        self.status_dirty = True
         r = metrics.registry
         self.polls = Counter(
             "pfm_collector_polls_total", "Successful meter polls", ["meter"], registry=r
         )
         self.poll_errors = Counter(
             "pfm_collector_poll_errors_total",
-            "Failed meter polls by kind",
+            "Failed meter requests by kind (exception_0x, crc, timeout, refused, garbage)",
             ["meter", "kind"],
             registry=r,
         )
+        self.online_gauge = Gauge(
+            "pfm_collector_meter_online", "1 while the meter answers", ["meter"], registry=r
+        )
+        self.poll_seconds = Histogram(
+            "pfm_collector_poll_seconds",
+            "Time to read every register block of one meter",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+            registry=r,
+        )
+        self.jitter = Histogram(
+            "pfm_collector_poll_jitter_seconds",
+            "Delay between when a poll was due and when it started",
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0),
+            registry=r,
+        )
+        self.missed = Counter(
+            "pfm_collector_missed_polls_total",
+            "Polls skipped because the previous poll of the meter was still running",
+            ["meter"],
+            registry=r,
+        )
         self.spool_depth = Gauge(
-            "pfm_collector_spool_records", "Readings waiting in the disk spool", registry=r
+            "pfm_collector_spool_records", "Records waiting in the disk spool", registry=r
+        )
+        self.spool_dropped = Counter(
+            "pfm_collector_spool_dropped_total",
+            "Records dropped (oldest first) because the spool was full",
+            registry=r,
         )
         self.spool_depth.set(len(self.spool))
+        for ms in self.meters:
+            self.online_gauge.labels(ms.name).set(0)
+        self.poll_count = 0
+
+    # -- status and events -------------------------------------------------------
 
     def status(self, state: str) -> GatewayStatus:
+        online = sum(1 for m in self.meters if m.online)
         return GatewayStatus(
             site=self.site.site,
             ts=utcnow(),
@@ -64,112 +192,390 @@ class Collector:
             gateway=self.site.gateway,
             status=state,  # type: ignore[arg-type,unused-ignore]
             versions={"pfmon": __version__},
+            meters_online=online if state == "online" else None,
+            meters_offline=len(self.meters) - online if state == "online" else None,
         )
 
-    async def poll(self, bus: ModbusBus, meter: MeterConfig) -> Reading:
-        profile = self.profiles[meter.name]
-        started = time.perf_counter()
-        ts = utcnow()
-        raw: dict[str, dict[int, int]] = defaultdict(dict)
-        async with bus.lock:
-            for block in profile.plan():
-                regs = await bus.read(meter.unit, block.table, block.address, block.count)
-                for i, value in enumerate(regs):
-                    raw[block.table][block.address + i] = value
-        self.seq[meter.name] += 1
-        return Reading(
+    def _event(
+        self, m: MeterState, code: str, state: EventState, message: str, **ev: object
+    ) -> None:
+        m.event_seq += 1
+        event = Event(
             site=self.site.site,
-            meter=meter.name,
+            ts=utcnow(),
+            seq=m.event_seq,
+            meter=m.name,
+            code=code,
+            state=state,
+            severity=Severity.WARNING,
+            message=message,
+            evidence={k: v for k, v in ev.items() if isinstance(v, str | int | float | bool)},
+            service=SERVICE,
+        )
+        self.outbox.put(topics.event(self.site.site, m.name), encode(event))
+
+    # -- polling -------------------------------------------------------------------
+
+    async def read_meter(self, conn: ModbusConnection, m: MeterState) -> dict[str, dict[int, int]]:
+        """Read every block of ``m``, retrying transient failures; raw registers."""
+        raw: dict[str, dict[int, int]] = {"holding": {}, "input": {}}
+        delay = m.bus.inter_frame_delay_s
+        for block in m.blocks:
+            m.current = block
+            attempt = 0
+            while True:
+                try:
+                    regs = await conn.read(
+                        m.config.unit, block.table, block.address, block.count, m.timeout
+                    )
+                    break
+                except PeerError as exc:
+                    if exc.kind not in TRANSIENT or attempt >= m.bus.retries:
+                        raise
+                    attempt += 1
+                    self.poll_errors.labels(m.name, exc.kind).inc()
+                    log.info("retrying %s after %s", m.name, exc, extra={"meter": m.name})
+                finally:
+                    if delay:
+                        await asyncio.sleep(delay)
+            table = raw[block.table]
+            for i, value in enumerate(regs):
+                table[block.address + i] = value
+        return raw
+
+    async def poll_once(self, conn: ModbusConnection, m: MeterState, due: float) -> None:
+        started = time.monotonic()
+        self.jitter.observe(max(0.0, started - due))
+        ts = utcnow()
+        worst = m.timeout * (1 + m.bus.retries) * len(m.blocks)
+        deadline = max(m.timeout + 0.05, min(m.config.interval_s, worst))
+        try:
+            async with asyncio.timeout(deadline):
+                raw = await self.read_meter(conn, m)
+            values = m.profile.decode(raw)
+        except TimeoutError:
+            block = m.current
+            where = f"{block.table} {block.address}+{block.count}" if block else "?"
+            msg = f"unit {m.config.unit}: poll deadline {deadline:g} s passed reading {where}"
+            self._failed(m, PeerError(msg, kind="timeout"))
+            return
+        except PeerError as exc:
+            self._failed(m, exc)
+            return
+        took = time.monotonic() - started
+        self.poll_seconds.observe(took)
+        self.polls.labels(m.name).inc()
+        self.poll_count += 1
+        m.seq += 1
+        reading = Reading(
+            site=self.site.site,
+            meter=m.name,
             gateway=self.site.gateway,
             ts=ts,
-            seq=self.seq[meter.name],
-            profile=profile.name,
-            values=profile.decode(raw),
-            poll_s=time.perf_counter() - started,
+            seq=m.seq,
+            profile=m.profile.name,
+            values=values,
+            poll_s=took,
+        )
+        self.outbox.put(topics.reading(self.site.site, m.name), encode(reading))
+        self._succeeded(m)
+        if m.config.time_sync and m.profile.name in CLOCKS:
+            now = time.monotonic()
+            if m.synced_at is None or now - m.synced_at > RESYNC_S:
+                await self.sync_clock(conn, m, utcnow())
+
+    async def sync_clock(self, conn: ModbusConnection, m: MeterState, now: datetime) -> None:
+        m.synced_at = time.monotonic()
+        try:
+            result = await CLOCKS[m.profile.name](conn, m.config.unit, now)
+        except PeerError as exc:
+            log.warning("time sync of %s failed: %s", m.name, exc, extra={"meter": m.name})
+            return
+        drift = (
+            "not exposed by the device" if result.drift_s is None else f"{result.drift_s:+.1f} s"
+        )
+        log.info(
+            "clock of %s set to %d (drift %s)",
+            m.name,
+            result.pushed_epoch,
+            drift,
+            extra={"meter": m.name},
         )
 
-    async def publish(self, bus: Bus, reading: Reading) -> None:
-        topic = topics.reading(reading.site, reading.meter)
-        payload = encode(reading)
-        if len(self.spool) == 0:
-            try:
-                await bus.publish(topic, payload)
-                return
-            except BusUnavailable:
-                pass
-        dropped = self.spool.put(topic, payload)
-        if dropped:
-            log.error("spool full: dropped %d oldest readings", dropped)
-        self.spool_depth.set(len(self.spool))
+    def _succeeded(self, m: MeterState) -> None:
+        m.failures = 0
+        m.probes = 0
+        if m.online is not True:
+            if m.online is False:
+                log.warning("%s is back online", m.name, extra={"meter": m.name})
+                self._event(
+                    m,
+                    "device_online",
+                    EventState.CLEARED,
+                    f"{m.name} (unit {m.config.unit} on {m.bus.name}) answers again",
+                    unit=m.config.unit,
+                    bus=m.bus.name,
+                )
+            m.online = True
+            self.online_gauge.labels(m.name).set(1)
+            self.status_dirty = True
 
-    async def drain(self, bus: Bus, shutdown: Shutdown) -> None:
-        """Send spooled readings in order whenever the broker is connected."""
-        while not shutdown.requested.is_set():
-            if len(self.spool) == 0 or not bus.connected:
-                await shutdown.sleep(0.2)
-                continue
-            for record in self.spool.peek(200):
-                try:
-                    await bus.publish(record.topic, record.payload)
-                except BusUnavailable:
-                    break
-                self.spool.remove_through(record.id)
-            self.spool_depth.set(len(self.spool))
+    def _failed(self, m: MeterState, exc: PeerError) -> None:
+        self.poll_errors.labels(m.name, exc.kind).inc()
+        m.failures += 1
+        m.last_error = str(exc)
+        extra = {
+            "meter": m.name,
+            "unit": m.config.unit,
+            "bus": m.bus.name,
+            "kind": exc.kind,
+        }
+        if m.online is not False:
+            log.warning(
+                "poll of %s (unit %d on %s) failed [%s]: %s",
+                m.name,
+                m.config.unit,
+                m.bus.name,
+                exc.kind,
+                exc,
+                extra=extra,
+            )
+        else:
+            log.debug("probe of offline %s failed [%s]: %s", m.name, exc.kind, exc, extra=extra)
+        if m.online is not False and m.failures >= m.config.offline_after:
+            m.online = False
+            self.online_gauge.labels(m.name).set(0)
+            self.status_dirty = True
+            log.error(
+                "%s is offline after %d failed polls; last: %s",
+                m.name,
+                m.failures,
+                exc,
+                extra=extra,
+            )
+            self._event(
+                m,
+                "device_offline",
+                EventState.RAISED,
+                f"{m.name} (unit {m.config.unit} on {m.bus.name}) stopped answering: {exc}",
+                unit=m.config.unit,
+                bus=m.bus.name,
+                kind=exc.kind,
+                failures=m.failures,
+            )
+        if m.online is False:
+            m.probes += 1
+
+    def _next_due(self, m: MeterState, now: float) -> float:
+        interval = m.config.interval_s
+        if m.online is False:
+            backoff = min(m.bus.reprobe_max_s, interval * 2.0 ** min(m.probes, 16))
+            return now + backoff * random.uniform(0.8, 1.0)
+        due = m.due + interval
+        if due < now - interval:  # fell far behind (machine paused): resynchronise
+            due = now + interval * random.random()
+        return due
 
     async def run_bus(
-        self, bus: Bus, mb: ModbusBus, meters: list[MeterConfig], shutdown: Shutdown
+        self, config: BusConfig, meters: list[MeterState], shutdown: Shutdown
     ) -> None:
-        interval = min(m.interval_s for m in meters)
-        next_at = time.monotonic()
-        while not shutdown.requested.is_set():
-            for meter in meters:
+        conns = [ModbusConnection(config, i) for i in range(config.pool_size)]
+        queue: asyncio.Queue[tuple[MeterState, float]] = asyncio.Queue()
+
+        async def worker(conn: ModbusConnection) -> None:
+            while True:
+                m, due = await queue.get()
+                was_offline = m.online is False
                 try:
-                    reading = await self.poll(mb, meter)
-                except PeerError as exc:
-                    self.poll_errors.labels(meter.name, exc.kind).inc()
-                    log.warning(
-                        "poll of %s failed: %s",
-                        meter.name,
-                        exc,
-                        extra={"meter": meter.name, "kind": exc.kind},
-                    )
-                    continue
-                self.polls.labels(meter.name).inc()
-                await self.publish(bus, reading)
-                if mb.config.inter_frame_delay_s:
-                    await asyncio.sleep(mb.config.inter_frame_delay_s)
-            next_at += interval
-            delay = next_at - time.monotonic()
-            if delay < 0:
-                next_at = time.monotonic()
-                delay = 0
-            if await shutdown.sleep(delay):
+                    await self.poll_once(conn, m, due)
+                except Exception:  # our bug: log it, keep polling the others
+                    log.exception("poll of %s crashed", m.name, extra={"meter": m.name})
+                finally:
+                    m.busy = False
+                    if m.online is False:
+                        m.due = self._next_due(m, time.monotonic())
+                        heapq.heappush(heap, (m.due, m))
+                    elif was_offline:
+                        m.due = time.monotonic() + m.config.interval_s
+                        heapq.heappush(heap, (m.due, m))
+
+        start = time.monotonic()
+        heap: list[tuple[float, MeterState]] = []
+        n = len(meters)
+        for i, m in enumerate(meters):
+            m.due = start + m.config.interval_s * i / n  # stagger over the interval
+            heap.append((m.due, m))
+        heapq.heapify(heap)
+        async with asyncio.TaskGroup() as tg:
+            tasks = [tg.create_task(worker(c), name=f"poll-{config.name}-{c.index}") for c in conns]
+            try:
+                while not shutdown.requested.is_set():
+                    now = time.monotonic()
+                    while heap and heap[0][0] <= now:
+                        due, m = heapq.heappop(heap)
+                        if due != m.due:
+                            continue  # stale entry (rescheduled)
+                        if m.online is False and m.busy:
+                            continue
+                        if m.busy:
+                            self.missed.labels(m.name).inc()
+                        else:
+                            m.busy = True
+                            queue.put_nowait((m, due))
+                        if m.online is not False:
+                            m.due = self._next_due(m, now)
+                            heapq.heappush(heap, (m.due, m))
+                    wait = (heap[0][0] - time.monotonic()) if heap else 0.5
+                    if await shutdown.sleep(max(0.0, min(wait, 0.5))):
+                        break
+            finally:
+                for t in tasks:
+                    t.cancel()
+                for c in conns:
+                    c.close()
+
+    # -- publishing ----------------------------------------------------------------
+
+    def _to_spool(self, records: list[tuple[str, bytes]]) -> None:
+        if not records:
+            return
+        dropped = self.spool.put_many(records)
+        if dropped:
+            self.spool_dropped.inc(dropped)
+            log.error(
+                "spool full (%d records): dropped the %d oldest", self.spool.max_records, dropped
+            )
+        self.spool_depth.set(len(self.spool))
+
+    async def _publish_batch(self, bus: Bus, records: list[tuple[str, bytes]]) -> list[bool]:
+        results = await asyncio.gather(
+            *(bus.publish(t, p) for t, p in records), return_exceptions=True
+        )
+        ok = []
+        for r in results:
+            if isinstance(r, BaseException) and not isinstance(r, BusUnavailable):
+                log.error("publish failed unexpectedly: %r", r)
+            ok.append(not isinstance(r, BaseException))
+        return ok
+
+    async def _drain_spool(self, bus: Bus) -> bool:
+        """Send spooled records in order; False when the broker went away again."""
+        while len(self.spool) and bus.connected:
+            batch = self.spool.peek(BATCH)
+            ok = await self._publish_batch(bus, [(r.topic, r.payload) for r in batch])
+            self.spool.remove(r.id for r, sent in zip(batch, ok, strict=True) if sent)
+            self.spool_depth.set(len(self.spool))
+            if not all(ok):
+                return False
+        return True
+
+    async def _flush(self, bus: Bus) -> None:
+        box = self.outbox.records
+        if len(self.spool) or not bus.connected:
+            records = list(box)
+            box.clear()
+            self._to_spool(records)
+            if bus.connected:
+                await self._drain_spool(bus)
+            return
+        while box and bus.connected:
+            batch = [box.popleft() for _ in range(min(BATCH, len(box)))]
+            ok = await self._publish_batch(bus, batch)
+            failed = [rec for rec, sent in zip(batch, ok, strict=True) if not sent]
+            if failed:
+                rest = list(box)
+                box.clear()
+                self._to_spool(failed + rest)
+                return
+        if box:
+            records = list(box)
+            box.clear()
+            self._to_spool(records)
+
+    async def publisher(self, bus: Bus, stop: asyncio.Event) -> None:
+        """Move the outbox to the broker (or the spool); status when it changes."""
+        status_topic = topics.gateway_status(self.site.site, self.site.gateway)
+        last_save = time.monotonic()
+        while True:
+            self.outbox.wake.clear()
+            await self._flush(bus)
+            if self.status_dirty and bus.connected:
+                self.status_dirty = False
+                try:
+                    await bus.publish(status_topic, self.status("online"), retain=True)
+                except BusUnavailable:
+                    self.status_dirty = True
+            if time.monotonic() - last_save > SEQ_SAVE_S:
+                self.save_seq()
+                last_save = time.monotonic()
+            if stop.is_set() and not self.outbox.records:
                 break
-        mb.close()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.2 if len(self.spool) else 1.0):
+                    await self.outbox.wake.wait()
+        self.save_seq(clean=True)
+
+    def save_seq(self, clean: bool = False) -> None:
+        values = {f"seq:{m.name}": m.seq for m in self.meters}
+        values.update({f"eseq:{m.name}": m.event_seq for m in self.meters})
+        values["clean_stop"] = int(clean)
+        self.spool.set_meta(values)
+
+    def close(self) -> None:
+        self.spool.close()
 
 
-async def run(settings: Settings, site: SiteConfig, shutdown: Shutdown) -> None:
-    metrics = ServiceMetrics(SERVICE, site.site)
-    port = settings.metrics_port if settings.metrics_port is not None else METRICS_PORTS[SERVICE]
-    metrics.serve(settings.metrics_host, port)
-    collector = Collector(settings, site, metrics)
+async def run(
+    settings: Settings,
+    site: SiteConfig,
+    shutdown: Shutdown,
+    *,
+    spool_max_records: int = 1_000_000,
+    metrics: ServiceMetrics | None = None,
+    backoff: Backoff | None = None,
+) -> None:
+    """Run the collector until ``shutdown``; ``metrics`` / ``backoff`` (broker reconnects)
+    may be passed in by tests and benchmarks."""
+    if metrics is None:
+        metrics = ServiceMetrics(SERVICE, site.site)
+        port = (
+            settings.metrics_port if settings.metrics_port is not None else METRICS_PORTS[SERVICE]
+        )
+        metrics.serve(settings.metrics_host, port)
+    logging.getLogger("pymodbus").setLevel(logging.CRITICAL)  # we classify and log ourselves
+    collector = Collector(settings, site, metrics, spool_max_records=spool_max_records)
     status_topic = topics.gateway_status(site.site, site.gateway)
     will = (status_topic, encode(collector.status("offline")))
 
     async def announce(bus: Bus) -> None:
-        await bus.publish(status_topic, collector.status("online"), retain=True)
+        collector.status_dirty = True
+        collector.outbox.wake.set()
 
-    async with Bus(settings, service=SERVICE, site=site.site, metrics=metrics, will=will) as bus:
-        bus.on_connect(announce)
-        by_bus: dict[str, list[MeterConfig]] = defaultdict(list)
-        for meter in site.meters:
-            by_bus[meter.bus].append(meter)
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(collector.drain(bus, shutdown), name="collector-drain")
-            for name, meters in by_bus.items():
-                mb = ModbusBus(site.bus(name))
-                tg.create_task(collector.run_bus(bus, mb, meters, shutdown), name=f"poll-{name}")
-        if bus.connected:
-            with contextlib.suppress(BusUnavailable):
-                await bus.publish(status_topic, collector.status("offline"), retain=True)
-    collector.spool.close()
+    stop_publishing = asyncio.Event()
+    try:
+        async with Bus(
+            settings, service=SERVICE, site=site.site, metrics=metrics, will=will, backoff=backoff
+        ) as bus:
+            bus.on_connect(announce)
+            by_bus: dict[str, list[MeterState]] = {}
+            for m in collector.meters:
+                by_bus.setdefault(m.bus.name, []).append(m)
+            async with asyncio.TaskGroup() as outer:
+                outer.create_task(
+                    collector.publisher(bus, stop_publishing), name="collector-publish"
+                )
+                try:
+                    async with asyncio.TaskGroup() as tg:
+                        for name, meters in by_bus.items():
+                            tg.create_task(
+                                collector.run_bus(site.bus(name), meters, shutdown),
+                                name=f"bus-{name}",
+                            )
+                finally:
+                    stop_publishing.set()
+                    collector.outbox.wake.set()
+            if bus.connected:
+                with contextlib.suppress(BusUnavailable):
+                    await bus.publish(status_topic, collector.status("offline"), retain=True)
+    finally:
+        collector.close()

@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from shared.errors import ConfigError
-from shared.site.actuator import BankConfig, OutputDevice, RelayAction
+from shared.site.actuator import ActuatorConfig, BankConfig, OutputDevice, RelayAction
 from shared.site.analytics import AnalyticsConfig
 from shared.site.archiver import ArchiverConfig
 from shared.site.collector import ProfileSpec
@@ -25,6 +25,7 @@ from shared.site.core import BusConfig, MeterConfig, Thresholds
 from shared.topics import Slug
 
 __all__ = [
+    "ActuatorConfig",
     "BankConfig",
     "BusConfig",
     "MeterConfig",
@@ -54,6 +55,7 @@ class SiteConfig(BaseModel):
     devices: list[OutputDevice] = Field(default_factory=list)
     relay_actions: list[RelayAction] = Field(default_factory=list)
     banks: list[BankConfig] = Field(default_factory=list)
+    actuator: ActuatorConfig = Field(default_factory=ActuatorConfig)
     analytics: AnalyticsConfig = Field(default_factory=AnalyticsConfig)
     archiver: ArchiverConfig = Field(default_factory=ArchiverConfig)
 

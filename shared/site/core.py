@@ -48,6 +48,16 @@ class BusConfig(BaseModel):
     inter_frame_delay_s: float = Field(
         0.0, ge=0, le=5, description="pause between requests to different units on this bus"
     )
+    connections: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="parallel connections (tcp/rtu_over_tcp; default 2, rtu: always 1) so "
+        "that one slow unit never holds up the others",
+    )
+    reprobe_max_s: float = Field(
+        60.0, gt=0, le=3600, description="longest wait between probes of an offline device"
+    )
 
     @model_validator(mode="after")
     def _endpoint(self) -> BusConfig:
@@ -57,7 +67,16 @@ class BusConfig(BaseModel):
             raise ValueError(f"bus {self.name!r}: kind rtu needs 'serial' (e.g. /dev/ttyUSB0)")
         if self.kind in ("tcp", "rtu_over_tcp") and self.port is None:
             self.port = 502
+        if self.kind == "rtu" and self.connections not in (None, 1):
+            raise ValueError(f"bus {self.name!r}: a serial line has exactly one connection")
         return self
+
+    @property
+    def pool_size(self) -> int:
+        """How many connections the collector opens to this bus."""
+        if self.kind == "rtu":
+            return 1
+        return self.connections or 2
 
 
 class MeterConfig(BaseModel):
@@ -78,3 +97,8 @@ class MeterConfig(BaseModel):
     expect_export: bool = Field(False, description="site may export here (no ct_reversed alarm)")
     timeout_s: float | None = Field(None, gt=0, le=60, description="overrides the bus timeout")
     offline_after: int = Field(3, ge=1, le=100, description="failed polls before offline")
+    time_sync: bool = Field(
+        True,
+        description="push the gateway's clock to the device at start and daily "
+        "(profiles with a clock, e.g. pmtr001)",
+    )

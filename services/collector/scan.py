@@ -1,0 +1,88 @@
+"""``pfmon scan``: which unit ids answer on a bus, and which built-in profile fits.
+
+A unit is present when it answers at all (even with an exception such as 0x02:
+the device is there, the register map is not its own). Silence, 0x0A and 0x0B
+(a gateway saying nobody answered behind it) mean absent. A profile fits when
+every one of its blocks reads and the values are plausible for a meter
+(voltage 50-300 V, frequency 45-65 Hz where the profile has them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from services.collector.modbus import ModbusConnection
+from services.collector.profiles import PROFILES, Profile
+from shared.errors import PeerError
+from shared.measurements import Measurement as M
+from shared.site import BusConfig
+
+ABSENT = frozenset({"timeout", "exception_0a", "exception_0b", "refused"})
+
+
+@dataclass(frozen=True, slots=True)
+class Found:
+    unit: int
+    profile: str | None
+    evidence: str
+
+    def as_dict(self) -> dict[str, object]:
+        return {"unit": self.unit, "profile": self.profile, "evidence": self.evidence}
+
+
+def plausible(values: dict[M, float]) -> str | None:
+    """Why these values look like a live meter, or None."""
+    v = values.get(M.VOLTAGE_L1)
+    f = values.get(M.FREQUENCY_L1, values.get(M.FREQUENCY))
+    if v is None or not 50.0 <= v <= 300.0:
+        return None
+    if f is not None and not 45.0 <= f <= 65.0:
+        return None
+    return f"V1 {v:.1f} V" + (f", f {f:.2f} Hz" if f is not None else "")
+
+
+async def _try(conn: ModbusConnection, unit: int, profile: Profile) -> dict[M, float]:
+    raw: dict[str, dict[int, int]] = {"holding": {}, "input": {}}
+    for b in profile.plan():
+        regs = await conn.read(unit, b.table, b.address, b.count)
+        raw[b.table].update({b.address + i: v for i, v in enumerate(regs)})
+    return profile.decode(raw)
+
+
+async def scan(
+    bus: BusConfig, units: list[int], progress: Callable[[], None] | None = None
+) -> list[Found]:
+    conn = ModbusConnection(bus)
+    found: list[Found] = []
+    try:
+        for unit in units:
+            present = False
+            answer = ""
+            match: Found | None = None
+            for profile in PROFILES.values():
+                try:
+                    values = await _try(conn, unit, profile)
+                except PeerError as exc:
+                    if exc.kind == "refused":
+                        raise
+                    if exc.kind in ABSENT and not present:
+                        break  # nobody there: do not try the other profiles
+                    present = True
+                    answer = answer or f"answers {exc.kind}"
+                    continue
+                present = True
+                why = plausible(values)
+                if why:
+                    match = Found(unit, profile.name, why)
+                    break
+                answer = answer or f"answers, {profile.name} values implausible"
+            if match:
+                found.append(match)
+            elif present:
+                found.append(Found(unit, None, answer))
+            if progress:
+                progress()
+    finally:
+        conn.close()
+    return found

@@ -1,0 +1,198 @@
+"""The collector against the simulator over real Modbus TCP and the real broker:
+fault classification and isolation, offline/online events, gateway status, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from typing import Any
+
+from services.collector import service as collector
+from services.collector.simulator import Heater, SimServer, SimSite
+from shared import topics
+from shared.bus import Bus, Incoming
+from shared.embedded import free_port
+from shared.messages import Event, GatewayStatus, Reading
+from shared.metrics import ServiceMetrics
+from shared.service import Shutdown
+from shared.settings import Settings
+from shared.site import SiteConfig, parse_site
+from shared.topics import Kind, pattern
+
+
+class Sink:
+    """Everything the collector published for one site, as a subscriber sees it."""
+
+    def __init__(self) -> None:
+        self.readings: dict[str, list[Reading]] = defaultdict(list)
+        self.arrived: dict[str, list[float]] = defaultdict(list)
+        self.events: list[Event] = []
+        self.status: list[GatewayStatus] = []
+
+    async def on_reading(self, r: Reading, _: Incoming) -> None:
+        self.readings[r.meter].append(r)
+        self.arrived[r.meter].append(time.monotonic())
+
+    async def on_event(self, e: Event, _: Incoming) -> None:
+        self.events.append(e)
+
+    async def on_status(self, s: GatewayStatus, _: Incoming) -> None:
+        self.status.append(s)
+
+    def codes(self, meter: str) -> list[str]:
+        return [e.code for e in self.events if e.meter == meter]
+
+
+@contextlib.asynccontextmanager
+async def sink_for(settings: Settings, site: str) -> AsyncIterator[Sink]:
+    sink = Sink()
+    sub = settings.model_copy(update={"mqtt_client_id": f"{settings.mqtt_client_id}-sink"})
+    async with Bus(sub, service="test", site=site, persistent=False) as bus:
+        bus.subscribe(pattern(Kind.READING, site), Reading, sink.on_reading)
+        bus.subscribe(pattern(Kind.EVENT, site), Event, sink.on_event)
+        bus.subscribe(topics.gateway_status(site, "gw1"), GatewayStatus, sink.on_status)
+        await bus.wait_connected(10)
+        await asyncio.sleep(0.3)
+        yield sink
+
+
+@contextlib.asynccontextmanager
+async def running(settings: Settings, site: SiteConfig, **kw: Any) -> AsyncIterator[Shutdown]:
+    shutdown = Shutdown()
+    col = settings.model_copy(update={"mqtt_client_id": f"{settings.mqtt_client_id}-col"})
+    task = asyncio.create_task(collector.run(col, site, shutdown, **kw))
+    try:
+        yield shutdown
+    finally:
+        shutdown.request("test done")
+        await asyncio.wait_for(task, 15)
+
+
+def sample(metrics: ServiceMetrics, name: str, **labels: str) -> float:
+    value = metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+def fleet(n_healthy: int = 1) -> SimSite:
+    site = SimSite(seed=5)
+    site.add_load(Heater("h", kw=20.0))
+    for unit in range(1, 20):
+        site.add_meter(unit, f"m{unit}", profile="sdm630")
+    return site
+
+
+async def test_every_fault_kind_is_counted_and_the_healthy_meter_keeps_its_rate(
+    settings: Settings, site_name: str
+) -> None:
+    sim = fleet()
+    port = free_port()
+    dead_port = free_port()  # nothing listens: refused
+    faults = {
+        2: ("exception", {"code": 1}),
+        3: ("exception", {"code": 2}),
+        4: ("exception", {"code": 3}),
+        5: ("exception", {"code": 4}),
+        6: ("exception", {"code": 10}),
+        7: ("exception", {"code": 11}),
+        8: ("comm_loss", {"delay_s": 5.0}),
+        9: ("slow", {"delay_s": 0.6}),
+    }
+    for unit, (fault, params) in faults.items():
+        sim.inject(fault, unit=unit, **params)
+    interval = 0.25
+    meters = [
+        {
+            "name": f"m{u}",
+            "bus": "b1",
+            "unit": u,
+            "profile": "sdm630",
+            "interval_s": interval,
+            "timeout_s": 0.3,
+            "offline_after": 2,
+        }
+        for u in range(1, 10)
+    ]
+    meters.append(
+        {
+            "name": "gone",
+            "bus": "b2",
+            "unit": 1,
+            "profile": "sdm630",
+            "interval_s": interval,
+            "offline_after": 2,
+        }
+    )
+    site = parse_site(
+        {
+            "site": site_name,
+            "buses": [
+                {
+                    "name": "b1",
+                    "host": "127.0.0.1",
+                    "port": port,
+                    "connections": 3,
+                    "retries": 0,
+                    "reprobe_max_s": 1.0,
+                },
+                {"name": "b2", "host": "127.0.0.1", "port": dead_port, "timeout_s": 0.3},
+            ],
+            "meters": meters,
+        }
+    )
+    metrics = ServiceMetrics("collector", site_name)
+    async with SimServer(sim, port), sink_for(settings, site_name) as sink:
+        async with running(settings, site, metrics=metrics):
+            await asyncio.sleep(3.0)
+            healthy = sink.arrived["m1"]
+            # the healthy meter keeps its 4 Hz rate although 9 others fail
+            assert len(healthy) >= int(2.5 / interval), len(healthy)
+            gaps = [b - a for a, b in itertools.pairwise(healthy[2:])]
+            assert max(gaps) < 2.5 * interval, gaps
+            for unit in (2, 3, 4, 5, 6, 7, 8):
+                assert "device_offline" in sink.codes(f"m{unit}"), unit
+            assert "device_offline" in sink.codes("gone")
+            # the slow meter (0.6 s > its 0.3 s timeout) counts as timing out
+            assert "device_offline" in sink.codes("m9")
+            # clear a fault: the meter comes back, with an event
+            sim.clear(3)
+            await asyncio.sleep(2.0)
+            assert "device_online" in sink.codes("m3")
+            assert sink.readings["m3"], "m3 did not resume"
+            status = sink.status[-1]
+            assert status.status == "online"
+            assert status.meters_offline is not None and status.meters_offline >= 7
+        for _ in range(50):  # the collector says goodbye: retained status offline
+            if sink.status[-1].status == "offline":
+                break
+            await asyncio.sleep(0.05)
+    assert sink.status[-1].status == "offline"
+    offline = next(e for e in sink.events if e.meter == "m5" and e.code == "device_offline")
+    assert offline.evidence["kind"] == "exception_04"
+    assert offline.state == "raised"
+    expected = {
+        "m2": "exception_01",
+        "m3": "exception_02",
+        "m4": "exception_03",
+        "m5": "exception_04",
+        "m6": "exception_0a",
+        "m7": "exception_0b",
+        "m8": "timeout",
+        "m9": "timeout",
+        "gone": "refused",
+    }
+    for meter, kind in expected.items():
+        event = next(e for e in sink.events if e.meter == meter and e.code == "device_offline")
+        assert event.evidence["kind"] == kind, meter
+        assert sample(metrics, "pfm_collector_poll_errors_total", meter=meter, kind=kind) >= 2
+        assert sample(metrics, "pfm_collector_meter_online", meter=meter) == (
+            1.0 if meter == "m3" else 0.0
+        )
+    assert sample(metrics, "pfm_collector_poll_errors_total", meter="m1", kind="timeout") == 0
+    assert sample(metrics, "pfm_collector_polls_total", meter="m1") == len(sink.readings["m1"])
+    assert sample(metrics, "pfm_collector_poll_jitter_seconds_count") > 0
+    seqs = [r.seq for r in sink.readings["m1"]]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))

@@ -1,0 +1,188 @@
+"""``pfmon read``, ``pfmon scan``, ``pfmon timesync`` and ``pfmon simulate`` against
+the simulator over real Modbus TCP."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+import orjson
+import pytest
+from typer.testing import CliRunner
+
+from services.cli import app
+from services.collector.simulator import SimServer, SimSite, fleet_site
+from shared.embedded import free_port, wait_port
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def sim() -> Iterator[tuple[SimSite, int]]:
+    """A mixed fleet (pmtr001, sdm630, pzem004t ...) served from a background thread."""
+    site = fleet_site(6, seed=4, profile="mixed")
+    site.inject("comm_loss", unit=5, delay_s=5.0)
+    port = free_port()
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+    servers: list[SimServer] = []
+
+    async def start() -> None:
+        servers.append(await SimServer(site, port).start())
+
+    def serve() -> None:
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(start())
+        started.set()
+        loop.run_forever()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    started.wait(10)
+    wait_port("127.0.0.1", port)
+    yield site, port
+    async def stop() -> None:
+        await servers[0].stop()
+        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in others:
+            task.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
+
+    asyncio.run_coroutine_threadsafe(stop(), loop).result(10)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
+
+
+def test_read_json_matches_the_model(sim: tuple[SimSite, int]) -> None:
+    site, port = sim
+    result = runner.invoke(
+        app,
+        [
+            "read",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--unit",
+            "2",
+            "--profile",
+            "sdm630",
+            "--json",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    values = orjson.loads(result.stdout)
+    truth = site.state().meters["meter2"]
+    assert values["power"] == pytest.approx(truth.p_w, rel=0.03)
+    assert values["reactive_power"] == pytest.approx(truth.q_var, rel=0.05, abs=200)
+    assert 225 < values["voltage_l1"] < 235
+
+
+def test_read_raw_shows_registers_in_hex(sim: tuple[SimSite, int]) -> None:
+    _, port = sim
+    result = runner.invoke(
+        app,
+        [
+            "read",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--unit",
+            "1",
+            "--profile",
+            "pmtr001",
+            "--raw",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "holding 78..97" in result.stdout
+    assert "1388" in result.stdout  # 5000 mV rail at 78, as the device holds it
+    assert "voltage_l1" in result.stdout
+
+
+def test_read_errors_are_clear(sim: tuple[SimSite, int]) -> None:
+    _, port = sim
+    base = ["read", "--host", "127.0.0.1", "--port", str(port)]
+    r = runner.invoke(app, [*base, "--unit", "0", "--profile", "pmtr001"])
+    assert r.exit_code == 2 and "1-247" in r.output
+    r = runner.invoke(app, [*base, "--unit", "1", "--profile", "nope"])
+    assert r.exit_code == 2 and "unknown meter profile 'nope'" in r.output
+    r = runner.invoke(app, [*base, "--unit", "5", "--profile", "sdm630", "--timeout", "0.3"])
+    assert r.exit_code == 1 and "timeout" in r.output and "input 0+102" in r.output
+    dead = free_port()
+    r = runner.invoke(
+        app,
+        ["read", "--host", "127.0.0.1", "--port", str(dead), "--unit", "1", "--profile", "pmtr001"],
+    )
+    assert r.exit_code == 1 and "cannot connect" in r.output
+
+
+def test_scan_finds_units_and_profiles(sim: tuple[SimSite, int]) -> None:
+    site, port = sim
+    result = runner.invoke(
+        app, ["scan", "--host", "127.0.0.1", "--port", str(port), "--to", "20", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    found = {f["unit"]: f["profile"] for f in orjson.loads(result.stdout)}
+    expected = {u: m.profile.name for u, m in site.meters.items() if u != 5}  # 5 is silent
+    assert found == expected
+
+
+def test_timesync_pushes_the_clock_with_the_pmtr_handshake(sim: tuple[SimSite, int]) -> None:
+    site, port = sim
+    unit = next(u for u, m in site.meters.items() if m.profile.name == "pmtr001")
+    before = int(time.time())
+    result = runner.invoke(
+        app, ["timesync", "--host", "127.0.0.1", "--port", str(port), "--unit", str(unit)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "not exposed" in result.stdout
+    epoch = site.meters[unit].clock_epoch
+    assert epoch is not None
+    # the firmware adds 6 s and truncates to 32 bits
+    assert before + 6 <= epoch <= int(time.time()) + 6
+
+
+def test_simulate_command_serves_a_plant() -> None:
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "services.cli",
+            "simulate",
+            "--port",
+            str(port),
+            "--plant",
+            "--duration",
+            "20",
+        ],
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_port("127.0.0.1", port, timeout=15)
+        r = runner.invoke(
+            app,
+            [
+                "read",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--unit",
+                "1",
+                "--profile",
+                "sdm630",
+                "--json",
+            ],
+        )
+        assert r.exit_code == 0, r.output
+        assert orjson.loads(r.stdout)["power_factor"] == pytest.approx(0.78, abs=0.02)
+    finally:
+        proc.terminate()
+        proc.wait(10)
