@@ -268,6 +268,7 @@ async def write_batch(
     ``staged`` remembers which temporary staging tables exist on this connection.
     """
     result = BatchResult()
+    created: set[str] = set()  # remembered only once committed (a rollback drops them)
     async with conn.transaction():
         for table, rows in groups.items():
             if not rows:
@@ -279,7 +280,7 @@ async def write_batch(
                     f"CREATE TEMP TABLE IF NOT EXISTS {stage}"
                     f" (LIKE {table} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
                 )
-                staged.add(stage)
+                created.add(stage)
             await conn.copy_records_to_table(stage, records=rows, columns=cols)
             collist = ", ".join(cols)
             status = await conn.execute(
@@ -296,4 +297,5 @@ async def write_batch(
                     f" TIMESTAMPTZ '{BUCKET_ORIGIN}') FROM {stage} ORDER BY 1, 2, 3"
                     " ON CONFLICT DO NOTHING"
                 )
+    staged |= created
     return result

@@ -55,6 +55,14 @@ TRANSIENT = (
 )
 
 
+#: errors of the data itself: the same rows will fail again, so they are isolated and dropped
+DATA_ERRORS = (asyncpg.PostgresError, asyncpg.DataError, OverflowError, ValueError, TypeError)
+
+
+def is_data_error(exc: BaseException) -> bool:
+    return isinstance(exc, DATA_ERRORS) and not is_transient(exc)
+
+
 def is_transient(exc: BaseException) -> bool:
     """True when retrying the same batch later may succeed; False for bad data."""
     if isinstance(exc, asyncpg.DataError):  # client-side encoding of a bad value
@@ -165,6 +173,7 @@ class Archiver:
         self.schema: MigrationResult | None = None
         self.newest_ts: datetime | None = None
         self.db_up = False
+        self.bus: Bus | None = None
         self._backoff = Backoff(initial_s=0.25, max_s=self.cfg.retry_max_s)
         self.m.buffer.set_function(lambda: len(self.buffer) + len(self.inflight))
         self.m.spill.set_function(lambda: len(self.spool))
@@ -261,9 +270,7 @@ class Archiver:
                 conn, group_rows(rows), mark_dirty=plain, staged=self._staged
             )
         except Exception as exc:
-            if is_transient(exc):
-                raise
-            if not isinstance(exc, asyncpg.PostgresError | asyncpg.DataError):
+            if not is_data_error(exc):
                 raise
             self.m.db_errors.labels("data").inc()
             log.warning("batch refused (%s); writing its %d rows one by one", exc, len(rows))
@@ -274,9 +281,7 @@ class Archiver:
                         conn, group_rows([row]), mark_dirty=plain, staged=self._staged
                     )
                 except Exception as one_exc:
-                    if is_transient(one_exc) or not isinstance(
-                        one_exc, asyncpg.PostgresError | asyncpg.DataError
-                    ):
+                    if not is_data_error(one_exc):
                         raise
                     self.m.db_errors.labels("rejected").inc()
                     log.error("row refused by %s: %s; row dropped", row[0], one_exc)
@@ -429,6 +434,34 @@ class Archiver:
         await self._drop_conn()
         self.spool.close()
 
+    async def run(self) -> None:
+        """Consume until shutdown, then commit (or spill) what is held and close."""
+        try:
+            try:
+                await self._connect()  # migrate now when the database answers
+                self.db_up = True
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                log.warning("database unavailable at start (%s); messages will spill", exc)
+            async with asyncio.TaskGroup() as tg:
+                flusher = tg.create_task(self.flusher(), name="archiver-flusher")
+                tg.create_task(self.rollup_loop(), name="archiver-rollups")
+                async with Bus(
+                    self.settings,
+                    service=SERVICE,
+                    site=self.site.site,
+                    metrics=self.metrics,
+                    manual_ack=True,
+                ) as bus:
+                    self.bus = bus
+                    self.subscribe(bus)
+                    await self.shutdown.wait()
+                # the bus is closed: no new messages; the flusher commits (or spills) the rest
+                await flusher
+        finally:
+            await self.close()
+
 
 def _ts_key(ts: Any) -> Any:
     return ts if ts is not None else datetime.min.replace(tzinfo=UTC)
@@ -439,16 +472,4 @@ async def run(settings: Settings, site: SiteConfig, shutdown: Shutdown) -> None:
     port = settings.metrics_port if settings.metrics_port is not None else METRICS_PORTS[SERVICE]
     metrics.serve(settings.metrics_host, port)
     archiver = Archiver(settings, site, shutdown, metrics)
-    try:
-        async with asyncio.TaskGroup() as tg:
-            flusher = tg.create_task(archiver.flusher(), name="archiver-flusher")
-            tg.create_task(archiver.rollup_loop(), name="archiver-rollups")
-            async with Bus(
-                settings, service=SERVICE, site=site.site, metrics=metrics, manual_ack=True
-            ) as bus:
-                archiver.subscribe(bus)
-                await shutdown.wait()
-            # the bus is closed: no new messages; the flusher commits (or spills) the rest
-            await flusher
-    finally:
-        await archiver.close()
+    await archiver.run()
