@@ -220,7 +220,8 @@ class RowBuilder:
 
     def metrics(self, m: Metrics) -> tuple[Any, ...]:
         seconds = m.interval_s if m.interval_s > 0 else self.poll_interval(m.meter)
-        values = [m.values.get(M(name)) for name in MEASUREMENTS]
+        v: dict[Any, float] = m.values  # StrEnum keys hash and compare as their str value
+        values = [v.get(name) for name in MEASUREMENTS]
         return (
             m.site,
             m.meter,
