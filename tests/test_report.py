@@ -270,6 +270,8 @@ async def test_report_on_the_whole_pipeline(
     assert any("no lead/lag" in note for note in rep.notes)
     (meter,) = rep.meters
     assert meter.meter == "main" and math.isclose(meter.hours_below_alert, n * 0.2 / 3600)
+    # site hours count the data in each 15-min window, not whole windows
+    assert math.isclose(rep.hours_below(0.97), n * 0.2 / 3600)
     tan2 = math.tan(math.acos(0.97))
     p_kw = max(w.kw for w in rep.windows)  # the worst window is the fullest one
     expected_qc = p_kw * (math.tan(math.acos(expected_pf(model))) - tan2)

@@ -70,6 +70,8 @@ class Window:
     kvarh_ind: float
     kvarh_cap: float
     kvah: float
+    #: hours of data in the window (the best-covered meter's), at most 0.25
+    hours: float = 0.25
 
     @property
     def kvarh_net(self) -> float:
@@ -156,7 +158,7 @@ class Report:
         return min(pfs) if pfs else None
 
     def hours_below(self, threshold: float) -> float:
-        return sum(0.25 for w in self.windows if w.pf is not None and w.pf < threshold)
+        return sum(w.hours for w in self.windows if w.pf is not None and w.pf < threshold)
 
     @property
     def total_cost(self) -> float:
@@ -227,19 +229,29 @@ async def build_report(
     ]
     wrows = await conn.fetch(
         f"""
-        SELECT date_bin(INTERVAL '15 minutes', ts, TIMESTAMPTZ '{BUCKET_ORIGIN}') AS w,
-            coalesce(sum(delta_import_wh), 0) / 1000 AS kwh,
-            coalesce(sum({ind}), 0) / 1000 AS kvarh_ind,
-            coalesce(sum({cap}), 0) / 1000 AS kvarh_cap,
-            coalesce(sum(delta_apparent_vah), 0) / 1000 AS kvah
-        FROM pfm_metrics WHERE site = $1 AND ts >= $2 AND ts < $3
-        GROUP BY 1 ORDER BY 1
+        SELECT w, sum(kwh) AS kwh, sum(kvarh_ind) AS kvarh_ind, sum(kvarh_cap) AS kvarh_cap,
+            sum(kvah) AS kvah, least(max(covered), 900) / 3600 AS hours
+        FROM (
+            SELECT date_bin(INTERVAL '15 minutes', ts, TIMESTAMPTZ '{BUCKET_ORIGIN}') AS w,
+                coalesce(sum(delta_import_wh), 0) / 1000 AS kwh,
+                coalesce(sum({ind}), 0) / 1000 AS kvarh_ind,
+                coalesce(sum({cap}), 0) / 1000 AS kvarh_cap,
+                coalesce(sum(delta_apparent_vah), 0) / 1000 AS kvah,
+                coalesce(sum(least(energy_s, $4)), 0) AS covered
+            FROM pfm_metrics WHERE site = $1 AND ts >= $2 AND ts < $3
+            GROUP BY 1, meter
+        ) per_meter
+        GROUP BY w ORDER BY w
         """,
         site_name,
         start,
         end,
+        cfg.max_gap_s,
     )
-    windows = [Window(r["w"], r["kwh"], r["kvarh_ind"], r["kvarh_cap"], r["kvah"]) for r in wrows]
+    windows = [
+        Window(r["w"], r["kwh"], r["kvarh_ind"], r["kvarh_cap"], r["kvah"], r["hours"])
+        for r in wrows
+    ]
     target = cfg.target_pf or th.pf_alert
     rep = Report(
         site_name,
@@ -259,7 +271,7 @@ async def build_report(
         share = sum(m.kvarh_unsigned for m in meters)
         how = "counted as inductive" if tariff.unsigned_reactive == "inductive" else "ignored"
         rep.notes.append(
-            f"{share:.1f} kvarh came from meters that give no lead/lag (magnitude only): {how}"
+            f"{share:.2f} kvarh came from meters that give no lead/lag (magnitude only): {how}"
         )
     _penalties(rep, site)
     _fix(rep, site)
@@ -279,7 +291,7 @@ def _penalties(rep: Report, site: SiteConfig) -> None:
                 billable,
                 "kvarh",
                 billable * t.kvarh_price,
-                f"{rep.kvarh_ind:.1f} kvarh inductive - {t.tan_phi_limit:g} x {rep.kwh:.1f} kWh",
+                f"{rep.kvarh_ind:.2f} kvarh inductive - {t.tan_phi_limit:g} x {rep.kwh:.2f} kWh",
             )
         )
     peak = rep.peak
@@ -295,7 +307,7 @@ def _penalties(rep: Report, site: SiteConfig) -> None:
                 extra,
                 "kW",
                 extra * t.demand_price_per_kw,
-                f"max({peak.kw:.1f} kW, {t.demand_k:g} x {peak_kva:.1f} kVA) = {billing:.1f} kW",
+                f"max({peak.kw:.2f} kW, {t.demand_k:g} x {peak_kva:.2f} kVA) = {billing:.2f} kW",
             )
         )
     if t.pf_threshold is not None:
@@ -321,7 +333,7 @@ def _fix(rep: Report, site: SiteConfig) -> None:
             worst = max(worst, w.kw * (w.kvar / w.kw - tan2))
     rep.qc_worst_kvar = worst
     hours = (rep.end - rep.start).total_seconds() / 3600
-    covered = len(rep.windows) * 0.25 or hours
+    covered = sum(w.hours for w in rep.windows) or hours
     p_avg = rep.kwh / covered if covered else 0.0
     if rep.kwh > 0:
         tan1 = (rep.kvarh_ind - rep.kvarh_cap) / rep.kwh
