@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import sqlite3
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -131,7 +132,8 @@ class ArchiverMetrics:
         )
         self.db_errors = Counter(
             "pfm_archiver_db_errors_total",
-            "Database errors by kind (connection, timeout, conflict, data, rejected, rollup)",
+            "Database (and spill file) errors by kind: connection, timeout, conflict, data,"
+            " rejected, rollup, spill",
             ["kind"],
             registry=r,
         )
@@ -209,10 +211,17 @@ class Archiver:
         elif len(self.buffer) >= self.cfg.batch_size:
             self._wake.set()
 
-    def spill(self, items: list[Pending], why: str) -> None:
+    def spill(self, items: list[Pending], why: str) -> bool:
+        """Put ``items`` on disk and acknowledge them; False (nothing acked) if the disk
+        refused - the caller keeps them, the broker re-delivers what is never acked."""
         if not items:
-            return
-        dropped = self.spool.put_many((p.topic, p.payload) for p in items)
+            return True
+        try:
+            dropped = self.spool.put_many((p.topic, p.payload) for p in items)
+        except (OSError, sqlite3.Error) as exc:
+            self.m.db_errors.labels("spill").inc()
+            log.error("cannot spill %d messages to %s: %s", len(items), self.spool.path, exc)
+            return False
         for p in items:
             if p.incoming is not None:
                 p.incoming.ack()  # safe on disk now
@@ -220,10 +229,13 @@ class Archiver:
             self.m.spill_dropped.inc(dropped)
             log.error("spill file full: dropped the %d oldest messages", dropped)
         log.debug("spilled %d messages (%s)", len(items), why)
+        return True
 
     def spill_buffer(self, why: str) -> None:
         items, self.buffer, self._oldest = self.buffer, [], None
-        self.spill(items, why)
+        if not self.spill(items, why):
+            self.buffer = items + self.buffer
+            self._oldest = time.monotonic()
 
     # -- the database side -------------------------------------------------------------
 
@@ -320,8 +332,9 @@ class Archiver:
         self.db_up = False
         await self._drop_conn()
         # put everything we hold on disk (acknowledged), in arrival order
-        self.spill(self.inflight, "write failed")
-        self.inflight = []
+        held, self.inflight = self.inflight, []
+        if not self.spill(held, "write failed"):
+            self.buffer = held + self.buffer
         self.spill_buffer("database down")
         delay = self._backoff.delay(attempt)
         deadline = time.monotonic() + delay
@@ -369,6 +382,7 @@ class Archiver:
                 await self.write(self.inflight)
             except Exception as exc:
                 if stopping:
+                    # what cannot be spilled stays unacknowledged: the broker re-delivers it
                     self.spill(self.inflight, "stopping, database down")
                     self.inflight = []
                     self.spill_buffer("stopping, database down")

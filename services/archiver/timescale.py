@@ -97,7 +97,8 @@ def cagg_statements() -> list[str]:
     out = []
     for name, width in ROLLUPS.items():
         out.append(
-            f"CREATE MATERIALIZED VIEW IF NOT EXISTS {name}\n"
+            # no IF NOT EXISTS: the migration runs once (recorded), in one transaction
+            f"CREATE MATERIALIZED VIEW {name}\n"
             "WITH (timescaledb.continuous, timescaledb.materialized_only = false) AS\n"
             f"SELECT time_bucket(INTERVAL '{width}', ts) AS ts, site, meter,\n"
             f"    count(*) AS samples,\n    {cols}\n"
@@ -130,7 +131,8 @@ def policy_statements(retention: RetentionConfig) -> list[str]:
         if days is not None:
             out.append(f"SELECT add_retention_policy('{table}', drop_after => {_interval(days)})")
     for name, (start, end, every) in CAGG_POLICY.items():
-        out.append(f"SELECT remove_continuous_aggregate_policy('{name}', if_exists => TRUE)")
+        # positional: the flag is ``if_not_exists`` before TimescaleDB 2.8, ``if_exists`` after
+        out.append(f"SELECT remove_continuous_aggregate_policy('{name}', TRUE)")
         out.append(
             f"SELECT add_continuous_aggregate_policy('{name}',"
             f" start_offset => INTERVAL '{start}', end_offset => INTERVAL '{end}',"
