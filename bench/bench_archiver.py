@@ -38,7 +38,7 @@ from shared import topics
 from shared.bus import Bus
 from shared.embedded import LocalMosquitto
 from shared.measurements import Measurement as M
-from shared.messages import Metrics
+from shared.messages import Metrics, Reading
 from shared.service import Shutdown
 from shared.settings import Settings, load_settings
 from shared.site import parse_site
@@ -189,11 +189,92 @@ async def end_to_end(settings: Settings, site_name: str, msgs: list[Metrics], ba
     return elapsed
 
 
+async def live(settings: Settings, site_name: str, meters: int, seconds: int) -> None:
+    """``meters`` meters at 1 Hz (a metrics and a reading message each per second), stamped
+    at publication (= acquisition; the collector and analytics hops are not included):
+    rows lost, and commit latency percentiles."""
+    site = parse_site({"site": site_name})
+    shutdown = Shutdown()
+    arch = Archiver(settings, site, shutdown)
+    arch.latencies = []
+    task = asyncio.create_task(arch.run())
+    while arch.bus is None or not arch.bus.connected:
+        await asyncio.sleep(0.01)
+    pub = settings.model_copy(update={"mqtt_client_id": "bench-live-pub"})
+    sent = 0
+    late = 0
+    async with Bus(pub, service="bench", site=site_name, persistent=False) as bus:
+        await bus.wait_connected(10)
+        sem = asyncio.Semaphore(500)
+
+        async def one(topic: str, model: Metrics | Reading) -> None:
+            async with sem:
+                await bus.publish(topic, model)
+
+        t0 = time.monotonic()
+        for second in range(seconds):
+            now = datetime.now(UTC)
+            batch = []
+            for k in range(meters):
+                m = make_messages(site_name, 1, 1)[0]
+                m.meter, m.ts, m.seq = f"m{k}", now, second
+                r = Reading(
+                    site=site_name,
+                    meter=f"m{k}",
+                    ts=now,
+                    seq=second,
+                    profile="bench",
+                    values={M.VOLTAGE_L1: 230.0, M.CURRENT_L1: 10.0, M.POWER_L1: 2000.0},
+                )
+                batch.append(one(topics.metrics(site_name, f"m{k}"), m))
+                batch.append(one(topics.reading(site_name, f"m{k}"), r))
+            await asyncio.gather(*batch)
+            sent += 2 * meters
+            ahead = t0 + second + 1 - time.monotonic()
+            if ahead > 0:
+                await asyncio.sleep(ahead)
+            else:
+                late += 1
+    deadline = time.monotonic() + 60
+    rows = arch.m.rows
+    while time.monotonic() < deadline:
+        done = rows.labels("pfm_metrics")._value.get() + rows.labels("pfm_readings")._value.get()
+        if done >= sent:
+            break
+        await asyncio.sleep(0.1)
+    shutdown.request("done")
+    await task
+    conn = await asyncpg.connect(settings.db_dsn)
+    try:
+        stored = await conn.fetchval("SELECT count(*) FROM pfm_metrics") + await conn.fetchval(
+            "SELECT count(*) FROM pfm_readings"
+        )
+    finally:
+        await conn.close()
+    lat = sorted(arch.latencies)
+
+    def pct(q: float) -> float:
+        return lat[min(len(lat) - 1, int(q * len(lat)))] if lat else float("nan")
+
+    print(
+        f"live: {meters} meters at 1 Hz (metrics + reading) for {seconds} s = {sent} messages"
+        f" ({late} seconds the publisher fell behind)"
+    )
+    print(f"  stored {stored} rows, lost {sent - stored}")
+    print(
+        f"  publish -> commit latency: p50 {pct(0.50):.3f} s, p99 {pct(0.99):.3f} s,"
+        f" max {lat[-1] if lat else float('nan'):.3f} s (batch {site.archiver.batch_size},"
+        f" flush {site.archiver.flush_interval_s:g} s)"
+    )
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--messages", type=int, default=50_000)
     ap.add_argument("--meters", type=int, default=200)
     ap.add_argument("--batch", type=int, default=2000)
+    ap.add_argument("--live-meters", type=int, default=0, help="run the 1 Hz live test instead")
+    ap.add_argument("--seconds", type=int, default=20)
     args = ap.parse_args()
     base = load_settings()
     schema = f"bench_{uuid.uuid4().hex[:8]}"
@@ -206,6 +287,20 @@ async def main() -> None:
         conn = await asyncpg.connect(dsn)
         await migrate(conn, parse_site({"site": site_name}).archiver)
         await conn.close()
+        if args.live_meters:
+            with LocalMosquitto(work / "mosq", persistence=True) as mosq:
+                settings = base.model_copy(
+                    update={
+                        "mqtt_url": mosq.url,
+                        "db_dsn": dsn,
+                        "data_dir": work / "data",
+                        "metrics_port": 0,
+                        "mqtt_client_id": f"bench-live-{site_name}",
+                        "log_level": "WARNING",
+                    }
+                )
+                await live(settings, site_name, args.live_meters, args.seconds)
+            return
         msgs = make_messages(site_name, args.messages, args.meters)
         rows = [RowBuilder(lambda m: 1.0).metrics(m) for m in msgs]
         with LocalMosquitto(work / "mosq", persistence=True) as mosq:

@@ -21,7 +21,6 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
 import asyncpg
 from prometheus_client import Counter, Gauge, Histogram
@@ -130,6 +129,12 @@ class ArchiverMetrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
             registry=r,
         )
+        self.commit_latency = Histogram(
+            "pfm_archiver_commit_latency_seconds",
+            "From a message's timestamp (acquisition) to the commit of its row",
+            buckets=(0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0),
+            registry=r,
+        )
         self.db_errors = Counter(
             "pfm_archiver_db_errors_total",
             "Database (and spill file) errors by kind: connection, timeout, conflict, data,"
@@ -176,6 +181,8 @@ class Archiver:
         self.newest_ts: datetime | None = None
         self.db_up = False
         self.bus: Bus | None = None
+        #: commit latencies in seconds, kept only when a benchmark sets this to a list
+        self.latencies: list[float] | None = None
         self._backoff = Backoff(initial_s=0.25, max_s=self.cfg.retry_max_s)
         self.m.buffer.set_function(lambda: len(self.buffer) + len(self.inflight))
         self.m.spill.set_function(lambda: len(self.spool))
@@ -303,9 +310,19 @@ class Archiver:
             self._count(result.inserted, result.offered)
         self.m.batches.inc()
         self.m.flush.observe(time.perf_counter() - started)
-        newest = max((getattr(p.model, "ts", None) for p in items), default=None, key=_ts_key)
-        if newest is not None and (self.newest_ts is None or newest > self.newest_ts):
-            self.newest_ts = newest
+        now = datetime.now(UTC)
+        newest = self.newest_ts
+        for p in items:
+            ts = getattr(p.model, "ts", None)
+            if ts is None:
+                continue
+            latency = (now - ts).total_seconds()
+            self.m.commit_latency.observe(latency)
+            if self.latencies is not None:
+                self.latencies.append(latency)
+            if newest is None or ts > newest:
+                newest = ts
+        self.newest_ts = newest
 
     def _count(self, inserted: dict[str, int], offered: dict[str, int]) -> None:
         for table, n in inserted.items():
@@ -475,10 +492,6 @@ class Archiver:
                 await flusher
         finally:
             await self.close()
-
-
-def _ts_key(ts: Any) -> Any:
-    return ts if ts is not None else datetime.min.replace(tzinfo=UTC)
 
 
 async def run(settings: Settings, site: SiteConfig, shutdown: Shutdown) -> None:
