@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import math
+import shutil
+import subprocess
 from datetime import UTC, datetime
 
 import asyncpg
@@ -277,6 +279,16 @@ async def test_service_stores_every_kind_once(
             "pfm_archiver_db_errors_total",
         ):
             assert name in text, name
+        promtool = shutil.which("promtool")
+        if promtool:
+            res = await asyncio.to_thread(
+                subprocess.run,
+                [promtool, "check", "metrics"],
+                input=text,
+                capture_output=True,
+                text=True,
+            )
+            assert res.returncode == 0, res.stdout + res.stderr
     finally:
         await conn.close()
 
@@ -371,3 +383,40 @@ async def test_database_down_at_start_spills_and_survives_a_restart(
         assert await conn.fetchval("SELECT sum(seq) FROM pfm_metrics") == sum(range(40))
     finally:
         await conn.close()
+
+
+def test_bad_archiver_section_lists_every_problem() -> None:
+    from shared.errors import ConfigError
+    from shared.site import parse_site
+
+    bad = {
+        "site": "s",
+        "archiver": {
+            "batch_size": 0,
+            "timescaledb": "maybe",
+            "retention": {"readings_days": -1},
+            "report": {"tariff": {"demand_k": 1.5}, "bogus": 1},
+        },
+    }
+    try:
+        parse_site(bad, "site.yaml")
+    except ConfigError as exc:
+        text = str(exc) + " " + " ".join(getattr(exc, "problems", []))
+    else:
+        raise AssertionError("accepted a bad archiver section")
+    for where in (
+        "archiver.batch_size",
+        "archiver.timescaledb",
+        "archiver.retention.readings_days",
+        "archiver.report.tariff.demand_k",
+        "archiver.report.bogus",
+    ):
+        assert where in text, (where, text)
+    try:
+        parse_site({"site": "s", "archiver": {"batch_size": 1000, "buffer_max_records": 10}})
+    except ConfigError as exc:
+        assert "buffer_max_records (10) must be at least batch_size (1000)" in (
+            str(exc) + " ".join(getattr(exc, "problems", []))
+        )
+    else:
+        raise AssertionError("accepted a buffer smaller than a batch")

@@ -211,6 +211,22 @@ def test_cli_report(db_dsn: str, tmp_path, monkeypatch) -> None:
             app, ["report", "--site", "plant", "--from", "2026-03-03", "--to", "2026-03-02"]
         )
         assert bad.exit_code == 2 and "period is empty" in bad.output
+        broken = tmp_path / "site.yaml"
+        broken.write_text("site: plant\narchiver:\n  report:\n    tariff:\n      demand_k: 2\n")
+        bad = runner.invoke(
+            app,
+            ["report", "--site-file", str(broken), "--from", "2026-03-02", "--to", "2026-03-03"],
+        )
+        assert bad.exit_code == 2 and "archiver.report.tariff.demand_k" in bad.output
+        # the site file's tariff is used: no demand component when demand_k is null
+        fine = tmp_path / "ok.yaml"
+        fine.write_text("site: plant\narchiver:\n  report:\n    tariff:\n      demand_k: null\n")
+        res = runner.invoke(
+            app,
+            ["report", "--site-file", str(fine), "--from", "2026-03-02", "--to", "2026-03-03"],
+        )
+        assert res.exit_code == 0, res.output
+        assert "billing demand" not in res.output and "reactive energy above" in res.output
     finally:
         asyncio.run(teardown())
 
