@@ -124,8 +124,12 @@ async def test_report_on_known_rows(db_dsn: str, db_schema: str) -> None:
     assert f"**{qc:.1f} kvar**" in md and "harmonic 5" in md
     page = render_html(rep)
     assert page.count("<svg") == 1 and "<polyline" in page
+    # one hour: the chart is per minute; minute 30 onwards b is inductive
+    assert rep.chart_step == timedelta(minutes=1) and len(rep.chart) == 60
+    assert math.isclose(rep.chart[0][1], 150 / math.hypot(150, 65))
+    assert math.isclose(rep.chart[59][1], 150 / math.hypot(150, 95))
     svg = pf_svg(rep)
-    assert svg.count(",") >= 4  # four windows plotted
+    assert svg.count(",") >= 60  # every minute plotted
     rows = list(csv.DictReader(io.StringIO(render_csv(rep))))
     assert len(rows) == 4 and math.isclose(float(rows[2]["kvar"]), 95)
 
@@ -184,9 +188,7 @@ def test_cli_report(db_dsn: str, tmp_path, monkeypatch) -> None:
         )
         assert res.exit_code == 0, res.output
         text = out.read_text()
-        assert (
-            "Power-factor report - plant" in text and "![PF per 15-min window](pf.pf.svg)" in text
-        )
+        assert "Power-factor report - plant" in text and "![site PF per 1 min](pf.pf.svg)" in text
         assert (tmp_path / "pf.pf.svg").read_text().startswith("<svg")
         res = runner.invoke(
             app,

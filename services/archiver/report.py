@@ -122,6 +122,9 @@ class Report:
     harmonics_source: str = ""
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    #: site PF over the period for the chart: (bucket start, PF), ``chart_step`` wide
+    chart: list[tuple[datetime, float]] = field(default_factory=list)
+    chart_step: timedelta = WINDOW
 
     # -- site totals --------------------------------------------------------------------
     @property
@@ -273,11 +276,47 @@ async def build_report(
         rep.notes.append(
             f"{share:.2f} kvarh came from meters that give no lead/lag (magnitude only): {how}"
         )
+    await _chart(conn, rep, ind, cap)
     _penalties(rep, site)
     _fix(rep, site)
     await _harmonics(conn, rep, site, site_name, start, end)
     _resonance(rep, site)
     return rep
+
+
+#: chart resolutions, finest first; the first that gives at most CHART_POINTS buckets wins
+CHART_STEPS = (
+    timedelta(minutes=1),
+    timedelta(minutes=5),
+    timedelta(minutes=15),
+    timedelta(hours=1),
+    timedelta(hours=6),
+    timedelta(days=1),
+)
+CHART_POINTS = 400
+
+
+async def _chart(conn: asyncpg.Connection, rep: Report, ind: str, cap: str) -> None:
+    span = rep.end - rep.start
+    step = next((s for s in CHART_STEPS if span / s <= CHART_POINTS), CHART_STEPS[-1])
+    rows = await conn.fetch(
+        f"""
+        SELECT date_bin($4, ts, TIMESTAMPTZ '{BUCKET_ORIGIN}') AS b,
+            sum(delta_import_wh) AS wh, sum({ind}) - sum({cap}) AS varh
+        FROM pfm_metrics WHERE site = $1 AND ts >= $2 AND ts < $3
+        GROUP BY 1 ORDER BY 1
+        """,
+        rep.site,
+        rep.start,
+        rep.end,
+        step,
+    )
+    rep.chart_step = step
+    rep.chart = [
+        (r["b"], pf)
+        for r in rows
+        if r["wh"] is not None and (pf := billing_pf(r["wh"], r["varh"] or 0.0)) is not None
+    ]
 
 
 def _penalties(rep: Report, site: SiteConfig) -> None:
@@ -414,9 +453,9 @@ def _f(x: float | None, digits: int = 3) -> str:
 
 
 def pf_svg(rep: Report, width: int = 720, height: int = 240) -> str:
-    """PF per 15-minute window over the period, with the alert and penalty lines."""
+    """Site PF over the period (adaptive resolution), with the alert and penalty lines."""
     pad_l, pad_r, pad_t, pad_b = 48, 12, 16, 28
-    pts = [(w.start, w.pf) for w in rep.windows if w.pf is not None]
+    pts = rep.chart
     lo = min([rep.pf_penalty - 0.05, *[pf for _, pf in pts]]) if pts else 0.8
     lo = max(0.0, math.floor(lo * 20) / 20)
     span = (rep.end - rep.start).total_seconds() or 1.0
@@ -430,7 +469,8 @@ def pf_svg(rep: Report, width: int = 720, height: int = 240) -> str:
     out = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}"'
         f' viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">',
-        f"<title>Power factor, {html.escape(rep.site)}</title>",
+        f"<title>Power factor, {html.escape(rep.site)}, per"
+        f" {rep.chart_step.total_seconds() / 60:g} min</title>",
         f'<rect x="{pad_l}" y="{pad_t}" width="{width - pad_l - pad_r}"'
         f' height="{height - pad_t - pad_b}" fill="none" stroke="#999"/>',
     ]
@@ -454,7 +494,8 @@ def pf_svg(rep: Report, width: int = 720, height: int = 240) -> str:
         f"{rep.end:%Y-%m-%d %H:%M} UTC</text>"
     )
     if pts:
-        poly = " ".join(f"{x(t + WINDOW / 2):.1f},{y(pf):.1f}" for t, pf in pts)
+        half = rep.chart_step / 2
+        poly = " ".join(f"{x(min(t + half, rep.end)):.1f},{y(pf):.1f}" for t, pf in pts)
         out.append(f'<polyline fill="none" stroke="#0072b2" stroke-width="1.5" points="{poly}"/>')
     out.append("</svg>")
     return "\n".join(out)
@@ -515,7 +556,8 @@ def render_markdown(rep: Report, worst: int = 5, chart_file: str | None = None) 
         out.append(f"> **Warning:** {w}")
         out.append("")
     if chart_file:
-        out += [f"![PF per 15-min window]({chart_file})", ""]
+        step = f"{rep.chart_step.total_seconds() / 60:g} min"
+        out += [f"![site PF per {step}]({chart_file})", ""]
     out += ["## Summary", "", "| | |", "|---|---|"]
     out += [f"| {k} | {v} |" for k, v in _summary_rows(rep)]
     out += [
