@@ -28,7 +28,7 @@ from shared.messages import (
 )
 from shared.settings import Settings
 from shared.site.archiver import ArchiverConfig
-from tests.archiver_helpers import (
+from tests.test_archiver_helpers import (
     archiver_site,
     at,
     metrics_msg,

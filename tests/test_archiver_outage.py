@@ -16,7 +16,7 @@ import pytest
 from shared import topics
 from shared.embedded import LocalPostgres
 from shared.settings import Settings
-from tests.archiver_helpers import archiver_site, at, metrics_msg, publisher, running_archiver
+from tests.test_archiver_helpers import archiver_site, at, metrics_msg, publisher, running_archiver
 
 OUTAGE_S = 30.0
 RATE_HZ = 200

@@ -14,7 +14,7 @@ from services.archiver.migrate import PLAIN, TIMESCALE, migrate, plan
 from shared.errors import ConfigError
 from shared.measurements import Measurement
 from shared.site.archiver import ArchiverConfig, RetentionConfig
-from tests.archiver_helpers import schema_dsn
+from tests.test_archiver_helpers import schema_dsn
 
 TABLES = {"pfm_readings", "pfm_metrics", "pfm_events", "pfm_commands", "pfm_device_status"}
 

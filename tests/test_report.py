@@ -26,7 +26,7 @@ from shared.service import Shutdown
 from shared.settings import Settings
 from shared.site import SiteConfig, parse_site
 from shared.site.archiver import ArchiverConfig
-from tests.archiver_helpers import archiver_site, running_archiver, schema_dsn
+from tests.test_archiver_helpers import archiver_site, running_archiver, schema_dsn
 
 T0 = datetime(2026, 3, 2, 8, 0, 0, tzinfo=UTC)
 HOUR = timedelta(hours=1)

@@ -1,4 +1,4 @@
-"""Helpers shared by the archiver and report tests (not a test module)."""
+"""Helpers shared by the archiver and report tests (no tests here)."""
 
 from __future__ import annotations
 
