@@ -7,7 +7,6 @@ import asyncio
 import math
 
 import asyncpg
-import orjson
 
 from services.analytics import service as analytics
 from services.archiver import service as archiver
@@ -66,14 +65,18 @@ async def test_rows_arrive_with_the_right_values(settings: Settings, site_name: 
         row = rows[-1]
         assert row["meter"] == "main"
         # registers hold 0.1 V, 0.01 A, 1 W and 0.01 pf resolution
-        phases = zip(model.voltage_v, model.current_a, model.pf, strict=True)
-        p_expected = sum(round(v * i * pf) for v, i, pf in phases)
+        p_expected = sum(
+            round(v * i * pf)
+            for v, i, pf in zip(model.voltage_v, model.current_a, model.pf, strict=True)
+        )
         s_expected = sum(v * i for v, i in zip(model.voltage_v, model.current_a, strict=True))
-        assert row["power_w"] == p_expected
-        assert math.isclose(row["apparent_power_va"], s_expected, rel_tol=1e-9)
+        assert row["power"] == p_expected
+        assert math.isclose(row["apparent_power"], s_expected, rel_tol=1e-9)
         assert math.isclose(row["power_factor"], expected_pf(model), abs_tol=2e-3)
-        data = orjson.loads(row["data"])
-        assert math.isclose(data["voltage_l2"], 232.0, abs_tol=0.05)
-        assert math.isclose(data["current_l3"], 5.0, abs_tol=0.005)
+        assert math.isclose(row["voltage_l2"], 232.0, abs_tol=0.05)
+        assert math.isclose(row["current_l3"], 5.0, abs_tol=0.005)
+        # energy of the interval: P and S over the meter's poll interval (0.2 s)
+        assert math.isclose(row["delta_import_wh"], p_expected * 0.2 / 3600, rel_tol=1e-9)
+        assert math.isclose(row["delta_apparent_vah"], s_expected * 0.2 / 3600, rel_tol=1e-9)
     finally:
         await conn.close()

@@ -1,12 +1,26 @@
-"""``pfmon archiver`` and the archiver's tools."""
+"""``pfmon archiver`` and ``pfmon report``."""
 
 from __future__ import annotations
 
+import asyncio
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 import typer
 
-from services.common import DURATION_OPTION, SITE_FILE_OPTION, run_service
+from services.common import DURATION_OPTION, SITE_FILE_OPTION, fail, run_service
+
+
+def parse_when(text: str, option: str) -> datetime:
+    """ISO date or date-time; a naive value is UTC."""
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        try:
+            value = datetime.combine(date.fromisoformat(text), datetime.min.time())
+        except ValueError:
+            fail(f"{option} {text!r}: expected an ISO date or date-time, e.g. 2026-03-01T00:00")
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def register(app: typer.Typer) -> None:
@@ -19,3 +33,81 @@ def register(app: typer.Typer) -> None:
         from services.archiver.service import SERVICE, run
 
         run_service(SERVICE, run, site_file, duration)
+
+    @app.command("report")
+    def _report(
+        site: str | None = typer.Option(
+            None, "--site", help="Site slug (default: the site file's)."
+        ),
+        start: str = typer.Option(..., "--from", help="Start, ISO date/time (UTC if naive)."),
+        end: str = typer.Option(..., "--to", help="End (exclusive), ISO date/time."),
+        fmt: str = typer.Option("md", "--format", help="md, html or csv."),
+        out: Path | None = typer.Option(None, "--out", help="Write here instead of stdout."),
+        site_file: Path | None = typer.Option(
+            None,
+            "--site-file",
+            envvar="PFM_SITE_FILE",
+            help="Site YAML: thresholds and archiver.report tariff (defaults if omitted).",
+        ),
+    ) -> None:
+        """What the power factor cost over a period, and the capacitor bank that fixes it."""
+        from services.archiver.report import (
+            build_report,
+            pf_svg,
+            render_csv,
+            render_html,
+            render_markdown,
+        )
+        from shared.errors import ConfigError
+        from shared.settings import load_settings
+        from shared.site import load_site, parse_site
+
+        if fmt not in ("md", "html", "csv"):
+            fail(f"--format {fmt!r}: expected md, html or csv")
+        try:
+            settings = load_settings()
+            if site_file is not None:
+                cfg = load_site(site_file)
+            elif site:
+                cfg = parse_site({"site": site}, "--site")
+            else:
+                raise ConfigError("pass --site SITE (or --site-file FILE)")
+        except ConfigError as exc:
+            fail(str(exc))
+        name = site or cfg.site
+        t0, t1 = parse_when(start, "--from"), parse_when(end, "--to")
+
+        async def main() -> str:
+            import asyncpg
+
+            try:
+                conn = await asyncpg.connect(settings.db_dsn, timeout=10)
+            except (OSError, asyncpg.PostgresError) as exc:
+                fail(f"cannot reach the database {settings.db_dsn}: {exc}", code=1)
+            try:
+                rep = await build_report(conn, cfg, name, t0, t1)
+            except asyncpg.UndefinedTableError:
+                fail("no pfm_metrics table: has the archiver run against this database?", 1)
+            finally:
+                await conn.close()
+            worst = cfg.archiver.report.worst_meters
+            if fmt == "csv":
+                return render_csv(rep)
+            if fmt == "html":
+                return render_html(rep, worst)
+            chart = None
+            if out is not None:
+                chart_path = out.with_suffix(".pf.svg")
+                chart_path.write_text(pf_svg(rep), encoding="utf-8")
+                chart = chart_path.name
+            return render_markdown(rep, worst, chart)
+
+        try:
+            text = asyncio.run(main())
+        except ConfigError as exc:
+            fail(str(exc))
+        if out is None:
+            typer.echo(text, nl=False)
+        else:
+            out.write_text(text, encoding="utf-8")
+            typer.echo(f"report written to {out}", err=True)

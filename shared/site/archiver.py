@@ -1,8 +1,69 @@
-"""Site-file section owned by the archiver."""
+"""Site-file section owned by the archiver (``archiver:``), with the tariff of the report."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class RetentionConfig(BaseModel):
+    """How long each kind of data is kept (TimescaleDB retention policies; days)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    readings_days: float = Field(7, gt=0, description="raw readings (short)")
+    metrics_days: float = Field(730, gt=0, description="per-interval metrics (long)")
+    rollups_days: float | None = Field(None, gt=0, description="1m/15m/1h rollups; None = keep")
+    events_days: float | None = Field(None, gt=0, description="events/commands/status; None = keep")
+    compress_after_days: float = Field(7, gt=0, description="compress chunks older than this")
+    chunk_interval_hours: float = Field(24, gt=0, le=24 * 30, description="hypertable chunk size")
+
+
+class TariffConfig(BaseModel):
+    """A utility's reactive-energy tariff; every component can be switched off with null."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    currency: str = "EUR"
+    #: reactive energy above tan_phi_limit * kWh is billed per kvarh (e.g. 0.4 ~ PF 0.928)
+    tan_phi_limit: float | None = Field(0.4, ge=0, le=5)
+    kvarh_price: float = Field(0.02, ge=0, description="per billable kvarh")
+    #: billing demand = max(peak kW, demand_k * peak kVA) over 15-min windows (e.g. 0.90)
+    demand_k: float | None = Field(0.90, gt=0, le=1)
+    demand_price_per_kw: float = Field(10.0, ge=0, description="per kW of billing demand")
+    #: peak kvar above what pf_threshold allows at the peak kW is billed per kvar
+    pf_threshold: float | None = Field(0.90, gt=0, le=1)
+    kvar_price: float = Field(3.0, ge=0, description="per excess kvar of demand")
+    #: reactive energy from meters that give no lead/lag: count it as inductive, or ignore it
+    unsigned_reactive: Literal["inductive", "ignore"] = "inductive"
+
+
+class ReportConfig(BaseModel):
+    """``pfmon report`` settings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tariff: TariffConfig = Field(default_factory=TariffConfig)
+    target_pf: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="PF the capacitor sizing aims at (default thresholds.pf_alert)",
+    )
+    short_circuit_mva: float | None = Field(
+        None, gt=0, description="short-circuit power at the capacitor bus (resonance check)"
+    )
+    harmonic_present_pct: float = Field(
+        3.0, gt=0, le=100, description="a current harmonic >= this % of the fundamental is present"
+    )
+    resonance_margin: float = Field(
+        0.10, gt=0, le=0.5, description="warn when the resonance order is within this fraction"
+    )
+    max_gap_s: float = Field(
+        300, gt=0, description="rows further apart than this are not bridged (energy, hours)"
+    )
+    worst_meters: int = Field(5, ge=1, le=100)
 
 
 class ArchiverConfig(BaseModel):
@@ -10,3 +71,28 @@ class ArchiverConfig(BaseModel):
 
     batch_size: int = Field(500, ge=1, le=100_000)
     flush_interval_s: float = Field(1.0, gt=0, le=60)
+    #: messages held in memory (not yet acknowledged) before they spill to disk
+    buffer_max_records: int = Field(20_000, ge=1, le=10_000_000)
+    #: spill file bound; when full the oldest records are dropped and counted
+    spill_max_records: int = Field(5_000_000, ge=1000)
+    retry_max_s: float = Field(10.0, gt=0, le=600, description="longest wait between DB retries")
+    keep_readings: bool = Field(True, description="store raw readings in pfm_readings")
+    #: MQTT v5 shared-subscription group (several archivers split the load); null = none
+    share_group: str | None = Field("archiver", pattern=r"^[A-Za-z0-9_-]+$")
+    timescaledb: Literal["auto", "on", "off"] = Field(
+        "auto", description="auto: use the extension when installed or installable"
+    )
+    rollup_interval_s: float = Field(
+        5.0, gt=0, le=3600, description="plain PostgreSQL: how often rollups are refreshed"
+    )
+    retention: RetentionConfig = Field(default_factory=RetentionConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
+
+    @model_validator(mode="after")
+    def _buffer(self) -> ArchiverConfig:
+        if self.buffer_max_records < self.batch_size:
+            raise ValueError(
+                f"buffer_max_records ({self.buffer_max_records}) must be at least "
+                f"batch_size ({self.batch_size})"
+            )
+        return self

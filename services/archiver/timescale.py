@@ -1,0 +1,146 @@
+"""Every TimescaleDB-specific statement of the archive, in one place.
+
+Written against the TimescaleDB 2.x API: ``create_hypertable`` (with
+``if_not_exists`` and ``migrate_data``), ``ALTER TABLE ... SET
+(timescaledb.compress, ...)`` + ``add_compression_policy``,
+``add_retention_policy``, continuous aggregates ``CREATE MATERIALIZED VIEW ...
+WITH (timescaledb.continuous) ... WITH NO DATA`` (so they can be created inside
+the migration's transaction) and ``add_continuous_aggregate_policy``.
+
+The rollups here have the same names and columns as the plain-PostgreSQL rollup
+tables (``migrations/0002_rollups.plain.sql``): one query surface either way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import asyncpg
+
+from services.archiver.columns import ROLLUPS, raw_aggregate, rollup_columns
+from shared.site.archiver import RetentionConfig
+
+EXTENSION = "timescaledb"
+
+#: tables that become hypertables, partitioned on ``ts``
+HYPERTABLES = ("pfm_readings", "pfm_metrics", "pfm_events", "pfm_commands", "pfm_device_status")
+
+#: compression: segment by the series key, newest first inside a segment
+COMPRESSION = {
+    "pfm_readings": "site, meter",
+    "pfm_metrics": "site, meter",
+}
+
+#: how far back each continuous aggregate's refresh policy looks, and how often it runs
+CAGG_POLICY = {
+    "pfm_metrics_1m": ("2 hours", "1 minute", "1 minute"),
+    "pfm_metrics_15m": ("1 day", "15 minutes", "5 minutes"),
+    "pfm_metrics_1h": ("3 days", "1 hour", "15 minutes"),
+}
+
+
+async def detect(conn: asyncpg.Connection, mode: str) -> str | None:
+    """The TimescaleDB version to use, or None for plain PostgreSQL.
+
+    ``mode``: ``off`` never uses it; ``auto`` uses it when installed in this database
+    or installable (``pg_available_extensions``); ``on`` requires it.
+    """
+    if mode == "off":
+        return None
+    installed = await conn.fetchval(
+        "SELECT extversion FROM pg_extension WHERE extname = $1", EXTENSION
+    )
+    if installed:
+        return str(installed)
+    available = await conn.fetchval(
+        "SELECT default_version FROM pg_available_extensions WHERE name = $1", EXTENSION
+    )
+    if available is None:
+        if mode == "on":
+            from shared.errors import ConfigError
+
+            raise ConfigError(
+                "archiver.timescaledb is 'on' but the timescaledb extension is not "
+                "available in this PostgreSQL (install it or set timescaledb: auto)"
+            )
+        return None
+    await conn.execute(f"CREATE EXTENSION IF NOT EXISTS {EXTENSION}")
+    return str(
+        await conn.fetchval("SELECT extversion FROM pg_extension WHERE extname = $1", EXTENSION)
+    )
+
+
+def _interval(days: float) -> str:
+    return f"INTERVAL '{days * 86400:.0f} seconds'"
+
+
+def schema_statements(chunk_interval_hours: float = 24) -> list[str]:
+    """Hypertables, compression settings and continuous aggregates (migration step)."""
+    chunk = f"INTERVAL '{chunk_interval_hours * 3600:.0f} seconds'"
+    out = [
+        f"SELECT create_hypertable('{t}', 'ts', chunk_time_interval => {chunk},"
+        " if_not_exists => TRUE, migrate_data => TRUE)"
+        for t in HYPERTABLES
+    ]
+    for table, segment in COMPRESSION.items():
+        out.append(
+            f"ALTER TABLE {table} SET (timescaledb.compress,"
+            f" timescaledb.compress_segmentby = '{segment}',"
+            " timescaledb.compress_orderby = 'ts DESC')"
+        )
+    out += cagg_statements()
+    return out
+
+
+def cagg_statements() -> list[str]:
+    cols = ",\n    ".join(raw_aggregate(c) for c in rollup_columns())
+    out = []
+    for name, width in ROLLUPS.items():
+        out.append(
+            # no IF NOT EXISTS: the migration runs once (recorded), in one transaction
+            f"CREATE MATERIALIZED VIEW {name}\n"
+            "WITH (timescaledb.continuous, timescaledb.materialized_only = false) AS\n"
+            f"SELECT time_bucket(INTERVAL '{width}', ts) AS ts, site, meter,\n"
+            f"    count(*) AS samples,\n    {cols}\n"
+            "FROM pfm_metrics\n"
+            f"GROUP BY time_bucket(INTERVAL '{width}', ts), site, meter\n"
+            "WITH NO DATA"
+        )
+    return out
+
+
+def policy_statements(retention: RetentionConfig) -> list[str]:
+    """Compression, retention and refresh policies (re-applied when the config changes)."""
+    out: list[str] = []
+    for table in COMPRESSION:
+        out.append(f"SELECT remove_compression_policy('{table}', if_exists => TRUE)")
+        out.append(
+            f"SELECT add_compression_policy('{table}',"
+            f" compress_after => {_interval(retention.compress_after_days)})"
+        )
+    keep: dict[str, float | None] = {
+        "pfm_readings": retention.readings_days,
+        "pfm_metrics": retention.metrics_days,
+        "pfm_events": retention.events_days,
+        "pfm_commands": retention.events_days,
+        "pfm_device_status": retention.events_days,
+    }
+    keep.update(dict.fromkeys(ROLLUPS, retention.rollups_days))
+    for table, days in keep.items():
+        out.append(f"SELECT remove_retention_policy('{table}', if_exists => TRUE)")
+        if days is not None:
+            out.append(f"SELECT add_retention_policy('{table}', drop_after => {_interval(days)})")
+    for name, (start, end, every) in CAGG_POLICY.items():
+        # positional: the flag is ``if_not_exists`` before TimescaleDB 2.8, ``if_exists`` after
+        out.append(f"SELECT remove_continuous_aggregate_policy('{name}', TRUE)")
+        out.append(
+            f"SELECT add_continuous_aggregate_policy('{name}',"
+            f" start_offset => INTERVAL '{start}', end_offset => INTERVAL '{end}',"
+            f" schedule_interval => INTERVAL '{every}')"
+        )
+    return out
+
+
+def policy_checksum(retention: RetentionConfig) -> str:
+    text = "\n".join(policy_statements(retention))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -1,0 +1,422 @@
+"""The archiver: energy derivation, idempotent COPY merge, rollups, the service over MQTT."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import shutil
+import subprocess
+from datetime import UTC, datetime
+
+import asyncpg
+import pytest
+
+from services.archiver import rollups
+from services.archiver.ingest import RowBuilder, energy_deltas, group_rows, write_batch
+from services.archiver.migrate import migrate
+from shared import topics
+from shared.measurements import Measurement as M
+from shared.messages import (
+    ActuatorState,
+    Command,
+    Event,
+    EventState,
+    GatewayStatus,
+    LoadKind,
+    Metrics,
+    Reading,
+)
+from shared.settings import Settings
+from shared.site.archiver import ArchiverConfig
+from tests.test_archiver_helpers import (
+    archiver_site,
+    at,
+    metrics_msg,
+    publish_all,
+    publisher,
+    running_archiver,
+    schema_dsn,
+    wait_for,
+)
+
+T0 = datetime(2026, 3, 2, 12, 0, 0, tzinfo=UTC)
+
+
+def _m(values: dict[M, float], load: LoadKind | None = None, interval: float = 3600) -> Metrics:
+    return Metrics(
+        site="s",
+        meter="m",
+        ts=T0,
+        seq=1,
+        interval_s=interval,
+        values=values,
+        load={"total": load} if load else {},
+    )
+
+
+def test_energy_deltas_by_iec_quadrant() -> None:
+    # columns: import, export, q1, q2, q3, q4, unsigned, apparent (Wh, varh, VAh over 1 h)
+    assert energy_deltas(_m({M.POWER: 1000, M.REACTIVE_POWER: 500}), 3600) == (
+        1000,
+        0,
+        500,
+        0,
+        0,
+        0,
+        0,
+        math.hypot(1000, 500),
+    )
+    assert energy_deltas(_m({M.POWER: 1000, M.REACTIVE_POWER: -300}), 1800) == (
+        500,
+        0,
+        0,
+        0,
+        0,
+        150,
+        0,
+        math.hypot(1000, 300) / 2,
+    )
+    assert energy_deltas(_m({M.POWER: -800, M.REACTIVE_POWER: 600}), 3600)[:6] == (
+        0,
+        800,
+        0,
+        600,
+        0,
+        0,
+    )
+    assert energy_deltas(_m({M.POWER: -800, M.REACTIVE_POWER: -600}), 3600)[:6] == (
+        0,
+        800,
+        0,
+        0,
+        600,
+        0,
+    )
+    # magnitude-only meter: |Q| = sqrt(S^2 - P^2), sign unknown
+    d = energy_deltas(_m({M.POWER: 800, M.APPARENT_POWER: 1000}), 3600)
+    assert d[2:6] == (0, 0, 0, 0) and math.isclose(d[6], 600) and d[7] == 1000
+    # ... unless analytics knows the load is capacitive
+    d = energy_deltas(_m({M.POWER: 800, M.APPARENT_POWER: 1000}, LoadKind.CAPACITIVE), 3600)
+    assert math.isclose(d[5], 600) and d[6] == 0
+    assert energy_deltas(_m({M.APPARENT_POWER: 1000}), 3600) == (None,) * 8
+
+
+def test_metrics_row_uses_the_poll_interval_when_the_message_has_none() -> None:
+    builder = RowBuilder(lambda meter: {"m": 0.5}.get(meter, 1.0))
+    table, row = builder.row(_m({M.POWER: 3600, M.APPARENT_POWER: 3600}, interval=0))
+    assert table == "pfm_metrics"
+    from services.archiver.ingest import TABLE_COLUMNS
+
+    rec = dict(zip(TABLE_COLUMNS["pfm_metrics"], row, strict=True))
+    assert rec["energy_s"] == 0.5
+    assert rec["delta_import_wh"] == 0.5  # 3600 W for 0.5 s
+    assert rec["power"] == 3600 and rec["power_factor"] is None and rec["voltage_l1"] is None
+
+
+async def test_merge_is_idempotent(db_dsn: str, db_schema: str) -> None:
+    conn = await asyncpg.connect(schema_dsn(db_dsn, db_schema))
+    try:
+        await migrate(conn, ArchiverConfig())
+        builder = RowBuilder(lambda meter: 1.0)
+        msgs = [metrics_msg("s", "m", at(T0, i), i, 1000 + i, 1250 + i) for i in range(10)]
+        rows = [builder.row(m) for m in msgs]
+        staged: set[str] = set()
+        first = await write_batch(conn, group_rows(rows), mark_dirty=True, staged=staged)
+        assert first.inserted == {"pfm_metrics": 10}
+        # the same rows again, plus duplicates inside one batch: nothing new
+        again = await write_batch(conn, group_rows(rows + rows[:3]), mark_dirty=True, staged=staged)
+        assert again.inserted == {"pfm_metrics": 0} and again.offered == {"pfm_metrics": 13}
+        got = await conn.fetch("SELECT seq, power, apparent_power FROM pfm_metrics ORDER BY seq")
+        assert [(r["seq"], r["power"], r["apparent_power"]) for r in got] == [
+            (i, 1000 + i, 1250 + i) for i in range(10)
+        ]
+        assert await conn.fetchval("SELECT count(*) FROM pfm_rollup_dirty") == 1
+    finally:
+        await conn.close()
+
+
+async def test_rollups_match_the_raw_rows(db_dsn: str, db_schema: str) -> None:
+    conn = await asyncpg.connect(schema_dsn(db_dsn, db_schema))
+    try:
+        await migrate(conn, ArchiverConfig())
+        builder = RowBuilder(lambda meter: 1.0)
+        # 3 minutes at 1 Hz, P = t (seconds since T0), S = 2 t + 1
+        msgs = [metrics_msg("s", "m", at(T0, t), t, float(t), 2.0 * t + 1) for t in range(180)]
+        staged: set[str] = set()
+        await write_batch(
+            conn, group_rows(builder.row(m) for m in msgs), mark_dirty=True, staged=staged
+        )
+        assert await rollups.refresh(conn) == 3
+        one = await conn.fetch("SELECT * FROM pfm_metrics_1m ORDER BY ts")
+        assert [r["ts"] for r in one] == [at(T0, 0), at(T0, 60), at(T0, 120)]
+        for k, r in enumerate(one):
+            assert r["samples"] == 60
+            assert math.isclose(r["power"], 60 * k + 29.5)
+            assert r["power_min"] == 60 * k and r["power_max"] == 60 * k + 59
+            # energy: sum of P * 1 s / 3600
+            assert math.isclose(r["delta_import_wh"], sum(range(60 * k, 60 * k + 60)) / 3600)
+        q = await conn.fetchrow("SELECT * FROM pfm_metrics_15m")
+        assert q["ts"] == T0 and q["samples"] == 180
+        assert math.isclose(q["power"], 89.5) and q["power_max"] == 179
+        assert math.isclose(q["apparent_power"], 2 * 89.5 + 1)
+        h = await conn.fetchrow("SELECT * FROM pfm_metrics_1h")
+        assert h["ts"] == T0 and h["samples"] == 180 and math.isclose(h["power"], 89.5)
+        # a late row for the first minute updates every level
+        late = metrics_msg("s", "m", at(T0, 30.5), 999, 10_000.0, 20_000.0)
+        await write_batch(conn, group_rows([builder.row(late)]), mark_dirty=True, staged=staged)
+        assert await rollups.refresh(conn) == 1
+        assert await rollups.refresh(conn) == 0
+        first = await conn.fetchrow("SELECT * FROM pfm_metrics_1m WHERE ts = $1", T0)
+        assert first["samples"] == 61
+        assert math.isclose(first["power"], (sum(range(60)) + 10_000) / 61)
+        h = await conn.fetchrow("SELECT * FROM pfm_metrics_1h")
+        assert h["samples"] == 181
+        assert math.isclose(h["power"], (sum(range(180)) + 10_000) / 181)
+        assert h["power_max"] == 10_000
+    finally:
+        await conn.close()
+
+
+async def test_service_stores_every_kind_once(
+    settings: Settings, db_dsn: str, db_schema: str, site_name: str
+) -> None:
+    settings = settings.model_copy(update={"db_dsn": schema_dsn(db_dsn, db_schema)})
+    site = archiver_site(site_name, batch_size=20, flush_interval_s=0.2, rollup_interval_s=0.5)
+    now = datetime.now(UTC)
+    items: list = []
+    for i in range(60):
+        meter = f"m{i % 3}"
+        m = metrics_msg(site_name, meter, at(now, i // 3), i // 3, 1000.0 + i, 1250.0)
+        items.append((topics.metrics(site_name, meter), m))
+    for i in range(5):
+        ev = Event(
+            site=site_name,
+            meter="m0",
+            ts=at(now, i),
+            seq=i,
+            code="low_pf",
+            state=EventState.RAISED if i % 2 == 0 else EventState.CLEARED,
+            evidence={"pf": 0.8, "threshold": 0.9},
+        )
+        items.append((topics.event(site_name, "m0"), ev))
+    for i in range(3):
+        cmd = Command(
+            site=site_name,
+            device="bank1",
+            ts=at(now, i),
+            seq=i,
+            address=i,
+            value=1,
+            reason="pf 0.82 below 0.95",
+            origin="bank:main",
+            trigger={"pf": 0.82},
+        )
+        items.append((topics.command(site_name, "bank1"), cmd))
+    st = ActuatorState(
+        site=site_name, device="bank1", ts=now, seq=1, online=True, coils={0: True}, steps_in=[0]
+    )
+    items.append((topics.state(site_name, "bank1"), st))
+    gw = GatewayStatus(site=site_name, gateway="gw1", ts=now, seq=1, status="online")
+    items.append((topics.gateway_status(site_name, "gw1"), gw))
+    rd = Reading(
+        site=site_name, meter="m0", ts=now, seq=7, profile="pmtr001", values={M.VOLTAGE_L1: 231.5}
+    )
+    items.append((topics.reading(site_name, "m0"), rd))
+
+    conn = await asyncpg.connect(settings.db_dsn)
+    try:
+        async with running_archiver(settings, site) as arch, publisher(settings, site_name) as bus:
+            await publish_all(bus, items)
+            # a payload that is not a Metrics: dead-lettered, nothing else disturbed
+            await bus.publish(topics.metrics(site_name, "m0"), b'{"not": "metrics"}')
+            # a value PostgreSQL refuses (seq beyond bigint): that row only is dropped
+            bad = metrics_msg(site_name, "m9", now, 2**63, 1.0, 1.0)
+            await bus.publish(topics.metrics(site_name, "m9"), bad)
+            await publish_all(bus, items)  # everything delivered twice
+
+            async def all_there() -> bool:
+                n = await conn.fetchval("SELECT count(*) FROM pfm_metrics")
+                rejected = arch.m.db_errors.labels("rejected")._value.get()
+                return bool(
+                    n == 60
+                    and rejected >= 1
+                    and arch.m.duplicates.labels("pfm_metrics")._value.get() >= 60
+                )
+
+            await wait_for(all_there)
+            # rollups follow
+            await wait_for(
+                lambda: _fetchval(conn, "SELECT coalesce(sum(samples), 0) FROM pfm_metrics_1m"),
+            )
+        assert await conn.fetchval("SELECT count(*) FROM pfm_metrics") == 60
+        assert await conn.fetchval("SELECT count(DISTINCT (meter, ts, seq)) FROM pfm_metrics") == 60
+        assert await conn.fetchval("SELECT count(*) FROM pfm_events") == 5
+        ev = await conn.fetchrow("SELECT * FROM pfm_events WHERE seq = 1")
+        assert ev["state"] == "cleared" and '"threshold": 0.9' in ev["evidence"]
+        assert await conn.fetchval("SELECT count(*) FROM pfm_commands") == 3
+        cmd = await conn.fetchrow("SELECT * FROM pfm_commands WHERE seq = 2")
+        assert cmd["reason"] == "pf 0.82 below 0.95" and cmd["origin"] == "bank:main"
+        status = await conn.fetch("SELECT kind, device, online FROM pfm_device_status ORDER BY 1")
+        assert [tuple(r) for r in status] == [("actuator", "bank1", True), ("gateway", "gw1", True)]
+        reading = await conn.fetchrow("SELECT * FROM pfm_readings")
+        assert reading["seq"] == 7 and '"voltage_l1": 231.5' in reading["data"]
+        total = await conn.fetchval("SELECT sum(power) FROM pfm_metrics")
+        assert total == sum(1000.0 + i for i in range(60))
+        assert await conn.fetchval("SELECT sum(samples) FROM pfm_metrics_1m") == 60
+        assert arch.m.rows.labels("pfm_metrics")._value.get() == 60
+        assert arch.m.rows.labels("pfm_events")._value.get() == 5
+        assert arch.m.batches._value.get() >= 4
+        assert arch.metrics.deadletters.labels("archiver", "metrics")._value.get() == 1
+        assert 0 <= arch._lag() < 120
+        text = arch.metrics.exposition().decode()
+        for name in (
+            "pfm_archiver_rows_total",
+            "pfm_archiver_batches_total",
+            "pfm_archiver_lag_seconds",
+            "pfm_archiver_buffer_records",
+            "pfm_archiver_spill_records",
+            "pfm_archiver_flush_seconds_bucket",
+            "pfm_archiver_db_errors_total",
+        ):
+            assert name in text, name
+        promtool = shutil.which("promtool")
+        if promtool:
+            res = await asyncio.to_thread(
+                subprocess.run,
+                [promtool, "check", "metrics"],
+                input=text,
+                capture_output=True,
+                text=True,
+            )
+            assert res.returncode == 0, res.stdout + res.stderr
+    finally:
+        await conn.close()
+
+
+async def _fetchval(conn: asyncpg.Connection, sql: str) -> bool:
+    return bool(await conn.fetchval(sql) == 60)
+
+
+@pytest.mark.timeout(90)
+async def test_two_archivers_share_the_load(
+    settings: Settings, db_dsn: str, db_schema: str, site_name: str
+) -> None:
+    """MQTT v5 shared subscription: each message goes to one archiver, stored once."""
+    base = settings.model_copy(update={"db_dsn": schema_dsn(db_dsn, db_schema)})
+    site = archiver_site(site_name, batch_size=50, flush_interval_s=0.2)
+    a = base.model_copy(update={"mqtt_client_id": f"{settings.mqtt_client_id}-a"})
+    b = base.model_copy(update={"mqtt_client_id": f"{settings.mqtt_client_id}-b"})
+    now = datetime.now(UTC)
+    n = 2000
+    items = [
+        (
+            topics.metrics(site_name, f"m{i % 10}"),
+            metrics_msg(site_name, f"m{i % 10}", at(now, i // 10), i, float(i), 2.0 * i + 1),
+        )
+        for i in range(n)
+    ]
+    conn = await asyncpg.connect(base.db_dsn)
+    try:
+        async with (
+            running_archiver(a, site) as arch_a,
+            running_archiver(b, site) as arch_b,
+            publisher(base, site_name) as bus,
+        ):
+            assert arch_a.bus is not None and arch_a.bus.protocol == "5"
+            await publish_all(bus, items)
+
+            async def done() -> bool:
+                return bool(await conn.fetchval("SELECT count(*) FROM pfm_metrics") >= n)
+
+            await wait_for(done, timeout=60)
+            await asyncio.sleep(0.5)
+        rows_a = arch_a.m.rows.labels("pfm_metrics")._value.get()
+        rows_b = arch_b.m.rows.labels("pfm_metrics")._value.get()
+        received_a = arch_a.metrics.received.labels("archiver", "metrics")._value.get()
+        received_b = arch_b.metrics.received.labels("archiver", "metrics")._value.get()
+        assert received_a + received_b == n, "a message went to both archivers (or none)"
+        assert received_a > 0 and received_b > 0, "the load was not shared"
+        assert rows_a + rows_b == n
+        assert await conn.fetchval("SELECT count(*) FROM pfm_metrics") == n
+        assert await conn.fetchval("SELECT sum(seq) FROM pfm_metrics") == n * (n - 1) // 2
+    finally:
+        await conn.close()
+
+
+async def test_database_down_at_start_spills_and_survives_a_restart(
+    settings: Settings, db_dsn: str, db_schema: str, site_name: str
+) -> None:
+    """No database at start: messages spill to disk (acknowledged); a restart with the
+    database back drains the spill file - nothing lost, nothing twice."""
+    from shared.embedded import free_port
+
+    dead = settings.model_copy(
+        update={"db_dsn": f"postgresql://postgres@127.0.0.1:{free_port()}/none"}
+    )
+    site = archiver_site(site_name, batch_size=10, flush_interval_s=0.1, retry_max_s=0.5)
+    now = datetime.now(UTC)
+    items = [
+        (topics.metrics(site_name, "m"), metrics_msg(site_name, "m", at(now, i), i, i, 2 * i + 1))
+        for i in range(40)
+    ]
+    async with running_archiver(dead, site) as arch, publisher(settings, site_name) as bus:
+        await publish_all(bus, items)
+
+        async def spilled() -> bool:
+            return len(arch.spool) == 40
+
+        await wait_for(spilled, timeout=20)
+        assert arch.m.db_errors.labels("connection")._value.get() >= 1
+    good = settings.model_copy(update={"db_dsn": schema_dsn(db_dsn, db_schema)})
+    conn = await asyncpg.connect(good.db_dsn)
+    try:
+        async with running_archiver(good, site) as arch:
+
+            async def drained() -> bool:
+                return len(arch.spool) == 0 and arch.m.rows.labels("pfm_metrics")._value.get() == 40
+
+            await wait_for(drained, timeout=20)
+        # acknowledged when spilled, so the broker has nothing to re-deliver: they came
+        # from the spill file, kept across the restart
+        assert arch.metrics.received.labels("archiver", "metrics")._value.get() == 0
+        assert await conn.fetchval("SELECT count(*) FROM pfm_metrics") == 40
+        assert await conn.fetchval("SELECT sum(seq) FROM pfm_metrics") == sum(range(40))
+    finally:
+        await conn.close()
+
+
+def test_bad_archiver_section_lists_every_problem() -> None:
+    from shared.errors import ConfigError
+    from shared.site import parse_site
+
+    bad = {
+        "site": "s",
+        "archiver": {
+            "batch_size": 0,
+            "timescaledb": "maybe",
+            "retention": {"readings_days": -1},
+            "report": {"tariff": {"demand_k": 1.5}, "bogus": 1},
+        },
+    }
+    try:
+        parse_site(bad, "site.yaml")
+    except ConfigError as exc:
+        text = str(exc) + " " + " ".join(getattr(exc, "problems", []))
+    else:
+        raise AssertionError("accepted a bad archiver section")
+    for where in (
+        "archiver.batch_size",
+        "archiver.timescaledb",
+        "archiver.retention.readings_days",
+        "archiver.report.tariff.demand_k",
+        "archiver.report.bogus",
+    ):
+        assert where in text, (where, text)
+    try:
+        parse_site({"site": "s", "archiver": {"batch_size": 1000, "buffer_max_records": 10}})
+    except ConfigError as exc:
+        assert "buffer_max_records (10) must be at least batch_size (1000)" in (
+            str(exc) + " ".join(getattr(exc, "problems", []))
+        )
+    else:
+        raise AssertionError("accepted a buffer smaller than a batch")

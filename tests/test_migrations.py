@@ -1,0 +1,200 @@
+"""Migrations: plain PostgreSQL path in full, TimescaleDB detection and statement shape."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+import asyncpg
+import pytest
+
+from services.archiver import timescale
+from services.archiver.columns import ROLLUPS, rollup_columns
+from services.archiver.migrate import PLAIN, TIMESCALE, migrate, plan
+from shared.errors import ConfigError
+from shared.measurements import Measurement
+from shared.site.archiver import ArchiverConfig, RetentionConfig
+from tests.test_archiver_helpers import schema_dsn
+
+TABLES = {"pfm_readings", "pfm_metrics", "pfm_events", "pfm_commands", "pfm_device_status"}
+
+
+async def _snapshot(conn: asyncpg.Connection) -> list[tuple[str, ...]]:
+    cols = await conn.fetch(
+        "SELECT table_name, column_name, data_type FROM information_schema.columns"
+        " WHERE table_schema = current_schema() ORDER BY 1, 2"
+    )
+    idx = await conn.fetch(
+        "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = current_schema() ORDER BY 1"
+    )
+    return [tuple(r) for r in cols] + [tuple(r) for r in idx]
+
+
+async def _extension_available(conn: asyncpg.Connection) -> bool:
+    return bool(
+        await conn.fetchval(
+            "SELECT count(*) FROM pg_available_extensions WHERE name = 'timescaledb'"
+        )
+    )
+
+
+async def test_plain_schema_is_created_once(db_dsn: str, db_schema: str) -> None:
+    conn = await asyncpg.connect(schema_dsn(db_dsn, db_schema))
+    try:
+        if await _extension_available(conn):
+            pytest.skip("this PostgreSQL has timescaledb: the plain path is not the default")
+        first = await migrate(conn, ArchiverConfig())
+        assert first.flavour == PLAIN
+        assert first.applied == ["0001_base", "0002_rollups.plain"]
+        tables = {
+            r["table_name"]
+            for r in await conn.fetch(
+                "SELECT table_name FROM information_schema.tables"
+                " WHERE table_schema = current_schema()"
+            )
+        }
+        assert TABLES | set(ROLLUPS) | {"pfm_schema_migrations"} <= tables
+        metric_cols = {
+            r["column_name"]: r["data_type"]
+            for r in await conn.fetch(
+                "SELECT column_name, data_type FROM information_schema.columns"
+                " WHERE table_schema = current_schema() AND table_name = 'pfm_metrics'"
+            )
+        }
+        for m in Measurement:
+            assert metric_cols.get(m.value) == "double precision", m
+        for name in ROLLUPS:
+            roll = {
+                r["column_name"]
+                for r in await conn.fetch(
+                    "SELECT column_name FROM information_schema.columns"
+                    " WHERE table_schema = current_schema() AND table_name = $1",
+                    name,
+                )
+            }
+            assert {"ts", "site", "meter", "samples"} | {c.name for c in rollup_columns()} <= roll
+        brin = await conn.fetchval(
+            "SELECT count(*) FROM pg_indexes WHERE schemaname = current_schema()"
+            " AND indexdef LIKE '%USING brin%'"
+        )
+        assert brin >= 5
+        before = await _snapshot(conn)
+        second = await migrate(conn, ArchiverConfig())
+        assert second.applied == [] and second.added_columns == []
+        assert await _snapshot(conn) == before
+        assert await conn.fetchval("SELECT count(*) FROM pfm_schema_migrations") == 2
+    finally:
+        await conn.close()
+
+
+async def test_concurrent_starts_do_not_race(db_dsn: str, db_schema: str) -> None:
+    dsn = schema_dsn(db_dsn, db_schema)
+    conns = [await asyncpg.connect(dsn) for _ in range(3)]
+    try:
+        results = await asyncio.gather(*(migrate(c, ArchiverConfig()) for c in conns))
+        applied = [name for r in results for name in r.applied]
+        assert sorted(applied) == sorted(set(applied)), "a migration ran twice"
+        assert len(applied) == 2
+        rows = await conns[0].fetch("SELECT name FROM pfm_schema_migrations ORDER BY name")
+        assert [r["name"] for r in rows] == ["0001_base", "0002_rollups.plain"]
+    finally:
+        for c in conns:
+            await c.close()
+
+
+async def test_walking_skeleton_table_is_upgraded(db_dsn: str, db_schema: str) -> None:
+    conn = await asyncpg.connect(schema_dsn(db_dsn, db_schema))
+    try:
+        await conn.execute(
+            "CREATE TABLE pfm_metrics (site text NOT NULL, meter text NOT NULL,"
+            " ts timestamptz NOT NULL, seq bigint NOT NULL, interval_s double precision NOT NULL,"
+            " power_w double precision, data jsonb NOT NULL, PRIMARY KEY (site, meter, ts, seq))"
+        )
+        await migrate(conn, ArchiverConfig())
+        await conn.execute(
+            "INSERT INTO pfm_metrics (site, meter, ts, seq, interval_s, power_factor)"
+            " VALUES ('s', 'm', now(), 1, 1, 0.9)"
+        )
+        assert await conn.fetchval("SELECT power_factor FROM pfm_metrics") == 0.9
+    finally:
+        await conn.close()
+
+
+async def test_detection_chooses_plain_postgresql_here(db_dsn: str, db_schema: str) -> None:
+    conn = await asyncpg.connect(schema_dsn(db_dsn, db_schema))
+    try:
+        if await _extension_available(conn):
+            pytest.skip("timescaledb is installable on this PostgreSQL")
+        assert await timescale.detect(conn, "auto") is None
+        assert await timescale.detect(conn, "off") is None
+        with pytest.raises(ConfigError, match="timescaledb"):
+            await timescale.detect(conn, "on")
+        with pytest.raises(ConfigError):
+            await migrate(conn, ArchiverConfig(timescaledb="on"))
+        # nothing half-applied
+        assert await conn.fetchval("SELECT count(*) FROM pfm_schema_migrations") == 0
+    finally:
+        await conn.close()
+
+
+def test_plans_differ_only_in_rollups() -> None:
+    plain = [m.name for m in plan(PLAIN, ArchiverConfig())]
+    ts = [m.name for m in plan(TIMESCALE, ArchiverConfig())]
+    assert plain == ["0001_base", "0002_rollups.plain"]
+    assert ts == ["0001_base", "0002_rollups.timescale"]
+    sql = "\n".join(plan(PLAIN, ArchiverConfig())[1].sql)
+    assert "timescaledb" not in sql.replace("timescaledb extension", "")
+    assert "create_hypertable" not in sql and "time_bucket" not in sql
+
+
+def test_timescale_schema_statements_shape() -> None:
+    stmts = timescale.schema_statements(chunk_interval_hours=6)
+    hyper = [s for s in stmts if s.startswith("SELECT create_hypertable(")]
+    assert {re.search(r"create_hypertable\('(\w+)', 'ts'", s).group(1) for s in hyper} == set(
+        timescale.HYPERTABLES
+    )
+    for s in hyper:
+        assert "chunk_time_interval => INTERVAL '21600 seconds'" in s
+        assert "if_not_exists => TRUE" in s and "migrate_data => TRUE" in s
+    compress = [s for s in stmts if "timescaledb.compress" in s]
+    assert len(compress) == 2
+    assert all("compress_segmentby = 'site, meter'" in s for s in compress)
+    caggs = [s for s in stmts if s.startswith("CREATE MATERIALIZED VIEW")]
+    assert [re.search(r"VIEW (\w+)\n", s).group(1) for s in caggs] == list(ROLLUPS)
+    for s, width in zip(caggs, ROLLUPS.values(), strict=True):
+        assert "WITH (timescaledb.continuous" in s
+        assert s.rstrip().endswith("WITH NO DATA")  # can run inside the migration transaction
+        assert f"time_bucket(INTERVAL '{width}', ts) AS ts" in s
+        assert f"GROUP BY time_bucket(INTERVAL '{width}', ts), site, meter" in s
+        assert "FROM pfm_metrics" in s
+        for m in Measurement:
+            assert re.search(rf"\({m.value}\) AS {m.value}\b", s), m
+        assert "sum(delta_q1_varh) AS delta_q1_varh" in s
+        assert "min(power_factor) AS power_factor_min" in s
+    # hypertables before anything that needs them
+    assert stmts.index(hyper[-1]) < stmts.index(compress[0]) < stmts.index(caggs[0])
+
+
+def test_timescale_policy_statements_follow_the_config() -> None:
+    ret = RetentionConfig(readings_days=3, metrics_days=365, compress_after_days=2)
+    stmts = timescale.policy_statements(ret)
+    joined = "\n".join(stmts)
+    assert (
+        "SELECT add_retention_policy('pfm_readings', drop_after => INTERVAL '259200 seconds')"
+        in stmts
+    )
+    assert (
+        "SELECT add_retention_policy('pfm_metrics', drop_after => INTERVAL '31536000 seconds')"
+        in stmts
+    )
+    # events kept forever by default: the old policy is removed, none added
+    assert "remove_retention_policy('pfm_events', if_exists => TRUE)" in joined
+    assert "add_retention_policy('pfm_events'" not in joined
+    assert joined.count("add_compression_policy(") == 2
+    assert "compress_after => INTERVAL '172800 seconds'" in joined
+    for name in ROLLUPS:
+        assert f"add_continuous_aggregate_policy('{name}', start_offset => INTERVAL" in joined
+    assert timescale.policy_checksum(ret) != timescale.policy_checksum(RetentionConfig())
+    assert timescale.policy_checksum(ret) == timescale.policy_checksum(
+        RetentionConfig(readings_days=3, metrics_days=365, compress_after_days=2)
+    )
