@@ -405,6 +405,8 @@ def init_site(
     *,
     site: str,
     role: Role = "site",
+    site_file: Path | None = None,
+    simulator: bool = False,
     out: Path = Path("deploy/secrets"),
     env_file: Path | None = None,
     gateway: str = "gw1",
@@ -546,9 +548,14 @@ def init_site(
         _env_line("PFM_SITE", site),
         _env_line("PFM_GATEWAY", gateway),
     ]
-    if role == "site":
+    if site_file is not None:
         env += [
-            "# first look with simulated meters; remove for a real site and set PFM_SITE_FILE_HOST",
+            "# the site file the services mount",
+            _env_line("PFM_SITE_FILE_HOST", str(site_file.resolve())),
+        ]
+    if simulator:
+        env += [
+            "# simulated meters for a first look (the site file polls host 'simulator')",
             _env_line("COMPOSE_PROFILES", "simulator"),
         ]
     for user in users:
@@ -610,7 +617,14 @@ def _chown_tree(path: Path, uid: int) -> None:
 def register(app: typer.Typer) -> None:
     @app.command("init")
     def _init(
-        site: str = typer.Option(..., "--site", help="Site slug ([a-z0-9_-]+)."),
+        site: str | None = typer.Option(
+            None, "--site", help="Site slug ([a-z0-9_-]+); default: the site file's."
+        ),
+        site_file: Path | None = typer.Option(
+            None,
+            "--site-file",
+            help="The site YAML: validated, gives the site and gateway names.",
+        ),
         role: str = typer.Option(
             "site", "--role", help="site (one stack), edge (branch gateway) or central."
         ),
@@ -622,7 +636,9 @@ def register(app: typer.Typer) -> None:
             "--env-file",
             help="Compose .env to write (default: .env for a site, deploy/<role>/.env otherwise).",
         ),
-        gateway: str = typer.Option("gw1", "--gateway", help="Gateway slug of this site."),
+        gateway: str | None = typer.Option(
+            None, "--gateway", help="Gateway slug (default: the site file's, else gw1)."
+        ),
         hostname: list[str] = typer.Option(
             [], "--hostname", help="Extra DNS name / IP of the broker (repeat). For TLS SANs."
         ),
@@ -649,8 +665,11 @@ def register(app: typer.Typer) -> None:
         from services.common import fail
 
         try:
+            site, gateway, simulator = _names_from(site, site_file, gateway)
             result = init_site(
                 site=site,
+                site_file=site_file,
+                simulator=simulator,
                 role=role,  # type: ignore[arg-type]
                 out=out,
                 env_file=env_file,
@@ -672,3 +691,23 @@ def register(app: typer.Typer) -> None:
         typer.echo(f"  broker users: {', '.join(users)}")
         for note in result.notes:
             typer.echo(f"  note: {note}")
+
+
+def _names_from(
+    site: str | None, site_file: Path | None, gateway: str | None
+) -> tuple[str, str, bool]:
+    """(site, gateway, uses the simulator) from the options and the site file."""
+    if site_file is None:
+        if site is None:
+            raise ConfigError("pfmon init: pass --site NAME or --site-file FILE")
+        return site, gateway or "gw1", False
+    from shared.site import load_site
+
+    config = load_site(site_file)
+    if site is not None and site != config.site:
+        raise ConfigError(
+            f"pfmon init: --site {site!r} differs from site {config.site!r} in {site_file} "
+            "(the broker ACL only allows the site file's topics)"
+        )
+    simulator = any(b.host == "simulator" for b in config.buses)
+    return config.site, gateway or config.gateway, simulator
