@@ -366,6 +366,18 @@ class CertAuthority:
         return self.cert.public_bytes(serialization.Encoding.PEM)
 
 
+def server_names(cert_path: Path) -> set[str]:
+    """The DNS names and IP addresses a server certificate is valid for."""
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return set()
+    names = set(san.get_values_for_type(x509.DNSName))
+    names |= {str(ip) for ip in san.get_values_for_type(x509.IPAddress)}
+    return names
+
+
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM,
@@ -450,6 +462,15 @@ def init_site(
             )
         if not central_host:
             problems.append("--central-host: the address the edge's bridge dials")
+        elif central is not None and (central / "broker" / "server.crt").exists():
+            names = server_names(central / "broker" / "server.crt")
+            if central_host not in names:
+                problems.append(
+                    f"--central-host: the central broker's certificate does not name "
+                    f"{central_host!r} (it names {', '.join(sorted(names))}); the bridge "
+                    f"would fail TLS verification. Re-run the centre's init with "
+                    f"--hostname {central_host} --force, or use one of those names"
+                )
     if env_file is None:
         env_file = Path(".env") if role == "site" else Path(f"deploy/{role}/.env")
     existing = [p for p in (out / "broker" / "passwd", env_file) if p.exists()]

@@ -472,3 +472,41 @@ def test_timescaledb_init_script_is_valid_shell() -> None:
     text = script.read_text()
     assert "PFM_GRAFANA_DB_PASSWORD" in text and "GRANT SELECT" in text
     assert not re.search(r"GRANT (ALL|INSERT|UPDATE|DELETE)", text)
+
+
+async def test_simulator_entry_point_serves_meters() -> None:
+    """deploy/simulator/meters.py (compose profile "simulator") answers Modbus TCP."""
+    import asyncio
+
+    from pymodbus.client import AsyncModbusTcpClient
+
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(REPO / "deploy/simulator/meters.py"),
+        "--port",
+        str(port),
+        "--meters",
+        "2",
+        "--host",
+        "127.0.0.1",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), 20)
+        assert b"units 1..2" in line, line
+        client = AsyncModbusTcpClient("127.0.0.1", port=port)
+        await client.connect()
+        try:
+            for unit in (1, 2):
+                rr = await client.read_holding_registers(80, count=3, device_id=unit)
+                assert not rr.isError(), rr
+                volts = [r / 10 for r in rr.registers]
+                assert all(220 < v < 240 for v in volts), volts
+        finally:
+            client.close()
+    finally:
+        proc.terminate()
+        assert await asyncio.wait_for(proc.wait(), 10) == 0

@@ -326,6 +326,27 @@ def test_init_refuses_to_overwrite_and_lists_problems(tmp_path: Path, site_name:
     assert "--site" in text and "--central" in text and "--central-host" in text
 
 
+def test_edge_refused_when_the_centre_certificate_does_not_name_it(
+    tmp_path: Path, site_name: str
+) -> None:
+    from shared.errors import ConfigError
+
+    central = init(tmp_path / "central", "centre", role="central", hostnames=["hub.example"])
+    with pytest.raises(ConfigError) as err:
+        init(
+            tmp_path / "edge",
+            site_name,
+            role="edge",
+            central=central.out,
+            central_host="other.example",
+        )
+    assert "does not name 'other.example'" in str(err.value) and "hub.example" in str(err.value)
+    ok = init(
+        tmp_path / "edge2", site_name, role="edge", central=central.out, central_host="hub.example"
+    )
+    assert ok.passwords[f"bridge-{site_name}"]
+
+
 def test_cli_init_exit_codes(tmp_path: Path, site_name: str) -> None:
     from typer.testing import CliRunner
 
