@@ -679,6 +679,11 @@ def register(app: typer.Typer) -> None:
         broker_url: str = typer.Option(
             "mqtts://mosquitto:8883", "--broker-url", help="URL services dial (env/<user>.env)."
         ),
+        broker_path: str = typer.Option(
+            "/mosquitto/secrets",
+            "--broker-path",
+            help="Where the broker sees the broker/ folder (paths in bridge.conf).",
+        ),
         days: int = typer.Option(3650, "--days", min=1, help="Certificate validity."),
         force: bool = typer.Option(False, "--force", help="Rotate: overwrite existing secrets."),
     ) -> None:
@@ -701,6 +706,7 @@ def register(app: typer.Typer) -> None:
                 central_port=central_port,
                 client_path=client_path,
                 broker_url=broker_url,
+                broker_path=broker_path,
                 days=days,
                 force=force,
             )
