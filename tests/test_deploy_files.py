@@ -98,6 +98,7 @@ def generated(tmp_path_factory: pytest.TempPathFactory) -> dict[str, InitResult]
         out=tmp / "central",
         env_file=tmp / "central.env",
         site_file=REPO / "deploy" / "central" / "site.yaml",
+        hostnames=["central.example.com"],
         chown=False,
     )
     return {
