@@ -2,7 +2,8 @@
 
 The JSON files are committed (Grafana provisions them as they are); this script is
 how they are made: edit a panel here and run ``python deploy/grafana/build_dashboards.py``.
-Every query names a metric or a table/column that pfmon really produces;
+Every query names a metric or a table/column that pfmon really produces (the rollups
+``pfm_metrics_1m/15m/1h`` have the same time column ``ts`` as ``pfm_metrics``);
 ``tests/test_dashboards.py`` checks that against the code and the archiver's schema.
 """
 
@@ -177,11 +178,11 @@ def power_factor() -> dict[str, Any]:
                 "Site PF (sum P / sum S over the selected meters, 1 min)",
                 [
                     sql(
-                        """SELECT bucket AS time,
+                        """SELECT ts AS time,
                            sum(power) / nullif(sum(apparent_power), 0) AS "site PF"
                            FROM pfm_metrics_1m
-                           WHERE $__timeFilter(bucket) AND site = '$site' AND meter IN ($meter)
-                           GROUP BY bucket ORDER BY 1"""
+                           WHERE $__timeFilter(ts) AND site = '$site' AND meter IN ($meter)
+                           GROUP BY ts ORDER BY 1"""
                     )
                 ],
                 unit="none",
@@ -194,17 +195,17 @@ def power_factor() -> dict[str, Any]:
                 "Demand PF and displacement PF (15 min)",
                 [
                     sql(
-                        """SELECT bucket AS time, meter || ' demand' AS metric, demand_pf AS value
+                        """SELECT ts AS time, meter || ' demand' AS metric, demand_pf AS value
                            FROM pfm_metrics_15m
-                           WHERE $__timeFilter(bucket) AND site = '$site' AND meter IN ($meter)
+                           WHERE $__timeFilter(ts) AND site = '$site' AND meter IN ($meter)
                            ORDER BY 1""",
                         "A",
                     ),
                     sql(
-                        """SELECT bucket AS time, meter || ' DPF L1' AS metric,
+                        """SELECT ts AS time, meter || ' DPF L1' AS metric,
                            displacement_pf_l1 AS value
                            FROM pfm_metrics_15m
-                           WHERE $__timeFilter(bucket) AND site = '$site' AND meter IN ($meter)
+                           WHERE $__timeFilter(ts) AND site = '$site' AND meter IN ($meter)
                            ORDER BY 1""",
                         "B",
                     ),
@@ -218,10 +219,10 @@ def power_factor() -> dict[str, Any]:
                 "Hours below the penalty threshold (per day)",
                 [
                     sql(
-                        f"""SELECT date_trunc('day', bucket) AS time, meter AS metric,
+                        f"""SELECT date_trunc('day', ts) AS time, meter AS metric,
                            count(*) FILTER (WHERE abs(power_factor) < {PF_PENALTY}) AS value
                            FROM pfm_metrics_1h
-                           WHERE $__timeFilter(bucket) AND site = '$site' AND meter IN ($meter)
+                           WHERE $__timeFilter(ts) AND site = '$site' AND meter IN ($meter)
                            GROUP BY 1, 2 ORDER BY 1"""
                     )
                 ],
@@ -243,17 +244,17 @@ def reactive() -> dict[str, Any]:
                 "Reactive power Q (total and fundamental)",
                 [
                     sql(
-                        """SELECT bucket AS time, meter || ' Q' AS metric, reactive_power AS value
+                        """SELECT ts AS time, meter || ' Q' AS metric, reactive_power AS value
                            FROM pfm_metrics_1m
-                           WHERE $__timeFilter(bucket) AND site = '$site' AND meter IN ($meter)
+                           WHERE $__timeFilter(ts) AND site = '$site' AND meter IN ($meter)
                            ORDER BY 1""",
                         "A",
                     ),
                     sql(
-                        """SELECT bucket AS time, meter || ' Q1' AS metric,
+                        """SELECT ts AS time, meter || ' Q1' AS metric,
                            fund_reactive_power AS value
                            FROM pfm_metrics_1m
-                           WHERE $__timeFilter(bucket) AND site = '$site' AND meter IN ($meter)
+                           WHERE $__timeFilter(ts) AND site = '$site' AND meter IN ($meter)
                            ORDER BY 1""",
                         "B",
                     ),
@@ -308,9 +309,9 @@ def reactive() -> dict[str, Any]:
 def power_quality() -> dict[str, Any]:
     def per_phase(col: str, label: str, ref: str) -> dict[str, Any]:
         return sql(
-            f"""SELECT bucket AS time, meter || ' {label}' AS metric, {col} AS value
+            f"""SELECT ts AS time, meter || ' {label}' AS metric, {col} AS value
                 FROM pfm_metrics_1m
-                WHERE $__timeFilter(bucket) AND site = '$site' AND meter IN ($meter)
+                WHERE $__timeFilter(ts) AND site = '$site' AND meter IN ($meter)
                 ORDER BY 1""",
             ref,
         )
@@ -490,7 +491,10 @@ def device_health() -> dict[str, Any]:
                 "Device status",
                 [
                     sql(
-                        """SELECT * FROM pfm_device_status WHERE site = '$site' LIMIT 200""",
+                        """SELECT ts AS time, kind, device, online, message
+                           FROM pfm_device_status
+                           WHERE site = '$site' AND $__timeFilter(ts)
+                           ORDER BY ts DESC LIMIT 200""",
                         fmt="table",
                     )
                 ],
