@@ -631,3 +631,74 @@ def test_edge_bridge_forwards_summaries_and_queues_while_centre_is_down(
     finally:
         edge_broker.stop()
         centre.stop()
+
+
+def test_compose_broker_healthcheck_logs_in_as_monitor(
+    site_broker: tuple[InitResult, Broker],
+) -> None:
+    """The mosquitto health check of docker-compose.yml, run as written (paths mapped)."""
+    import yaml
+
+    tool = shutil.which("mosquitto_sub")
+    if tool is None:
+        pytest.skip("mosquitto_sub is not installed")
+    result, broker = site_broker
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    test = compose["services"]["mosquitto"]["healthcheck"]["test"]
+    assert test[0] == "CMD-SHELL"
+    command = (
+        test[1]
+        .replace("$$", "$")
+        .replace("/mosquitto/monitor", str(result.out / "clients" / "monitor"))
+        .replace("-p 8883", f"-p {broker.port}")
+    )
+    env = {**os.environ, "PFM_MONITOR_MQTT_PASSWORD": result.passwords["monitor"]}
+    ok = subprocess.run(["sh", "-c", command], env=env, capture_output=True, timeout=20)
+    assert ok.returncode == 0, ok.stderr.decode() + broker.log()
+    assert ok.stdout.strip(), "no uptime received"
+    env["PFM_MONITOR_MQTT_PASSWORD"] = "wrong"
+    bad = subprocess.run(["sh", "-c", command], env=env, capture_output=True, timeout=20)
+    assert bad.returncode != 0, "the health check passed with a wrong password"
+
+
+def test_central_archivers_share_every_sites_metrics(tmp_path: Path) -> None:
+    """At the centre the archiver user reads every site through $share/archiver/..."""
+    central = init(tmp_path / "central", "centre", role="central")
+    edges = {}
+    for site in ("branch1", "branch2"):
+        edges[site] = init(
+            tmp_path / site, site, role="edge", central=central.out, central_host="127.0.0.1"
+        )
+    broker = Broker(tmp_path / "broker", central.out).start()
+    try:
+        archivers = [
+            Probe(broker.port, central.out, "archiver", central.passwords["archiver"])
+            for _ in range(2)
+        ]
+        for a in archivers:
+            assert a.connect(), a.error
+            codes = a.subscribe("$share/archiver/pfm/v1/+/+/metrics")
+            assert codes[0].value == 1, codes  # granted QoS 1
+        sent = []
+        for site, edge in edges.items():
+            bridge = Probe(
+                broker.port, edge.out, f"bridge-{site}", edge.passwords[f"bridge-{site}"]
+            )
+            assert bridge.connect(), bridge.error
+            for i in range(10):
+                payload = f'{{"site": "{site}", "n": {i}}}'.encode()
+                assert bridge.publish(topics.metrics(site, "m1"), payload).value == 0  # type: ignore[union-attr]
+                sent.append(payload)
+            bridge.close()
+
+        def got() -> list[bytes]:
+            return [p for a in archivers for _, p in a.messages]
+
+        wait_for(lambda: len(got()) >= len(sent), f"{len(sent)} metrics at the archivers")
+        time.sleep(0.2)
+        assert sorted(got()) == sorted(sent), "lost or duplicated across the shared group"
+        assert all(a.messages for a in archivers), "one archiver got nothing: not shared"
+        for a in archivers:
+            a.close()
+    finally:
+        broker.stop()
