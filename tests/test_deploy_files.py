@@ -511,3 +511,55 @@ async def test_simulator_entry_point_serves_meters() -> None:
     finally:
         proc.terminate()
         assert await asyncio.wait_for(proc.wait(), 10) == 0
+
+
+def test_image_context_builds_the_package(tmp_path: Path) -> None:
+    """What `docker build` sees (.dockerignore applied) has every COPY source and builds
+    a wheel holding the services, the shared code and their data files (SQL, YAML)."""
+    import fnmatch
+    import zipfile
+
+    patterns = [
+        p.strip()
+        for p in (REPO / ".dockerignore").read_text().splitlines()
+        if p.strip() and not p.startswith("#")
+    ]
+    tracked = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    ctx = tmp_path / "ctx"
+    for rel in tracked:
+        included = False
+        for pat in patterns:  # last matching pattern wins, as in Docker
+            neg = pat.startswith("!")
+            glob = pat[1:] if neg else pat
+            if fnmatch.fnmatch(rel, glob) or fnmatch.fnmatch(rel, glob.rstrip("*") + "*"):
+                included = neg
+        if included and (REPO / rel).is_file():
+            (ctx / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, ctx / rel)
+    assert not (ctx / ".env").exists() and not (ctx / "deploy").exists()
+    dockerfile = (REPO / "Dockerfile").read_text()
+    for line in re.findall(r"^COPY (?!--from)(.+)$", dockerfile, re.M):
+        for source in line.split()[:-1]:
+            assert (ctx / source).exists(), f"COPY {source}: not in the build context"
+    wheel_dir = tmp_path / "wheel"
+    pip = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
+    res = subprocess.run(
+        [*pip, "-w", str(wheel_dir), str(ctx)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    (wheel,) = wheel_dir.glob("pfmon-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert "services/cli.py" in names and "services/init.py" in names
+    assert "shared/bus.py" in names
+    sql = sorted((REPO / "services").rglob("*.sql"))
+    for path in sql:  # the archiver's migrations must ship in the image
+        assert str(path.relative_to(REPO)) in names, f"{path} is not packaged"
