@@ -58,9 +58,12 @@ pytestmark = pytest.mark.skipif(
 class Broker:
     """mosquitto -c <rendered deploy/mosquitto/mosquitto.conf> on 127.0.0.1:port."""
 
-    def __init__(self, workdir: Path, secrets: Path, port: int | None = None) -> None:
+    def __init__(
+        self, workdir: Path, secrets: Path, port: int | None = None, extra: str = ""
+    ) -> None:
         self.workdir = workdir
         self.secrets = secrets
+        self.extra = extra  # appended to the rendered configuration (e.g. more logging)
         self.port = port or free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -77,6 +80,7 @@ class Broker:
                 bind="127.0.0.1",
                 run_as_root=os.geteuid() == 0,
             )
+            + self.extra
         )
         log = (self.workdir / "mosquitto.log").open("ab")
         self.proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdout=log, stderr=log)
@@ -466,10 +470,9 @@ def test_anonymous_and_bad_credentials_are_refused(
 # -- authorisation (ACL) -------------------------------------------------------------------
 
 
-def test_collector_cannot_publish_commands_or_metrics(
-    site_broker: tuple[InitResult, Broker], site_name: str
-) -> None:
-    result, broker = site_broker
+def test_collector_cannot_publish_commands_or_metrics(tmp_path: Path, site_name: str) -> None:
+    result = init(tmp_path, site_name)
+    broker = Broker(tmp_path / "broker", result.out, extra="log_type all\n").start()
     watcher = probe(result, broker, "monitor")
     assert watcher.connect()
     watcher.subscribe(f"pfm/v1/{site_name}/#")
@@ -497,6 +500,11 @@ def test_collector_cannot_publish_commands_or_metrics(
     assert watcher.received(metrics) == [], "a collector's metrics reached a subscriber"
     for c in (watcher, v5, v311):
         c.close()
+    broker.stop()
+    # the broker's log names each denial (what the service test below looks for)
+    denied = [line for line in broker.log().splitlines() if "Denied PUBLISH" in line]
+    assert len(denied) == 3, denied
+    assert all(command in d or metrics in d for d in denied), denied
 
 
 def test_only_the_actuator_publishes_commands(
@@ -702,3 +710,103 @@ def test_central_archivers_share_every_sites_metrics(tmp_path: Path) -> None:
             a.close()
     finally:
         broker.stop()
+
+
+async def test_site_services_run_under_the_acl(
+    tmp_path: Path, site_name: str, db_dsn: str, db_schema: str
+) -> None:
+    """The real collector, analytics, actuator and archiver, configured from `pfmon init`'s
+    env files, run against the TLS/ACL broker: readings and metrics flow into PostgreSQL,
+    and the broker denies none of their publishes (its log would say "Denied PUBLISH")."""
+    import asyncio
+
+    import asyncpg
+
+    from services.actuator import service as actuator
+    from services.analytics import service as analytics
+    from services.archiver import service as archiver
+    from services.collector import service as collector
+    from services.collector.simulator import LoadModel, MeterFleet
+    from shared.service import Shutdown
+    from shared.site import parse_site
+
+    result = init(tmp_path, site_name)
+    # every log line, so that any denial shows
+    broker = Broker(tmp_path / "broker", result.out, extra="log_type all\n").start()
+    watcher = probe(result, broker, "monitor")
+    assert watcher.connect(), watcher.error
+    watcher.subscribe(f"pfm/v1/{site_name}/#")
+    sim_port = free_port()
+    try:
+        async with MeterFleet(sim_port, {1: LoadModel()}):
+            site = parse_site(
+                {
+                    "site": site_name,
+                    "gateway": "gw1",
+                    "buses": [
+                        {"name": "sim", "kind": "tcp", "host": "127.0.0.1", "port": sim_port}
+                    ],
+                    "meters": [
+                        {
+                            "name": "m1",
+                            "bus": "sim",
+                            "unit": 1,
+                            "profile": "pmtr001",
+                            "interval_s": 0.5,
+                        }
+                    ],
+                }
+            )
+            shutdown = Shutdown()
+            dsn = f"{db_dsn}{'&' if '?' in db_dsn else '?'}search_path={db_schema}"
+            tasks = []
+            for name, module in (
+                ("archiver", archiver),
+                ("collector", collector),
+                ("analytics", analytics),
+                ("actuator", actuator),
+            ):
+                settings = service_settings(result, name, broker.port, tmp_path)
+                settings = settings.model_copy(update={"db_dsn": dsn})
+                tasks.append(
+                    asyncio.create_task(module.run(settings, site, shutdown), name=f"svc-{name}")
+                )
+            metrics_topic = topics.metrics(site_name, "m1")
+            reading_topic = topics.reading(site_name, "m1")
+            deadline = time.monotonic() + 30
+
+            async def rows() -> int:
+                conn = await asyncpg.connect(dsn)
+                try:
+                    return int(
+                        await conn.fetchval(
+                            "SELECT count(*) FROM pfm_metrics WHERE site = $1", site_name
+                        )
+                        or 0
+                    )
+                except asyncpg.UndefinedTableError:
+                    return 0
+                finally:
+                    await conn.close()
+
+            stored = 0
+            while time.monotonic() < deadline and not (
+                watcher.received(metrics_topic)
+                and len(watcher.received(reading_topic)) >= 3
+                and (stored := await rows()) > 0
+            ):
+                for t in tasks:
+                    if t.done():
+                        t.result()  # a service that died says why
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(1.0)
+            shutdown.request("test over")
+            await asyncio.wait_for(asyncio.gather(*tasks), 30)
+    finally:
+        watcher.close()
+        broker.stop()
+    assert watcher.received(reading_topic), "no reading got through the broker"
+    assert watcher.received(metrics_topic), "no metrics got through the broker"
+    assert stored > 0, "no metrics row reached PostgreSQL through the archiver"
+    denied = [line for line in broker.log().splitlines() if "Denied" in line]
+    assert not denied, "the ACL denied a real service:\n" + "\n".join(denied[:20])
