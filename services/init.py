@@ -571,8 +571,9 @@ def init_site(
     ]
     if site_file is not None:
         env += [
-            "# the site file the services mount",
-            _env_line("PFM_SITE_FILE_HOST", str(site_file.resolve())),
+            "# the site file the services mount, relative to this file's folder (where the",
+            "# compose file is); an edge bundle made at the centre: set it on the gateway",
+            _env_line("PFM_SITE_FILE_HOST", _relative_to(site_file, env_file.parent)),
         ]
     if simulator:
         env += [
@@ -619,6 +620,16 @@ def _central_site(acl: Path) -> str:
         if ", site " in first:
             return first.rsplit(", site ", 1)[1].strip()
     return "central"
+
+
+def _relative_to(path: Path, folder: Path) -> str:
+    """``path`` as compose reads a bind-mount source next to its file (``./x`` or ``../x``).
+
+    Relative, so that it also holds when ``pfmon init`` ran in a container with the
+    checkout mounted elsewhere.
+    """
+    rel = os.path.relpath(path.resolve(), folder.resolve())
+    return rel if rel.startswith("..") else f"./{rel}"
 
 
 def _require(key: ec.EllipticCurvePrivateKey | None) -> ec.EllipticCurvePrivateKey:

@@ -124,9 +124,16 @@ def generated(tmp_path_factory: pytest.TempPathFactory) -> dict[str, InitResult]
     }
 
 
+def site_file_of(result: InitResult) -> Path:
+    """PFM_SITE_FILE_HOST is relative to the .env's folder (the compose file's)."""
+    return (result.env_file.parent / read_env(result.env_file)["PFM_SITE_FILE_HOST"]).resolve()
+
+
 def load_compose(role: str, generated: dict[str, InitResult]) -> dict[str, Any]:
     raw = yaml.safe_load(COMPOSE[role].read_text())
     env = read_env(generated[role].env_file)
+    # the test's .env lives in a temporary folder: anchor the relative path there
+    env["PFM_SITE_FILE_HOST"] = str(site_file_of(generated[role]))
     return dict(interpolate(raw, env, COMPOSE[role].name))
 
 
@@ -231,7 +238,8 @@ def test_site_compose_has_the_whole_stack(generated: dict[str, InitResult]) -> N
     # the simulator profile is on by default after init with the simulator site file
     env = read_env(generated["site"].env_file)
     assert env["COMPOSE_PROFILES"] == "simulator"
-    site = load_site(env["PFM_SITE_FILE_HOST"])
+    assert env["PFM_SITE_FILE_HOST"].startswith((".", "..")), "not relative to the .env"
+    site = load_site(site_file_of(generated["site"]))
     assert site.site == env["PFM_SITE"] == "demo"
     assert {b.host for b in site.buses} == {"simulator"}
     sim_port = services["simulator"]["command"][
@@ -273,9 +281,7 @@ def test_edge_and_centre_split(generated: dict[str, InitResult]) -> None:
     assert (bundle / "broker" / "conf.d" / "bridge.conf").exists()
     assert not (bundle / "ca.key").exists()
     assert "address central.example.com:8883" in (bundle / "broker/conf.d/bridge.conf").read_text()
-    assert (
-        load_site(read_env(generated["edge"].env_file)["PFM_SITE_FILE_HOST"]).site == "plant-north"
-    )
+    assert load_site(site_file_of(generated["edge"])).site == "plant-north"
 
 
 @pytest.mark.parametrize("connected", [1, 0])
