@@ -623,13 +623,13 @@ def _central_site(acl: Path) -> str:
 
 
 def _relative_to(path: Path, folder: Path) -> str:
-    """``path`` as compose reads a bind-mount source next to its file (``./x`` or ``../x``).
+    """``path`` as compose reads a bind-mount source next to its file.
 
-    Relative, so that it also holds when ``pfmon init`` ran in a container with the
-    checkout mounted elsewhere.
+    ``./x`` when the file is under ``folder`` (so that it also holds when ``pfmon init``
+    ran in a container with the checkout mounted elsewhere), else absolute.
     """
     rel = os.path.relpath(path.resolve(), folder.resolve())
-    return rel if rel.startswith("..") else f"./{rel}"
+    return str(path.resolve()) if rel.startswith("..") else f"./{rel}"
 
 
 def _require(key: ec.EllipticCurvePrivateKey | None) -> ec.EllipticCurvePrivateKey:
