@@ -569,3 +569,27 @@ def test_image_context_builds_the_package(tmp_path: Path) -> None:
     sql = sorted((REPO / "services").rglob("*.sql"))
     for path in sql:  # the archiver's migrations must ship in the image
         assert str(path.relative_to(REPO)) in names, f"{path} is not packaged"
+
+
+def test_init_points_compose_at_the_site_file(tmp_path: Path) -> None:
+    """Under the compose folder: ./relative (right even when init ran in a container)."""
+    (tmp_path / "deploy").mkdir()
+    site = tmp_path / "deploy" / "site.yaml"
+    shutil.copy(REPO / "deploy/site.simulator.yaml", site)
+    result = init_site(
+        site="demo",
+        out=tmp_path / "deploy/secrets",
+        env_file=tmp_path / ".env",
+        site_file=site,
+        chown=False,
+    )
+    assert read_env(result.env_file)["PFM_SITE_FILE_HOST"] == "./deploy/site.yaml"
+    outside = init_site(
+        site="demo",
+        out=tmp_path / "x/secrets",
+        env_file=tmp_path / "x/.env",
+        site_file=REPO / "deploy/site.simulator.yaml",
+        chown=False,
+    )
+    value = read_env(outside.env_file)["PFM_SITE_FILE_HOST"]
+    assert Path(value).is_absolute() and Path(value).exists()
