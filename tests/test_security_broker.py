@@ -810,3 +810,17 @@ async def test_site_services_run_under_the_acl(
     assert stored > 0, "no metrics row reached PostgreSQL through the archiver"
     denied = [line for line in broker.log().splitlines() if "Denied" in line]
     assert not denied, "the ACL denied a real service:\n" + "\n".join(denied[:20])
+
+
+def test_rotating_the_centre_keeps_its_bridges(tmp_path: Path, site_name: str) -> None:
+    central = init(tmp_path / "central", "centre", role="central")
+    init(tmp_path / "edge", site_name, role="edge", central=central.out, central_host="127.0.0.1")
+    before = read_passwd(central.out / "broker" / "passwd")
+    rotated = init(tmp_path / "central", "centre", role="central", force=True)
+    after = read_passwd(rotated.out / "broker" / "passwd")
+    bridge = f"bridge-{site_name}"
+    assert after[bridge] == before[bridge], "the edge's bridge user was lost"
+    assert after["archiver"] != before["archiver"], "the centre's own users were not rotated"
+    acl = (rotated.out / "broker" / "acl").read_text()
+    assert f"user {bridge}\ntopic write pfm/v1/{site_name}/+/metrics" in acl
+    assert acl.splitlines()[0] == "# pfmon broker ACL, role central, site centre"
