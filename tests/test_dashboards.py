@@ -29,7 +29,6 @@ import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import asyncpg
 import pytest
@@ -353,6 +352,22 @@ def test_panels_use_provisioned_datasources() -> None:
     assert len(set(uids_seen)) == len(uids_seen), "two dashboards share a uid"
 
 
+def test_panel_layout() -> None:
+    """Unique panel ids, panels inside the 24-column grid, no two panels overlapping."""
+    for path in DASHBOARDS:
+        panels = json.loads(path.read_text())["panels"]
+        ids = [p["id"] for p in panels]
+        assert len(set(ids)) == len(ids), f"{path.name}: duplicate panel ids"
+        cells: dict[tuple[int, int], str] = {}
+        for p in panels:
+            g = p["gridPos"]
+            assert g["x"] >= 0 and g["w"] > 0 and g["x"] + g["w"] <= 24, (path.name, p["title"])
+            for x in range(g["x"], g["x"] + g["w"]):
+                for y in range(g["y"], g["y"] + g["h"]):
+                    other = cells.setdefault((x, y), p["title"])
+                    assert other == p["title"], f"{path.name}: {p['title']!r} overlaps {other!r}"
+
+
 def test_issue_topics_have_a_dashboard() -> None:
     """PF with thresholds, reactive/capacitor steps, THD, unbalance/neutral, alarms,
     device health, pipeline health: each is drawn somewhere."""
@@ -498,7 +513,3 @@ async def test_the_sql_check_catches_a_missing_column(db_dsn: str, site_name: st
     finally:
         await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
         await conn.close()
-
-
-def dashboard_json(name: str) -> dict[str, Any]:
-    return dict(json.loads((REPO / "deploy/grafana/dashboards" / name).read_text()))
