@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from services import demo
+from services import demo, init
 from services.actuator import cli as actuator_cli
 from services.analytics import cli as analytics_cli
 from services.archiver import cli as archiver_cli
@@ -24,7 +24,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-for module in (collector_cli, analytics_cli, actuator_cli, archiver_cli, demo):
+for module in (collector_cli, analytics_cli, actuator_cli, archiver_cli, demo, init):
     module.register(app)
 
 
