@@ -165,6 +165,9 @@ class Metrics(Message):
     harmonics: dict[str, list[float]] = Field(default_factory=dict)
     #: seq of the newest input that went into this message
     source_seq: int | None = None
+    #: True for statistics over inputs that were already published one by one (the
+    #: IEC 61000-4-30 style 3 s / 10 min aggregates): they carry no energy of their own
+    aggregate: bool = False
 
 
 class EventState(StrEnum):

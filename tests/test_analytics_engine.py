@@ -177,6 +177,9 @@ def test_metrics_message_contract_and_averages() -> None:
     # 3 s aggregates closed on the way (interval_s = 3), voltages RMS-aggregated
     aggs = [x for x in out.metrics if x.interval_s == 3]
     assert aggs and aggs[0].values[M.VOLTAGE_L1] == pytest.approx(230.0)
+    # ... marked as aggregates (the archiver counts no energy twice) and per-input ones not
+    assert all(x.aggregate for x in aggs) and not m.aggregate
+    assert decode(Metrics, encode_metrics(aggs[0])).aggregate is True
     assert all(e.code != "low_pf" for o in [out] for e in o.events)
 
 

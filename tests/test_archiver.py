@@ -113,6 +113,40 @@ def test_metrics_row_uses_the_poll_interval_when_the_message_has_none() -> None:
     assert rec["power"] == 3600 and rec["power_factor"] is None and rec["voltage_l1"] is None
 
 
+def test_aggregate_rows_carry_no_energy() -> None:
+    """Analytics' 3 s / 10 min aggregates summarise inputs already stored one by one."""
+    from services.archiver.ingest import TABLE_COLUMNS
+
+    builder = RowBuilder(lambda meter: 1.0)
+    agg = _m({M.POWER: 3600, M.APPARENT_POWER: 3600}, interval=3).model_copy(
+        update={"aggregate": True}
+    )
+    _, row = builder.row(agg)
+    rec = dict(zip(TABLE_COLUMNS["pfm_metrics"], row, strict=True))
+    assert rec["interval_s"] == 3 and rec["power"] == 3600
+    assert rec["energy_s"] is None and rec["delta_import_wh"] is None
+
+
+async def test_rollups_ignore_aggregate_rows(db_dsn: str, db_schema: str) -> None:
+    conn = await asyncpg.connect(schema_dsn(db_dsn, db_schema))
+    try:
+        await migrate(conn, ArchiverConfig())
+        builder = RowBuilder(lambda meter: 1.0)
+        per_input = [metrics_msg("s", "m", at(T0, t), t, 100.0, 125.0) for t in range(60)]
+        aggregate = _m({M.POWER: 9999.0, M.APPARENT_POWER: 9999.0}, interval=3)
+        aggregate = aggregate.model_copy(
+            update={"ts": at(T0, 30), "seq": 10_000, "aggregate": True}
+        )
+        rows = [builder.row(m) for m in [*per_input, aggregate]]
+        await write_batch(conn, group_rows(rows), mark_dirty=True, staged=set())
+        await rollups.refresh(conn)
+        r = await conn.fetchrow("SELECT * FROM pfm_metrics_1m WHERE ts = $1", T0)
+        assert r["samples"] == 60 and r["power"] == 100.0 and r["power_max"] == 100.0
+        assert math.isclose(r["delta_import_wh"], 60 * 100.0 / 3600)
+    finally:
+        await conn.close()
+
+
 async def test_merge_is_idempotent(db_dsn: str, db_schema: str) -> None:
     conn = await asyncpg.connect(schema_dsn(db_dsn, db_schema))
     try:

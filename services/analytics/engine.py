@@ -63,6 +63,7 @@ class MetricsOut:
     quadrant: dict[str, Literal[1, 2, 3, 4]]
     harmonics: dict[str, list[float]]
     source_seq: int | None
+    aggregate: bool = False
 
     def model(self) -> Metrics:
         return Metrics.model_validate_json(encode_metrics(self))
@@ -278,6 +279,7 @@ class MeterEngine:
                         quadrant={},
                         harmonics={},
                         source_seq=self.last_source_seq,
+                        aggregate=True,
                     )
                 )
         self.last_source_seq = source_seq
@@ -543,6 +545,7 @@ def encode_metrics(m: MetricsOut | Metrics) -> bytes:
             "quadrant": m.quadrant,
             "harmonics": m.harmonics,
             "source_seq": m.source_seq,
+            "aggregate": m.aggregate,
         },
         option=orjson.OPT_NON_STR_KEYS,
     )

@@ -219,7 +219,12 @@ class RowBuilder:
         raise TypeError(f"the archiver does not store {type(model).__name__}")
 
     def metrics(self, m: Metrics) -> tuple[Any, ...]:
-        seconds = m.interval_s if m.interval_s > 0 else self.poll_interval(m.meter)
+        # An aggregate (analytics' 3 s / 10 min statistics) summarises inputs stored one by
+        # one: it covers no time of its own (energy_s NULL) and carries no energy, or
+        # energy, hours and rollups would count the same inputs twice.
+        seconds: float | None = None
+        if not m.aggregate:
+            seconds = m.interval_s if m.interval_s > 0 else self.poll_interval(m.meter)
         v: dict[Any, float] = m.values  # StrEnum keys hash and compare as their str value
         values = [v.get(name) for name in MEASUREMENTS]
         return (
@@ -232,7 +237,7 @@ class RowBuilder:
             m.source_seq,
             seconds,
             *values,
-            *energy_deltas(m, seconds),
+            *(energy_deltas(m, seconds) if seconds else (None,) * len(ENERGY_COLUMNS)),
             _json_or_none({k: x.value for k, x in m.load.items()}),
             _json_or_none(m.quadrant),
             _json_or_none({k: {q.value: x for q, x in d.items()} for k, d in m.averages.items()}),

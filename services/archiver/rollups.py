@@ -44,6 +44,7 @@ def refresh_statements() -> list[str]:
             f" count(*), {raw}\n"
             "FROM pfm_metrics m JOIN pfm_dirty_now d ON m.site = d.site AND m.meter = d.meter"
             f" AND m.ts >= d.ts AND m.ts < d.ts + INTERVAL '{widths[0]}'\n"
+            "WHERE m.energy_s IS NOT NULL\n"
             "GROUP BY 1, 2, 3",
         )
     ]

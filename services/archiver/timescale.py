@@ -103,6 +103,7 @@ def cagg_statements() -> list[str]:
             f"SELECT time_bucket(INTERVAL '{width}', ts) AS ts, site, meter,\n"
             f"    count(*) AS samples,\n    {cols}\n"
             "FROM pfm_metrics\n"
+            "WHERE energy_s IS NOT NULL\n"
             f"GROUP BY time_bucket(INTERVAL '{width}', ts), site, meter\n"
             "WITH NO DATA"
         )
