@@ -26,6 +26,7 @@ from shared.messages import (
     Metrics,
     Reading,
 )
+from shared.embedded import LocalMosquitto
 from shared.settings import Settings
 from shared.site.archiver import ArchiverConfig
 from tests.test_archiver_helpers import (
@@ -454,3 +455,34 @@ def test_bad_archiver_section_lists_every_problem() -> None:
         )
     else:
         raise AssertionError("accepted a buffer smaller than a batch")
+
+
+async def test_a_central_archiver_stores_every_site(
+    settings: Settings, db_dsn: str, db_schema: str, site_name: str, mosquitto: LocalMosquitto
+) -> None:
+    """``archiver.sites: all`` (the centre): metrics of every site on the broker are stored.
+    A private broker, so that other tests' sites stay out of it."""
+    base = settings.model_copy(
+        update={"db_dsn": schema_dsn(db_dsn, db_schema), "mqtt_url": mosquitto.url}
+    )
+    site = archiver_site(site_name, sites="all", batch_size=10, flush_interval_s=0.1)
+    now = datetime.now(UTC)
+    edges = ["edge-a", "edge-b"]
+    items = [
+        (topics.metrics(edge, "main"), metrics_msg(edge, "main", at(now, i), i, 100.0, 125.0))
+        for edge in edges
+        for i in range(5)
+    ]
+    conn = await asyncpg.connect(base.db_dsn)
+    try:
+        async with running_archiver(base, site), publisher(base, site_name) as bus:
+            await publish_all(bus, items)
+
+            async def done() -> bool:
+                return bool(await conn.fetchval("SELECT count(*) FROM pfm_metrics") >= 10)
+
+            await wait_for(done, timeout=30)
+        rows = await conn.fetch("SELECT site, count(*) AS n FROM pfm_metrics GROUP BY site")
+        assert {r["site"]: r["n"] for r in rows} == {"edge-a": 5, "edge-b": 5}
+    finally:
+        await conn.close()

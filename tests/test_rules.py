@@ -16,7 +16,7 @@ from services.cli import app
 from shared.errors import ConfigError
 from shared.measurements import Measurement as M
 from shared.messages import Metrics
-from shared.site import parse_site
+from shared.site import load_site, parse_site
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -333,3 +333,17 @@ def test_metrics_that_stop_arriving_are_reported_stale() -> None:
     assert [e.code for e in res.events] == ["stale_data"] and res.stale_meters == ["main"]
     assert eng.tick().events == []  # once per episode
     assert eng.state["overvoltage"].active  # held, nothing switched
+
+
+def test_unquoted_step_list_is_explained(tmp_path: Path) -> None:
+    """YAML 1.1 turns an unquoted 25:25:25:25 into 5493025: say so, do not just refuse."""
+    f = tmp_path / "site.yaml"
+    f.write_text(
+        "site: s\nbuses: [{name: b, host: 127.0.0.1}]\n"
+        "meters: [{name: main, bus: b, unit: 1, profile: pmtr001}]\n"
+        "devices: [{name: cap1, bus: b, unit: 2, kind: capbank}]\n"
+        "banks: [{name: main, meter: main, device: cap1, steps_kvar: 25:25:25:25}]\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_site(f)
+    assert "banks[0]" in str(info.value) and "quoted string" in str(info.value)

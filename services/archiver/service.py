@@ -200,10 +200,11 @@ class Archiver:
         kinds += [topics.Kind.STATE, topics.Kind.STATUS]
         if self.cfg.keep_readings:
             kinds.append(topics.Kind.READING)
+        site = "+" if self.cfg.sites == "all" else self.site.site
         for kind in kinds:
             model, _table = KINDS[kind]
             bus.subscribe(
-                topics.pattern(kind, self.site.site),
+                topics.pattern(kind, site),
                 model,
                 self.on_message,
                 share_group=self.cfg.share_group,

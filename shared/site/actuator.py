@@ -151,6 +151,14 @@ class BankConfig(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _steps_text(cls, data: object) -> object:
+        raw = data.get("steps_kvar") if isinstance(data, dict) else None
+        if isinstance(raw, int | float) and not isinstance(raw, bool):
+            # YAML 1.1 reads an unquoted 25:25:25:25 as one base-60 number (5493025)
+            raise ValueError(
+                f"steps_kvar: got the single number {raw:g}; write the steps as a list "
+                "([25, 25, 50]) or a quoted string ('25:25:50') - YAML reads an unquoted "
+                "25:25:50 as one base-60 number"
+            )
         if isinstance(data, dict) and isinstance(data.get("steps_kvar"), str):
             text = data["steps_kvar"]
             try:

@@ -77,6 +77,9 @@ class ArchiverConfig(BaseModel):
     spill_max_records: int = Field(5_000_000, ge=1000)
     retry_max_s: float = Field(10.0, gt=0, le=600, description="longest wait between DB retries")
     keep_readings: bool = Field(True, description="store raw readings in pfm_readings")
+    #: own = this site's topics; all = every site on the broker (the central store,
+    #: fed by the edge gateways' bridges)
+    sites: Literal["own", "all"] = "own"
     #: MQTT v5 shared-subscription group (several archivers split the load); null = none
     share_group: str | None = Field("archiver", pattern=r"^[A-Za-z0-9_-]+$")
     timescaledb: Literal["auto", "on", "off"] = Field(
