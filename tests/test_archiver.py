@@ -15,6 +15,7 @@ from services.archiver import rollups
 from services.archiver.ingest import RowBuilder, energy_deltas, group_rows, write_batch
 from services.archiver.migrate import migrate
 from shared import topics
+from shared.embedded import LocalMosquitto
 from shared.measurements import Measurement as M
 from shared.messages import (
     ActuatorState,
@@ -26,7 +27,6 @@ from shared.messages import (
     Metrics,
     Reading,
 )
-from shared.embedded import LocalMosquitto
 from shared.settings import Settings
 from shared.site.archiver import ArchiverConfig
 from tests.test_archiver_helpers import (
