@@ -313,12 +313,11 @@ def test_bad_analytics_config_lists_every_problem() -> None:
     assert "alarm_slot_s 7 is not one of" in "\n".join(err2.value.problems)
 
 
-async def test_service_refuses_analytics_options_for_unknown_meters() -> None:
-    from services.analytics.service import check_config
+def test_site_refuses_analytics_options_for_unknown_meters() -> None:
     from shared.errors import ConfigError
 
     with pytest.raises(ConfigError) as err:
-        check_config(site(meters={"nope": {"pf_mismatch_tolerance": 0.1}}))
+        site(meters={"nope": {"pf_mismatch_tolerance": 0.1}})
     assert "analytics.meters.nope" in err.value.problems[0]
 
 

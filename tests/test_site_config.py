@@ -124,3 +124,11 @@ def test_help_explains_every_command() -> None:
         assert cmd in res.stdout
         sub = _pfmon(cmd, "--help")
         assert sub.returncode == 0 and "Usage" in sub.stdout
+
+
+def test_analytics_options_must_name_a_meter(tmp_path: Path) -> None:
+    f = tmp_path / "site.yaml"
+    f.write_text(GOOD + "analytics:\n  meters:\n    mian: {pf_mismatch_tolerance: 0.03}\n")
+    with pytest.raises(ConfigError) as info:
+        load_site(f)
+    assert "analytics.meters.mian: no meter named 'mian' (meters: main)" in str(info.value)

@@ -22,7 +22,6 @@ from services.analytics.dsp import WaveformError
 from services.analytics.engine import SERVICE, MeterEngine, Output, encode_metrics
 from shared import topics
 from shared.bus import Bus, BusUnavailable, Incoming
-from shared.errors import ConfigError
 from shared.measurements import Measurement as M
 from shared.messages import Event, EventState, Reading, Severity, Waveform, encode
 from shared.metrics import ServiceMetrics
@@ -208,18 +207,7 @@ class Analytics:
             await asyncio.wait(pending, timeout=timeout)
 
 
-def check_config(site: SiteConfig) -> None:
-    names = {m.name for m in site.meters}
-    unknown = [n for n in site.analytics.meters if names and n not in names]
-    if unknown:
-        raise ConfigError(
-            "analytics.meters names meters the site does not have",
-            [f"analytics.meters.{n}: no meter named {n!r}" for n in unknown],
-        )
-
-
 async def run(settings: Settings, site: SiteConfig, shutdown: Shutdown) -> None:
-    check_config(site)
     metrics = ServiceMetrics(SERVICE, site.site)
     ana_metrics = AnalyticsMetrics(metrics)
     port = settings.metrics_port if settings.metrics_port is not None else METRICS_PORTS[SERVICE]

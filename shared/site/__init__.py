@@ -70,6 +70,14 @@ class SiteConfig(BaseModel):
             if meter.bus not in bus_names:
                 known = ", ".join(bus_names) or "none"
                 problems.append(f"meters[{i}].bus: no bus named {meter.bus!r} (buses: {known})")
+        meter_names = {m.name for m in self.meters}
+        for name in self.analytics.meters:
+            # a site without polled meters may tune waveform sources that publish directly
+            if meter_names and name not in meter_names:
+                problems.append(
+                    f"analytics.meters.{name}: no meter named {name!r} "
+                    f"(meters: {', '.join(sorted(meter_names)) or 'none'})"
+                )
         for i, dev in enumerate(self.devices):
             if dev.bus not in bus_names:
                 problems.append(f"devices[{i}].bus: no bus named {dev.bus!r}")
