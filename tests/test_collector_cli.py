@@ -45,6 +45,7 @@ def sim() -> Iterator[tuple[SimSite, int]]:
     started.wait(10)
     wait_port("127.0.0.1", port)
     yield site, port
+
     async def stop() -> None:
         await servers[0].stop()
         others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
