@@ -11,6 +11,8 @@ from collections import defaultdict
 from collections.abc import AsyncIterator
 from typing import Any
 
+import pytest
+
 from services.collector import service as collector
 from services.collector.simulator import Heater, SimServer, SimSite
 from shared import topics
@@ -196,3 +198,43 @@ async def test_every_fault_kind_is_counted_and_the_healthy_meter_keeps_its_rate(
     assert sample(metrics, "pfm_collector_poll_jitter_seconds_count") > 0
     seqs = [r.seq for r in sink.readings["m1"]]
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+
+
+async def test_collector_pushes_the_clock_and_publishes_decoded_values(
+    settings: Settings, site_name: str
+) -> None:
+    sim = SimSite(seed=2)
+    sim.add_load(Heater("h", kw=12.0, wobble=0.0))
+    sim.supply.noise = 0.0
+    sim.add_meter(4, "pm", profile="pmtr001")
+    sim.add_meter(5, "pz", profile="pzem004t")
+    port = free_port()
+    site = parse_site(
+        {
+            "site": site_name,
+            "buses": [{"name": "b1", "host": "127.0.0.1", "port": port}],
+            "meters": [
+                {"name": "pm", "bus": "b1", "unit": 4, "profile": "pmtr001", "interval_s": 0.2},
+                {"name": "pz", "bus": "b1", "unit": 5, "profile": "pzem004t", "interval_s": 0.2},
+            ],
+        }
+    )
+    before = int(time.time())
+    async with SimServer(sim, port), sink_for(settings, site_name) as sink, running(settings, site):
+        for _ in range(50):
+            await asyncio.sleep(0.1)
+            if len(sink.readings["pm"]) >= 3 and len(sink.readings["pz"]) >= 3:
+                break
+    epoch = sim.meters[4].clock_epoch
+    assert epoch is not None and before + 6 <= epoch <= int(time.time()) + 6
+    truth = sim.state().meters
+    pm = sink.readings["pm"][-1]
+    assert pm.profile == "pmtr001"
+    assert sum(pm.values[k] for k in pm.values if k.startswith("power_l")) == pytest.approx(
+        truth["pm"].p_w, abs=3
+    )
+    pz = sink.readings["pz"][-1]
+    # a single-phase PZEM on L1 sees a third of the balanced heater
+    assert pz.values["power"] == pytest.approx(truth["pz"].values["power_l1"], abs=0.1)
+    assert pz.values["power"] == pytest.approx(4000.0, abs=0.1)
+    assert pz.ts.tzinfo is not None

@@ -320,6 +320,8 @@ class SimMeter:
     def values(self, site: SimSite, t: float) -> dict[M, float]:
         v = self.source.sample(site, t, self.rng)
         _apply_faults(v, self.faults)
+        if self.profile.phases == 1:
+            _single_phase(v)
         dt = 0.0 if self.last_t is None else max(0.0, t - self.last_t)
         self.last_t = t
         for ph in range(3):
@@ -362,6 +364,23 @@ def _apply_faults(v: dict[M, float], faults: Mapping[str, Mapping[str, Any]]) ->
             key = M.per_phase("voltage", ph)
             v[key] = v.get(key, 0.0) * k
         v[M.NEUTRAL_CURRENT] = 0.0
+
+
+def _single_phase(v: dict[M, float]) -> None:
+    """A single-phase meter sits on L1: its totals are the L1 values."""
+    for stem, total in (
+        ("power", M.POWER),
+        ("reactive_power", M.REACTIVE_POWER),
+        ("apparent_power", M.APPARENT_POWER),
+        ("power_factor", M.POWER_FACTOR),
+        ("frequency", M.FREQUENCY),
+    ):
+        key = M.per_phase(stem, 1)
+        if key in v:
+            v[total] = v[key]
+    for stem in ("voltage", "current", "power", "reactive_power", "apparent_power"):
+        for ph in (2, 3):
+            v.pop(M.per_phase(stem, ph), None)
 
 
 def _retotal(v: dict[M, float]) -> None:
@@ -621,6 +640,8 @@ class SimSite:
             for unit, meter in self.meters.items():
                 vals = meter.source.sample(self, t, quiet)  # type: ignore[arg-type]
                 _apply_faults(vals, meter.faults)
+                if meter.profile.phases == 1:
+                    _single_phase(vals)
                 meters[meter.name] = MeterState(
                     meter.name,
                     unit,
