@@ -354,12 +354,12 @@ async def _publish_waveforms(sites: list[Any], site_slug: str, every: float, shu
     from shared.settings import load_settings
 
     settings = load_settings()
-    seq = 0
+    seq: dict[tuple[int, int], int] = {}  # per-source seq
     async with Bus(settings, service="simulate", site=site_slug, persistent=False) as bus:
         while not await shutdown.sleep(every):
-            for s in sites:
+            for k, s in enumerate(sites):
                 for unit in s.meters:
-                    seq += 1
-                    wf = s.waveform(unit, site_slug, seq)
+                    seq[k, unit] = seq.get((k, unit), 0) + 1
+                    wf = s.waveform(unit, site_slug, seq[k, unit])
                     with contextlib.suppress(BusUnavailable):
                         await bus.publish(topics.waveform(site_slug, wf.meter), wf)
