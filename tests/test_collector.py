@@ -238,3 +238,55 @@ async def test_collector_pushes_the_clock_and_publishes_decoded_values(
     assert pz.values["power"] == pytest.approx(truth["pz"].values["power_l1"], abs=0.1)
     assert pz.values["power"] == pytest.approx(4000.0, abs=0.1)
     assert pz.ts.tzinfo is not None
+
+
+async def test_transient_errors_are_retried_and_offline_meters_probed_with_backoff(
+    settings: Settings, site_name: str
+) -> None:
+    sim = fleet()
+    sim.inject("flaky", unit=1, every=3)  # every 3rd request fails with 0x0B
+    sim.inject("exception", unit=2, code=4)  # dead for good
+    port = free_port()
+    interval = 0.1
+    site = parse_site(
+        {
+            "site": site_name,
+            "buses": [
+                {
+                    "name": "b1",
+                    "host": "127.0.0.1",
+                    "port": port,
+                    "retries": 1,
+                    "reprobe_max_s": 0.8,
+                }
+            ],
+            "meters": [
+                {
+                    "name": f"m{u}",
+                    "bus": "b1",
+                    "unit": u,
+                    "profile": "sdm630",
+                    "interval_s": interval,
+                    "offline_after": 2,
+                }
+                for u in (1, 2)
+            ],
+        }
+    )
+    metrics = ServiceMetrics("collector", site_name)
+    async with (
+        SimServer(sim, port),
+        sink_for(settings, site_name) as sink,
+        running(settings, site, metrics=metrics),
+    ):
+        await asyncio.sleep(1.0)
+        probes_before = sim.meters[2].requests
+        await asyncio.sleep(3.0)
+        probes = sim.meters[2].requests - probes_before
+    # the flaky meter never went offline: each 0x0B was retried at once
+    assert "device_offline" not in sink.codes("m1")
+    assert sample(metrics, "pfm_collector_poll_errors_total", meter="m1", kind="exception_0b") >= 5
+    assert len(sink.readings["m1"]) >= 30
+    # the dead meter is probed with backoff (up to 0.8 s), not 10 times a second
+    assert "device_offline" in sink.codes("m2")
+    assert 2 <= probes <= 12, probes  # <= 2 requests (one retry) per probe

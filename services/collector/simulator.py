@@ -103,6 +103,7 @@ FAULTS = {
     "slow": "the device answers after `delay_s` seconds",
     "exception": "the device answers every read with Modbus exception `code`",
     "sensor_fail": "PMTR_001 firmware: a failed sensor read is stored as 0",
+    "flaky": "every `every`-th request (default 3) is answered with exception 0x0B",
 }
 
 _PHASE_SHIFT = (0.0, -2 * math.pi / 3, 2 * math.pi / 3)
@@ -315,7 +316,9 @@ class SimMeter:
     clock_epoch: int | None = None
     sync_regs: dict[int, int] = field(default_factory=dict)
     sync_coil: bool = False
+    #: register reads answered with values / every request received
     reads: int = 0
+    requests: int = 0
 
     def values(self, site: SimSite, t: float) -> dict[M, float]:
         v = self.source.sample(site, t, self.rng)
@@ -897,6 +900,7 @@ class SimServer:
             values: list[int] | list[bool] | None,
         ) -> ExcCodes | None:
             site.tick()
+            meter.requests += 1
             faults = meter.faults
             if "comm_loss" in faults:
                 await asyncio.sleep(float(faults["comm_loss"].get("delay_s", 30.0)))
@@ -905,6 +909,8 @@ class SimServer:
                 await asyncio.sleep(float(faults["slow"].get("delay_s", 0.5)))
             if "exception" in faults and fc in (3, 4):
                 return ExcCodes(int(faults["exception"].get("code", 4)))
+            if "flaky" in faults and meter.requests % int(faults["flaky"].get("every", 3)) == 0:
+                return ExcCodes.GATEWAY_NO_RESPONSE
             if fc in (3, 4) and address + count > (holding if fc == 3 else inputs):
                 return ExcCodes.ILLEGAL_ADDRESS
             if fc in (3, 4):
