@@ -46,7 +46,7 @@ from services.collector.profiles import Block, Profile, resolve
 from services.collector.timesync import CLOCKS, RESYNC_S
 from shared import __version__, topics
 from shared.bus import Backoff, Bus, BusUnavailable
-from shared.errors import PeerError
+from shared.errors import ConfigError, PeerError
 from shared.messages import Event, EventState, GatewayStatus, Reading, Severity, encode, utcnow
 from shared.metrics import ServiceMetrics
 from shared.service import Shutdown
@@ -133,13 +133,20 @@ class Collector:
         self.settings = settings
         self.site = site
         self.metrics = metrics
+        self.meters: list[MeterState] = []
+        problems = []
+        for i, mc in enumerate(site.meters):
+            try:
+                profile = resolve(mc.profile, site.profiles)
+            except ConfigError as exc:
+                problems.append(f"meters[{i}].profile: {exc}")
+                continue
+            self.meters.append(MeterState(mc, site.bus(mc.bus), profile, profile.plan()))
+        if problems:
+            raise ConfigError(f"site {site.site!r}: {len(problems)} invalid field(s)", problems)
         self.spool = Spool(
             settings.data_dir / f"collector-{site.site}.spool", max_records=spool_max_records
         )
-        self.meters: list[MeterState] = []
-        for mc in site.meters:
-            profile = resolve(mc.profile, site.profiles)
-            self.meters.append(MeterState(mc, site.bus(mc.bus), profile, profile.plan()))
         # seq continues where the last run stopped (with a margin after a crash)
         margin = 0 if self.spool.get_meta("clean_stop") else SEQ_MARGIN
         self.spool.set_meta({"clean_stop": 0})
@@ -560,14 +567,17 @@ async def run(
 ) -> None:
     """Run the collector until ``shutdown``; ``metrics`` / ``backoff`` (broker reconnects)
     may be passed in by tests and benchmarks."""
+    serve = metrics is None
     if metrics is None:
         metrics = ServiceMetrics(SERVICE, site.site)
+    logging.getLogger("pymodbus").setLevel(logging.CRITICAL)  # we classify and log ourselves
+    # checks every meter's profile first: a bad site file starts nothing
+    collector = Collector(settings, site, metrics, spool_max_records=spool_max_records)
+    if serve:
         port = (
             settings.metrics_port if settings.metrics_port is not None else METRICS_PORTS[SERVICE]
         )
         metrics.serve(settings.metrics_host, port)
-    logging.getLogger("pymodbus").setLevel(logging.CRITICAL)  # we classify and log ourselves
-    collector = Collector(settings, site, metrics, spool_max_records=spool_max_records)
     status_topic = topics.gateway_status(site.site, site.gateway)
     will = (status_topic, encode(collector.status("offline")))
 
