@@ -44,6 +44,14 @@ counts closings; ``bank.violations`` lists re-closings inside ``discharge_s``.
 
 Relay I/O device: coils ``0..n-1``; a coil mapped in ``switches`` runs that load.
 
+Also: ``fleet_site(n, seed=, profile=)`` (n meters with their own load mixes, for
+fleets and benchmarks); ``site.meter_values(unit)`` (what a meter reads now, with
+noise and faults); ``site.waveform(unit, site_slug, seq)`` (a ``Waveform`` from the
+same operating point); ``site.inject_at(t, fault, unit, duration_s)`` (scheduled
+faults); ``SimServer(site, port, framer="rtu")`` (RTU over TCP) or
+``SimServer(site, serial="/dev/pts/N")`` (RTU on a serial port). Unit ids without a
+device answer exception 0x0B, as a TCP gateway does.
+
 Compatibility: ``MeterFleet(port, {unit: LoadModel})`` serves fixed per-phase loads
 (PMTR_001 layout) and :func:`expected_pf` gives their noiseless PF.
 """
