@@ -286,7 +286,8 @@ def register(app: typer.Typer) -> None:
                 for k in range(ports):
                     n = min(per, left)
                     left -= n
-                    sites.append(fleet_site(n, seed=seed + k, profile=profile))
+                    prefix = f"p{k}meter" if ports > 1 else "meter"
+                    sites.append(fleet_site(n, seed=seed + k, profile=profile, name_prefix=prefix))
             for spec in fault:
                 _apply_fault(sites[0], spec, FAULTS)
         except (ValueError, KeyError) as exc:

@@ -807,9 +807,11 @@ def fleet_site(
     seed: int = 1,
     profile: str = "pmtr001",
     first_unit: int = 1,
+    name_prefix: str = "meter",
     clock: Callable[[], float] = time.monotonic,
 ) -> SimSite:
-    """``meters`` meters (units ``first_unit``..), each measuring its own small mix of
+    """``meters`` meters (units ``first_unit``.., named ``{name_prefix}{unit}``), each
+    measuring its own small mix of
     loads drawn from ``seed``: motors (PF 0.7-0.85), server PSUs, VFDs, heaters.
     ``profile="mixed"`` rotates pmtr001 / sdm630 / pzem004t."""
     if first_unit < 1 or first_unit + meters - 1 > 247:
@@ -836,7 +838,7 @@ def fleet_site(
             site.add_load(load)
             loads.append(name)
         chosen = names[i % 3] if profile == "mixed" else profile
-        site.add_meter(unit, f"meter{unit}", profile=chosen, loads=loads, bank=False)
+        site.add_meter(unit, f"{name_prefix}{unit}", profile=chosen, loads=loads, bank=False)
     return site
 
 
