@@ -11,6 +11,8 @@ from collections import defaultdict
 from collections.abc import AsyncIterator
 from typing import Any
 
+import pytest
+
 from services.collector import service as collector
 from services.collector.simulator import Heater, SimServer, SimSite
 from shared import topics
@@ -196,3 +198,95 @@ async def test_every_fault_kind_is_counted_and_the_healthy_meter_keeps_its_rate(
     assert sample(metrics, "pfm_collector_poll_jitter_seconds_count") > 0
     seqs = [r.seq for r in sink.readings["m1"]]
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+
+
+async def test_collector_pushes_the_clock_and_publishes_decoded_values(
+    settings: Settings, site_name: str
+) -> None:
+    sim = SimSite(seed=2)
+    sim.add_load(Heater("h", kw=12.0, wobble=0.0))
+    sim.supply.noise = 0.0
+    sim.add_meter(4, "pm", profile="pmtr001")
+    sim.add_meter(5, "pz", profile="pzem004t")
+    port = free_port()
+    site = parse_site(
+        {
+            "site": site_name,
+            "buses": [{"name": "b1", "host": "127.0.0.1", "port": port}],
+            "meters": [
+                {"name": "pm", "bus": "b1", "unit": 4, "profile": "pmtr001", "interval_s": 0.2},
+                {"name": "pz", "bus": "b1", "unit": 5, "profile": "pzem004t", "interval_s": 0.2},
+            ],
+        }
+    )
+    before = int(time.time())
+    async with SimServer(sim, port), sink_for(settings, site_name) as sink, running(settings, site):
+        for _ in range(50):
+            await asyncio.sleep(0.1)
+            if len(sink.readings["pm"]) >= 3 and len(sink.readings["pz"]) >= 3:
+                break
+    epoch = sim.meters[4].clock_epoch
+    assert epoch is not None and before + 6 <= epoch <= int(time.time()) + 6
+    truth = sim.state().meters
+    pm = sink.readings["pm"][-1]
+    assert pm.profile == "pmtr001"
+    assert sum(pm.values[k] for k in pm.values if k.startswith("power_l")) == pytest.approx(
+        truth["pm"].p_w, abs=3
+    )
+    pz = sink.readings["pz"][-1]
+    # a single-phase PZEM on L1 sees a third of the balanced heater
+    assert pz.values["power"] == pytest.approx(truth["pz"].values["power_l1"], abs=0.1)
+    assert pz.values["power"] == pytest.approx(4000.0, abs=0.1)
+    assert pz.ts.tzinfo is not None
+
+
+async def test_transient_errors_are_retried_and_offline_meters_probed_with_backoff(
+    settings: Settings, site_name: str
+) -> None:
+    sim = fleet()
+    sim.inject("flaky", unit=1, every=3)  # every 3rd request fails with 0x0B
+    sim.inject("exception", unit=2, code=4)  # dead for good
+    port = free_port()
+    interval = 0.1
+    site = parse_site(
+        {
+            "site": site_name,
+            "buses": [
+                {
+                    "name": "b1",
+                    "host": "127.0.0.1",
+                    "port": port,
+                    "retries": 1,
+                    "reprobe_max_s": 0.8,
+                }
+            ],
+            "meters": [
+                {
+                    "name": f"m{u}",
+                    "bus": "b1",
+                    "unit": u,
+                    "profile": "sdm630",
+                    "interval_s": interval,
+                    "offline_after": 2,
+                }
+                for u in (1, 2)
+            ],
+        }
+    )
+    metrics = ServiceMetrics("collector", site_name)
+    async with (
+        SimServer(sim, port),
+        sink_for(settings, site_name) as sink,
+        running(settings, site, metrics=metrics),
+    ):
+        await asyncio.sleep(1.0)
+        probes_before = sim.meters[2].requests
+        await asyncio.sleep(3.0)
+        probes = sim.meters[2].requests - probes_before
+    # the flaky meter never went offline: each 0x0B was retried at once
+    assert "device_offline" not in sink.codes("m1")
+    assert sample(metrics, "pfm_collector_poll_errors_total", meter="m1", kind="exception_0b") >= 5
+    assert len(sink.readings["m1"]) >= 30
+    # the dead meter is probed with backoff (up to 0.8 s), not 10 times a second
+    assert "device_offline" in sink.codes("m2")
+    assert 2 <= probes <= 12, probes  # <= 2 requests (one retry) per probe

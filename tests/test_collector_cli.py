@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import orjson
 import pytest
@@ -187,3 +188,20 @@ def test_simulate_command_serves_a_plant() -> None:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_collector_refuses_unknown_profiles_before_starting(tmp_path: Path) -> None:
+    site = tmp_path / "site.yaml"
+    site.write_text(
+        "site: s1\n"
+        "buses: [{name: b1, host: 127.0.0.1, port: 1502}]\n"
+        "meters:\n"
+        "  - {name: m1, bus: b1, unit: 1, profile: sdm999}\n"
+        "  - {name: m2, bus: b1, unit: 2, profile: pmtr001}\n"
+        "  - {name: m3, bus: b1, unit: 3, profile: acme}\n"
+    )
+    result = runner.invoke(app, ["collector", "--site-file", str(site), "--duration", "2"])
+    assert result.exit_code == 2, result.output
+    assert "meters[0].profile: unknown meter profile 'sdm999'" in result.output
+    assert "meters[2].profile: unknown meter profile 'acme'" in result.output
+    assert "metrics on" not in result.output  # nothing half-started

@@ -286,7 +286,8 @@ def register(app: typer.Typer) -> None:
                 for k in range(ports):
                     n = min(per, left)
                     left -= n
-                    sites.append(fleet_site(n, seed=seed + k, profile=profile))
+                    prefix = f"p{k}meter" if ports > 1 else "meter"
+                    sites.append(fleet_site(n, seed=seed + k, profile=profile, name_prefix=prefix))
             for spec in fault:
                 _apply_fault(sites[0], spec, FAULTS)
         except (ValueError, KeyError) as exc:
@@ -354,12 +355,12 @@ async def _publish_waveforms(sites: list[Any], site_slug: str, every: float, shu
     from shared.settings import load_settings
 
     settings = load_settings()
-    seq = 0
+    seq: dict[tuple[int, int], int] = {}  # per-source seq
     async with Bus(settings, service="simulate", site=site_slug, persistent=False) as bus:
         while not await shutdown.sleep(every):
-            for s in sites:
+            for k, s in enumerate(sites):
                 for unit in s.meters:
-                    seq += 1
-                    wf = s.waveform(unit, site_slug, seq)
+                    seq[k, unit] = seq.get((k, unit), 0) + 1
+                    wf = s.waveform(unit, site_slug, seq[k, unit])
                     with contextlib.suppress(BusUnavailable):
                         await bus.publish(topics.waveform(site_slug, wf.meter), wf)

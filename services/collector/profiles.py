@@ -22,6 +22,7 @@ Built in, as their vendors/firmware define them:
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 from collections.abc import Callable, Mapping
@@ -140,24 +141,45 @@ class Profile:
             blocks.append(Block(table, start, end - start))
         return blocks
 
+    @functools.cached_property
+    def _steps(
+        self,
+    ) -> list[tuple[M, str, int, int, Callable[[list[int], str], float], str, float, bool]]:
+        return [
+            (
+                m,
+                s.table,
+                s.address,
+                _WIDTH[s.type],
+                DECODERS[s.type],
+                s.word_order,
+                s.scale,
+                s.zero_is_missing,
+            )
+            for m, s in self.registers.items()
+        ]
+
+    @functools.cached_property
+    def _signed(self) -> list[tuple[M, M]]:
+        return [(m, s.signed_by) for m, s in self.registers.items() if s.signed_by is not None]
+
     def decode(self, raw: Mapping[str, Mapping[int, int]]) -> dict[M, float]:
         """Decode the registers read (``raw[table][address] = value``) into SI values."""
         out: dict[M, float] = {}
-        for measurement, spec in self.registers.items():
-            table = raw[spec.table]
-            regs = [table[spec.address + i] for i in range(_WIDTH[spec.type])]
-            if spec.zero_is_missing and not any(regs):
+        isfinite = math.isfinite
+        for measurement, table_name, address, width, fn, order, scale, missing in self._steps:
+            table = raw[table_name]
+            regs = [table[address]] if width == 1 else [table[address + i] for i in range(width)]
+            if missing and not any(regs):
                 continue
-            value = DECODERS[spec.type](regs, spec.word_order) * spec.scale
-            if math.isnan(value) or math.isinf(value):
-                continue
-            out[measurement] = value
-        for measurement, spec in self.registers.items():
-            if spec.signed_by is not None and measurement in out:
-                sign = out.get(spec.signed_by, 1.0)
-                out[measurement] = (
-                    math.copysign(abs(out[measurement]), sign) if sign else abs(out[measurement])
-                )
+            value = fn(regs, order) * scale
+            if isfinite(value):
+                out[measurement] = value
+        for measurement, by in self._signed:
+            if measurement in out:
+                sign = out.get(by, 1.0)
+                mag = abs(out[measurement])
+                out[measurement] = math.copysign(mag, sign) if sign else mag
         return out
 
     def image(self, values: Mapping[M, float]) -> dict[str, dict[int, int]]:

@@ -34,8 +34,10 @@ import logging
 import random
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -44,7 +46,7 @@ from services.collector.profiles import Block, Profile, resolve
 from services.collector.timesync import CLOCKS, RESYNC_S
 from shared import __version__, topics
 from shared.bus import Backoff, Bus, BusUnavailable
-from shared.errors import PeerError
+from shared.errors import ConfigError, PeerError
 from shared.messages import Event, EventState, GatewayStatus, Reading, Severity, encode, utcnow
 from shared.metrics import ServiceMetrics
 from shared.service import Shutdown
@@ -56,7 +58,7 @@ log = logging.getLogger(__name__)
 SERVICE = "collector"
 
 #: records published concurrently per batch (paho sends them in order)
-BATCH = 200
+BATCH = 64
 #: save the per-meter seq this often (and at shutdown)
 SEQ_SAVE_S = 5.0
 #: a restart after a crash resumes seq this far past the last save, so no seq repeats
@@ -83,6 +85,8 @@ class MeterState:
     synced_at: float | None = None
     #: the block being read (for the log line when the deadline passes)
     current: Block | None = None
+    polls_metric: Any = None
+    missed_metric: Any = None
 
     @property
     def name(self) -> str:
@@ -98,12 +102,23 @@ class MeterState:
 
 @dataclass
 class _Outbox:
+    """Records waiting for the publisher; beyond ``limit`` they spill to the spool."""
+
+    spill: Callable[[list[tuple[str, bytes]]], None]
+    limit: int = 20_000
     records: deque[tuple[str, bytes]] = field(default_factory=deque)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
 
     def put(self, topic: str, payload: bytes) -> None:
         self.records.append((topic, payload))
+        if len(self.records) > self.limit:  # the broker is slower than the meters
+            self.spill(self.take())
         self.wake.set()
+
+    def take(self) -> list[tuple[str, bytes]]:
+        out = list(self.records)
+        self.records.clear()
+        return out
 
 
 class Collector:
@@ -118,13 +133,20 @@ class Collector:
         self.settings = settings
         self.site = site
         self.metrics = metrics
+        self.meters: list[MeterState] = []
+        problems = []
+        for i, mc in enumerate(site.meters):
+            try:
+                profile = resolve(mc.profile, site.profiles)
+            except ConfigError as exc:
+                problems.append(f"meters[{i}].profile: {exc}")
+                continue
+            self.meters.append(MeterState(mc, site.bus(mc.bus), profile, profile.plan()))
+        if problems:
+            raise ConfigError(f"site {site.site!r}: {len(problems)} invalid field(s)", problems)
         self.spool = Spool(
             settings.data_dir / f"collector-{site.site}.spool", max_records=spool_max_records
         )
-        self.meters: list[MeterState] = []
-        for mc in site.meters:
-            profile = resolve(mc.profile, site.profiles)
-            self.meters.append(MeterState(mc, site.bus(mc.bus), profile, profile.plan()))
         # seq continues where the last run stopped (with a margin after a crash)
         margin = 0 if self.spool.get_meta("clean_stop") else SEQ_MARGIN
         self.spool.set_meta({"clean_stop": 0})
@@ -135,7 +157,7 @@ class Collector:
             saved = self.spool.get_meta(f"eseq:{ms.name}")
             if saved is not None:
                 ms.event_seq = saved + margin
-        self.outbox = _Outbox()
+        self.outbox = _Outbox(self._to_spool)
         self.status_dirty = True
         r = metrics.registry
         self.polls = Counter(
@@ -177,8 +199,10 @@ class Collector:
             registry=r,
         )
         self.spool_depth.set(len(self.spool))
-        for ms in self.meters:
+        for ms in self.meters:  # label children resolved once, not per poll
             self.online_gauge.labels(ms.name).set(0)
+            ms.polls_metric = self.polls.labels(ms.name)
+            ms.missed_metric = self.missed.labels(ms.name)
         self.poll_count = 0
 
     # -- status and events -------------------------------------------------------
@@ -264,7 +288,7 @@ class Collector:
             return
         took = time.monotonic() - started
         self.poll_seconds.observe(took)
-        self.polls.labels(m.name).inc()
+        m.polls_metric.inc()
         self.poll_count += 1
         m.seq += 1
         reading = Reading(
@@ -380,11 +404,14 @@ class Collector:
         self, config: BusConfig, meters: list[MeterState], shutdown: Shutdown
     ) -> None:
         conns = [ModbusConnection(config, i) for i in range(config.pool_size)]
-        queue: asyncio.Queue[tuple[MeterState, float]] = asyncio.Queue()
+        queue: asyncio.Queue[tuple[MeterState, float] | None] = asyncio.Queue()
 
         async def worker(conn: ModbusConnection) -> None:
             while True:
-                m, due = await queue.get()
+                item = await queue.get()
+                if item is None:  # shutdown (a cancellation can be lost in a timeout race)
+                    return
+                m, due = item
                 was_offline = m.online is False
                 try:
                     await self.poll_once(conn, m, due)
@@ -418,7 +445,7 @@ class Collector:
                         if m.online is False and m.busy:
                             continue
                         if m.busy:
-                            self.missed.labels(m.name).inc()
+                            m.missed_metric.inc()
                         else:
                             m.busy = True
                             queue.put_nowait((m, due))
@@ -429,7 +456,10 @@ class Collector:
                     if await shutdown.sleep(max(0.0, min(wait, 0.5))):
                         break
             finally:
+                while not queue.empty():
+                    queue.get_nowait()
                 for t in tasks:
+                    queue.put_nowait(None)
                     t.cancel()
                 for c in conns:
                     c.close()
@@ -458,9 +488,9 @@ class Collector:
             ok.append(not isinstance(r, BaseException))
         return ok
 
-    async def _drain_spool(self, bus: Bus) -> bool:
+    async def _drain_spool(self, bus: Bus, stop: asyncio.Event | None = None) -> bool:
         """Send spooled records in order; False when the broker went away again."""
-        while len(self.spool) and bus.connected:
+        while len(self.spool) and bus.connected and not (stop and stop.is_set()):
             batch = self.spool.peek(BATCH)
             ok = await self._publish_batch(bus, [(r.topic, r.payload) for r in batch])
             self.spool.remove(r.id for r, sent in zip(batch, ok, strict=True) if sent)
@@ -469,14 +499,12 @@ class Collector:
                 return False
         return True
 
-    async def _flush(self, bus: Bus) -> None:
+    async def _flush(self, bus: Bus, stop: asyncio.Event) -> None:
         box = self.outbox.records
         if len(self.spool) or not bus.connected:
-            records = list(box)
-            box.clear()
-            self._to_spool(records)
+            self._to_spool(self.outbox.take())
             if bus.connected:
-                await self._drain_spool(bus)
+                await self._drain_spool(bus, stop)
             return
         while box and bus.connected:
             batch = [box.popleft() for _ in range(min(BATCH, len(box)))]
@@ -498,7 +526,10 @@ class Collector:
         last_save = time.monotonic()
         while True:
             self.outbox.wake.clear()
-            await self._flush(bus)
+            if stop.is_set() and len(self.outbox.records) > 2 * BATCH:
+                # shutting down with a backlog: keep it on disk, the next start sends it
+                self._to_spool(self.outbox.take())
+            await self._flush(bus, stop)
             if self.status_dirty and bus.connected:
                 self.status_dirty = False
                 try:
@@ -536,14 +567,17 @@ async def run(
 ) -> None:
     """Run the collector until ``shutdown``; ``metrics`` / ``backoff`` (broker reconnects)
     may be passed in by tests and benchmarks."""
+    serve = metrics is None
     if metrics is None:
         metrics = ServiceMetrics(SERVICE, site.site)
+    logging.getLogger("pymodbus").setLevel(logging.CRITICAL)  # we classify and log ourselves
+    # checks every meter's profile first: a bad site file starts nothing
+    collector = Collector(settings, site, metrics, spool_max_records=spool_max_records)
+    if serve:
         port = (
             settings.metrics_port if settings.metrics_port is not None else METRICS_PORTS[SERVICE]
         )
         metrics.serve(settings.metrics_host, port)
-    logging.getLogger("pymodbus").setLevel(logging.CRITICAL)  # we classify and log ourselves
-    collector = Collector(settings, site, metrics, spool_max_records=spool_max_records)
     status_topic = topics.gateway_status(site.site, site.gateway)
     will = (status_topic, encode(collector.status("offline")))
 

@@ -44,6 +44,14 @@ counts closings; ``bank.violations`` lists re-closings inside ``discharge_s``.
 
 Relay I/O device: coils ``0..n-1``; a coil mapped in ``switches`` runs that load.
 
+Also: ``fleet_site(n, seed=, profile=)`` (n meters with their own load mixes, for
+fleets and benchmarks); ``site.meter_values(unit)`` (what a meter reads now, with
+noise and faults); ``site.waveform(unit, site_slug, seq)`` (a ``Waveform`` from the
+same operating point); ``site.inject_at(t, fault, unit, duration_s)`` (scheduled
+faults); ``SimServer(site, port, framer="rtu")`` (RTU over TCP) or
+``SimServer(site, serial="/dev/pts/N")`` (RTU on a serial port). Unit ids without a
+device answer exception 0x0B, as a TCP gateway does.
+
 Compatibility: ``MeterFleet(port, {unit: LoadModel})`` serves fixed per-phase loads
 (PMTR_001 layout) and :func:`expected_pf` gives their noiseless PF.
 """
@@ -103,6 +111,7 @@ FAULTS = {
     "slow": "the device answers after `delay_s` seconds",
     "exception": "the device answers every read with Modbus exception `code`",
     "sensor_fail": "PMTR_001 firmware: a failed sensor read is stored as 0",
+    "flaky": "every `every`-th request (default 3) is answered with exception 0x0B",
 }
 
 _PHASE_SHIFT = (0.0, -2 * math.pi / 3, 2 * math.pi / 3)
@@ -315,11 +324,15 @@ class SimMeter:
     clock_epoch: int | None = None
     sync_regs: dict[int, int] = field(default_factory=dict)
     sync_coil: bool = False
+    #: register reads answered with values / every request received
     reads: int = 0
+    requests: int = 0
 
     def values(self, site: SimSite, t: float) -> dict[M, float]:
         v = self.source.sample(site, t, self.rng)
         _apply_faults(v, self.faults)
+        if self.profile.phases == 1:
+            _single_phase(v)
         dt = 0.0 if self.last_t is None else max(0.0, t - self.last_t)
         self.last_t = t
         for ph in range(3):
@@ -362,6 +375,23 @@ def _apply_faults(v: dict[M, float], faults: Mapping[str, Mapping[str, Any]]) ->
             key = M.per_phase("voltage", ph)
             v[key] = v.get(key, 0.0) * k
         v[M.NEUTRAL_CURRENT] = 0.0
+
+
+def _single_phase(v: dict[M, float]) -> None:
+    """A single-phase meter sits on L1: its totals are the L1 values."""
+    for stem, total in (
+        ("power", M.POWER),
+        ("reactive_power", M.REACTIVE_POWER),
+        ("apparent_power", M.APPARENT_POWER),
+        ("power_factor", M.POWER_FACTOR),
+        ("frequency", M.FREQUENCY),
+    ):
+        key = M.per_phase(stem, 1)
+        if key in v:
+            v[total] = v[key]
+    for stem in ("voltage", "current", "power", "reactive_power", "apparent_power"):
+        for ph in (2, 3):
+            v.pop(M.per_phase(stem, ph), None)
 
 
 def _retotal(v: dict[M, float]) -> None:
@@ -621,6 +651,8 @@ class SimSite:
             for unit, meter in self.meters.items():
                 vals = meter.source.sample(self, t, quiet)  # type: ignore[arg-type]
                 _apply_faults(vals, meter.faults)
+                if meter.profile.phases == 1:
+                    _single_phase(vals)
                 meters[meter.name] = MeterState(
                     meter.name,
                     unit,
@@ -775,9 +807,11 @@ def fleet_site(
     seed: int = 1,
     profile: str = "pmtr001",
     first_unit: int = 1,
+    name_prefix: str = "meter",
     clock: Callable[[], float] = time.monotonic,
 ) -> SimSite:
-    """``meters`` meters (units ``first_unit``..), each measuring its own small mix of
+    """``meters`` meters (units ``first_unit``.., named ``{name_prefix}{unit}``), each
+    measuring its own small mix of
     loads drawn from ``seed``: motors (PF 0.7-0.85), server PSUs, VFDs, heaters.
     ``profile="mixed"`` rotates pmtr001 / sdm630 / pzem004t."""
     if first_unit < 1 or first_unit + meters - 1 > 247:
@@ -804,7 +838,7 @@ def fleet_site(
             site.add_load(load)
             loads.append(name)
         chosen = names[i % 3] if profile == "mixed" else profile
-        site.add_meter(unit, f"meter{unit}", profile=chosen, loads=loads, bank=False)
+        site.add_meter(unit, f"{name_prefix}{unit}", profile=chosen, loads=loads, bank=False)
     return site
 
 
@@ -876,6 +910,7 @@ class SimServer:
             values: list[int] | list[bool] | None,
         ) -> ExcCodes | None:
             site.tick()
+            meter.requests += 1
             faults = meter.faults
             if "comm_loss" in faults:
                 await asyncio.sleep(float(faults["comm_loss"].get("delay_s", 30.0)))
@@ -884,6 +919,8 @@ class SimServer:
                 await asyncio.sleep(float(faults["slow"].get("delay_s", 0.5)))
             if "exception" in faults and fc in (3, 4):
                 return ExcCodes(int(faults["exception"].get("code", 4)))
+            if "flaky" in faults and meter.requests % int(faults["flaky"].get("every", 3)) == 0:
+                return ExcCodes.GATEWAY_NO_RESPONSE
             if fc in (3, 4) and address + count > (holding if fc == 3 else inputs):
                 return ExcCodes.ILLEGAL_ADDRESS
             if fc in (3, 4):
