@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import AsyncIterator
@@ -69,6 +70,9 @@ def demo_site(port: int, meters: int) -> dict[str, Any]:
             {"name": f"meter{u}", "bus": "sim", "unit": u, "profile": "pmtr001", "interval_s": 1.0}
             for u in range(1, meters + 1)
         ],
+        # one archiver: a plain subscription, so that sessions other demos left in a
+        # shared group on the same broker cannot take a share of this demo's messages
+        "archiver": {"share_group": None},
     }
 
 
@@ -148,7 +152,9 @@ async def demo_main(shutdown: Shutdown, meters: int, keep: bool) -> int:
                         "db_dsn": dsn,
                         "data_dir": workdir / "data",
                         "metrics_port": 0,
-                        "mqtt_client_id": f"pfm-demo-{sim_port}",
+                        # stable ids: a second demo resumes the first one's sessions
+                        # instead of leaving more behind on a shared broker
+                        "mqtt_client_id": f"pfm-demo-{socket.gethostname()}",
                     }
                 )
                 console.print(f"[bold]pfmon demo[/] - {meters} simulated meters")

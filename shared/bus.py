@@ -43,9 +43,6 @@ log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=BaseModel)
 
-#: how long a v5 session survives a disconnect on the broker (seconds)
-SESSION_EXPIRY_S = 7 * 24 * 3600
-
 
 class BusUnavailable(PeerError):
     """The broker is not connected right now; the caller decides (spool, retry)."""
@@ -268,7 +265,9 @@ class Bus:
         kwargs: dict[str, Any] = {}
         if protocol == aiomqtt.ProtocolVersion.V5:
             props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-            props.SessionExpiryInterval = SESSION_EXPIRY_S if self._persistent else 0
+            props.SessionExpiryInterval = (
+                self.settings.mqtt_session_expiry_s if self._persistent else 0
+            )
             kwargs["properties"] = props
             kwargs["clean_start"] = not self._persistent
         else:

@@ -67,6 +67,13 @@ class Settings(BaseSettings):
         "auto", description="MQTT version: auto tries v5 and falls back to 3.1.1"
     )
     mqtt_keepalive_s: int = Field(30, ge=5, le=3600)
+    mqtt_session_expiry_s: int = Field(
+        7 * 24 * 3600,
+        ge=0,
+        le=0xFFFFFFFF,
+        description="MQTT v5: how long the broker keeps a disconnected service's session "
+        "(and queues its QoS 1 messages)",
+    )
     mqtt_client_id: str | None = Field(
         None, description="client id prefix; default pfm-<service>-<site>-<host>"
     )

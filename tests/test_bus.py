@@ -101,34 +101,56 @@ async def test_a_failing_handler_is_counted_and_the_bus_carries_on(
         assert bus.metrics.handler_errors.labels("svc", "reading")._value.get() == 1
 
 
+K = topics.Kind
+#: every topic kind each service subscribes to
 SERVICES = [
-    pytest.param(analytics.run, topics.Kind.READING, "analytics", id="analytics-reading"),
-    pytest.param(archiver.run, topics.Kind.METRICS, "archiver", id="archiver-metrics"),
-    pytest.param(actuator.run, topics.Kind.METRICS, "actuator", id="actuator-metrics"),
+    pytest.param(analytics.run, [K.READING, K.WAVEFORM], "analytics", id="analytics"),
+    pytest.param(
+        archiver.run,
+        [K.METRICS, K.EVENT, K.COMMAND, K.STATE, K.STATUS, K.READING],
+        "archiver",
+        id="archiver",
+    ),
+    pytest.param(actuator.run, [K.METRICS, K.STATE], "actuator", id="actuator"),
 ]
 
 
-@pytest.mark.parametrize(("run", "kind", "service"), SERVICES)
-async def test_each_service_dead_letters_and_continues(
-    settings: Settings, site_name: str, run: object, kind: topics.Kind, service: str
+def concrete_topic(kind: topics.Kind, site: str) -> str:
+    return {
+        K.COMMAND: topics.command(site, "dev1"),
+        K.STATE: topics.state(site, "dev1"),
+        K.STATUS: topics.gateway_status(site, "gw1"),
+    }.get(kind) or f"{topics.ROOT}/{site}/m1/{kind.value}"
+
+
+@pytest.mark.parametrize(("run", "kinds", "service"), SERVICES)
+async def test_each_service_dead_letters_every_topic_and_continues(
+    settings: Settings, site_name: str, run: object, kinds: list[topics.Kind], service: str
 ) -> None:
     site = parse_site({"site": site_name})
     shutdown = Shutdown()
-    topic = topics.pattern(kind, site_name, "m1")
     async with listening(
         settings, site_name, topics.deadletter(site_name, service), DeadLetter
     ) as letters:
         task = asyncio.create_task(run(settings, site, shutdown))  # type: ignore[operator]
         await asyncio.sleep(1.5)
-        await raw_publish(settings.mqtt_url, topic, b"\x00\xff garbage")
-        await raw_publish(settings.mqtt_url, topic, b'{"schema": "pfm.other/1"}')
-        items = await letters.get(2, timeout=15)
+        for kind in kinds:
+            topic = concrete_topic(kind, site_name)
+            await raw_publish(settings.mqtt_url, topic, b"\x00\xff garbage")
+            await raw_publish(settings.mqtt_url, topic, b'{"schema": "pfm.other/1"}')
+        items = await letters.get(2 * len(kinds), timeout=20)
         assert not task.done(), "the service stopped on bad input"
         shutdown.request()
-        await asyncio.wait_for(task, 15)
-    reasons = [d.reason for d in items]  # type: ignore[attr-defined]
-    assert "malformed JSON" in reasons[0]
-    assert all(d.service == service for d in items)  # type: ignore[attr-defined]
+        await asyncio.wait_for(task, 20)
+    letters_by_topic: dict[str, list[str]] = {}
+    for d in items:
+        assert isinstance(d, DeadLetter) and d.service == service
+        letters_by_topic.setdefault(d.topic, []).append(d.reason)
+    for kind in kinds:
+        reasons = letters_by_topic.get(concrete_topic(kind, site_name), [])
+        assert len(reasons) == 2, f"{service} did not dead-letter both bad {kind} payloads"
+        assert any("malformed JSON" in r for r in reasons)
+        assert any("schema" in r for r in reasons)
 
 
 async def test_broker_down_at_start_then_up(

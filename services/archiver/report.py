@@ -200,10 +200,10 @@ async def build_report(
             coalesce(sum({cap}), 0) / 1000 AS kvarh_cap,
             coalesce(sum(delta_unsigned_varh), 0) / 1000 AS kvarh_unsigned,
             coalesce(sum(delta_apparent_vah), 0) / 1000 AS kvah,
-            coalesce(sum(least(energy_s, $4)), 0) / 3600 AS hours,
-            coalesce(sum(least(energy_s, $4)) FILTER (WHERE {pf_expr} < $5), 0) / 3600
+            coalesce(sum(least(coalesce(energy_s, 0), $4)), 0) / 3600 AS hours,
+            coalesce(sum(least(coalesce(energy_s, 0), $4)) FILTER (WHERE {pf_expr} < $5), 0) / 3600
                 AS below_alert,
-            coalesce(sum(least(energy_s, $4)) FILTER (WHERE {pf_expr} < $6), 0) / 3600
+            coalesce(sum(least(coalesce(energy_s, 0), $4)) FILTER (WHERE {pf_expr} < $6), 0) / 3600
                 AS below_penalty
         FROM pfm_metrics WHERE site = $1 AND ts >= $2 AND ts < $3
         GROUP BY meter ORDER BY meter
@@ -240,7 +240,7 @@ async def build_report(
                 coalesce(sum({ind}), 0) / 1000 AS kvarh_ind,
                 coalesce(sum({cap}), 0) / 1000 AS kvarh_cap,
                 coalesce(sum(delta_apparent_vah), 0) / 1000 AS kvah,
-                coalesce(sum(least(energy_s, $4)), 0) AS covered
+                coalesce(sum(least(coalesce(energy_s, 0), $4)), 0) AS covered
             FROM pfm_metrics WHERE site = $1 AND ts >= $2 AND ts < $3
             GROUP BY 1, meter
         ) per_meter
