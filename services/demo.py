@@ -30,7 +30,7 @@ from services.actuator import service as actuator
 from services.analytics import service as analytics
 from services.archiver import service as archiver
 from services.collector import service as collector
-from services.collector.simulator import LoadModel, MeterFleet
+from services.collector.simulator import SimServer, SimSite, inductive_site
 from shared import topics
 from shared.bus import Bus, Incoming
 from shared.embedded import (
@@ -44,7 +44,7 @@ from shared.embedded import (
 from shared.errors import ConfigError, PeerError
 from shared.logs import setup_logging
 from shared.measurements import Measurement as M
-from shared.messages import Metrics
+from shared.messages import ActuatorState, Command, Metrics
 from shared.service import Shutdown, run
 from shared.settings import Settings, load_settings
 from shared.site import SiteConfig, parse_site
@@ -52,23 +52,65 @@ from shared.site import SiteConfig, parse_site
 log = logging.getLogger(__name__)
 console = Console(stderr=True)
 
-# three loads a site engineer recognises: motors, mixed office, an almost resistive heater
-_DEMO_LOADS = [
-    LoadModel(current_a=(40.0, 42.0, 39.0), pf=(0.78, 0.79, 0.77)),
-    LoadModel(current_a=(12.0, 9.0, 15.0), pf=(0.93, 0.91, 0.95)),
-    LoadModel(current_a=(20.0, 20.0, 20.0), pf=(0.99, 0.99, 0.99)),
+# The plant: a small factory whose incomer runs at PF ~0.78 (motors, a VFD, servers),
+# a 6 x 25 kvar capacitor bank the actuator switches, and feeder meters on the loads.
+#: capacitor discharge time of the simulated bank; the controller's reconnection delay
+#: must not be shorter. Real banks need ~60 s; the demo shortens both to be watchable.
+DISCHARGE_S = 5.0
+_FEEDERS = [
+    ("compressor", "compressor"),
+    ("servers", "servers"),
+    ("fan-drive", "fan_drive"),
+    ("pump", "pump"),
+    ("conveyor", "conveyor"),
 ]
+MAX_METERS = 1 + len(_FEEDERS)
+BANK_UNIT = 10
 
 
-def demo_site(port: int, meters: int) -> dict[str, Any]:
+def demo_plant(meters: int) -> SimSite:
+    """The incomer (``main``, SDM630: signed P/Q) plus ``meters - 1`` PMTR_001 feeders."""
+    plant = inductive_site(seed=1, bank_unit=BANK_UNIT, discharge_s=DISCHARGE_S)
+    for unit, (name, load) in enumerate(_FEEDERS[: meters - 1], start=2):
+        plant.add_meter(unit, name, profile="pmtr001", loads=[load], bank=False)
+    return plant
+
+
+def demo_site(port: int, plant: SimSite) -> dict[str, Any]:
+    assert plant.bank is not None
+    steps = list(plant.bank.kvar)
     return {
         "site": "demo",
         "gateway": "demo-gw",
-        "description": "pfmon demo: simulated PMTR_001 meters",
+        "description": "pfmon demo: a simulated factory, PF ~0.78 at the incomer, one bank",
         "buses": [{"name": "sim", "kind": "tcp", "host": "127.0.0.1", "port": port}],
         "meters": [
-            {"name": f"meter{u}", "bus": "sim", "unit": u, "profile": "pmtr001", "interval_s": 1.0}
-            for u in range(1, meters + 1)
+            {"name": m.name, "bus": "sim", "unit": u, "profile": m.profile.name, "interval_s": 1.0}
+            for u, m in sorted(plant.meters.items())
+        ],
+        "devices": [
+            {
+                "name": "bank1",
+                "bus": "sim",
+                "unit": BANK_UNIT,
+                "kind": "capbank",
+                "coils": len(steps),
+                "poll_s": 5.0,
+            }
+        ],
+        "banks": [
+            {
+                "name": "main",
+                "meter": "main",
+                "device": "bank1",
+                "steps_kvar": steps,
+                "target_pf": 0.97,
+                "program": "optimal",
+                "average": "5s",
+                "min_interval": "3s",
+                "reconnect_delay": f"{DISCHARGE_S + 1:g}s",
+                "alarm_delay": "60s",
+            }
         ],
         # one archiver: a plain subscription, so that sessions other demos left in a
         # shared group on the same broker cannot take a share of this demo's messages
@@ -103,33 +145,66 @@ async def _database(settings: Settings, workdir: Path) -> AsyncIterator[tuple[st
         await asyncio.to_thread(pg.stop)
 
 
-async def _watch(
-    settings: Settings, site: SiteConfig, shutdown: Shutdown, latest: dict[str, Metrics]
-) -> None:
+class _View:
+    """What the demo shows: the latest metrics per meter, the bank, the commands."""
+
+    def __init__(self, bank_steps: int) -> None:
+        self.bank_steps = bank_steps
+        self.latest: dict[str, Metrics] = {}
+        self.first_pf: float | None = None
+        self.bank: ActuatorState | None = None
+        self.commands: list[Command] = []
+
+    async def on_metrics(self, m: Metrics, incoming: Incoming) -> None:
+        if m.aggregate:
+            return
+        self.latest[m.meter] = m
+        pf = m.values.get(M.POWER_FACTOR)
+        if m.meter == "main" and self.first_pf is None and pf is not None:
+            self.first_pf = pf
+
+    async def on_state(self, m: ActuatorState, incoming: Incoming) -> None:
+        self.bank = m
+
+    async def on_command(self, m: Command, incoming: Incoming) -> None:
+        self.commands.append(m)
+
+    def incomer_pf(self) -> float | None:
+        m = self.latest.get("main")
+        return m.values.get(M.POWER_FACTOR) if m else None
+
+    def table(self, rows: int) -> Table:
+        table = Table(title=f"pfmon demo - {rows} metric rows archived", expand=False)
+        for col in ("meter", "P kW", "Q kvar", "S kVA", "PF", "load", "V L1", "I L1"):
+            table.add_column(col, justify="right")
+        for name in sorted(self.latest, key=lambda n: (n != "main", n)):
+            m = self.latest[name]
+            v = m.values
+            q = v.get(M.REACTIVE_POWER)
+            table.add_row(
+                name,
+                f"{v.get(M.POWER, 0) / 1000:.1f}",
+                "-" if q is None else f"{q / 1000:.1f}",
+                f"{v.get(M.APPARENT_POWER, 0) / 1000:.1f}",
+                f"{v.get(M.POWER_FACTOR, float('nan')):.3f}",
+                m.load.get("total", "unknown"),
+                f"{v.get(M.VOLTAGE_L1, 0):.1f}",
+                f"{v.get(M.CURRENT_L1, 0):.1f}",
+            )
+        steps = len(self.bank.steps_in) if self.bank else 0
+        caption = f"bank main: {steps} of {self.bank_steps} steps in"
+        if self.commands:
+            caption += f"; last command: {self.commands[-1].reason}"
+        table.caption = caption
+        return table
+
+
+async def _watch(settings: Settings, site: SiteConfig, shutdown: Shutdown, view: _View) -> None:
     async with Bus(settings, service="demo", site=site.site, persistent=False) as bus:
-
-        async def on_metrics(m: Metrics, incoming: Incoming) -> None:
-            latest[m.meter] = m
-
-        bus.subscribe(topics.pattern(topics.Kind.METRICS, site.site), Metrics, on_metrics)
+        bus.subscribe(topics.pattern(topics.Kind.METRICS, site.site), Metrics, view.on_metrics)
+        bus.subscribe(topics.pattern(topics.Kind.STATE, site.site), ActuatorState, view.on_state)
+        bus.subscribe(topics.pattern(topics.Kind.COMMAND, site.site), Command, view.on_command)
         await shutdown.wait()
-
-
-def _table(latest: dict[str, Metrics], rows: int) -> Table:
-    table = Table(title=f"pfmon demo - {rows} metric rows archived", expand=False)
-    for col in ("meter", "P kW", "S kVA", "PF", "V L1", "I L1"):
-        table.add_column(col, justify="right")
-    for name in sorted(latest):
-        v = latest[name].values
-        table.add_row(
-            name,
-            f"{v.get(M.POWER, 0) / 1000:.2f}",
-            f"{v.get(M.APPARENT_POWER, 0) / 1000:.2f}",
-            f"{v.get(M.POWER_FACTOR, float('nan')):.3f}",
-            f"{v.get(M.VOLTAGE_L1, 0):.1f}",
-            f"{v.get(M.CURRENT_L1, 0):.2f}",
-        )
-    return table
 
 
 async def demo_main(shutdown: Shutdown, meters: int, keep: bool) -> int:
@@ -142,10 +217,11 @@ async def demo_main(shutdown: Shutdown, meters: int, keep: bool) -> int:
             _database(base, workdir) as (dsn, db_note),
         ):
             sim_port = free_port()
-            models = {u: _DEMO_LOADS[(u - 1) % len(_DEMO_LOADS)] for u in range(1, meters + 1)}
-            async with MeterFleet(sim_port, models):
-                site = parse_site(demo_site(sim_port, meters), "demo site")
-                (workdir / "site.yaml").write_text(yaml.safe_dump(demo_site(sim_port, meters)))
+            plant = demo_plant(meters)
+            async with SimServer(plant, sim_port):
+                raw_site = demo_site(sim_port, plant)
+                site = parse_site(raw_site, "demo site")
+                (workdir / "site.yaml").write_text(yaml.safe_dump(raw_site, sort_keys=False))
                 settings = base.model_copy(
                     update={
                         "mqtt_url": mqtt_url,
@@ -157,13 +233,19 @@ async def demo_main(shutdown: Shutdown, meters: int, keep: bool) -> int:
                         "mqtt_client_id": f"pfm-demo-{socket.gethostname()}",
                     }
                 )
-                console.print(f"[bold]pfmon demo[/] - {meters} simulated meters")
-                console.print(f"  meters:   Modbus TCP 127.0.0.1:{sim_port}, units 1..{meters}")
+                console.print(
+                    f"[bold]pfmon demo[/] - a simulated factory: incomer PF ~0.78, {meters} "
+                    "meter(s), a 6 x 25 kvar capacitor bank the actuator switches"
+                )
+                console.print(
+                    f"  plant:    Modbus TCP 127.0.0.1:{sim_port}, meters on units "
+                    f"1..{meters}, bank on unit {BANK_UNIT}"
+                )
                 console.print(f"  broker:   {broker_note}")
                 console.print(f"  database: {db_note}, table pfm_metrics")
                 console.print(f"  site:     {workdir / 'site.yaml'}")
                 console.print("  stop with Ctrl-C")
-                latest: dict[str, Metrics] = {}
+                view = _View(len(site.banks[0].steps_kvar))
                 pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
                 try:
                     async with asyncio.TaskGroup() as tg:
@@ -177,15 +259,22 @@ async def demo_main(shutdown: Shutdown, meters: int, keep: bool) -> int:
                                 _named_settings(svc, settings, site, shutdown, name),
                                 name=f"demo-{name}",
                             )
-                        tg.create_task(_watch(settings, site, shutdown, latest), name="demo-watch")
+                        tg.create_task(_watch(settings, site, shutdown, view), name="demo-watch")
                         started = time.monotonic()
                         while not await shutdown.sleep(5.0):
                             rows = await _count(pool, site.site, started)
-                            console.print(_table(latest, rows))
+                            console.print(view.table(rows))
                     rows = await _count(pool, site.site, started)
                 finally:
                     await pool.close()
-                console.print(_table(latest, rows))
+                console.print(view.table(rows))
+                before, after = view.first_pf, view.incomer_pf()
+                if before is not None and after is not None:
+                    steps = len(view.bank.steps_in) if view.bank else 0
+                    console.print(
+                        f"incomer PF {before:.3f} -> {after:.3f} with {steps} of "
+                        f"{view.bank_steps} bank steps in ({len(view.commands)} command(s))"
+                    )
     finally:
         if not keep:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -220,11 +309,17 @@ def register(app: typer.Typer) -> None:
             None, "--duration", help="Stop after this many seconds (default: until Ctrl-C)."
         ),
         meters: int = typer.Option(
-            3, "--meters", min=1, max=247, help="How many simulated meters."
+            3,
+            "--meters",
+            min=1,
+            max=MAX_METERS,
+            help="How many meters: the incomer plus feeders (compressor, servers, ...).",
         ),
         keep: bool = typer.Option(False, "--keep", help="Keep the demo's work folder."),
     ) -> None:
-        """Run simulated meters and every service end to end, on an embedded default."""
+        """Run a simulated factory and every service end to end, on an embedded default:
+        meters are polled, analysed and archived, and the actuator switches the
+        capacitor bank until the incomer's PF reaches its target."""
         setup_logging("WARNING", "text")
         result: dict[str, int] = {}
 

@@ -31,6 +31,13 @@ def _demo(env: dict[str, str], duration: int = 20) -> subprocess.CompletedProces
     )
 
 
+def _correction(stderr: str) -> tuple[float, float, int]:
+    """The demo's last line about the incomer: PF before, PF after, bank steps in."""
+    m = re.search(r"incomer PF ([0-9.]+) -> ([0-9.]+) with (\d+) of 6 bank steps in", stderr)
+    assert m, stderr[-3000:]
+    return float(m.group(1)), float(m.group(2)), int(m.group(3))
+
+
 def _rows(stderr: str) -> int:
     m = re.search(r"demo finished: (\d+) metric rows archived", stderr)
     assert m, stderr[-3000:]
@@ -44,6 +51,8 @@ def test_demo_uses_the_machine_broker_and_database(mqtt_url: str, db_dsn: str) -
     assert "(PFM_MQTT_URL)" in res.stderr and "(PFM_DB_DSN)" in res.stderr
     # 2 meters at 1 Hz for ~12 s
     assert _rows(res.stderr) >= 10
+    before, _after, _steps = _correction(res.stderr)
+    assert 0.75 < before < 0.81
 
 
 @pytest.mark.timeout(200)
@@ -60,3 +69,7 @@ def test_demo_starts_its_own_broker_and_database_when_none_answers() -> None:
     assert "private mosquitto" in res.stderr or "amqtt" in res.stderr
     assert "private PostgreSQL" in res.stderr
     assert _rows(res.stderr) >= 10
+    # the main job: the actuator switched the simulated bank and the incomer's PF rose
+    before, after, steps = _correction(res.stderr)
+    assert 0.75 < before < 0.81, "the plant starts near PF 0.78"
+    assert steps >= 1 and after > before + 0.02
