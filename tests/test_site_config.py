@@ -118,12 +118,21 @@ def test_service_without_site_file_says_how_to_give_one() -> None:
 
 
 def test_help_explains_every_command() -> None:
+    from typer.main import get_command
+    from typer.testing import CliRunner
+
+    from services.cli import app
+
     res = _pfmon("--help")
     assert res.returncode == 0
-    for cmd in ("collector", "analytics", "actuator", "archiver", "demo"):
-        assert cmd in res.stdout
-        sub = _pfmon(cmd, "--help")
-        assert sub.returncode == 0 and "Usage" in sub.stdout
+    commands = get_command(app).commands  # type: ignore[attr-defined]
+    for cmd in ("collector", "analytics", "actuator", "archiver", "demo", "report", "init"):
+        assert cmd in commands and cmd in res.stdout
+    runner = CliRunner()
+    for name, command in commands.items():
+        assert (command.help or "").strip(), f"pfmon {name} has no help text"
+        sub = runner.invoke(app, [name, "--help"])
+        assert sub.exit_code == 0 and "Usage" in sub.output, name
 
 
 def test_analytics_options_must_name_a_meter(tmp_path: Path) -> None:
