@@ -47,9 +47,15 @@ class Derived:
     quadrant: dict[str, Quadrant]
     #: phase -> (meter PF, computed |P|/S) where the meter reported a PF
     pf_pairs: dict[str, tuple[float, float]] = field(default_factory=dict)
-    star: neutral.StarShift | None = None
+    #: the three phase-voltage magnitudes the star-point shift was worked out from
+    star_volts: tuple[float, float, float] | None = None
     #: |ΣI|/Σ|I| of the currents rebuilt from magnitudes (neutral.current_sum_ratio)
     current_ratio: float | None = None
+
+    @property
+    def star(self) -> neutral.StarShift | None:
+        """The star-point shift (with the implied angles: built on demand, for evidence)."""
+        return None if self.star_volts is None else neutral.star_shift(*self.star_volts)
 
 
 def u2_from_line_magnitudes(a: float, b: float, c: float) -> float:
@@ -132,7 +138,7 @@ def derive(reading: dict[M, float], *, sqrt3: bool = False, neutral_u0_pct: floa
             quad["total"] = _quadrant(p_tot, q_tot)
         else:
             load["total"] = LoadKind.UNKNOWN
-    star = None
+    star_volts = None
     if not lls and all(x in out for x in _LL):
         lls = [out[x] for x in _LL]
     if len(lls) == 3:
@@ -142,13 +148,14 @@ def derive(reading: dict[M, float], *, sqrt3: bool = False, neutral_u0_pct: floa
         out[M.NEMA_UNBALANCE] = nema(volts)
     ratio = None
     if len(volts) == 3 and not sqrt3 and min(volts) > 0:
-        star = neutral.star_shift(*volts)
-        out[M.ZERO_SEQ_UNBALANCE] = star.u0_pct
-        if phases == 3 and star.consistent and star.u0_pct > neutral_u0_pct:
+        star_volts = (volts[0], volts[1], volts[2])
+        _, _, u0, consistent = neutral.star_u0(*star_volts)
+        out[M.ZERO_SEQ_UNBALANCE] = u0
+        if phases == 3 and consistent and u0 > neutral_u0_pct:
             currents = (out[_I[0]], out[_I[1]], out[_I[2]])
             pfs = (out[_PF[0]], out[_PF[1]], out[_PF[2]])
             ratio = neutral.current_sum_ratio((volts[0], volts[1], volts[2]), currents, pfs)
-    return Derived(out, load, quad, pairs, star, ratio)
+    return Derived(out, load, quad, pairs, star_volts, ratio)
 
 
 def _kind(p: float, q: float, s: float) -> LoadKind:
