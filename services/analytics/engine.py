@@ -10,6 +10,7 @@ to the bus, the ``analyze`` command and the benchmark use it directly.
 from __future__ import annotations
 
 import math
+import operator
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -118,6 +119,7 @@ class MeterEngine:
         self.rms_cols: list[int] = []
         self._ones: list[float] = []
         self.ma = SlotSums(self.slots, 0)
+        self._pick: Callable[[dict[M, float]], tuple[float, ...]] = _picker([])
         self.blocks: BlockSet | None = None
         self.demand = DemandWindow(cfg.demand_window_s)
         self.pf_window = WindowExtremes(self.limits.pf_erratic_window_s)
@@ -237,8 +239,11 @@ class MeterEngine:
             values[M.NEUTRAL_SCORE] = score
         if not self.known.issuperset(values):
             self._grow(values)
-        get = values.get
-        row = [get(k, _NAN) for k in self.keys]
+        try:  # the usual case: every quantity this meter reports is there
+            row = list(self._pick(values))
+        except KeyError:
+            get = values.get
+            row = [get(k, _NAN) for k in self.keys]
         total = sum(row)
         if total == total:  # no NaN: every quantity present
             vec = row + self._ones
@@ -316,6 +321,7 @@ class MeterEngine:
         self.keys = keys
         self.key_names = cast(list[M], [m.value for m in keys])
         self.key_index = {m: k for k, m in enumerate(keys)}
+        self._pick = _picker(keys)
         self.alarm_cols = tuple(self.key_index.get(m, -1) for m in _ALARM_INPUTS)
         self.rms_cols = [k for k, m in enumerate(keys) if m.value.startswith(_RMS_STEMS)]
         self._ones = [1.0] * len(keys)
@@ -349,10 +355,18 @@ class MeterEngine:
             good: bool | None,
             ev: Callable[[], Evidence],
         ) -> None:
-            res = self.alarms.update(t, code, phase, bad, good, ev)
-            if res is not None:
+            alarm = tracked.get((code, phase))
+            if alarm is None:
+                res = self.alarms.update(t, code, phase, bad, good, ev)
+                if res is None:
+                    return
                 alarm, state = res
-                out.events.append(self._event(ts, alarm.code, phase, state, alarm.evidence))
+            else:
+                got = alarm.update(t, bad, good, ev)
+                if got is None:
+                    return
+                state = got
+            out.events.append(self._event(ts, alarm.code, phase, state, alarm.evidence))
 
         # fast path everywhere below: an alarm is only looked at (and its evidence
         # closure made) when its raise condition holds or it is already tracked
@@ -534,6 +548,14 @@ def seq_seed() -> int:
     global _last_seed
     _last_seed = max(int(time.time() * 1000) * 1000, _last_seed + 1_000_000)
     return _last_seed
+
+
+def _picker(keys: list[M]) -> Callable[[dict[M, float]], tuple[float, ...]]:
+    """``d -> tuple(d[k] for k in keys)`` in C (KeyError when one is missing)."""
+    if len(keys) == 1:
+        one = operator.itemgetter(keys[0])
+        return lambda d: (one(d),)
+    return operator.itemgetter(*keys) if keys else lambda d: ()
 
 
 def _r(x: float) -> float | None:
