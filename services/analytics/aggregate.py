@@ -205,7 +205,10 @@ class SlotSums:
         #: running sums at the start of bucket b, at row b % size
         self.sums = np.zeros((self.size, cols))
         self.cum = np.zeros(cols)
-        self._starts = np.zeros(len(self.slots), dtype=np.intp)
+        # row where each slot starts (the oldest of its ``span`` buckets), by row of b
+        spans = np.array(self.spans, dtype=np.intp)
+        self._table = (np.arange(self.size, dtype=np.intp)[:, None] + 1 - spans) % self.size
+        self._starts = self._table[0]
         self._no_gaps = [False] * len(self.slots)
         self.last: int | None = None
         self._advances = 0
@@ -222,8 +225,7 @@ class SlotSums:
 
     def _set_last(self, b: int) -> None:
         self.last = b
-        size = self.size
-        self._starts = np.array([(b + 1 - span) % size for span in self.spans], dtype=np.intp)
+        self._starts = self._table[b % self.size]
 
     def _advance(self, last: int, b: int) -> None:
         steps = b - last
