@@ -168,7 +168,7 @@ def bench_readings(quick: bool) -> None:
         eng.on_reading(r)
     second, _ = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    state = eng.ma.sums.nbytes * 2 + eng.ma.run_sum.nbytes * 2
+    state = eng.ma.sums.nbytes + eng.ma.cum.nbytes
     print(
         f"  memory: traced {first / 1e3:.1f} kB after 20k readings (5 per s), "
         f"{second / 1e3:.1f} kB after {'30k' if quick else '60k'}; "

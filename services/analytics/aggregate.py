@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Iterable
+from typing import cast
 
 import numpy as np
 import numpy.typing as npt
@@ -25,6 +26,13 @@ class MovingAverages:
     the average of a slot covers the buckets of the last ``slot`` seconds, so its
     edge is exact to one bucket. A quantity missing from a sample (NaN) is left
     out of that quantity's average (per-column counts).
+
+    Implementation: running (cumulative) sums and counts of everything added,
+    plus a ring holding their value at the start of each of the last buckets.
+    A slot's sum is the running sum minus the ring entry where the slot starts:
+    a sample costs two vector additions, and moving to a new bucket one row copy,
+    whatever the number of slots. The running sums are re-based now and then
+    (subtracted from the ring), so they never grow with run time.
     """
 
     def __init__(self, slots_s: Iterable[float], width: int, bucket_s: float | None = None):
@@ -35,10 +43,13 @@ class MovingAverages:
         self._ones = np.ones(width)
         self._spans = np.array(self.spans)
         self.width = width
+        #: running sums and counts at the start of bucket b, at row b % size
         self.sums = np.zeros((self.size, width))
         self.counts = np.zeros((self.size, width))
-        self.run_sum = np.zeros((len(self.slots), width))
-        self.run_cnt = np.zeros((len(self.slots), width))
+        self.cum_sum = np.zeros(width)
+        self.cum_cnt = np.zeros(width)
+        self._starts = np.zeros(len(self.slots), dtype=np.intp)
+        self._empty = np.zeros((len(self.slots), width), dtype=bool)
         self.last: int | None = None
         self._advances = 0
 
@@ -46,58 +57,54 @@ class MovingAverages:
         """Add a sample; ``complete=True`` promises no NaN in ``x`` (a faster path)."""
         b = math.floor(t / self.bucket_s)
         if self.last is None:
-            self.last = b
+            self._set_last(b)
         elif b > self.last:
             self._advance(b)
-        elif b < self.last:  # out of order (clock step back): count it in the newest bucket
-            b = self.last
+        # b < last: out of order (clock step back): counted in the newest bucket
         if complete:
-            ok: npt.NDArray[np.bool_] | F64 = self._ones
-            xv = x
+            self.cum_sum += x
+            self.cum_cnt += self._ones
         else:
             ok = ~np.isnan(x)
-            xv = np.where(ok, x, 0.0)
-        row = b % self.size
-        self.sums[row] += xv
-        self.counts[row] += ok
-        self.run_sum += xv
-        self.run_cnt += ok
+            self.cum_sum += np.where(ok, x, 0.0)
+            self.cum_cnt += ok
+
+    def _set_last(self, b: int) -> None:
+        self.last = b
+        # row where each slot starts: the oldest of its ``span`` buckets
+        self._starts = (b + 1 - self._spans) % self.size
 
     def _advance(self, b: int) -> None:
         assert self.last is not None
         steps = b - self.last
-        if steps >= self.size:
+        if steps >= self.size:  # a gap longer than every slot: start afresh
             self.sums[:] = 0.0
             self.counts[:] = 0.0
-            self.run_sum[:] = 0.0
-            self.run_cnt[:] = 0.0
-            self.last = b
-            return
-        new = np.arange(self.last + 1, b + 1)
-        # buckets leaving each slot's span as the window moves forward (S, steps)
-        old = (new[None, :] - self._spans[:, None]) % self.size
-        self.run_sum -= self.sums[old].sum(axis=1)
-        self.run_cnt -= self.counts[old].sum(axis=1)
-        rows = new % self.size
-        self.sums[rows] = 0.0
-        self.counts[rows] = 0.0
-        self.last = b
-        self._advances += steps
-        if self._advances >= 4 * self.size:  # wipe accumulated rounding now and then
+            self.cum_sum[:] = 0.0
+            self.cum_cnt[:] = 0.0
             self._advances = 0
-            self._recompute()
-
-    def _recompute(self) -> None:
-        assert self.last is not None
-        for k, span in enumerate(self.spans):
-            rows = [(self.last - j) % self.size for j in range(span)]
-            self.run_sum[k] = self.sums[rows].sum(axis=0)
-            self.run_cnt[k] = self.counts[rows].sum(axis=0)
+            self._set_last(b)
+            return
+        for j in range(self.last + 1, b + 1):  # buckets with no sample start alike
+            row = j % self.size
+            self.sums[row] = self.cum_sum
+            self.counts[row] = self.cum_cnt
+        self._set_last(b)
+        self._advances += steps
+        if self._advances >= 4 * self.size:  # re-base: keep the magnitudes small
+            self._advances = 0
+            self.sums -= self.cum_sum
+            self.counts -= self.cum_cnt
+            self.cum_sum[:] = 0.0
+            self.cum_cnt[:] = 0.0
 
     def means(self) -> F64:
         """(slots, K) averages; NaN where a slot has no sample of a quantity."""
-        out = np.full(self.run_sum.shape, np.nan)
-        np.divide(self.run_sum, self.run_cnt, out=out, where=self.run_cnt > 0.5)
+        cnt = self.cum_cnt - self.counts[self._starts]
+        out = self.cum_sum - self.sums[self._starts]
+        empty = np.less(cnt, 0.5, out=self._empty)
+        out /= np.where(empty, 1.0, cnt)
+        out[empty] = np.nan
         return out
 
 
@@ -174,6 +181,126 @@ class BlockAggregate:
             mean = self.sum / self.cnt
         mean[self.cnt < 0.5] = np.nan
         return np.where(self.rms, np.sqrt(np.abs(mean)), mean)
+
+
+class SlotSums:
+    """:class:`MovingAverages` for the engine's hot path: the same buckets, slots and
+    arithmetic (so the same averages), fed a prepared row instead of an array.
+
+    A row is ``[x_1..x_K, n_1..n_K, extra...]``: the values (missing ones as 0),
+    their counts (1 or 0) and any extra columns that ride along (the engine puts
+    the squares of the RMS-type values there for :class:`BlockSet`). One vector
+    addition per sample, one row copy per bucket, five numpy calls for the means.
+    """
+
+    def __init__(
+        self, slots_s: Iterable[float], width: int, extra: int = 0, bucket_s: float | None = None
+    ):
+        self.slots = sorted(float(s) for s in slots_s)
+        self.bucket_s = bucket_s or self.slots[0] / 10.0
+        self.spans = [max(1, round(s / self.bucket_s)) for s in self.slots]
+        self.size = max(self.spans) + 1
+        self.width = width
+        cols = 2 * width + extra
+        #: running sums at the start of bucket b, at row b % size
+        self.sums = np.zeros((self.size, cols))
+        self.cum = np.zeros(cols)
+        # row where each slot starts (the oldest of its ``span`` buckets), by row of b
+        spans = np.array(self.spans, dtype=np.intp)
+        self._table = (np.arange(self.size, dtype=np.intp)[:, None] + 1 - spans) % self.size
+        self._starts = self._table[0]
+        self._no_gaps = [False] * len(self.slots)
+        self.last: int | None = None
+        self._advances = 0
+
+    def add(self, t: float, row: F64) -> None:
+        b = math.floor(t / self.bucket_s)
+        last = self.last
+        if last is None:
+            self._set_last(b)
+        elif b > last:
+            self._advance(last, b)
+        # b < last: out of order (clock step back): counted in the newest bucket
+        self.cum += row
+
+    def _set_last(self, b: int) -> None:
+        self.last = b
+        self._starts = self._table[b % self.size]
+
+    def _advance(self, last: int, b: int) -> None:
+        steps = b - last
+        if steps >= self.size:  # a gap longer than every slot: start afresh
+            self.sums[:] = 0.0
+            self.cum[:] = 0.0
+            self._advances = 0
+            self._set_last(b)
+            return
+        sums, cum, size = self.sums, self.cum, self.size
+        for j in range(last + 1, b + 1):  # buckets with no sample start alike
+            sums[j % size] = cum
+        self._set_last(b)
+        self._advances += steps
+        if self._advances >= 4 * size:  # re-base: keep the magnitudes small
+            self._advances = 0
+            sums -= cum
+            cum[:] = 0.0
+
+    def mean_rows(self) -> tuple[list[list[float]], list[bool]]:
+        """Averages, one list of K per slot (NaN where a slot has no sample of a
+        quantity), and per slot whether any is NaN."""
+        d = self.cum - self.sums.take(self._starts, axis=0)
+        k = self.width
+        total = d[:, :k]
+        cnt = d[:, k : 2 * k]
+        if k and cnt.min() > 0.5:
+            rows: list[list[float]] = (total / cnt).tolist()
+            return rows, self._no_gaps
+        empty = cnt < 0.5
+        out = total / np.where(empty, 1.0, cnt)
+        out[empty] = np.nan
+        gaps = cast(list[bool], empty.any(axis=1).tolist())
+        return out.tolist(), gaps
+
+
+class BlockSet:
+    """Clock-aligned intervals (:class:`BlockAggregate`, e.g. 3 s and 10 min) over the
+    rows of :class:`SlotSums`, all intervals in one array (one vector addition per
+    sample). ``rms_cols``: the columns that aggregate as RMS, whose squares are the
+    row's extra columns in that order. Same arithmetic as :class:`BlockAggregate`.
+    """
+
+    def __init__(self, intervals_s: Iterable[float], width: int, rms_cols: list[int]):
+        self.intervals = [float(iv) for iv in intervals_s]
+        self.width = width
+        self.rms_cols = np.array(rms_cols, dtype=np.intp)
+        self.sum = np.zeros((len(self.intervals), 2 * width + len(rms_cols)))
+        self.block: list[int | None] = [None] * len(self.intervals)
+
+    def add(self, t: float, row: F64) -> list[tuple[float, float, F64]]:
+        """Add a row; returns ``(interval_s, start, values)`` for each interval the
+        sample closes (values: NaN where the interval had no sample)."""
+        done = []
+        for j, iv in enumerate(self.intervals):
+            block = math.floor(t / iv)
+            cur = self.block[j]
+            if cur != block:
+                if cur is not None:
+                    done.append((iv, cur * iv, self._result(j)))
+                    self.sum[j] = 0.0
+                self.block[j] = block
+        self.sum += row
+        return done
+
+    def _result(self, j: int) -> F64:
+        k = self.width
+        acc = self.sum[j]
+        cnt = acc[k : 2 * k]
+        rms = self.rms_cols
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean: F64 = acc[:k] / cnt
+            mean[rms] = np.sqrt(np.abs(acc[2 * k :] / cnt[rms]))
+        mean[cnt < 0.5] = np.nan
+        return mean
 
 
 class DemandWindow:

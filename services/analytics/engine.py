@@ -10,20 +10,21 @@ to the bus, the ``analyze`` command and the benchmark use it directly.
 from __future__ import annotations
 
 import math
+import operator
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Literal
+from typing import Literal, cast
 
 import numpy as np
 import orjson
 
 from services.analytics import dsp, neutral, registers
 from services.analytics.aggregate import (
-    BlockAggregate,
+    BlockSet,
     DemandWindow,
-    MovingAverages,
+    SlotSums,
     WindowExtremes,
 )
 from services.analytics.alarms import AlarmSet, Evidence, ieee519_voltage_limits
@@ -44,6 +45,16 @@ _PH = ("L1", "L2", "L3")
 _NAN = math.nan
 _STEMS = ("voltage", "current", "power", "apparent_power", "thd_voltage", "thd_current")
 _PHASE_KEYS = tuple(tuple(M.per_phase(stem, n) for stem in _STEMS) for n in (1, 2, 3))
+#: the averaged quantities the alarms read (their columns: ``MeterEngine.alarm_cols``)
+_ALARM_INPUTS: tuple[M, ...] = (
+    M.POWER,
+    M.APPARENT_POWER,
+    M.VOLTAGE_UNBALANCE,
+    M.NEMA_UNBALANCE,
+    M.NEUTRAL_SCORE,
+    M.ZERO_SEQ_UNBALANCE,
+    *(m for keys in _PHASE_KEYS for m in (keys[2], keys[3], keys[4], keys[5])),
+)
 
 
 @dataclass(slots=True)
@@ -98,11 +109,18 @@ class MeterEngine:
         self.alarm_row = self.slots.index(cfg.alarm_slot_s)
         #: the averaged quantities this meter reports (grows when a new one appears)
         self.keys: list[M] = []
+        #: the same as plain ``str`` (equal and hashing alike): the dict keys of the
+        #: averages and aggregates, which orjson encodes ~2x faster than StrEnum keys
+        self.key_names: list[M] = []
         self.key_index: dict[M, int] = {}
+        #: alarm inputs' columns in ``keys`` (-1: absent, reads the NaN appended to a row)
+        self.alarm_cols: tuple[int, ...] = ()
         self.known: set[M] = set()
-        self.rms_mask = np.zeros(0, dtype=bool)
-        self.ma = MovingAverages(self.slots, 0)
-        self.blocks: list[BlockAggregate] = []
+        self.rms_cols: list[int] = []
+        self._ones: list[float] = []
+        self.ma = SlotSums(self.slots, 0)
+        self._pick: Callable[[dict[M, float]], tuple[float, ...]] = _picker([])
+        self.blocks: BlockSet | None = None
         self.demand = DemandWindow(cfg.demand_window_s)
         self.pf_window = WindowExtremes(self.limits.pf_erratic_window_s)
         self.alarms = AlarmSet({str(k): v for k, v in cfg.alarms.items()})
@@ -122,14 +140,18 @@ class MeterEngine:
         d = registers.derive(
             reading.values, sqrt3=self.sqrt3, neutral_u0_pct=self.limits.neutral_u0_low_pct
         )
-        evidence: Evidence = {}
-        if d.star is not None:
-            evidence = {
-                "displacement_v": round(d.star.displacement_v, 3),
-                "line_v": round(d.star.line_v, 3),
-                "angle_sum_deg": round(sum(d.star.angles_deg), 3),
-                "consistent": d.star.consistent,
+
+        def evidence() -> Evidence:  # only built when a broken_neutral alarm changes
+            star = d.star
+            if star is None:
+                return {}
+            return {
+                "displacement_v": round(star.displacement_v, 3),
+                "line_v": round(star.line_v, 3),
+                "angle_sum_deg": round(sum(star.angles_deg), 3),
+                "consistent": star.consistent,
             }
+
         return self._process(
             reading.ts,
             reading.seq,
@@ -171,7 +193,7 @@ class MeterEngine:
             quad,
             harmonics,
             {},
-            evidence,
+            lambda: evidence,
             worst,
             current_ratio=ratio,
         )
@@ -188,7 +210,7 @@ class MeterEngine:
         quad: dict[str, Literal[1, 2, 3, 4]],
         harmonics: dict[str, list[float]],
         pf_pairs: dict[str, tuple[float, float]],
-        neutral_ev: Evidence,
+        neutral_ev: Callable[[], Evidence],
         worst_harm: dict[str, tuple[int, float]] | None = None,
         current_ratio: float | None = None,
     ) -> Output:
@@ -205,20 +227,34 @@ class MeterEngine:
             if current_ratio is not None and score > 0:
                 fit = neutral.consistency(u0, current_ratio)
                 score *= fit
-                neutral_ev = {
-                    **neutral_ev,
-                    "current_sum_ratio": round(current_ratio, 4),
-                    "floating_fit": round(fit, 3),
-                }
+                base_ev, ratio = neutral_ev, current_ratio
+
+                def neutral_ev() -> Evidence:
+                    return {
+                        **base_ev(),
+                        "current_sum_ratio": round(ratio, 4),
+                        "floating_fit": round(fit, 3),
+                    }
+
             values[M.NEUTRAL_SCORE] = score
         if not self.known.issuperset(values):
             self._grow(values)
-        get = values.get
-        row = [get(k, _NAN) for k in self.keys]
-        complete = _NAN not in row
-        x = np.array(row)
-        self.ma.add(t, x, complete)
-        means = self.ma.means()
+        try:  # the usual case: every quantity this meter reports is there
+            row = list(self._pick(values))
+        except KeyError:
+            get = values.get
+            row = [get(k, _NAN) for k in self.keys]
+        total = sum(row)
+        if total == total:  # no NaN: every quantity present
+            vec = row + self._ones
+        else:
+            vec = [v if v == v else 0.0 for v in row]
+            vec += [1.0 if v == v else 0.0 for v in row]
+        # [values (0 where missing) | counts | squares of the RMS-type values]
+        vec += [vec[k] * vec[k] for k in self.rms_cols]
+        x = np.array(vec)
+        self.ma.add(t, x)
+        rows, gaps = self.ma.mean_rows()
         p = values.get(M.POWER)
         s = values.get(M.APPARENT_POWER)
         if p is not None and s is not None:
@@ -226,10 +262,8 @@ class MeterEngine:
             values[M.DEMAND_POWER] = dp
             values[M.DEMAND_APPARENT_POWER] = ds
             values[M.DEMAND_PF] = dp / ds if ds > 0 else 0.0
-        names = self.keys
+        names = self.key_names
         averages: dict[str, dict[M, float]] = {}
-        gaps: list[bool] = np.asarray(np.isnan(means).any(axis=1), dtype=bool).tolist()
-        rows = means.tolist()
         for mrow, slot, gap in zip(rows, self.slot_names, gaps, strict=True):
             if gap:
                 averages[slot] = {n: v for n, v in zip(names, mrow, strict=True) if v == v}
@@ -252,27 +286,18 @@ class MeterEngine:
                 source_seq=source_seq,
             )
         )
-        if self.blocks:
-            if complete:
-                ok: np.ndarray = self.ma._ones
-                xv = np.where(self.rms_mask, x * x, x)
-            else:
-                ok = ~np.isnan(x)
-                xv = np.where(ok, np.where(self.rms_mask, x * x, x), 0.0)
-        for block in self.blocks:
-            done = block.add_prepared(t, xv, ok)
-            if done is not None:
-                start, res = done
+        if self.blocks is not None:
+            for interval, start, res in self.blocks.add(t, x):
                 agg = {n: v for n, v in zip(names, res.tolist(), strict=True) if v == v}
                 self.seq += 1
                 out.metrics.append(
                     MetricsOut(
                         site=self.site,
-                        ts=datetime.fromtimestamp(start, UTC) + timedelta(seconds=block.interval_s),
+                        ts=datetime.fromtimestamp(start, UTC) + timedelta(seconds=interval),
                         seq=self.seq,
                         meter=self.meter,
                         source=source,
-                        interval_s=block.interval_s,
+                        interval_s=interval,
                         values=agg,
                         averages={},
                         load={},
@@ -294,14 +319,15 @@ class MeterEngine:
         if keys == self.keys:
             return
         self.keys = keys
+        self.key_names = cast(list[M], [m.value for m in keys])
         self.key_index = {m: k for k, m in enumerate(keys)}
-        self.rms_mask = np.array([m.value.startswith(_RMS_STEMS) for m in keys], dtype=bool)
-        self.ma = MovingAverages(self.slots, len(keys))
+        self._pick = _picker(keys)
+        self.alarm_cols = tuple(self.key_index.get(m, -1) for m in _ALARM_INPUTS)
+        self.rms_cols = [k for k, m in enumerate(keys) if m.value.startswith(_RMS_STEMS)]
+        self._ones = [1.0] * len(keys)
+        self.ma = SlotSums(self.slots, len(keys), len(self.rms_cols))
         if self.cfg.aggregates:
-            self.blocks = [
-                BlockAggregate(3.0, self.rms_mask),
-                BlockAggregate(600.0, self.rms_mask),
-            ]
+            self.blocks = BlockSet((3.0, 600.0), len(keys), self.rms_cols)
 
     def _alarms(
         self,
@@ -310,20 +336,17 @@ class MeterEngine:
         values: dict[M, float],
         avg: list[float],
         pf_pairs: dict[str, tuple[float, float]],
-        neutral_ev: Evidence,
+        neutral_ev: Callable[[], Evidence],
         worst: dict[str, tuple[int, float]],
         three: bool,
         out: Output,
     ) -> None:
         lim = self.limits
         th = self.thresholds
-
-        idx = self.key_index
         tracked = self.alarms.alarms
-
-        def a(m: M) -> float:
-            k = idx.get(m)
-            return _NAN if k is None else avg[k]
+        # the alarm slot's averages of _ALARM_INPUTS; an absent column reads the NaN
+        av = [*avg, _NAN]
+        cols = self.alarm_cols
 
         def fire(
             code: str,
@@ -332,139 +355,169 @@ class MeterEngine:
             good: bool | None,
             ev: Callable[[], Evidence],
         ) -> None:
-            if not bad and (code, phase) not in tracked:
-                return  # fast path: nothing to track until the condition first appears
-            res = self.alarms.update(t, code, phase, bad, good, ev)
-            if res is not None:
+            alarm = tracked.get((code, phase))
+            if alarm is None:
+                res = self.alarms.update(t, code, phase, bad, good, ev)
+                if res is None:
+                    return
                 alarm, state = res
-                out.events.append(self._event(ts, alarm.code, phase, state, alarm.evidence))
+            else:
+                got = alarm.update(t, bad, good, ev)
+                if got is None:
+                    return
+                state = got
+            out.events.append(self._event(ts, alarm.code, phase, state, alarm.evidence))
 
-        p_avg, s_avg = a(M.POWER), a(M.APPARENT_POWER)
+        # fast path everywhere below: an alarm is only looked at (and its evidence
+        # closure made) when its raise condition holds or it is already tracked
+        p_avg, s_avg = av[cols[0]], av[cols[1]]
         if s_avg == s_avg and s_avg >= lim.min_apparent_power_va and p_avg == p_avg:
             pf = abs(p_avg) / s_avg
             for code, level in (("low_pf", th.pf_alert), ("penalty_pf", th.pf_penalty)):
-                fire(
-                    code,
-                    None,
-                    pf < level,
-                    pf >= level + lim.pf_hysteresis,
-                    lambda: {
-                        "pf": round(pf, 4),
-                        "p_w": round(p_avg, 1),
-                        "s_va": round(s_avg, 1),
-                        "limit": level,  # noqa: B023 (called at once)
-                    },
-                )
+                bad = pf < level
+                if bad or (code, None) in tracked:
+                    fire(
+                        code,
+                        None,
+                        bad,
+                        pf >= level + lim.pf_hysteresis,
+                        lambda: {
+                            "pf": round(pf, 4),
+                            "p_w": round(p_avg, 1),
+                            "s_va": round(s_avg, 1),
+                            "limit": level,  # noqa: B023 (called at once)
+                        },
+                    )
         pf_now = values.get(M.POWER_FACTOR)
         s_now = values.get(M.APPARENT_POWER)
         if pf_now is not None and s_now is not None and s_now >= lim.min_apparent_power_va:
             self.pf_window.add(t, abs(pf_now))
             spread = self.pf_window.spread()
-            fire(
-                "pf_erratic",
-                None,
-                spread > lim.pf_erratic_spread,
-                spread < 0.5 * lim.pf_erratic_spread,
-                lambda: {
-                    "spread": round(spread, 4),
-                    "pf_min": round(self.pf_window.extremes()[0], 4),
-                    "pf_max": round(self.pf_window.extremes()[1], 4),
-                },
-            )
+            bad = spread > lim.pf_erratic_spread
+            if bad or ("pf_erratic", None) in tracked:
+                fire(
+                    "pf_erratic",
+                    None,
+                    bad,
+                    spread < 0.5 * lim.pf_erratic_spread,
+                    lambda: {
+                        "spread": round(spread, 4),
+                        "pf_min": round(self.pf_window.extremes()[0], 4),
+                        "pf_max": round(self.pf_window.extremes()[1], 4),
+                    },
+                )
         v_missing = lim.voltage_missing_pct / 100.0 * th.nominal_voltage_v
-        for ph, keys in zip(_PH, _PHASE_KEYS, strict=True):
-            k_v, k_i, k_p, k_s, k_thv, k_thi = keys
+        for n, (ph, keys) in enumerate(zip(_PH, _PHASE_KEYS, strict=True)):
+            k_v, k_i = keys[0], keys[1]
             v_now = values.get(k_v)
             i_now = values.get(k_i)
             if v_now is not None and i_now is not None:
                 flowing = i_now > lim.min_current_a
-                fire(
-                    "voltage_missing",
-                    ph,
-                    v_now < v_missing and flowing,
-                    v_now >= 2 * v_missing or not flowing,
-                    lambda: {
-                        "voltage_v": round(v_now, 2),  # noqa: B023 (called at once)
-                        "current_a": round(i_now, 3),  # noqa: B023 (called at once)
-                    },
-                )
-            pk, sk = a(k_p), a(k_s)
+                bad = v_now < v_missing and flowing
+                if bad or ("voltage_missing", ph) in tracked:
+                    fire(
+                        "voltage_missing",
+                        ph,
+                        bad,
+                        v_now >= 2 * v_missing or not flowing,
+                        lambda: {
+                            "voltage_v": round(v_now, 2),  # noqa: B023 (called at once)
+                            "current_a": round(i_now, 3),  # noqa: B023 (called at once)
+                        },
+                    )
+            c = 6 + 4 * n
+            pk, sk = av[cols[c]], av[cols[c + 1]]
             if not self.expect_export and pk == pk and sk == sk:
-                fire(
-                    "ct_reversed",
-                    ph,
-                    pk < -max(lim.ct_reversed_w, 0.02 * sk),
-                    pk >= 0,
-                    lambda: {"p_w": round(pk, 1), "s_va": round(sk, 1)},  # noqa: B023 (called at once)
-                )
-            if ph in pf_pairs:
-                pf_m, pf_c = pf_pairs[ph]
+                bad = pk < -max(lim.ct_reversed_w, 0.02 * sk)
+                if bad or ("ct_reversed", ph) in tracked:
+                    fire(
+                        "ct_reversed",
+                        ph,
+                        bad,
+                        pk >= 0,
+                        lambda: {"p_w": round(pk, 1), "s_va": round(sk, 1)},  # noqa: B023 (called at once)
+                    )
+            pair = pf_pairs.get(ph)
+            if pair is not None:
+                pf_m, pf_c = pair
                 diff = abs(abs(pf_m) - pf_c)
-                fire(
-                    "meter_pf_mismatch",
-                    ph,
-                    diff > self.pf_tolerance,
-                    diff <= 0.5 * self.pf_tolerance,
-                    lambda: {
-                        "pf_meter": pf_m,  # noqa: B023 (called at once)
-                        "pf_p_over_s": round(pf_c, 4),  # noqa: B023 (called at once)
-                        "tolerance": self.pf_tolerance,
-                    },
-                )
-            thd_v, thd_i = a(k_thv), a(k_thi)
+                bad = diff > self.pf_tolerance
+                if bad or ("meter_pf_mismatch", ph) in tracked:
+                    fire(
+                        "meter_pf_mismatch",
+                        ph,
+                        bad,
+                        diff <= 0.5 * self.pf_tolerance,
+                        lambda: {
+                            "pf_meter": pf_m,  # noqa: B023 (called at once)
+                            "pf_p_over_s": round(pf_c, 4),  # noqa: B023 (called at once)
+                            "tolerance": self.pf_tolerance,
+                        },
+                    )
+            thd_v, thd_i = av[cols[c + 2]], av[cols[c + 3]]
             if thd_v == thd_v or thd_i == thd_i:
                 order, pct = worst.get(ph, (0, 0.0))
                 over_v = thd_v == thd_v and thd_v > self.thd_v_limit
                 over_i = thd_i == thd_i and thd_i > lim.thd_current_pct
                 over_h = pct > self.harm_v_limit
-                ok = not (
-                    (thd_v == thd_v and thd_v > 0.9 * self.thd_v_limit)
-                    or (thd_i == thd_i and thd_i > 0.9 * lim.thd_current_pct)
-                    or pct > 0.9 * self.harm_v_limit
-                )
-                fire(
-                    "thd_limit",
-                    ph,
-                    over_v or over_i or over_h,
-                    ok,
-                    lambda: {
-                        "thd_v_pct": _r(thd_v),  # noqa: B023 (called at once)
-                        "thd_i_pct": _r(thd_i),  # noqa: B023 (called at once)
-                        "worst_v_order": order,  # noqa: B023 (called at once)
-                        "worst_v_pct": round(pct, 3),  # noqa: B023 (called at once)
-                        "limit_thd_v_pct": self.thd_v_limit,
-                        "limit_harmonic_v_pct": self.harm_v_limit,
-                        "limit_thd_i_pct": lim.thd_current_pct,
-                    },
-                )
+                bad = over_v or over_i or over_h
+                if bad or ("thd_limit", ph) in tracked:
+                    ok = not (
+                        (thd_v == thd_v and thd_v > 0.9 * self.thd_v_limit)
+                        or (thd_i == thd_i and thd_i > 0.9 * lim.thd_current_pct)
+                        or pct > 0.9 * self.harm_v_limit
+                    )
+                    fire(
+                        "thd_limit",
+                        ph,
+                        bad,
+                        ok,
+                        lambda: {
+                            "thd_v_pct": _r(thd_v),  # noqa: B023 (called at once)
+                            "thd_i_pct": _r(thd_i),  # noqa: B023 (called at once)
+                            "worst_v_order": order,  # noqa: B023 (called at once)
+                            "worst_v_pct": round(pct, 3),  # noqa: B023 (called at once)
+                            "limit_thd_v_pct": self.thd_v_limit,
+                            "limit_harmonic_v_pct": self.harm_v_limit,
+                            "limit_thd_i_pct": lim.thd_current_pct,
+                        },
+                    )
         if three:
-            u2 = a(M.VOLTAGE_UNBALANCE)
+            u2 = av[cols[2]]
             kind = "u2"
             if u2 != u2:
-                u2, kind = a(M.NEMA_UNBALANCE), "nema"
+                u2, kind = av[cols[3]], "nema"
             if u2 == u2:
                 limit = th.voltage_unbalance_pct
-                fire(
-                    "unbalance",
-                    None,
-                    u2 > limit,
-                    u2 < limit - lim.unbalance_hysteresis_pct,
-                    lambda: {"unbalance_pct": round(u2, 3), "measure": kind, "limit_pct": limit},
-                )
-            score = a(M.NEUTRAL_SCORE)
+                bad = u2 > limit
+                if bad or ("unbalance", None) in tracked:
+                    fire(
+                        "unbalance",
+                        None,
+                        bad,
+                        u2 < limit - lim.unbalance_hysteresis_pct,
+                        lambda: {
+                            "unbalance_pct": round(u2, 3),
+                            "measure": kind,
+                            "limit_pct": limit,
+                        },
+                    )
+            score = av[cols[4]]
             if score == score:
-                fire(
-                    "broken_neutral",
-                    None,
-                    score >= lim.neutral_raise_score,
-                    score < lim.neutral_clear_score,
-                    lambda: {
-                        "score": round(score, 3),
-                        "u0_pct": _r(a(M.ZERO_SEQ_UNBALANCE)),
-                        "u2_pct": _r(a(M.VOLTAGE_UNBALANCE)),
-                        **neutral_ev,
-                    },
-                )
+                bad = score >= lim.neutral_raise_score
+                if bad or ("broken_neutral", None) in tracked:
+                    fire(
+                        "broken_neutral",
+                        None,
+                        bad,
+                        score < lim.neutral_clear_score,
+                        lambda: {
+                            "score": round(score, 3),
+                            "u0_pct": _r(av[cols[5]]),
+                            "u2_pct": _r(av[cols[2]]),
+                            **neutral_ev(),
+                        },
+                    )
 
     def _event(
         self, ts: datetime, code: str, phase: str | None, state: EventState, ev: Evidence
@@ -495,6 +548,14 @@ def seq_seed() -> int:
     global _last_seed
     _last_seed = max(int(time.time() * 1000) * 1000, _last_seed + 1_000_000)
     return _last_seed
+
+
+def _picker(keys: list[M]) -> Callable[[dict[M, float]], tuple[float, ...]]:
+    """``d -> tuple(d[k] for k in keys)`` in C (KeyError when one is missing)."""
+    if len(keys) == 1:
+        one = operator.itemgetter(keys[0])
+        return lambda d: (one(d),)
+    return operator.itemgetter(*keys) if keys else lambda d: ()
 
 
 def _r(x: float) -> float | None:

@@ -57,8 +57,13 @@ class StarShift:
     consistent: bool  # the magnitudes fit a shifted star point (K² ≥ 0)
 
 
-def star_shift(a: float, b: float, c: float) -> StarShift:
-    """Displacement of the star point from |V1|, |V2|, |V3| (see the module text)."""
+def star_u0(a: float, b: float, c: float) -> tuple[float, float, float, bool]:
+    """(|D|, L, u0 %, consistent) of :func:`star_shift` without the angles (cheaper)."""
+    disp, line, u0, consistent, _ = _star(a, b, c)
+    return disp, line, u0, consistent
+
+
+def _star(a: float, b: float, c: float) -> tuple[float, float, float, bool, float]:
     sq = a * a + b * b + c * c
     quartic = a**4 + b**4 + c**4
     k16 = sq * sq - 2.0 * quartic  # 16 K²
@@ -69,6 +74,12 @@ def star_shift(a: float, b: float, c: float) -> StarShift:
     line = math.sqrt(line2)
     disp = math.sqrt(disp2)
     u0 = 100.0 * disp / (line / SQRT3) if line > 0 else 0.0
+    return disp, line, u0, consistent, line2
+
+
+def star_shift(a: float, b: float, c: float) -> StarShift:
+    """Displacement of the star point from |V1|, |V2|, |V3| (see the module text)."""
+    disp, line, u0, consistent, line2 = _star(a, b, c)
 
     def angle(x: float, y: float) -> float:
         if x <= 0 or y <= 0:

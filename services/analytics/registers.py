@@ -37,6 +37,8 @@ _N = [M.NONACTIVE_POWER_L1, M.NONACTIVE_POWER_L2, M.NONACTIVE_POWER_L3]
 _PF = [M.POWER_FACTOR_L1, M.POWER_FACTOR_L2, M.POWER_FACTOR_L3]
 _LL = [M.VOLTAGE_L1_L2, M.VOLTAGE_L2_L3, M.VOLTAGE_L3_L1]
 PHASE_NAMES = ("L1", "L2", "L3")
+#: per phase: name and the keys of V, I, P, Q, S, N, PF, V line-to-line
+_PHASES = tuple(zip(PHASE_NAMES, _V, _I, _P, _Q, _S, _N, _PF, _LL, strict=True))
 Quadrant = Literal[1, 2, 3, 4]
 
 
@@ -47,9 +49,15 @@ class Derived:
     quadrant: dict[str, Quadrant]
     #: phase -> (meter PF, computed |P|/S) where the meter reported a PF
     pf_pairs: dict[str, tuple[float, float]] = field(default_factory=dict)
-    star: neutral.StarShift | None = None
+    #: the three phase-voltage magnitudes the star-point shift was worked out from
+    star_volts: tuple[float, float, float] | None = None
     #: |ΣI|/Σ|I| of the currents rebuilt from magnitudes (neutral.current_sum_ratio)
     current_ratio: float | None = None
+
+    @property
+    def star(self) -> neutral.StarShift | None:
+        """The star-point shift (with the implied angles: built on demand, for evidence)."""
+        return None if self.star_volts is None else neutral.star_shift(*self.star_volts)
 
 
 def u2_from_line_magnitudes(a: float, b: float, c: float) -> float:
@@ -79,6 +87,7 @@ def derive(reading: dict[M, float], *, sqrt3: bool = False, neutral_u0_pct: floa
     out = dict(reading)
     if not all(map(math.isfinite, out.values())):  # NaN/inf registers are left out
         out = {k: v for k, v in out.items() if math.isfinite(v)}
+    get = out.get
     load: dict[str, LoadKind] = {}
     quad: dict[str, Quadrant] = {}
     pairs: dict[str, tuple[float, float]] = {}
@@ -87,32 +96,32 @@ def derive(reading: dict[M, float], *, sqrt3: bool = False, neutral_u0_pct: floa
     phases = 0
     volts: list[float] = []
     lls: list[float] = []
-    for k in range(3):
-        v = out.get(_V[k])
+    for name, k_v, k_i, k_p, k_q, k_s, k_n, k_pf, k_ll in _PHASES:
+        v = get(k_v)
         if v is None:
             continue
         if sqrt3:
-            out[_LL[k]] = v
+            out[k_ll] = v
             lls.append(v)
             v = v / SQRT3
-            out[_V[k]] = v
+            out[k_v] = v
         volts.append(v)
-        amps = out.get(_I[k])
+        amps = get(k_i)
         if amps is None:
             continue
         phases += 1
-        name = PHASE_NAMES[k]
         s = v * amps
-        p = out.get(_P[k], 0.0)
-        out[_P[k]] = p
-        out[_S[k]] = s
-        out[_N[k]] = math.sqrt(max(0.0, s * s - p * p))
-        pf_meter = reading.get(_PF[k])
+        p = get(k_p, 0.0)
+        out[k_p] = p
+        out[k_s] = s
+        nn = s * s - p * p
+        out[k_n] = math.sqrt(nn) if nn > 0.0 else 0.0
+        pf_meter = reading.get(k_pf)
         pf = p / s if s > 0 else 0.0
         if pf_meter is not None and s > 0:
             pairs[name] = (pf_meter, abs(pf))
-        out[_PF[k]] = pf
-        q = out.get(_Q[k])
+        out[k_pf] = pf
+        q = get(k_q)
         if q is None:
             q_known = False
             load[name] = LoadKind.UNKNOWN
@@ -132,23 +141,32 @@ def derive(reading: dict[M, float], *, sqrt3: bool = False, neutral_u0_pct: floa
             quad["total"] = _quadrant(p_tot, q_tot)
         else:
             load["total"] = LoadKind.UNKNOWN
-    star = None
-    if not lls and all(x in out for x in _LL):
+    star_volts = None
+    if not lls and _LL[0] in out and _LL[1] in out and _LL[2] in out:
         lls = [out[x] for x in _LL]
     if len(lls) == 3:
         out[M.VOLTAGE_UNBALANCE] = u2_from_line_magnitudes(*lls)
-        out[M.NEMA_UNBALANCE] = nema(lls)
+        out[M.NEMA_UNBALANCE] = _nema3(lls[0], lls[1], lls[2])
     elif len(volts) == 3:
-        out[M.NEMA_UNBALANCE] = nema(volts)
+        out[M.NEMA_UNBALANCE] = _nema3(volts[0], volts[1], volts[2])
     ratio = None
     if len(volts) == 3 and not sqrt3 and min(volts) > 0:
-        star = neutral.star_shift(*volts)
-        out[M.ZERO_SEQ_UNBALANCE] = star.u0_pct
-        if phases == 3 and star.consistent and star.u0_pct > neutral_u0_pct:
+        star_volts = (volts[0], volts[1], volts[2])
+        _, _, u0, consistent = neutral.star_u0(*star_volts)
+        out[M.ZERO_SEQ_UNBALANCE] = u0
+        if phases == 3 and consistent and u0 > neutral_u0_pct:
             currents = (out[_I[0]], out[_I[1]], out[_I[2]])
             pfs = (out[_PF[0]], out[_PF[1]], out[_PF[2]])
             ratio = neutral.current_sum_ratio((volts[0], volts[1], volts[2]), currents, pfs)
-    return Derived(out, load, quad, pairs, star, ratio)
+    return Derived(out, load, quad, pairs, star_volts, ratio)
+
+
+def _nema3(a: float, b: float, c: float) -> float:
+    """:func:`nema` of three values (same arithmetic, without the generator)."""
+    mean = (a + b + c) / 3
+    if mean > 0:
+        return 100.0 * max(abs(a - mean), abs(b - mean), abs(c - mean)) / mean
+    return 0.0
 
 
 def _kind(p: float, q: float, s: float) -> LoadKind:
