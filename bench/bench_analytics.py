@@ -5,16 +5,19 @@
 2. The reading path in-process (validate, derive, moving averages in all slots,
    demand window, 3 s/10 min aggregates, alarms, encode) vs bare validation.
 3. Memory per meter: state size after 20k and after 120k readings.
-4. The service end to end over Mosquitto (``pfmon analytics`` in its own process)
-   vs the bare aiomqtt receive rate of the same published stream.
+4. The service end to end over a private Mosquitto (``pfmon analytics`` in its own
+   process) vs the bare aiomqtt receive rate of the same stream, same MQTT version.
+   The readings are published by ``mosquitto_pub`` processes as fast as the broker
+   takes them, so both figures are receive capacities, not the publisher's pace.
 
-Usage: ``python bench/bench_analytics.py [--quick] [--mqtt-url mqtt://127.0.0.1:1883]``.
+Usage: ``python bench/bench_analytics.py [--quick] [--protocol 5|3.1.1] [--no-mqtt]``.
 BLAS threads are pinned to 1: "one core" figures.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -37,6 +40,7 @@ import orjson
 from services.analytics import dsp
 from services.analytics.engine import MeterEngine, encode_metrics
 from shared import topics
+from shared.embedded import LocalMosquitto
 from shared.measurements import Measurement as M
 from shared.messages import Reading, encode
 from shared.settings import parse_mqtt_url
@@ -176,74 +180,107 @@ def bench_readings(quick: bool) -> None:
     )
 
 
-async def bench_mqtt(url: str, quick: bool) -> None:
-    count, meters = (3000, 10) if quick else (10000, 10)
+def _publishers(
+    url: str, name: str, payloads: list[bytes], meters: int, work: Path
+) -> list[tuple[list[str], Path]]:
+    """One ``mosquitto_pub -l`` per meter topic (C, its own process, QoS 1): the stream
+    arrives as fast as the broker takes it, so the rates below are receive capacities."""
     target = parse_mqtt_url(url)
+    out = []
+    for k in range(meters):
+        lines = work / f"m{k}.jsonl"
+        lines.write_bytes(b"".join(p + b"\n" for p in payloads[k::meters]))
+        cmd = [
+            shutil.which("mosquitto_pub") or "mosquitto_pub",
+            "-h",
+            target.host,
+            "-p",
+            str(target.port),
+            "-q",
+            "1",
+            "-t",
+            topics.reading(name, f"m{k}"),
+            "-l",  # one message per line of stdin
+        ]
+        out.append((cmd, lines))
+    return out
+
+
+async def bench_mqtt(protocol: str, quick: bool) -> None:
+    count, meters = (5000, 10) if quick else (20000, 10)
     name = f"bench{uuid.uuid4().hex[:8]}"
     payloads = readings(count, meters, name)
+    version = aiomqtt.ProtocolVersion.V5 if protocol == "5" else aiomqtt.ProtocolVersion.V311
 
-    async def publish_all(client: aiomqtt.Client) -> float:
-        t0 = time.perf_counter()
-        for k, p in enumerate(payloads):
-            await client.publish(topics.reading(name, f"m{k % meters}"), p, qos=1)
-        return t0
-
-    async def receive(pattern: str, want: int, ready: asyncio.Event) -> float:
-        async with aiomqtt.Client(target.host, target.port, max_queued_incoming_messages=0) as sub:
+    async def receive(url: str, pattern: str, want: int, ready: asyncio.Event) -> float:
+        target = parse_mqtt_url(url)
+        async with aiomqtt.Client(
+            target.host, target.port, protocol=version, max_queued_incoming_messages=0
+        ) as sub:
+            sub.pending_calls_threshold = 1_000_000
             await sub.subscribe(pattern, qos=1)
             ready.set()
             got = 0
             async for _msg in sub.messages:
                 got += 1
                 if got >= want:
-                    return time.perf_counter()
+                    break
         return time.perf_counter()
 
-    async def run_once(pattern: str) -> float:
+    async def run_once(url: str, pattern: str, work: Path) -> float:
         ready = asyncio.Event()
-        task = asyncio.create_task(receive(pattern, count, ready))
+        task = asyncio.create_task(receive(url, pattern, count, ready))
         await ready.wait()
-        async with aiomqtt.Client(target.host, target.port) as pub:
-            t0 = await publish_all(pub)
+        procs = []
+        t0 = time.perf_counter()
+        for cmd, path in _publishers(url, name, payloads, meters, work):
+            with path.open("rb") as lines:
+                procs.append(await asyncio.create_subprocess_exec(*cmd, stdin=lines))
         t1 = await asyncio.wait_for(task, 300)
+        for proc in procs:
+            await proc.wait()
         return count / (t1 - t0)
 
-    bare = await run_once(topics.pattern(topics.Kind.READING, name))
     with tempfile.TemporaryDirectory() as tmp:
-        site_file = Path(tmp) / "site.yaml"
-        site_file.write_text(
-            orjson.dumps(
-                {
-                    "site": name,
-                    # one metrics message per reading: the 3 s / 10 min aggregates
-                    # are extra messages, left out of the count
-                    "analytics": {"aggregates": False},
-                    "buses": [{"name": "b", "host": "127.0.0.1"}],
-                    "meters": [
-                        {"name": f"m{k}", "bus": "b", "unit": k + 1, "profile": "pmtr001"}
-                        for k in range(meters)
-                    ],
-                }
-            ).decode()
-        )
-        env = dict(os.environ)
-        env.update(
-            PFM_MQTT_URL=url,
-            PFM_METRICS_PORT="0",
-            PFM_MQTT_CLIENT_ID=f"{name}-analytics",
-            PFM_LOG_LEVEL="WARNING",
-        )
-        pfmon = Path(sys.executable).with_name("pfmon")
-        proc = await asyncio.create_subprocess_exec(
-            str(pfmon), "analytics", "--site-file", str(site_file), env=env
-        )
-        try:
-            await asyncio.sleep(3.0)  # connect and subscribe
-            service = await run_once(topics.pattern(topics.Kind.METRICS, name))
-        finally:
-            proc.terminate()
-            await asyncio.wait_for(proc.wait(), 10)
-    print("== service end to end over Mosquitto (pfmon analytics in its own process)")
+        work = Path(tmp)
+        with LocalMosquitto(work / "mosq") as mosq:
+            bare = await run_once(mosq.url, topics.pattern(topics.Kind.READING, name), work)
+            site_file = work / "site.yaml"
+            site_file.write_text(
+                orjson.dumps(
+                    {
+                        "site": name,
+                        # one metrics message per reading: the 3 s / 10 min aggregates
+                        # are extra messages, left out of the count
+                        "analytics": {"aggregates": False},
+                        "buses": [{"name": "b", "host": "127.0.0.1"}],
+                        "meters": [
+                            {"name": f"m{k}", "bus": "b", "unit": k + 1, "profile": "pmtr001"}
+                            for k in range(meters)
+                        ],
+                    }
+                ).decode()
+            )
+            env = dict(os.environ)
+            env.update(
+                PFM_MQTT_URL=mosq.url,
+                PFM_MQTT_PROTOCOL=protocol,
+                PFM_METRICS_PORT="0",
+                PFM_MQTT_CLIENT_ID=f"{name}-analytics",
+                PFM_LOG_LEVEL="WARNING",
+            )
+            pfmon = Path(sys.executable).with_name("pfmon")
+            proc = await asyncio.create_subprocess_exec(
+                str(pfmon), "analytics", "--site-file", str(site_file), env=env
+            )
+            try:
+                await asyncio.sleep(3.0)  # connect and subscribe
+                service = await run_once(mosq.url, topics.pattern(topics.Kind.METRICS, name), work)
+            finally:
+                proc.terminate()
+                await asyncio.wait_for(proc.wait(), 10)
+    print(f"== service end to end over Mosquitto (MQTT {protocol}; pfmon analytics in its own")
+    print("   process; readings published by mosquitto_pub as fast as the broker takes them)")
     print(f"  baseline: bare aiomqtt receive     {bare:10.0f} readings/s")
     print(
         f"  readings in -> metrics received    {service:10.0f} readings/s "
@@ -255,14 +292,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="smaller runs (CI smoke)")
     parser.add_argument(
-        "--mqtt-url", default=os.environ.get("PFM_MQTT_URL", "mqtt://127.0.0.1:1883")
+        "--protocol", choices=("5", "3.1.1"), default="5", help="MQTT version of both runs"
     )
     parser.add_argument("--no-mqtt", action="store_true", help="skip the broker benchmark")
     args = parser.parse_args()
     bench_dsp(args.quick)
     bench_readings(args.quick)
     if not args.no_mqtt:
-        asyncio.run(bench_mqtt(args.mqtt_url, args.quick))
+        asyncio.run(bench_mqtt(args.protocol, args.quick))
 
 
 if __name__ == "__main__":
