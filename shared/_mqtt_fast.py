@@ -53,6 +53,8 @@ SUPPORTED = {"aiomqtt": "2.5.", "paho-mqtt": "2.2."}
 _READ_SIZE = 256 * 1024
 _PUBLISH, _PUBACK = 0x30, 0x40
 _MAX_TOPIC_CACHE = 10_000
+#: messages handed on per event-loop pass at most
+_BATCH = 500
 
 
 class Link(Protocol):
@@ -109,7 +111,7 @@ class PlainLink:
         self._client = client
         self._on_published = on_published
         self._on_failed = on_failed
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: dict[asyncio.Task[None], None] = {}  # in order: failures reported so
         self._closed = False
 
     def start(self) -> None:
@@ -131,8 +133,8 @@ class PlainLink:
         task = asyncio.get_running_loop().create_task(
             self._publish(topic, payload, qos, retain, token), name=f"bus-publish-{topic}"
         )
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks[task] = None
+        task.add_done_callback(self._forget)
 
     async def _publish(
         self, topic: str, payload: bytes, qos: int, retain: bool, token: Token
@@ -146,6 +148,9 @@ class PlainLink:
             self._on_failed(token, f"publish failed: {exc}")
         else:
             self._on_published(token)
+
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        self._tasks.pop(task, None)
 
     def close(self) -> None:
         self._closed = True
@@ -224,7 +229,14 @@ class FastLink:
     # -- receive ----------------------------------------------------------------------
 
     async def next_batch(self) -> list[Received]:
-        """Every message received since the last call; raises ``MqttError`` once disconnected."""
+        """Up to :data:`_BATCH` messages received; raises ``MqttError`` once disconnected.
+
+        Always gives the event loop a pass first: a backlog read in one go (a persistent
+        session's queue arrives while the bus still subscribes) must not starve the
+        other tasks - the archiver's writer among them - while it is handled.
+        """
+        if self._ready:
+            await asyncio.sleep(0)
         while not self._ready:
             disconnected = self._aio._disconnected
             if disconnected.done():
@@ -235,7 +247,10 @@ class FastLink:
                 await self._waiter
             finally:
                 self._waiter = None
-        batch, self._ready = self._ready, []
+        if len(self._ready) <= _BATCH:
+            batch, self._ready = self._ready, []
+        else:
+            batch, self._ready = self._ready[:_BATCH], self._ready[_BATCH:]
         return batch
 
     def _wake(self) -> None:
