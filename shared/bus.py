@@ -11,7 +11,27 @@
   arrive while a service is away are delivered when it is back;
 * TLS (CA, client certificate) and username/password from :class:`Settings`;
 * optional manual acknowledgement: the handler calls :meth:`Incoming.ack` only
-  after its data is safe downstream (the archiver does).
+  after its data is safe downstream (the archiver does); acknowledgements are
+  written in one buffer per event-loop pass, and only on the connection the
+  message came from (after a reconnect the broker re-delivers what was not acked);
+* two ways to publish: :meth:`Bus.publish` awaits the broker's PUBACK (one future per
+  message - for commands, status, dead letters); :meth:`Bus.publish_nowait` hands the
+  packet over and returns at once, for streams of results (analytics):
+
+  - it raises :class:`BusUnavailable` only when not connected; after that the
+    outcome comes later: on the broker's PUBACK ``pfm_messages_published_total``
+    goes up; when the broker refuses it (MQTT v5 reason code >= 0x80) or the
+    connection drops before the PUBACK, ``pfm_publish_failures_total`` goes up and
+    every callback given to :meth:`Bus.on_publish_failed` gets
+    ``(topic, payload, reason)`` - it may spool or publish again (at-least-once);
+  - at most ``max_inflight`` messages are unconfirmed on the wire, the rest wait
+    in order in memory; :attr:`Bus.unconfirmed` counts both, and
+    ``await bus.drain(timeout)`` waits until every one is confirmed or failed
+    (call it before a clean shutdown).
+
+The wire is aiomqtt's, with the receive, acknowledge and ``publish_nowait`` paths
+replaced by :mod:`shared._mqtt_fast` (whole socket reads parsed in batches) when the
+installed aiomqtt/paho are the versions it knows, and ``PFM_MQTT_FAST`` is on.
 """
 
 from __future__ import annotations
@@ -33,7 +53,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from pydantic import BaseModel, ValidationError
 
-from shared import topics
+from shared import _mqtt_fast, topics
 from shared.errors import PeerError
 from shared.messages import DeadLetter, describe_error
 from shared.metrics import ServiceMetrics
@@ -79,6 +99,8 @@ class _Subscription(Generic[M]):
     share_group: str | None
     kind: str
     parts: list[str] = field(default_factory=list)
+    received: Any = None  # this kind's metric children, looked up once
+    seconds: Any = None
 
     @property
     def filter(self) -> str:
@@ -114,6 +136,8 @@ class Backoff:
 
 
 OnConnect = Callable[["Bus"], Awaitable[None]]
+OnPublishFailed = Callable[[str, bytes, str], None]
+_MAX_ROUTES = 10_000
 
 
 class Bus:
@@ -153,6 +177,13 @@ class Bus:
         self._connected = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._on_connect: list[OnConnect] = []
+        self._on_publish_failed: list[OnPublishFailed] = []
+        self._link: _mqtt_fast.Link | None = None
+        self._routes: dict[str, _Subscription[Any] | None] = {}
+        self._published: dict[str, Any] = {}
+        self._unconfirmed = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
         self._dl_seq = 0
         self._protocol: aiomqtt.ProtocolVersion | None = {
             "5": aiomqtt.ProtocolVersion.V5,
@@ -196,7 +227,10 @@ class Bus:
         if kind in ("+", "#"):
             kind = "any"
         sub = _Subscription(pattern, model, handler, qos, share_group, kind, pattern.split("/"))
+        sub.received = self.metrics.received.labels(self.service, kind)
+        sub.seconds = self.metrics.handle_seconds.labels(self.service, kind)
         self._subs.append(sub)
+        self._routes.clear()
         client = self._client
         if client is not None and self.connected:
             task = asyncio.get_running_loop().create_task(
@@ -226,7 +260,36 @@ class Bus:
             await client.publish(topic, payload, qos=qos, retain=retain, timeout=timeout)
         except aiomqtt.MqttError as exc:
             raise BusUnavailable(f"publish to {topic} failed: {exc}", kind="publish") from exc
-        self.metrics.published.labels(self.service, topic.rsplit("/", 1)[-1]).inc()
+        self._published_counter(topic).inc()
+
+    def publish_nowait(
+        self, topic: str, message: BaseModel | bytes, *, qos: int = 1, retain: bool = False
+    ) -> None:
+        """Hand a message to the connection and return at once (see the module docstring).
+
+        Raises :class:`BusUnavailable` when not connected; the PUBACK (or the failure,
+        reported to :meth:`on_publish_failed` callbacks) comes later.
+        """
+        link = self._link
+        if link is None or not self.connected:
+            raise BusUnavailable(f"not connected to {self.settings.mqtt_url}", kind="disconnected")
+        payload = message if isinstance(message, bytes) else _encode(message)
+        self._unconfirmed += 1
+        self._idle.clear()
+        link.publish_nowait(topic, payload, qos, retain, (topic, payload))
+
+    def on_publish_failed(self, callback: OnPublishFailed) -> None:
+        """Call ``callback(topic, payload, reason)`` for every unconfirmed ``publish_nowait``."""
+        self._on_publish_failed.append(callback)
+
+    @property
+    def unconfirmed(self) -> int:
+        """``publish_nowait`` messages neither confirmed nor failed yet."""
+        return self._unconfirmed
+
+    async def drain(self, timeout: float | None = None) -> None:
+        """Wait until every ``publish_nowait`` so far is confirmed or failed."""
+        await asyncio.wait_for(self._idle.wait(), timeout)
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -288,8 +351,6 @@ class Bus:
             **kwargs,
         )
         client.pending_calls_threshold = 1_000_000
-        if self._manual_ack:
-            client._client.manual_ack_set(True)
         return client
 
     async def _run(self) -> None:
@@ -298,10 +359,19 @@ class Bus:
         while True:
             protocol = self._protocol or aiomqtt.ProtocolVersion.V5
             client = self._make_client(protocol)
+            link = _mqtt_fast.make_link(
+                client,
+                manual_ack=self._manual_ack,
+                on_published=self._confirmed,
+                on_failed=self._failed,
+                fast=self.settings.mqtt_fast,
+            )
             try:
                 async with client:
+                    link.start()
                     self._protocol = protocol
                     self._client = client
+                    self._link = link
                     self.connections += 1
                     if self.connections > 1:
                         self.metrics.bus_reconnects.labels(self.service).inc()
@@ -318,8 +388,7 @@ class Bus:
                     attempt = 0
                     for callback in self._on_connect:
                         await callback(self)
-                    async for msg in client.messages:
-                        await self._dispatch(client, msg)
+                    await self._receive(link)
             except aiomqtt.MqttError as exc:
                 self.last_error = str(exc)
                 was_connected = self.connected
@@ -353,39 +422,45 @@ class Bus:
                 )
                 await asyncio.sleep(delay)
             finally:
+                link.close()
                 self._client = None
+                self._link = None
 
     async def _subscribe_one(self, client: aiomqtt.Client, sub: _Subscription[Any]) -> None:
         await client.subscribe(sub.filter, qos=sub.qos)
         log.debug("subscribed %s", sub.filter, extra={"service": self.service})
 
-    def _ack(self, incoming: Incoming) -> None:
-        client = self._client
-        if client is not None and incoming.qos > 0:
-            client._client.ack(incoming.mid, incoming.qos)
+    async def _receive(self, link: _mqtt_fast.Link) -> None:
+        """Dispatch every message of every batch the connection reads, until it drops."""
+        ack = _acker(link) if self._manual_ack else None
+        dispatch = self._dispatch
+        while True:
+            for topic, payload, qos, retain, mid in await link.next_batch():
+                await dispatch(Incoming(topic, payload, qos, retain, mid, ack))
 
-    async def _dispatch(self, client: aiomqtt.Client, msg: aiomqtt.Message) -> None:
-        topic = msg.topic.value
-        raw = msg.payload
-        payload = raw if isinstance(raw, bytes) else str(raw if raw is not None else "").encode()
-        incoming = Incoming(
-            topic,
-            payload,
-            msg.qos,
-            bool(msg.retain),
-            msg.mid,
-            self._ack if self._manual_ack else None,
-        )
+    def _route(self, topic: str) -> _Subscription[Any] | None:
+        """The first subscription whose pattern matches ``topic`` (cached per topic)."""
+        try:
+            return self._routes[topic]
+        except KeyError:
+            pass
+        if len(self._routes) >= _MAX_ROUTES:
+            self._routes.clear()
         sub = next((s for s in self._subs if topic_matches(s.parts, topic)), None)
+        self._routes[topic] = sub
+        return sub
+
+    async def _dispatch(self, incoming: Incoming) -> None:
+        sub = self._route(incoming.topic)
         if sub is None:
             incoming.ack()
             return
         started = time.perf_counter()
-        self.metrics.received.labels(self.service, sub.kind).inc()
+        sub.received.inc()
         try:
-            model = sub.model.model_validate(orjson.loads(payload))
-        except (ValidationError, orjson.JSONDecodeError, UnicodeDecodeError) as exc:
-            await self._dead_letter(topic, payload, describe_error(exc), sub.kind)
+            model = sub.model.model_validate_json(incoming.payload)
+        except ValidationError as exc:
+            await self._dead_letter(incoming.topic, incoming.payload, describe_error(exc), sub.kind)
             incoming.ack()
             return
         try:
@@ -395,15 +470,48 @@ class Bus:
         except Exception:
             self.metrics.handler_errors.labels(self.service, sub.kind).inc()
             log.exception(
-                "handler for %s failed", topic, extra={"service": self.service, "topic": topic}
+                "handler for %s failed",
+                incoming.topic,
+                extra={"service": self.service, "topic": incoming.topic},
             )
             incoming.ack()
         else:
             if not self._manual_ack:
                 incoming.ack()
-        self.metrics.handle_seconds.labels(self.service, sub.kind).observe(
-            time.perf_counter() - started
+        sub.seconds.observe(time.perf_counter() - started)
+
+    def _published_counter(self, topic: str) -> Any:
+        kind = topic.rsplit("/", 1)[-1]
+        counter = self._published.get(kind)
+        if counter is None:
+            counter = self._published[kind] = self.metrics.published.labels(self.service, kind)
+        return counter
+
+    def _confirmed(self, token: tuple[str, bytes]) -> None:
+        self._published_counter(token[0]).inc()
+        self._settle()
+
+    def _failed(self, token: tuple[str, bytes], reason: str) -> None:
+        topic, payload = token
+        self.metrics.publish_failures.labels(self.service, topic.rsplit("/", 1)[-1]).inc()
+        log.warning(
+            "publish to %s not confirmed: %s",
+            topic,
+            reason,
+            extra={"service": self.service, "topic": topic, "reason": reason},
         )
+        for callback in self._on_publish_failed:
+            try:
+                callback(topic, payload, reason)
+            except Exception:
+                log.exception("publish-failed callback raised", extra={"service": self.service})
+        self._settle()
+
+    def _settle(self) -> None:
+        self._unconfirmed -= 1
+        if self._unconfirmed <= 0:
+            self._unconfirmed = 0
+            self._idle.set()
 
     async def _dead_letter(self, topic: str, payload: bytes, reason: str, kind: str) -> None:
         self.metrics.deadletters.labels(self.service, kind).inc()
@@ -431,6 +539,15 @@ class Bus:
             await self.publish(topics.deadletter(site, self.service), letter)
         except BusUnavailable as exc:
             log.error("could not publish dead letter: %s", exc, extra={"service": self.service})
+
+
+def _acker(link: _mqtt_fast.Link) -> Callable[[Incoming], None]:
+    """``Incoming.ack`` for messages of this connection only: a later one never acks them."""
+
+    def ack(incoming: Incoming) -> None:
+        link.ack(incoming.mid, incoming.qos)
+
+    return ack
 
 
 def _encode(message: BaseModel) -> bytes:

@@ -274,6 +274,8 @@ def describe_error(exc: Exception) -> str:
     if isinstance(exc, ValidationError):
         parts = []
         for err in exc.errors(include_url=False):
+            if err["type"] == "json_invalid":  # from model_validate_json
+                return f"malformed JSON: {err['ctx'].get('error', err['msg'])}"
             loc = ".".join(str(x) for x in err["loc"]) or "(root)"
             parts.append(f"{loc}: {err['msg']}")
         return "; ".join(parts)

@@ -42,6 +42,13 @@ class ServiceMetrics:
             ["service", "kind"],
             registry=r,
         )
+        self.publish_failures = Counter(
+            "pfm_publish_failures_total",
+            "Non-blocking publishes the broker did not confirm (refused, or the connection"
+            " dropped first); the caller's failure callback got each one",
+            ["service", "kind"],
+            registry=r,
+        )
         self.deadletters = Counter(
             "pfm_deadletters_total",
             "Messages that failed validation and went to the dead-letter topic",

@@ -77,6 +77,11 @@ class Settings(BaseSettings):
     mqtt_client_id: str | None = Field(
         None, description="client id prefix; default pfm-<service>-<site>-<host>"
     )
+    mqtt_fast: bool = Field(
+        True,
+        description="read and acknowledge MQTT in batches under aiomqtt (off = aiomqtt's own"
+        " per-message path; on needs aiomqtt 2.5.x / paho 2.2.x, else it is off anyway)",
+    )
     db_dsn: str = Field(DEFAULT_DB_DSN, description="PostgreSQL / TimescaleDB DSN")
     site_file: Path | None = Field(None, description="site YAML (meters, buses, rules)")
     data_dir: Path = Field(Path("var"), description="spool and buffer folder")
