@@ -3,17 +3,17 @@
 One :class:`~services.analytics.engine.MeterEngine` per meter (created on the
 first message). Every input gives one instantaneous ``Metrics`` message
 (``interval_s = 0``) at once, plus the 3 s / 10 min aggregates when an interval
-closes, and alarm ``Event`` messages on transitions. Publishing does not wait
-for the broker's PUBACK inside the receive loop (bounded in-flight window,
-order kept), so one slow acknowledgement never delays the next input.
+closes, and alarm ``Event`` messages on transitions. Results go out with
+:meth:`~shared.bus.Bus.publish_nowait`: the receive loop never waits for a PUBACK
+(the bus keeps a bounded in-flight window, in order); a message the broker does not
+confirm is counted in ``pfm_analytics_publish_failed_total`` and logged by the bus.
 """
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import logging
 import time
-from collections import deque
 from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -30,7 +30,6 @@ from shared.settings import METRICS_PORTS, Settings
 from shared.site import SiteConfig
 
 log = logging.getLogger(__name__)
-MAX_IN_FLIGHT = 2000
 #: state is per meter and bounded; the number of meters is bounded too
 MAX_METERS = 5000
 
@@ -94,7 +93,6 @@ class Analytics:
         self.bus = bus
         self.metrics = metrics
         self.engines: dict[str, MeterEngine] = {}
-        self.inflight: deque[asyncio.Task[None]] = deque()
         self.notice_seq = 0
         self.children: dict[str, tuple[Any, Any, Any, Any]] = {}
 
@@ -126,7 +124,7 @@ class Analytics:
         started = time.perf_counter()
         out = self.engine(reading.meter).on_reading(reading)
         self._children(reading.meter)[0].inc()
-        await self._emit(reading.meter, out, started)
+        self._emit(reading.meter, out, started)
 
     async def on_waveform(self, wf: Waveform, incoming: Incoming) -> None:
         started = time.perf_counter()
@@ -158,9 +156,9 @@ class Analytics:
             self._publish(topics.event(wf.site, wf.meter), encode(notice), "event")
             return
         self._children(wf.meter)[1].inc()
-        await self._emit(wf.meter, out, started)
+        self._emit(wf.meter, out, started)
 
-    async def _emit(self, meter: str, out: Output, started: float) -> None:
+    def _emit(self, meter: str, out: Output, started: float) -> None:
         for m in out.metrics:
             self._publish(topics.metrics(m.site, meter), encode_metrics(m), "metrics")
         for ev in out.events:
@@ -179,32 +177,22 @@ class Analytics:
             if score is not None:
                 neutral_gauge.set(score)
         self.metrics.process.observe(time.perf_counter() - started)
-        while len(self.inflight) > MAX_IN_FLIGHT:
-            await asyncio.wait([self.inflight[0]])
-            self._reap()
 
     def _publish(self, topic: str, payload: bytes, kind: str) -> None:
-        task = asyncio.get_running_loop().create_task(
-            self._publish_one(topic, payload, kind), name=f"analytics-publish-{kind}"
-        )
-        self.inflight.append(task)
-        self._reap()
-
-    def _reap(self) -> None:
-        while self.inflight and self.inflight[0].done():
-            self.inflight.popleft()
-
-    async def _publish_one(self, topic: str, payload: bytes, kind: str) -> None:
         try:
-            await self.bus.publish(topic, payload)
+            self.bus.publish_nowait(topic, payload)
         except BusUnavailable as exc:
             self.metrics.publish_failed.labels(kind).inc()
             log.warning("could not publish %s: %s", topic, exc, extra={"service": SERVICE})
 
+    def on_publish_failed(self, topic: str, payload: bytes, reason: str) -> None:
+        """The broker did not confirm a result (the bus has logged it): count it."""
+        self.metrics.publish_failed.labels(topic.rsplit("/", 1)[-1]).inc()
+
     async def drain(self, timeout: float = 5.0) -> None:
-        pending = [t for t in self.inflight if not t.done()]
-        if pending:
-            await asyncio.wait(pending, timeout=timeout)
+        """Wait (bounded) until the broker confirmed or refused every result."""
+        with contextlib.suppress(TimeoutError):
+            await self.bus.drain(timeout)
 
 
 async def run(settings: Settings, site: SiteConfig, shutdown: Shutdown) -> None:
@@ -215,6 +203,7 @@ async def run(settings: Settings, site: SiteConfig, shutdown: Shutdown) -> None:
 
     async with Bus(settings, service=SERVICE, site=site.site, metrics=metrics) as bus:
         app = Analytics(site, bus, ana_metrics)
+        bus.on_publish_failed(app.on_publish_failed)
         bus.subscribe(topics.pattern(topics.Kind.READING, site.site), Reading, app.on_reading)
         bus.subscribe(topics.pattern(topics.Kind.WAVEFORM, site.site), Waveform, app.on_waveform)
         await shutdown.wait()
