@@ -238,9 +238,10 @@ class RowBuilder:
             seconds,
             *values,
             *(energy_deltas(m, seconds) if seconds else (None,) * len(ENERGY_COLUMNS)),
-            _json_or_none({k: x.value for k, x in m.load.items()}),
+            # orjson writes StrEnum keys and values as their strings: no copies needed
+            _json_or_none(m.load),
             _json_or_none(m.quadrant),
-            _json_or_none({k: {q.value: x for q, x in d.items()} for k, d in m.averages.items()}),
+            _json_or_none(m.averages),
             _json_or_none(m.harmonics),
         )
 
