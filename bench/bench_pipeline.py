@@ -162,9 +162,14 @@ class Usage:
 
     name: str
     pids: Callable[[], list[int]]
+    #: what it handles ("polls", "messages", "rows") and how many of those one reading makes
+    unit: str = "readings"
+    per_reading: float = 1.0
     start: dict[int, int] = field(default_factory=dict)
     cpu_s: float = 0.0
     peak_mb: float = float("nan")
+    #: units handled during the measured run
+    handled: float = 0.0
 
     def begin(self) -> None:
         self.start = {pid: cpu_ticks(pid) for pid in self.pids()}
@@ -441,14 +446,15 @@ async def measure(
     print(f"  warm-up {args.warmup:g} s ...", flush=True)
     await asyncio.sleep(args.warmup)
     backends = await archiver_backends(dsn)
-    usage = [
-        Usage("simulator", lambda: [sim.pid]),
-        Usage("mosquitto", lambda: [mosq_pid]),
-        *(Usage(name, lambda s=s: [s.proc.pid]) for name, s in svc.items()),
-        Usage("postgres (archiver)", lambda: backends),
-    ]
-    col0, arch0 = scrape(svc["collector"].port), scrape(svc["archiver"].port)
-    for u in usage:
+    usage = {
+        "simulator": Usage("simulator", lambda: [sim.pid], "requests"),
+        "mosquitto": Usage("mosquitto", lambda: [mosq_pid], "polls"),
+        **{name: Usage(name, lambda s=s: [s.proc.pid], UNITS[name]) for name, s in svc.items()},
+        "postgres": Usage("postgres (archiver)", lambda: backends, "rows"),
+    }
+    before = {name: scrape(s.port) for name, s in svc.items()}
+    col0, arch0 = before["collector"], before["archiver"]
+    for u in usage.values():
         u.begin()
     m0 = machine_ticks()
     t0 = time.monotonic()
@@ -456,10 +462,11 @@ async def measure(
     await progress(run, args.seconds)
     elapsed = time.monotonic() - t0
     backends = await archiver_backends(dsn)
-    for u in usage:
+    for u in usage.values():
         u.end()
     m1 = machine_ticks()
-    col1 = scrape(svc["collector"].port)
+    after = {name: scrape(s.port) for name, s in svc.items()}
+    col1 = after["collector"]
     polls = total(col1, "pfm_collector_polls_total") - total(col0, "pfm_collector_polls_total")
     missed = total(col1, "pfm_collector_missed_polls_total") - total(
         col0, "pfm_collector_missed_polls_total"
@@ -486,6 +493,8 @@ async def measure(
     lat = {k: latency(latency_buckets(arch0, arch1, k)) for k in ("metrics", "reading")}
     agg_lat = latency(latency_buckets(arch0, arch1, "aggregate"))
     redelivered = total(arch1, "pfm_archiver_duplicates_total")
+    rows_per_reading = (loss_m.rows + loss_r.rows + aggregates + events) / max(1, want)
+    handled(usage, before, after, polls, rows_per_reading)
 
     print(
         f"collector: {polls:.0f} polls in {elapsed:.1f} s ({polls / elapsed:.0f}/s, "
@@ -512,7 +521,7 @@ async def measure(
     for kind, label in (("metrics", "per-reading metrics"), ("reading", "raw readings")):
         _print_latency(label, lat[kind])
     _print_latency("aggregates (ts = block end)", agg_lat)
-    _print_usage(usage, elapsed, m0, m1)
+    _print_usage(list(usage.values()), elapsed, m0, m1, meters)
     checks = [
         (
             f"p99 acquisition -> committed metrics row < {TARGET_P99_S:g} s",
@@ -529,6 +538,31 @@ async def measure(
     return 0 if all(ok for _, ok in checks) else 1
 
 
+#: the unit of work of each service
+UNITS = {"collector": "polls", "analytics": "readings", "archiver": "messages"}
+
+
+def handled(
+    usage: dict[str, Usage],
+    before: dict[str, Samples],
+    after: dict[str, Samples],
+    polls: float,
+    rows_per_reading: float,
+) -> None:
+    """What each process handled during the run, to turn its CPU into a cost per unit."""
+
+    def delta(service: str, name: str, **labels: str) -> float:
+        return total(after[service], name, **labels) - total(before[service], name, **labels)
+
+    usage["simulator"].handled = polls  # one request per poll (the PMTR_001 block)
+    usage["mosquitto"].handled = polls  # every message a reading causes, in and out
+    usage["collector"].handled = polls
+    usage["analytics"].handled = delta("analytics", "pfm_messages_received_total", kind="reading")
+    usage["archiver"].handled = delta("archiver", "pfm_messages_received_total")
+    usage["postgres"].handled = delta("archiver", "pfm_archiver_rows_total")
+    usage["archiver"].per_reading = usage["postgres"].per_reading = rows_per_reading
+
+
 def _print_latency(label: str, lat: Latency) -> None:
     if not lat.count:
         print(f"  {label:28s} no rows")
@@ -541,19 +575,30 @@ def _print_latency(label: str, lat: Latency) -> None:
 
 
 def _print_usage(
-    usage: list[Usage], elapsed: float, m0: tuple[int, int], m1: tuple[int, int]
+    usage: list[Usage], elapsed: float, m0: tuple[int, int], m1: tuple[int, int], meters: int
 ) -> None:
+    """CPU per process, its cost per unit of work, and what ``meters`` at 1 Hz would need
+    (cost x units per reading x meters): a stage starved of CPU shows a low rate but
+    the same cost, so the projection says what the machine must give it."""
     cores = os.cpu_count() or 1
     ours = sum(u.cpu_s for u in usage)
     busy = (m1[0] - m0[0]) / (m1[1] - m0[1]) * cores
-    print("CPU over the measured run (100 % = one core), peak RSS:")
+    need = 0.0
+    print(f"CPU over the measured run (100 % = one core); what {meters} meters at 1 Hz need:")
     for u in usage:
-        rss = "" if u.peak_mb != u.peak_mb else f", peak RSS {u.peak_mb:.0f} MB"
-        print(f"  {u.name:20s} {100 * u.cpu_s / elapsed:5.0f} %{rss}")
+        rss = "" if u.peak_mb != u.peak_mb else f"peak RSS {u.peak_mb:4.0f} MB"
+        cost = u.cpu_s / u.handled if u.handled else float("nan")
+        demand = cost * u.per_reading * meters
+        need += demand if demand == demand else 0.0
+        print(
+            f"  {u.name:20s} {100 * u.cpu_s / elapsed:4.0f} %  {u.handled / elapsed:6.0f}"
+            f" {u.unit}/s  {1e6 * cost:5.0f} µs each ({u.per_reading:.2f} per reading)"
+            f" -> {100 * demand:4.0f} %  {rss}"
+        )
     print(
-        f"  {'all of the above':20s} {100 * ours / elapsed:5.0f} %;"
-        f" whole machine busy {100 * busy:.0f} % of {100 * cores} %"
-        f" (other work {100 * max(0.0, busy - ours / elapsed):.0f} %)"
+        f"  {'all of the above':20s} {100 * ours / elapsed:4.0f} %"
+        f"{'':38s} -> {100 * need:4.0f} % needed; whole machine busy {100 * busy:.0f} %"
+        f" of {100 * cores} % (other work {100 * max(0.0, busy - ours / elapsed):.0f} %)"
     )
 
 
