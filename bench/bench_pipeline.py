@@ -182,6 +182,10 @@ class Usage:
             self.peak_mb = peak_rss_mb(pids[0])
 
 
+def pid_of(pid: int) -> Callable[[], list[int]]:
+    return lambda: [pid]
+
+
 def service_env(
     name: str, site_file: Path, mqtt_url: str, dsn: str, data: Path, port: int
 ) -> dict[str, str]:
@@ -334,6 +338,8 @@ def write_site(run: Run, base_port: int, per_port: int) -> tuple[Path, dict[str,
         archiver["batch_size"] = args.batch_size
     if args.flush_interval:
         archiver["flush_interval_s"] = args.flush_interval
+    if args.no_readings:
+        archiver["keep_readings"] = False
     if archiver:
         site["archiver"] = archiver
     path = run.work / "site.yaml"
@@ -406,6 +412,8 @@ async def bench(run: Run) -> int:
                 env = service_env(
                     name, site_file, mosq.url, arch_dsn, run.work / "data", free_port()
                 )
+                if name == "archiver" and args.archiver_protocol:
+                    env["PFM_MQTT_PROTOCOL"] = args.archiver_protocol
                 run.services[name] = start_service(name, env, run.work)
                 await wait_connected(run.services[name])
             try:
@@ -432,13 +440,13 @@ async def measure(
     args = run.args
     svc = run.services
     assert mosq.proc is not None
-    mosq_pid = mosq.proc.pid
     meters = args.ports * args.per_port
     print(
         f"{meters} simulated PMTR_001 meters at 1 Hz on {args.ports} ports "
         f"({args.per_port} unit ids each, {args.connections} connections per port); "
         f"archiver batch {cfg.archiver.batch_size}, flush {cfg.archiver.flush_interval_s:g} s, "
-        f"share group {cfg.archiver.share_group}, keep_readings {cfg.archiver.keep_readings}; "
+        f"share group {cfg.archiver.share_group}, keep_readings {cfg.archiver.keep_readings}, "
+        f"archiver MQTT {args.archiver_protocol or 'auto (v5)'}; "
         f"machine PostgreSQL (private schema), private mosquitto (persistence on); "
         f"{os.cpu_count()} cores",
         flush=True,
@@ -447,9 +455,9 @@ async def measure(
     await asyncio.sleep(args.warmup)
     backends = await archiver_backends(dsn)
     usage = {
-        "simulator": Usage("simulator", lambda: [sim.pid], "requests"),
-        "mosquitto": Usage("mosquitto", lambda: [mosq_pid], "polls"),
-        **{name: Usage(name, lambda s=s: [s.proc.pid], UNITS[name]) for name, s in svc.items()},
+        "simulator": Usage("simulator", pid_of(sim.pid), "requests"),
+        "mosquitto": Usage("mosquitto", pid_of(mosq.proc.pid), "polls"),
+        **{name: Usage(name, pid_of(s.proc.pid), UNITS[name]) for name, s in svc.items()},
         "postgres": Usage("postgres (archiver)", lambda: backends, "rows"),
     }
     before = {name: scrape(s.port) for name, s in svc.items()}
@@ -613,6 +621,16 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, help="site file archiver.batch_size (default 500)")
     ap.add_argument(
         "--flush-interval", type=float, help="site file archiver.flush_interval_s (default 1)"
+    )
+    ap.add_argument(
+        "--no-readings",
+        action="store_true",
+        help="site file archiver.keep_readings: false (raw readings not stored)",
+    )
+    ap.add_argument(
+        "--archiver-protocol",
+        choices=("5", "3.1.1"),
+        help="PFM_MQTT_PROTOCOL of the archiver only (docs/archiver.md: 3.1.1 is cheaper)",
     )
     args = ap.parse_args()
     args.per_port = -(-args.meters // args.ports)
