@@ -526,8 +526,9 @@ async def measure(
         f"{redelivered:.0f} re-delivered rows skipped by the natural key)"
     )
     print("latency acquisition (poll ts) -> committed row, archiver histogram over the run:")
-    for kind, label in (("metrics", "per-reading metrics"), ("reading", "raw readings")):
-        _print_latency(label, lat[kind])
+    _print_latency("per-reading metrics", lat["metrics"])
+    if cfg.archiver.keep_readings:
+        _print_latency("raw readings", lat["reading"])
     _print_latency("aggregates (ts = block end)", agg_lat)
     _print_usage(list(usage.values()), elapsed, m0, m1, meters)
     checks = [
