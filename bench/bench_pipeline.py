@@ -59,6 +59,7 @@ SERVICES = ("archiver", "analytics", "collector")  # start order: sinks first
 APP_NAME = "pfm-bench-pipeline"  # the archiver's PostgreSQL backends carry it
 TARGET_P99_S = 2.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+MOSQUITTO_DEFAULT_INFLIGHT = 20  # mosquitto.conf(5): max_inflight_messages
 
 Samples = list[tuple[str, dict[str, str], float]]
 
@@ -180,6 +181,17 @@ class Usage:
         self.cpu_s = ticks / CLK_TCK
         if len(pids) == 1:
             self.peak_mb = peak_rss_mb(pids[0])
+
+
+def deployed_inflight() -> int:
+    """The deployed broker's in-flight window: the archiver acknowledges only after its
+    commit, so this bounds what it can gather into a batch (the private broker of the
+    tests has no limit, which would hide it)."""
+    for line in (ROOT / "deploy" / "mosquitto" / "mosquitto.conf").read_text().splitlines():
+        words = line.split()
+        if len(words) == 2 and words[0] == "max_inflight_messages":
+            return int(words[1])
+    return MOSQUITTO_DEFAULT_INFLIGHT
 
 
 def pid_of(pid: int) -> Callable[[], list[int]]:
@@ -405,7 +417,8 @@ async def bench(run: Run) -> int:
         cfg = parse_site(site)
         conn = await asyncpg.connect(dsn)
         await migrate(conn, cfg.archiver)
-        with LocalMosquitto(run.work / "mosq", persistence=True) as mosq:
+        inflight = f"max_inflight_messages {args.broker_inflight}\n"
+        with LocalMosquitto(run.work / "mosq", persistence=True, extra_config=inflight) as mosq:
             wait_simulator(base_port, args.ports)
             arch_dsn = f"{dsn}&application_name={APP_NAME}"
             for name in SERVICES:
@@ -447,7 +460,8 @@ async def measure(
         f"archiver batch {cfg.archiver.batch_size}, flush {cfg.archiver.flush_interval_s:g} s, "
         f"share group {cfg.archiver.share_group}, keep_readings {cfg.archiver.keep_readings}, "
         f"archiver MQTT {args.archiver_protocol or 'auto (v5)'}; "
-        f"machine PostgreSQL (private schema), private mosquitto (persistence on); "
+        f"machine PostgreSQL (private schema), private mosquitto (persistence on, "
+        f"max_inflight_messages {args.broker_inflight}); "
         f"{os.cpu_count()} cores",
         flush=True,
     )
@@ -632,6 +646,13 @@ def main() -> int:
         "--archiver-protocol",
         choices=("5", "3.1.1"),
         help="PFM_MQTT_PROTOCOL of the archiver only (docs/archiver.md: 3.1.1 is cheaper)",
+    )
+    ap.add_argument(
+        "--broker-inflight",
+        type=int,
+        default=deployed_inflight(),
+        help="mosquitto max_inflight_messages (unacknowledged messages per client, 0 = no\n"
+        "limit; default: deploy/mosquitto/mosquitto.conf's, mosquitto's 20 if it sets none)",
     )
     args = ap.parse_args()
     args.per_port = -(-args.meters // args.ports)
