@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -440,6 +441,9 @@ async def bench(run: Run) -> int:
         sim.wait(10)
         await admin.execute(f'DROP SCHEMA "{schema}" CASCADE')
         await admin.close()
+        # the broker's store and the spools go (up to ~100 MB); site file and logs stay
+        for folder in ("mosq", "data"):
+            shutil.rmtree(run.work / folder, ignore_errors=True)
 
 
 async def measure(
