@@ -97,7 +97,7 @@ async def baseline(
     return count / (time.monotonic() - t0)
 
 
-def _quantile(buckets: list[tuple[float, float]], q: float) -> float:
+def quantile(buckets: list[tuple[float, float]], q: float) -> float:
     """Quantile from cumulative histogram buckets (le, count), linear within a bucket."""
     total = buckets[-1][1]
     if total == 0:
@@ -174,8 +174,8 @@ def _collector_child(
             errors=total("pfm_collector_poll_errors_total") - e0,
             elapsed=elapsed,
             cpu_s=cpu,
-            jitter_p50=_quantile(jitter, 0.50),
-            jitter_p99=_quantile(jitter, 0.99),
+            jitter_p50=quantile(jitter, 0.50),
+            jitter_p99=quantile(jitter, 0.99),
             jitter_max_bucket=max((le for le, c in jitter if c > 0), default=0.0)
             if jitter and jitter[-1][1]
             else 0.0,
@@ -204,6 +204,49 @@ def run_collector(
     return result
 
 
+def port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def start_simulator(meters: int, ports: int) -> tuple[subprocess.Popen[bytes], int]:
+    """``pfmon simulate`` in its own process: ``meters`` PMTR_001 meters spread over
+    ``ports`` consecutive free ports; returns the process and the first port."""
+    base_port = free_port()
+    while any(not port_free(base_port + k) for k in range(ports)):
+        base_port = free_port()
+    sim = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "services.cli",
+            "simulate",
+            "--port",
+            str(base_port),
+            "--meters",
+            str(meters),
+            "--ports",
+            str(ports),
+            "--profile",
+            "pmtr001",
+        ],
+        cwd=ROOT,
+        stderr=subprocess.DEVNULL,
+    )
+    return sim, base_port
+
+
+def wait_simulator(base_port: int, ports: int) -> None:
+    for k in range(ports):
+        wait_port("127.0.0.1", base_port + k, timeout=60)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--meters", type=int, default=1000)
@@ -216,33 +259,12 @@ def main() -> int:
     if per_port > 247:
         ap.error(f"{per_port} meters per port: use more --ports (max 247 unit ids)")
     meters = per_port * args.ports
-    base_port = free_port()
-    while any(not _free(base_port + k) for k in range(args.ports)):
-        base_port = free_port()
     work = Path(tempfile.mkdtemp(prefix="pfm-bench-collector-"))
-    sim = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "services.cli",
-            "simulate",
-            "--port",
-            str(base_port),
-            "--meters",
-            str(meters),
-            "--ports",
-            str(args.ports),
-            "--profile",
-            "pmtr001",
-        ],
-        cwd=ROOT,
-        stderr=subprocess.DEVNULL,
-    )
+    sim, base_port = start_simulator(meters, args.ports)
     figures: dict[str, Any] = {}
     try:
         with LocalMosquitto(work / "mosq") as mosq:
-            for k in range(args.ports):
-                wait_port("127.0.0.1", base_port + k, timeout=60)
+            wait_simulator(base_port, args.ports)
             print(
                 f"{meters} simulated PMTR_001 meters on {args.ports} ports "
                 f"({per_port} unit ids each), {args.connections} connections per port; "
@@ -298,17 +320,6 @@ def main() -> int:
     for name, ok in checks:
         print(f"  [{'PASS' if ok else 'FAIL'}] {name}")
     return 0 if all(ok for _, ok in checks) else 1
-
-
-def _free(port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 if __name__ == "__main__":

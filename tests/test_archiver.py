@@ -7,6 +7,7 @@ import math
 import shutil
 import subprocess
 from datetime import UTC, datetime
+from typing import Any
 
 import asyncpg
 import pytest
@@ -126,6 +127,19 @@ def test_aggregate_rows_carry_no_energy() -> None:
     rec = dict(zip(TABLE_COLUMNS["pfm_metrics"], row, strict=True))
     assert rec["interval_s"] == 3 and rec["power"] == 3600
     assert rec["energy_s"] is None and rec["delta_import_wh"] is None
+
+
+def test_commit_latency_is_labelled_by_kind_with_aggregates_apart() -> None:
+    """Aggregates are stamped at their block's end: their latency must not mix with
+    the per-input metrics whose ``ts`` is the acquisition time."""
+    from services.archiver.service import latency_kind
+
+    assert latency_kind(_m({M.POWER: 1.0})) == "metrics"
+    assert latency_kind(_m({M.POWER: 1.0}).model_copy(update={"aggregate": True})) == "aggregate"
+    reading = Reading(site="s", meter="m", ts=T0, seq=1, profile="p", values={M.POWER: 1.0})
+    assert latency_kind(reading) == "reading"
+    status = GatewayStatus(site="s", gateway="g", ts=T0, seq=1, status="online")
+    assert latency_kind(status) == "status"
 
 
 async def test_rollups_ignore_aggregate_rows(db_dsn: str, db_schema: str) -> None:
@@ -303,6 +317,11 @@ async def test_service_stores_every_kind_once(
         assert arch.m.batches._value.get() >= 4
         assert arch.metrics.deadletters.labels("archiver", "metrics")._value.get() == 1
         assert 0 <= arch._lag() < 120
+        latency = arch.m.commit_latency_by_kind
+        # every delivery is observed once it is committed (duplicates too), by kind
+        assert _count(latency["event"]) == 10
+        assert _count(latency["command"]) == 6 and _count(latency["reading"]) == 2
+        assert _count(latency["metrics"]) >= 120 and _count(latency["aggregate"]) == 0
         text = arch.metrics.exposition().decode()
         for name in (
             "pfm_archiver_rows_total",
@@ -312,6 +331,7 @@ async def test_service_stores_every_kind_once(
             "pfm_archiver_spill_records",
             "pfm_archiver_flush_seconds_bucket",
             "pfm_archiver_db_errors_total",
+            'pfm_archiver_commit_latency_seconds_bucket{kind="metrics",le="2.0"}',
         ):
             assert name in text, name
         promtool = shutil.which("promtool")
@@ -326,6 +346,11 @@ async def test_service_stores_every_kind_once(
             assert res.returncode == 0, res.stdout + res.stderr
     finally:
         await conn.close()
+
+
+def _count(child: Any) -> float:
+    """Observations of one histogram child (the sum of its non-cumulative buckets)."""
+    return float(sum(bucket.get() for bucket in child._buckets))
 
 
 async def _fetchval(conn: asyncpg.Connection, sql: str) -> bool:
