@@ -226,7 +226,7 @@ class RowBuilder:
         if not m.aggregate:
             seconds = m.interval_s if m.interval_s > 0 else self.poll_interval(m.meter)
         v: dict[Any, float] = m.values  # StrEnum keys hash and compare as their str value
-        values = [v.get(name) for name in MEASUREMENTS]
+        values = list(map(v.get, MEASUREMENTS))
         return (
             m.site,
             m.meter,
