@@ -259,13 +259,15 @@ class SlotSums(RowState):
     def _advance(self, rows: I64, last: I64, steps: I64) -> None:
         """Buckets last+1..b start with the running sums (empty buckets alike)."""
         adv = self.advances[rows] + steps
-        r, first, n, cum = rows, last + 1, steps, self.cum[rows]
+        # ring rows by flat index: row r, bucket j at r * size + j % size
+        flat = self.sums.reshape(-1, self.sums.shape[2])
+        base, first, n, cum = rows * self.size, last + 1, steps, self.cum[rows]
         for k in range(int(steps.max())):
             if k:
                 more = n > k
                 if not more.all():
-                    r, first, n, cum = r[more], first[more], n[more], cum[more]
-            self.sums[r, (first + k) % self.size] = cum
+                    base, first, n, cum = base[more], first[more], n[more], cum[more]
+            flat[base + (first + k) % self.size] = cum
         rebase = adv >= 4 * self.size  # keep the magnitudes small
         if rebase.any():
             rr = rows[rebase]
@@ -278,7 +280,9 @@ class SlotSums(RowState):
         """(rows, slots, K) averages; NaN where a slot has no sample of a quantity."""
         k = self.width
         starts = self._table[self.last[rows] % self.size]
-        d = self.cum[rows][:, None, : 2 * k] - self.sums[rows[:, None], starts, : 2 * k]
+        # whole ring rows by flat index (contiguous copies), then the values and counts
+        ring = self.sums.reshape(-1, self.sums.shape[2])[rows[:, None] * self.size + starts]
+        d = self.cum[rows][:, None, : 2 * k] - ring[..., : 2 * k]
         total = d[..., :k]
         cnt = d[..., k:]
         empty = cnt < 0.5

@@ -105,7 +105,20 @@ _SLOTS: tuple[tuple[str, str | None], ...] = (
     ("unbalance", None),
     ("broken_neutral", None),
 )
-_NAMES = cast(list[M], [m.value for m in M])  # plain str keys: orjson encodes them faster
+#: the per-phase alarm slots (columns of L1, L2, L3) and their averaged inputs
+_VM, _CT, _MM, _THD = (np.array([3 + 4 * k + j for k in range(3)]) for j in range(4))
+_AVG_P, _AVG_S, _AVG_THD_V, _AVG_THD_I = (
+    np.array([6 + 4 * k + j for k in range(3)]) for j in range(4)
+)
+_V_COLS = np.array([COL[keys[0]] for keys in _PHASE_KEYS])
+_I_COLS = np.array([COL[keys[1]] for keys in _PHASE_KEYS])
+_NAMES = cast(list[M], [m.value for m in M])
+_METER, _TS, _SEQ, _VALUES = (
+    operator.attrgetter("meter"),
+    operator.attrgetter("ts"),
+    operator.attrgetter("seq"),
+    operator.attrgetter("values"),
+)  # plain str keys: orjson encodes them faster
 _TOTAL = ("L1", "L2", "L3", "total")
 
 
@@ -450,7 +463,7 @@ class SiteEngine:
     def on_readings(self, readings: Sequence[Reading]) -> list[Output]:
         """One :class:`Output` per reading, in order (a meter's readings in the order
         given: a batch with repeats is processed in rounds of one reading per meter)."""
-        mids = [self.track(r.meter) for r in readings]
+        mids = list(map(self.track, map(_METER, readings)))
         if len(set(mids)) == len(mids):
             return self._readings(list(readings), mids) if readings else []
         outs: list[Output | None] = [None] * len(readings)
@@ -501,7 +514,8 @@ class SiteEngine:
     def _readings(self, batch: list[Reading], mids: list[int]) -> list[Output]:
         """One round: each meter at most once."""
         m = np.array(mids, dtype=np.intp)
-        t = np.array([r.ts.timestamp() for r in batch])
+        ts = list(map(_TS, batch))
+        t = np.fromiter(map(datetime.timestamp, ts), np.float64, len(ts))
         x = self._matrix(batch, mids)
         d = registers.derive_rows(x, self.meters.sqrt3[m], self.limits.neutral_u0_low_pct)
         n = len(batch)
@@ -516,17 +530,28 @@ class SiteEngine:
         )
         rnd = _Round(x, self.slot_names, n)
         rnd.load_codes, rnd.quad_codes = d.load, d.quadrant
-        ts = [r.ts for r in batch]
-        return self._process(m, t, ts, [r.seq for r in batch], "reading", rnd, side)
+        return self._process(m, t, ts, list(map(_SEQ, batch)), "reading", rnd, side)
 
     def _matrix(self, batch: list[Reading], mids: list[int]) -> F64:
         """The values matrix of a round (NaN: absent or not finite). Each meter's
         register set is remembered; rows with the same set are read with one
         C-level getter and land in the matrix as one block."""
-        groups: dict[int, tuple[_Shape, list[int], list[tuple[float, ...]]]] = {}
+        dicts = list(map(_VALUES, batch))
+        x = np.full((len(batch), len(M)), np.nan)
         shapes = self._meter_shape
-        for i, (r, mid) in enumerate(zip(batch, mids, strict=True)):
-            vals = r.values
+        first = shapes[mids[0]]
+        if first is not None and all(shapes[mid] is first for mid in mids):
+            width = len(first.keys)
+            if all(n == width for n in map(len, dicts)):
+                try:  # the usual case: every reading has the register set of the last one
+                    x[:, first.cols] = np.fromiter(
+                        chain.from_iterable(map(first.get, dicts)), np.float64, len(dicts) * width
+                    ).reshape(len(dicts), width)
+                    return _finite(x)
+                except KeyError:
+                    pass
+        groups: dict[int, tuple[_Shape, list[int], list[tuple[float, ...]]]] = {}
+        for i, (vals, mid) in enumerate(zip(dicts, mids, strict=True)):
             shape = shapes[mid]
             got: tuple[float, ...] | None = None
             if shape is not None and len(vals) == len(shape.keys):
@@ -544,20 +569,11 @@ class SiteEngine:
             else:
                 g[1].append(i)
                 g[2].append(got)
-        x = np.full((len(batch), len(M)), np.nan)
         for shape, rows, tuples in groups.values():
             width = len(shape.keys)
-            block = np.fromiter(chain.from_iterable(tuples), np.float64, len(rows) * width).reshape(
-                len(rows), width
-            )
-            if len(rows) == len(batch):
-                x[:, shape.cols] = block
-            else:
-                x[np.ix_(np.array(rows, dtype=np.intp), shape.cols)] = block
-        bad = np.isinf(x)
-        if bad.any():  # NaN/inf registers are left out
-            x[bad] = np.nan
-        return x
+            block = np.fromiter(chain.from_iterable(tuples), np.float64, len(rows) * width)
+            x[np.ix_(np.array(rows, dtype=np.intp), shape.cols)] = block.reshape(len(rows), width)
+        return _finite(x)
 
     def _shape(self, keys: tuple[M, ...]) -> _Shape:
         shape = self._shapes.get(keys)
@@ -580,7 +596,6 @@ class SiteEngine:
     ) -> list[Output]:
         """Neutral score, averages, blocks, demand, messages and alarms of one round."""
         x = rnd.x
-        n = len(m)
         meters = self.meters
         lim = self.limits
         opt = meters.three[m]
@@ -599,8 +614,7 @@ class SiteEngine:
             self._grow(int(m[r]), present[r])
         avg = self._averages(m, t, rnd)
         self._demand(m, t, x)
-        outs = [Output() for _ in range(n)]
-        self._publish(m, ts, source_seq, source, rnd, outs)
+        outs = self._publish(m, ts, source_seq, source, rnd)
         inputs = _AlarmInputs(
             x, avg, *self._pf_window(m, t, x), *_unbalance(avg), fit, fitted, side
         )
@@ -663,8 +677,7 @@ class SiteEngine:
         source_seq: list[int],
         source: Literal["reading", "waveform"],
         rnd: _Round,
-        outs: list[Output],
-    ) -> None:
+    ) -> list[Output]:
         """The metrics messages of a round (instantaneous, then closed intervals),
         with their seqs."""
         n = len(m)
@@ -676,17 +689,19 @@ class SiteEngine:
         first = meters.seq[m] + 1
         meters.seq[m] = first + closed
         seqs = first.tolist()
-        site, names, last = self.site, self.names, self.last_source_seq
+        site, last = self.site, self.last_source_seq
         mids = m.tolist()
-        for i, (out, mid, seq, t_i, src) in enumerate(
-            zip(outs, mids, seqs, ts, source_seq, strict=True)
-        ):
-            out.metrics.append(MetricsOut(site, t_i, seq, names[mid], source, 0.0, src, rnd, i))
+        meter = list(map(self.names.__getitem__, mids))
+        outs = [
+            Output([MetricsOut(site, t_i, seq, name, source, 0.0, src, rnd, i)], [])
+            for i, (name, seq, t_i, src) in enumerate(zip(meter, seqs, ts, source_seq, strict=True))
+        ]
         for g in rnd.groups:
             if g.closed is not None and len(g.closed.pos):
                 self._aggregates(g, mids, seqs, source, outs)
         for mid, src in zip(mids, source_seq, strict=True):
             last[mid] = src
+        return outs
 
     def _aggregates(
         self,
@@ -701,6 +716,7 @@ class SiteEngine:
         ends: dict[tuple[float, float], datetime] = {}
         intervals = g.cohort.blocks.intervals.tolist() if g.cohort.blocks is not None else []
         rows = g.pos[g.closed.pos].tolist()
+        site, names, last = self.site, self.names, self.last_source_seq
         for k, (r, j, start) in enumerate(
             zip(rows, g.closed.interval.tolist(), g.closed.start.tolist(), strict=True)
         ):
@@ -708,22 +724,11 @@ class SiteEngine:
             end = ends.get((start, iv))
             if end is None:
                 end = ends[(start, iv)] = datetime.fromtimestamp(start, UTC) + timedelta(seconds=iv)
-            out = outs[r]
+            metrics = outs[r].metrics
             mid = mids[r]
-            seq = seqs[r] + len(out.metrics)
-            out.metrics.append(
-                MetricsOut(
-                    self.site,
-                    end,
-                    seq,
-                    self.names[mid],
-                    source,
-                    iv,
-                    self.last_source_seq[mid],
-                    lazy,
-                    k,
-                    aggregate=True,
-                )
+            seq = seqs[r] + len(metrics)
+            metrics.append(
+                MetricsOut(site, end, seq, names[mid], source, iv, last[mid], lazy, k, True)
             )
 
     # -- alarms ---------------------------------------------------------------------------
@@ -760,35 +765,32 @@ class SiteEngine:
             v_missing = lim.voltage_missing_pct / 100.0 * th.nominal_voltage_v
             export = self.meters.expect_export[m]
             tol = self.meters.pf_tolerance[m]
-            for k, keys in enumerate(_PHASE_KEYS):
-                j = 3 + 4 * k
-                v, i = x[:, COL[keys[0]]], x[:, COL[keys[1]]]
-                flowing = i > lim.min_current_a
-                ev[:, j] = ~np.isnan(v) & ~np.isnan(i)
-                bad[:, j] = (v < v_missing) & flowing
-                good[:, j] = (v >= 2 * v_missing) | ~flowing
-                c = 6 + 4 * k
-                pk, sk = avg[:, c], avg[:, c + 1]
-                ev[:, j + 1] = ~export & ~np.isnan(pk) & ~np.isnan(sk)
-                bad[:, j + 1] = pk < -np.maximum(lim.ct_reversed_w, 0.02 * sk)
-                good[:, j + 1] = pk >= 0
-                diff = np.abs(np.abs(side.pf_meter[:, k]) - side.pf_calc[:, k])
-                ev[:, j + 2] = side.pf_pair[:, k]
-                bad[:, j + 2] = diff > tol
-                good[:, j + 2] = diff <= 0.5 * tol
-                thd_v, thd_i = avg[:, c + 2], avg[:, c + 3]
-                pct = side.worst_pct[:, k]
-                ev[:, j + 3] = ~np.isnan(thd_v) | ~np.isnan(thd_i)
-                bad[:, j + 3] = (
-                    (thd_v > self.thd_v_limit)
-                    | (thd_i > lim.thd_current_pct)
-                    | (pct > self.harm_v_limit)
-                )
-                good[:, j + 3] = ~(
-                    (thd_v > 0.9 * self.thd_v_limit)
-                    | (thd_i > 0.9 * lim.thd_current_pct)
-                    | (pct > 0.9 * self.harm_v_limit)
-                )
+            # per phase, the three phases side by side: (n, 3) blocks
+            v, i = x[:, _V_COLS], x[:, _I_COLS]
+            flowing = i > lim.min_current_a
+            ev[:, _VM] = ~np.isnan(v) & ~np.isnan(i)
+            bad[:, _VM] = (v < v_missing) & flowing
+            good[:, _VM] = (v >= 2 * v_missing) | ~flowing
+            pk, sk = avg[:, _AVG_P], avg[:, _AVG_S]
+            ev[:, _CT] = ~export[:, None] & ~np.isnan(pk) & ~np.isnan(sk)
+            bad[:, _CT] = pk < -np.maximum(lim.ct_reversed_w, 0.02 * sk)
+            good[:, _CT] = pk >= 0
+            diff = np.abs(np.abs(side.pf_meter) - side.pf_calc)
+            ev[:, _MM] = side.pf_pair
+            bad[:, _MM] = diff > tol[:, None]
+            good[:, _MM] = diff <= 0.5 * tol[:, None]
+            thd_v, thd_i, pct = avg[:, _AVG_THD_V], avg[:, _AVG_THD_I], side.worst_pct
+            ev[:, _THD] = ~np.isnan(thd_v) | ~np.isnan(thd_i)
+            bad[:, _THD] = (
+                (thd_v > self.thd_v_limit)
+                | (thd_i > lim.thd_current_pct)
+                | (pct > self.harm_v_limit)
+            )
+            good[:, _THD] = ~(
+                (thd_v > 0.9 * self.thd_v_limit)
+                | (thd_i > 0.9 * lim.thd_current_pct)
+                | (pct > 0.9 * self.harm_v_limit)
+            )
             limit = th.voltage_unbalance_pct
             ev[:, 15] = three & ~np.isnan(a.u2)
             bad[:, 15] = a.u2 > limit
@@ -904,6 +906,14 @@ def _rounds(mids: list[int]) -> list[list[int]]:
             rounds.append([])
         rounds[k].append(i)
     return rounds
+
+
+def _finite(x: F64) -> F64:
+    """NaN/inf registers are left out (NaN: absent)."""
+    bad = np.isinf(x)
+    if bad.any():
+        x[bad] = np.nan
+    return x
 
 
 def _unbalance(avg: F64) -> tuple[F64, Bools]:

@@ -70,13 +70,13 @@ class MetricsOut:
         source_seq: int | None,
         lazy: LazyFields | None = None,
         row: int = 0,
+        aggregate: bool = False,
         *,
         values: dict[M, float] | None = None,
         averages: dict[str, dict[M, float]] | None = None,
         load: dict[str, LoadKind] | None = None,
         quadrant: dict[str, Quadrant] | None = None,
         harmonics: dict[str, list[float]] | None = None,
-        aggregate: bool = False,
     ):
         self.site = site
         self.ts = ts

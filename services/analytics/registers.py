@@ -199,6 +199,10 @@ COL: dict[M, int] = {m: k for k, m in enumerate(M)}
 #: the order of the load-kind codes of :func:`derive_rows` (-1: no such entry)
 LOAD_KINDS = (LoadKind.RESISTIVE, LoadKind.INDUCTIVE, LoadKind.CAPACITIVE, LoadKind.UNKNOWN)
 _UNKNOWN = 3
+#: per-phase columns (L1, L2, L3) of V, I, P, Q, S, N, PF, V line-to-line
+_VC, _IC, _PC, _QC, _SC, _NC, _PFC, _LLC = (
+    np.array([COL[m] for m in keys], dtype=np.intp) for keys in (_V, _I, _P, _Q, _S, _N, _PF, _LL)
+)
 
 
 @dataclass(slots=True)
@@ -222,56 +226,53 @@ class DerivedRows:
 def derive_rows(x: F64, sqrt3: Bools, neutral_u0_pct: float = 0.0) -> DerivedRows:
     """:func:`derive` for many readings at once, in place on the values matrix ``x``
     (one row per reading, columns ``COL``, NaN = absent; non-finite registers must
-    already be NaN). The same arithmetic in the same order, element-wise, so a row
-    gives what :func:`derive` gives for it whatever the other rows; ``sqrt3`` per
-    row. The broken-neutral current-sum fit runs in Python for the rows that need
-    it (star-point shift above ``neutral_u0_pct``: rare on a healthy site).
+    already be NaN). The same arithmetic in the same order, element-wise, the three
+    phases side by side as (rows, 3) blocks, so a row gives what :func:`derive`
+    gives for it whatever the other rows; ``sqrt3`` per row. The broken-neutral
+    current-sum fit runs in Python for the rows that need it (star-point shift
+    above ``neutral_u0_pct``: rare on a healthy site).
     """
     n = len(x)
-    p_tot, s_tot, q_tot = np.zeros(n), np.zeros(n), np.zeros(n)
-    q_known = np.ones(n, dtype=bool)
-    phases = np.zeros(n, dtype=np.int64)
-    nv = np.zeros(n, dtype=np.int64)
     load = np.full((n, 4), -1, dtype=np.int8)
     quad = np.zeros((n, 4), dtype=np.int8)
-    pf_meter, pf_calc = np.full((n, 3), np.nan), np.full((n, 3), np.nan)
-    pair = np.zeros((n, 3), dtype=bool)
-    any_sqrt3 = bool(sqrt3.any())
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        for k, (_, k_v, k_i, k_p, k_q, k_s, k_n, k_pf, k_ll) in enumerate(_PHASES):
-            v = x[:, COL[k_v]]
-            has_v = ~np.isnan(v)
-            if any_sqrt3:
-                conv = has_v & sqrt3
-                x[:, COL[k_ll]] = np.where(conv, v, x[:, COL[k_ll]])
-                v = np.where(conv, v / SQRT3, v)
-                x[:, COL[k_v]] = v
-            nv += has_v
-            on = has_v & ~np.isnan(x[:, COL[k_i]])
-            phases += on
-            s = v * x[:, COL[k_i]]
-            p_reg = x[:, COL[k_p]]
-            p = np.where(np.isnan(p_reg), 0.0, p_reg)
-            _put(x, k_p, on, p)
-            _put(x, k_s, on, s)
-            nn = s * s - p * p
-            pos = nn > 0.0
-            _put(x, k_n, on, np.where(pos, np.sqrt(np.where(pos, nn, 0.0)), 0.0))
-            pf_reg = x[:, COL[k_pf]]
-            live = s > 0
-            pf = np.where(live, p / s, 0.0)
-            pf_meter[:, k] = pf_reg
-            pf_calc[:, k] = np.abs(pf)
-            pair[:, k] = on & live & ~np.isnan(pf_reg)
-            _put(x, k_pf, on, pf)
-            q = x[:, COL[k_q]]
-            has_q = ~np.isnan(q)
-            q_known &= ~on | has_q
-            load[:, k] = np.where(on, np.where(has_q, _kind_codes(p, q, s), _UNKNOWN), -1)
-            quad[:, k] = np.where(on & has_q, _quadrant_codes(p, q), 0)
-            p_tot = np.where(on, p_tot + p, p_tot)
-            s_tot = np.where(on, s_tot + s, s_tot)
-            q_tot = np.where(on & has_q, q_tot + q, q_tot)
+        v = x[:, _VC]
+        has_v = ~np.isnan(v)
+        if sqrt3.any():
+            conv = has_v & sqrt3[:, None]
+            x[:, _LLC] = np.where(conv, v, x[:, _LLC])
+            v = np.where(conv, v / SQRT3, v)
+            x[:, _VC] = v
+        amps = x[:, _IC]
+        on = has_v & ~np.isnan(amps)
+        s = v * amps
+        p_reg = x[:, _PC]
+        p = np.where(np.isnan(p_reg), 0.0, p_reg)
+        x[:, _PC] = np.where(on, p, p_reg)
+        x[:, _SC] = np.where(on, s, x[:, _SC])
+        nn = s * s - p * p
+        pos = nn > 0.0
+        x[:, _NC] = np.where(on, np.where(pos, np.sqrt(np.where(pos, nn, 0.0)), 0.0), x[:, _NC])
+        pf_reg = x[:, _PFC]
+        live = s > 0
+        pf = np.where(live, p / s, 0.0)
+        pair = on & live & ~np.isnan(pf_reg)
+        x[:, _PFC] = np.where(on, pf, pf_reg)
+        q = x[:, _QC]
+        has_q = ~np.isnan(q)
+        q_known = (~on | has_q).all(axis=1)
+        load[:, :3] = np.where(on, np.where(has_q, _kind_codes(p, q, s), _UNKNOWN), -1)
+        quad[:, :3] = np.where(on & has_q, _quadrant_codes(p, q), 0)
+        # totals over the phases counted, added in phase order (a phase not counted
+        # adds +0.0, which leaves a sum that started at +0.0 unchanged)
+        p_on = np.where(on, p, 0.0)
+        s_on = np.where(on, s, 0.0)
+        q_on = np.where(on & has_q, q, 0.0)
+        p_tot = 0.0 + p_on[:, 0] + p_on[:, 1] + p_on[:, 2]
+        s_tot = 0.0 + s_on[:, 0] + s_on[:, 1] + s_on[:, 2]
+        q_tot = 0.0 + q_on[:, 0] + q_on[:, 1] + q_on[:, 2]
+        phases = on.sum(axis=1)
+        nv = has_v.sum(axis=1)
         some = phases > 0
         p_reg = x[:, COL[M.POWER]]
         _put(x, M.POWER, some, np.where(np.isnan(p_reg) | (phases > 1), p_tot, p_reg))
@@ -283,25 +284,26 @@ def derive_rows(x: F64, sqrt3: Bools, neutral_u0_pct: float = 0.0) -> DerivedRow
             some, np.where(q_known, _kind_codes(p_tot, q_tot, s_tot), _UNKNOWN), -1
         )
         quad[:, 3] = np.where(signed, _quadrant_codes(p_tot, q_tot), 0)
-        volts = x[:, [COL[m] for m in _V]]
-        lls = x[:, [COL[m] for m in _LL]]
+        lls = x[:, _LLC]
         # line-to-line magnitudes: the delta meter's own voltages, else the registers
         from_ll = np.where(sqrt3 & (nv > 0), nv == 3, ~np.isnan(lls).any(axis=1))
         _put(x, M.VOLTAGE_UNBALANCE, from_ll, _u2_rows(lls))
-        src = np.where(from_ll[:, None], lls, volts)
-        _put(x, M.NEMA_UNBALANCE, from_ll | (nv == 3), _nema_rows(src))
-        star = (nv == 3) & ~sqrt3 & (volts.min(axis=1) > 0)
-        u0, consistent = neutral.star_u0_rows(volts[:, 0], volts[:, 1], volts[:, 2])
+        _put(
+            x, M.NEMA_UNBALANCE, from_ll | (nv == 3), _nema_rows(np.where(from_ll[:, None], lls, v))
+        )
+        star = (nv == 3) & ~sqrt3 & (v.min(axis=1) > 0)
+        u0, consistent = neutral.star_u0_rows(v[:, 0], v[:, 1], v[:, 2])
         _put(x, M.ZERO_SEQ_UNBALANCE, star, u0)
     ratio = np.full(n, np.nan)
     for r in np.flatnonzero(star & (phases == 3) & consistent & (u0 > neutral_u0_pct)):
         row = x[r]
+        volts, currents, pfs = row[_VC].tolist(), row[_IC].tolist(), row[_PFC].tolist()
         ratio[r] = neutral.current_sum_ratio(
-            (row[COL[_V[0]]], row[COL[_V[1]]], row[COL[_V[2]]]),
-            (row[COL[_I[0]]], row[COL[_I[1]]], row[COL[_I[2]]]),
-            (row[COL[_PF[0]]], row[COL[_PF[1]]], row[COL[_PF[2]]]),
+            (volts[0], volts[1], volts[2]),
+            (currents[0], currents[1], currents[2]),
+            (pfs[0], pfs[1], pfs[2]),
         )
-    return DerivedRows(load, quad, pf_meter, pf_calc, pair, star, ratio)
+    return DerivedRows(load, quad, pf_reg, np.abs(pf), pair, star, ratio)
 
 
 def _put(x: F64, key: M, where: Bools, value: F64) -> None:
