@@ -21,21 +21,11 @@ from services.analytics.output import MetricsOut, Output
 from shared.measurements import Measurement as M
 from shared.messages import Event, Reading, Waveform
 from shared.site import parse_site
-from shared.site.analytics import AlarmTiming
+from shared.site.analytics import ALARM_CODES, AlarmTiming
 
 T0 = datetime(2026, 3, 2, 6, 0, 0, tzinfo=UTC)
 A = np.exp(2j * np.pi / 3)
-CODES = [
-    "low_pf",
-    "penalty_pf",
-    "ct_reversed",
-    "voltage_missing",
-    "pf_erratic",
-    "thd_limit",
-    "unbalance",
-    "meter_pf_mismatch",
-    "broken_neutral",
-]
+CODES = list(ALARM_CODES)
 #: star meters' conditions, each held for a stretch of the stream
 CONDITIONS = ["normal", "low_pf", "ct", "vmiss", "erratic", "unbalance", "mismatch", "neutral"]
 STAR = [f"m{k}" for k in range(8)]
@@ -227,22 +217,25 @@ def close(a: Any, b: Any, where: str) -> None:
         assert a == b, f"{where}: {a!r} != {b!r}"
 
 
+METRICS_FIELDS = (
+    "site",
+    "ts",
+    "meter",
+    "source",
+    "interval_s",
+    "values",
+    "averages",
+    "load",
+    "quadrant",
+    "harmonics",
+    "source_seq",
+    "aggregate",
+)
+
+
 def metrics_fields(m: MetricsOut, seed: int) -> dict[str, Any]:
-    return {
-        "site": m.site,
-        "ts": m.ts,
-        "seq": m.seq - seed,
-        "meter": m.meter,
-        "source": m.source,
-        "interval_s": m.interval_s,
-        "values": m.values,
-        "averages": m.averages,
-        "load": m.load,
-        "quadrant": m.quadrant,
-        "harmonics": m.harmonics,
-        "source_seq": m.source_seq,
-        "aggregate": m.aggregate,
-    }
+    """Every field of the message; the seq relative to the meter's seed."""
+    return {"seq": m.seq - seed, **{f: getattr(m, f) for f in METRICS_FIELDS}}
 
 
 def event_fields(e: Event, seed: int) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Literal, Protocol
+from typing import Generic, Literal, Protocol, TypeVar, cast
 
 import orjson
 
@@ -21,6 +21,7 @@ from shared.measurements import Measurement as M
 from shared.messages import Event, LoadKind, Metrics
 
 SERVICE = "analytics"
+T = TypeVar("T")
 Quadrant = Literal[1, 2, 3, 4]
 
 
@@ -34,6 +35,24 @@ class LazyFields(Protocol):
     def load(self, row: int) -> dict[str, LoadKind]: ...
 
     def quadrant(self, row: int) -> dict[str, Quadrant]: ...
+
+
+class _Lazy(Generic[T]):
+    """A dict field of :class:`MetricsOut`: built by the message's ``lazy`` builder
+    (``LazyFields.<name>(row)``) on first use when none was given, then kept."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+        self.slot = f"_{name}"
+
+    def __get__(self, obj: MetricsOut, owner: type | None = None) -> T:
+        got: T | None = getattr(obj, self.slot)
+        if got is None:
+            if obj.lazy is None:
+                raise TypeError(f"MetricsOut without {self.name} and without a builder")
+            got = getattr(obj.lazy, self.name)(obj.row)
+            setattr(obj, self.slot, got)
+        return cast(T, got)
 
 
 class MetricsOut:
@@ -94,34 +113,10 @@ class MetricsOut:
         self.harmonics = harmonics if harmonics is not None else {}
         self.aggregate = aggregate
 
-    def _builder(self) -> LazyFields:
-        if self.lazy is None:
-            raise TypeError("MetricsOut without the field and without a builder")
-        return self.lazy
-
-    @property
-    def values(self) -> dict[M, float]:
-        if self._values is None:
-            self._values = self._builder().values(self.row)
-        return self._values
-
-    @property
-    def averages(self) -> dict[str, dict[M, float]]:
-        if self._averages is None:
-            self._averages = self._builder().averages(self.row)
-        return self._averages
-
-    @property
-    def load(self) -> dict[str, LoadKind]:
-        if self._load is None:
-            self._load = self._builder().load(self.row)
-        return self._load
-
-    @property
-    def quadrant(self) -> dict[str, Quadrant]:
-        if self._quadrant is None:
-            self._quadrant = self._builder().quadrant(self.row)
-        return self._quadrant
+    values: _Lazy[dict[M, float]] = _Lazy()
+    averages: _Lazy[dict[str, dict[M, float]]] = _Lazy()
+    load: _Lazy[dict[str, LoadKind]] = _Lazy()
+    quadrant: _Lazy[dict[str, Quadrant]] = _Lazy()
 
     def model(self) -> Metrics:
         return Metrics.model_validate_json(encode_metrics(self))
