@@ -155,7 +155,7 @@ class _Cohort:
         index = {m: k for k, m in enumerate(keys)}
         #: the alarm inputs' columns in ``keys`` (absent: the NaN column appended at K)
         self.alarm_cols = np.array([index.get(m, len(keys)) for m in _ALARM_INPUTS])
-        self.ma = SlotSums(slots, len(keys), len(rms))
+        self.ma = SlotSums(slots, len(keys))  # values and counts (squares: blocks only)
         self.blocks = BlockSet((3.0, 600.0), len(keys), rms) if aggregates and keys else None
         self.free: list[int] = []
         self.rows = 0
@@ -637,7 +637,7 @@ class SiteEngine:
             coh = self.cohorts[c]
             rows, tt = crow[pos], t[pos]
             prep = coh.prepared(x[pos])
-            coh.ma.add(rows, tt, prep)
+            coh.ma.add(rows, tt, prep[:, : 2 * len(coh.keys)])
             means = coh.ma.means(rows)
             a = np.concatenate([means[:, self.alarm_row], np.full((len(pos), 1), _NAN)], axis=1)
             avg[pos] = a[:, coh.alarm_cols]
