@@ -1,4 +1,5 @@
-"""The hot-path aggregation (SlotSums, BlockSet) against brute force and the plain classes."""
+"""The engine's aggregation (SlotSums, BlockSet: many meters at once) against brute
+force and the plain one-meter classes."""
 
 from __future__ import annotations
 
@@ -59,56 +60,71 @@ def prepared(x: np.ndarray, rms_cols: list[int]) -> np.ndarray:
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_slot_sums_and_moving_averages_match_brute_force(seed: int) -> None:
+    """Three meters' streams in one SlotSums, each call updating a random subset of
+    them: every meter's averages equal brute force and its own MovingAverages."""
     rng = random.Random(seed)
     nrng = np.random.default_rng(seed)
-    width, rms_cols = 4, [0, 2]
-    fast = SlotSums(SLOTS, width, len(rms_cols))
-    plain = MovingAverages(SLOTS, width)
-    samples: list[tuple[int, np.ndarray]] = []
-    last: int | None = None
-    for t in times(rng, 3000):
-        x = nrng.normal(230.0, 50.0, width)
-        if rng.random() < 0.2:
-            x[rng.randrange(width)] = np.nan
-        fast.add(t, prepared(x, rms_cols))
-        plain.add(t, x, complete=not np.isnan(x).any())
-        b = math.floor(t / fast.bucket_s)
-        if last is not None and b - last >= fast.size:
-            samples = []
-        if last is None or b > last:
-            last = b
-        samples.append((last, x))
-        samples = samples[-2000:]
-        ref = brute_means(samples, last, fast.spans, width)
-        rows, gaps = fast.mean_rows()
-        got = np.array(rows)
-        np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
-        np.testing.assert_allclose(got, ref, rtol=1e-9, equal_nan=True)
-        assert gaps == np.isnan(ref).any(axis=1).tolist()
-        np.testing.assert_allclose(plain.means(), ref, rtol=1e-9, equal_nan=True)
+    width, rms_cols, meters = 4, [0, 2], 3
+    fast = SlotSums(SLOTS, width, len(rms_cols), capacity=meters)
+    plain = [MovingAverages(SLOTS, width) for _ in range(meters)]
+    streams = [iter(times(rng, 3000)) for _ in range(meters)]
+    samples: list[list[tuple[int, np.ndarray]]] = [[] for _ in range(meters)]
+    last: list[int | None] = [None] * meters
+    for _ in range(3000):
+        rows = sorted(rng.sample(range(meters), rng.randint(1, meters)))
+        ts = [next(streams[r]) for r in rows]
+        xs = nrng.normal(230.0, 50.0, (len(rows), width))
+        for x in xs:
+            if rng.random() < 0.2:
+                x[rng.randrange(width)] = np.nan
+        prep = np.array([prepared(x, rms_cols) for x in xs])
+        fast.add(np.array(rows), np.array(ts), prep)
+        got_all = fast.means(np.array(rows))
+        for r, t, x, got in zip(rows, ts, xs, got_all, strict=True):
+            plain[r].add(t, x, complete=not np.isnan(x).any())
+            b = math.floor(t / fast.bucket_s)
+            lr = last[r]
+            if lr is not None and b - lr >= fast.size:
+                samples[r] = []
+            if lr is None or b > lr:
+                last[r] = lr = b
+            samples[r].append((lr, x))
+            samples[r] = samples[r][-2000:]
+            ref = brute_means(samples[r], lr, fast.spans, width)
+            np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
+            np.testing.assert_allclose(got, ref, rtol=1e-9, equal_nan=True)
+            np.testing.assert_allclose(plain[r].means(), ref, rtol=1e-9, equal_nan=True)
 
 
 def test_block_set_matches_one_block_aggregate_per_interval() -> None:
+    """Two meters in one BlockSet against a pair of BlockAggregate each."""
     rng = random.Random(5)
     nrng = np.random.default_rng(5)
-    width = 5
+    width, meters = 5, 2
     rms_mask = np.array([True, False, True, False, False])
     rms_cols = [0, 2]
-    blocks = BlockSet((3.0, 600.0), width, rms_cols)
-    plain = [BlockAggregate(3.0, rms_mask), BlockAggregate(600.0, rms_mask)]
+    blocks = BlockSet((3.0, 600.0), width, rms_cols, capacity=meters)
+    plain = [[BlockAggregate(3.0, rms_mask), BlockAggregate(600.0, rms_mask)] for _ in range(2)]
+    streams = [iter(times(rng, 5000)) for _ in range(meters)]
     closed = 0
-    for t in times(rng, 5000):
-        x = nrng.normal(100.0, 30.0, width)
-        if rng.random() < 0.3:
-            x[rng.randrange(width)] = np.nan
-        got = blocks.add(t, prepared(x, rms_cols))
-        want = [(b.interval_s, d) for b in plain if (d := b.add(t, x)) is not None]
-        assert [g[0] for g in got] == [w[0] for w in want]
-        for (_, start, res), (_, (wstart, wres)) in zip(got, want, strict=True):
-            assert start == wstart
-            np.testing.assert_allclose(res, wres, rtol=1e-12, equal_nan=True)
-            closed += 1
-    assert closed > 100
+    for _ in range(5000):
+        rows = sorted(rng.sample(range(meters), rng.randint(1, meters)))
+        ts = [next(streams[r]) for r in rows]
+        xs = nrng.normal(100.0, 30.0, (len(rows), width))
+        for x in xs:
+            if rng.random() < 0.3:
+                x[rng.randrange(width)] = np.nan
+        prep = np.array([prepared(x, rms_cols) for x in xs])
+        got = blocks.add(np.array(rows), np.array(ts), prep)
+        for k, (r, t, x) in enumerate(zip(rows, ts, xs, strict=True)):
+            want = [(b.interval_s, d) for b in plain[r] if (d := b.add(t, x)) is not None]
+            mine = [q for q in range(len(got.pos)) if got.pos[q] == k]
+            assert [blocks.intervals[got.interval[q]] for q in mine] == [w[0] for w in want]
+            for q, (_, (wstart, wres)) in zip(mine, want, strict=True):
+                assert got.start[q] == wstart
+                np.testing.assert_allclose(got.values[q], wres, rtol=1e-12, equal_nan=True)
+                closed += 1
+    assert closed > 200
 
 
 def test_engine_averages_and_aggregates_follow_the_inputs() -> None:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from services.analytics import neutral, registers
-from services.analytics.aggregate import MovingAverages, WindowExtremes
+from services.analytics.aggregate import BucketExtremes, MovingAverages
 from services.analytics.engine import MeterEngine, Output, encode_metrics
 from shared.measurements import Measurement as M
 from shared.messages import EventState, LoadKind, Metrics, Reading, decode
@@ -110,13 +110,17 @@ def test_moving_averages_exact_and_bounded() -> None:
     assert ma.means()[1, 0] == 7.0
 
 
+def spread(w: BucketExtremes, t: float, x: float) -> float:
+    lo, hi = w.add(np.array([0]), np.array([t]), np.array([x]))
+    return float(hi[0] - lo[0])
+
+
 def test_window_extremes() -> None:
-    w = WindowExtremes(10.0)
+    w = BucketExtremes(10.0, 0.5)
     for k, x in enumerate([0.9, 0.5, 0.95, 0.6, 0.99]):
-        w.add(float(k), x)
-    assert w.spread() == pytest.approx(0.49)
-    w.add(20.0, 0.8)
-    assert w.spread() == 0.0
+        got = spread(w, float(k), x)
+    assert got == pytest.approx(0.49)
+    assert spread(w, 20.0, 0.8) == 0.0
 
 
 def fast(**kw: Any) -> dict[str, Any]:
@@ -278,9 +282,10 @@ def test_memory_bounded_per_meter() -> None:
     eng = MeterEngine(site(), "m1")
     vals = three((230.0,) * 3, (10.0,) * 3, (0.5, 0.99, 0.7))
     run(eng, 0, 0, 200, vals)
-    sizes = (eng.ma.sums.nbytes, len(eng.pf_window._min), len(eng.alarms.alarms))
+    size = eng.site.state_bytes()
+    assert size < 200_000  # averaging ring, blocks, demand, window, alarms
     run(eng, 200, 200, 2000, vals)
-    assert (eng.ma.sums.nbytes, len(eng.pf_window._min), len(eng.alarms.alarms)) == sizes
+    assert eng.site.state_bytes() == size
 
 
 def test_one_phase_sag_on_intact_neutral_raises_no_broken_neutral() -> None:

@@ -1,17 +1,23 @@
 """Moving averages, demand and IEC 61000-4-30 aggregates, in bounded memory.
 
 Every structure here has a fixed size per meter: values are added into time
-buckets of a ring (numpy, one row per bucket, one column per quantity), and
-running sums per slot are updated on the fly, so a reading costs O(slots)
-whatever the reading rate, and state never grows with run time.
+buckets of a ring (numpy, one row per bucket, one column per quantity), so a
+reading costs O(slots) whatever the reading rate, and state never grows with
+run time.
+
+:class:`MovingAverages` and :class:`BlockAggregate` are the plain one-meter
+definitions (the reference the tests hold the engine to). The engine's state is
+in the ``RowState`` classes below them: one row per meter, each call updating
+many meters at once with numpy (the site-wide engine hands them one reading per
+meter per call), element-wise only, so a meter's numbers do not depend on
+which other meters shared its call.
 """
 
 from __future__ import annotations
 
 import math
-from collections import deque
 from collections.abc import Iterable
-from typing import cast
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
@@ -108,39 +114,6 @@ class MovingAverages:
         return out
 
 
-class WindowExtremes:
-    """Sliding-window min and max of one quantity (monotonic deques, O(1) amortised).
-
-    Bounded: at most ``maxlen`` samples are kept (the oldest are dropped first).
-    """
-
-    def __init__(self, window_s: float, maxlen: int = 4096):
-        self.window_s = window_s
-        self.maxlen = maxlen
-        self._min: deque[tuple[float, float]] = deque()
-        self._max: deque[tuple[float, float]] = deque()
-
-    def add(self, t: float, x: float) -> None:
-        while self._min and self._min[-1][1] >= x:
-            self._min.pop()
-        self._min.append((t, x))
-        while self._max and self._max[-1][1] <= x:
-            self._max.pop()
-        self._max.append((t, x))
-        cutoff = t - self.window_s
-        for dq in (self._min, self._max):
-            while dq and (dq[0][0] < cutoff or len(dq) > self.maxlen):
-                dq.popleft()
-
-    def spread(self) -> float:
-        if not self._min:
-            return 0.0
-        return self._max[0][1] - self._min[0][1]
-
-    def extremes(self) -> tuple[float, float]:
-        return self._min[0][1], self._max[0][1]
-
-
 class BlockAggregate:
     """Clock-aligned fixed intervals (IEC 61000-4-30: 3 s ~ 150/180 cycles, 10 min).
 
@@ -183,18 +156,68 @@ class BlockAggregate:
         return np.where(self.rms, np.sqrt(np.abs(mean)), mean)
 
 
-class SlotSums:
-    """:class:`MovingAverages` for the engine's hot path: the same buckets, slots and
-    arithmetic (so the same averages), fed a prepared row instead of an array.
+# -- the engine's state: one row per meter, updated for many meters at once ------------
+
+#: "no bucket yet" in the int64 bucket-index arrays (a fresh row)
+NO_BUCKET = np.iinfo(np.int64).min
+I64 = npt.NDArray[np.int64]
+Bools = npt.NDArray[np.bool_]
+
+
+class RowState:
+    """Per-row state arrays (axis 0 = row) that grow by doubling and reset per row.
+
+    Subclasses name their arrays and the value a fresh row holds in ``_fresh``.
+    Every update takes a vector of distinct rows: the engine hands each meter at
+    most once per call, so fancy-indexed in-place updates never collide.
+    """
+
+    _fresh: dict[str, float | int | bool]
+
+    def capacity(self) -> int:
+        return len(getattr(self, next(iter(self._fresh))))
+
+    def ensure(self, rows: int) -> None:
+        """Room for ``rows`` rows (doubling: amortised O(1) per new row)."""
+        cap = self.capacity()
+        if rows <= cap:
+            return
+        cap = max(rows, 2 * cap)
+        for name, fill in self._fresh.items():
+            old = getattr(self, name)
+            new = np.full((cap, *old.shape[1:]), fill, dtype=old.dtype)
+            new[: len(old)] = old
+            setattr(self, name, new)
+
+    def clear(self, row: int) -> None:
+        """Start a row afresh (a new meter, or one whose quantities changed)."""
+        for name, fill in self._fresh.items():
+            getattr(self, name)[row] = fill
+
+    def nbytes(self) -> int:
+        return sum(getattr(self, name).nbytes for name in self._fresh)
+
+
+class SlotSums(RowState):
+    """:class:`MovingAverages` for many rows (meters) at once: the same buckets, slots
+    and arithmetic (so the same averages, element for element), fed prepared rows.
 
     A row is ``[x_1..x_K, n_1..n_K, extra...]``: the values (missing ones as 0),
     their counts (1 or 0) and any extra columns that ride along (the engine puts
-    the squares of the RMS-type values there for :class:`BlockSet`). One vector
-    addition per sample, one row copy per bucket, five numpy calls for the means.
+    the squares of the RMS-type values there for :class:`BlockSet`). Per call:
+    one fancy-indexed addition for the running sums, one row copy per bucket
+    crossed (a loop over the largest number of buckets crossed, usually 1-2),
+    and one gather of the slot-start rows for the means. Only element-wise
+    arithmetic: a row's result does not depend on the other rows of the call.
     """
 
     def __init__(
-        self, slots_s: Iterable[float], width: int, extra: int = 0, bucket_s: float | None = None
+        self,
+        slots_s: Iterable[float],
+        width: int,
+        extra: int = 0,
+        bucket_s: float | None = None,
+        capacity: int = 1,
     ):
         self.slots = sorted(float(s) for s in slots_s)
         self.bucket_s = bucket_s or self.slots[0] / 10.0
@@ -202,138 +225,200 @@ class SlotSums:
         self.size = max(self.spans) + 1
         self.width = width
         cols = 2 * width + extra
-        #: running sums at the start of bucket b, at row b % size
-        self.sums = np.zeros((self.size, cols))
-        self.cum = np.zeros(cols)
-        # row where each slot starts (the oldest of its ``span`` buckets), by row of b
+        #: running sums at the start of bucket b, at [row, b % size]
+        self.sums = np.zeros((capacity, self.size, cols))
+        self.cum = np.zeros((capacity, cols))
+        self.last = np.full(capacity, NO_BUCKET, dtype=np.int64)
+        self.advances = np.zeros(capacity, dtype=np.int64)
+        self._fresh = {"sums": 0.0, "cum": 0.0, "last": NO_BUCKET, "advances": 0}
+        # ring row where each slot starts (the oldest of its ``span`` buckets), by b % size
         spans = np.array(self.spans, dtype=np.intp)
         self._table = (np.arange(self.size, dtype=np.intp)[:, None] + 1 - spans) % self.size
-        self._starts = self._table[0]
-        self._no_gaps = [False] * len(self.slots)
-        self.last: int | None = None
-        self._advances = 0
 
-    def add(self, t: float, row: F64) -> None:
-        b = math.floor(t / self.bucket_s)
-        last = self.last
-        if last is None:
-            self._set_last(b)
-        elif b > last:
-            self._advance(last, b)
-        # b < last: out of order (clock step back): counted in the newest bucket
-        self.cum += row
-
-    def _set_last(self, b: int) -> None:
-        self.last = b
-        self._starts = self._table[b % self.size]
-
-    def _advance(self, last: int, b: int) -> None:
+    def add(self, rows: I64, t: F64, x: F64) -> None:
+        """Add one prepared row per meter row (``rows`` distinct), at times ``t``."""
+        b = np.floor(t / self.bucket_s).astype(np.int64)
+        last = self.last[rows]
+        last = np.where(last == NO_BUCKET, b, last)
         steps = b - last
-        if steps >= self.size:  # a gap longer than every slot: start afresh
-            self.sums[:] = 0.0
-            self.cum[:] = 0.0
-            self._advances = 0
-            self._set_last(b)
-            return
-        sums, cum, size = self.sums, self.cum, self.size
-        for j in range(last + 1, b + 1):  # buckets with no sample start alike
-            sums[j % size] = cum
-        self._set_last(b)
-        self._advances += steps
-        if self._advances >= 4 * size:  # re-base: keep the magnitudes small
-            self._advances = 0
-            sums -= cum
-            cum[:] = 0.0
+        newer = steps > 0
+        if newer.any():
+            gap = steps >= self.size  # a gap longer than every slot: start afresh
+            if gap.any():
+                r = rows[gap]
+                self.sums[r] = 0.0
+                self.cum[r] = 0.0
+                self.advances[r] = 0
+            walk = newer & ~gap
+            if walk.any():
+                self._advance(rows[walk], last[walk], steps[walk])
+        # b < last: out of order (clock step back): counted in the newest bucket
+        self.last[rows] = np.maximum(b, last)
+        self.cum[rows] += x
 
-    def mean_rows(self) -> tuple[list[list[float]], list[bool]]:
-        """Averages, one list of K per slot (NaN where a slot has no sample of a
-        quantity), and per slot whether any is NaN."""
-        d = self.cum - self.sums.take(self._starts, axis=0)
+    def _advance(self, rows: I64, last: I64, steps: I64) -> None:
+        """Buckets last+1..b start with the running sums (empty buckets alike)."""
+        adv = self.advances[rows] + steps
+        # ring rows by flat index: row r, bucket j at r * size + j % size
+        flat = self.sums.reshape(-1, self.sums.shape[2])
+        base, first, n, cum = rows * self.size, last + 1, steps, self.cum[rows]
+        for k in range(int(steps.max())):
+            if k:
+                more = n > k
+                if not more.all():
+                    base, first, n, cum = base[more], first[more], n[more], cum[more]
+            flat[base + (first + k) % self.size] = cum
+        rebase = adv >= 4 * self.size  # keep the magnitudes small
+        if rebase.any():
+            rr = rows[rebase]
+            self.sums[rr] -= self.cum[rr][:, None, :]
+            self.cum[rr] = 0.0
+            adv[rebase] = 0
+        self.advances[rows] = adv
+
+    def means(self, rows: I64) -> F64:
+        """(rows, slots, K) averages; NaN where a slot has no sample of a quantity."""
         k = self.width
-        total = d[:, :k]
-        cnt = d[:, k : 2 * k]
-        if k and cnt.min() > 0.5:
-            rows: list[list[float]] = (total / cnt).tolist()
-            return rows, self._no_gaps
+        starts = self._table[self.last[rows] % self.size]
+        # whole ring rows by flat index (contiguous copies), then the values and counts
+        ring = self.sums.reshape(-1, self.sums.shape[2])[rows[:, None] * self.size + starts]
+        d = self.cum[rows][:, None, : 2 * k] - ring[..., : 2 * k]
+        total = d[..., :k]
+        cnt = d[..., k:]
         empty = cnt < 0.5
+        if not empty.any():
+            out: F64 = total / cnt
+            return out
         out = total / np.where(empty, 1.0, cnt)
         out[empty] = np.nan
-        gaps = cast(list[bool], empty.any(axis=1).tolist())
-        return out.tolist(), gaps
+        return out
 
 
-class BlockSet:
+@dataclass(slots=True)
+class Closed:
+    """Intervals closed by one :meth:`BlockSet.add`: which input (position in the
+    call), which interval (index), its start time and its values (NaN: no sample)."""
+
+    pos: npt.NDArray[np.intp]
+    interval: npt.NDArray[np.intp]
+    start: F64
+    values: F64
+
+
+class BlockSet(RowState):
     """Clock-aligned intervals (:class:`BlockAggregate`, e.g. 3 s and 10 min) over the
-    rows of :class:`SlotSums`, all intervals in one array (one vector addition per
-    sample). ``rms_cols``: the columns that aggregate as RMS, whose squares are the
-    row's extra columns in that order. Same arithmetic as :class:`BlockAggregate`.
+    rows of :class:`SlotSums`, for many meters at once, all intervals in one array.
+    ``rms_cols``: the columns that aggregate as RMS, whose squares are the row's
+    extra columns in that order. Same arithmetic as :class:`BlockAggregate`.
     """
 
-    def __init__(self, intervals_s: Iterable[float], width: int, rms_cols: list[int]):
-        self.intervals = [float(iv) for iv in intervals_s]
+    def __init__(
+        self, intervals_s: Iterable[float], width: int, rms_cols: list[int], capacity: int = 1
+    ):
+        self.intervals = np.array([float(iv) for iv in intervals_s])
         self.width = width
         self.rms_cols = np.array(rms_cols, dtype=np.intp)
-        self.sum = np.zeros((len(self.intervals), 2 * width + len(rms_cols)))
-        self.block: list[int | None] = [None] * len(self.intervals)
+        cols = 2 * width + len(rms_cols)
+        self.sum = np.zeros((capacity, len(self.intervals), cols))
+        #: the open interval's index (floor(t / interval)), NaN before the first sample
+        self.block = np.full((capacity, len(self.intervals)), np.nan)
+        self._fresh = {"sum": 0.0, "block": np.nan}
 
-    def add(self, t: float, row: F64) -> list[tuple[float, float, F64]]:
-        """Add a row; returns ``(interval_s, start, values)`` for each interval the
-        sample closes (values: NaN where the interval had no sample)."""
-        done = []
-        for j, iv in enumerate(self.intervals):
-            block = math.floor(t / iv)
-            cur = self.block[j]
-            if cur != block:
-                if cur is not None:
-                    done.append((iv, cur * iv, self._result(j)))
-                    self.sum[j] = 0.0
-                self.block[j] = block
-        self.sum += row
+    def add(self, rows: I64, t: F64, x: F64) -> Closed:
+        """Add one row per meter row; returns the intervals these samples close."""
+        blk = np.floor(t[:, None] / self.intervals)
+        cur = self.block[rows]
+        changed = cur != blk
+        pos, iv = np.nonzero(changed & ~np.isnan(cur))
+        done = Closed(pos, iv, cur[pos, iv] * self.intervals[iv], self._result(rows[pos], iv))
+        if changed.any():
+            cp, ci = np.nonzero(changed)
+            self.sum[rows[cp], ci] = 0.0
+            self.block[rows] = blk
+        self.sum[rows] += x[:, None, :]
         return done
 
-    def _result(self, j: int) -> F64:
+    def _result(self, rows: I64, iv: npt.NDArray[np.intp]) -> F64:
         k = self.width
-        acc = self.sum[j]
-        cnt = acc[k : 2 * k]
+        acc = self.sum[rows, iv]
+        cnt = acc[:, k : 2 * k]
         rms = self.rms_cols
         with np.errstate(invalid="ignore", divide="ignore"):
-            mean: F64 = acc[:k] / cnt
-            mean[rms] = np.sqrt(np.abs(acc[2 * k :] / cnt[rms]))
+            mean: F64 = acc[:, :k] / cnt
+            mean[:, rms] = np.sqrt(np.abs(acc[:, 2 * k :] / cnt[:, rms]))
         mean[cnt < 0.5] = np.nan
         return mean
 
 
-class DemandWindow:
-    """Rolling billing demand: mean P and S over ``window_s`` in sub-intervals.
+class DemandWindow(RowState):
+    """Rolling billing demand for many meters: mean P and S over ``window_s``.
 
     Utilities bill the mean power over a demand window (15 min by default); the
-    window rolls in ``subintervals`` steps (90: 10 s for 15 min). Pure Python on
-    two values: cheaper than numpy at this size, and bounded (a fixed deque).
+    window rolls in ``subintervals`` steps (90: 10 s for 15 min). Per meter a ring
+    of sub-interval sums (P, S, count) keyed by the sub-interval index; the
+    demand is the sum of the live ones (no running sums that could drift). A
+    sample older than the newest sub-interval counts in the newest (as the
+    averages do); sub-intervals at or before ``b - subintervals`` (``b``: the
+    sample's own) are dropped for good.
     """
 
-    def __init__(self, window_s: float, subintervals: int = 90):
+    def __init__(self, window_s: float, subintervals: int = 90, capacity: int = 1):
         self.width = window_s / subintervals
         self.n = subintervals
-        self.buckets: deque[list[float]] = deque()  # [index, sum_p, sum_s, count]
-        self.sum_p = self.sum_s = 0.0
-        self.count = 0
+        self.index = np.full((capacity, subintervals), NO_BUCKET, dtype=np.int64)
+        self.p = np.zeros((capacity, subintervals))
+        self.s = np.zeros((capacity, subintervals))
+        self.count = np.zeros((capacity, subintervals))
+        self.newest = np.full(capacity, NO_BUCKET, dtype=np.int64)
+        self._fresh = {"index": NO_BUCKET, "p": 0.0, "s": 0.0, "count": 0.0, "newest": NO_BUCKET}
 
-    def add(self, t: float, p: float, s: float) -> tuple[float, float]:
-        b = math.floor(t / self.width)
-        if not self.buckets or b > self.buckets[-1][0]:
-            self.buckets.append([b, 0.0, 0.0, 0])
-        last = self.buckets[-1]
-        last[1] += p
-        last[2] += s
-        last[3] += 1
-        self.sum_p += p
-        self.sum_s += s
-        self.count += 1
-        while self.buckets and self.buckets[0][0] <= b - self.n:
-            _, sp, ss, c = self.buckets.popleft()
-            self.sum_p -= sp
-            self.sum_s -= ss
-            self.count -= int(c)
-        if len(self.buckets) == 1:  # re-sync the running sums (no drift)
-            self.sum_p, self.sum_s, self.count = last[1], last[2], int(last[3])
-        return self.sum_p / self.count, self.sum_s / self.count
+    def add(self, rows: I64, t: F64, p: F64, s: F64) -> tuple[F64, F64]:
+        """Add P and S per meter row; returns the demand P and S (means over the window)."""
+        b = np.floor(t / self.width).astype(np.int64)
+        eb = np.maximum(b, self.newest[rows])
+        self.newest[rows] = eb
+        col = eb % self.n
+        fresh = self.index[rows, col] != eb
+        self.index[rows, col] = eb
+        for arr, x in ((self.p, p), (self.s, s), (self.count, 1.0)):
+            arr[rows, col] = np.where(fresh, 0.0, arr[rows, col]) + x
+        idx = self.index[rows]
+        live = idx > (b - self.n)[:, None]
+        self.index[rows] = np.where(live, idx, NO_BUCKET)
+        cnt = np.where(live, self.count[rows], 0.0).sum(axis=1)
+        dp = np.where(live, self.p[rows], 0.0).sum(axis=1) / cnt
+        ds = np.where(live, self.s[rows], 0.0).sum(axis=1) / cnt
+        return dp, ds
+
+
+class BucketExtremes(RowState):
+    """Sliding-window min and max of one quantity for many meters, in buckets.
+
+    The window covers the buckets of its last ``window_s`` seconds (like a slot of
+    the moving averages, so its edge is exact to one bucket); each meter keeps a
+    ring of per-bucket min and max, so memory is fixed whatever the input rate.
+    A sample older than the newest bucket counts in the newest.
+    """
+
+    def __init__(self, window_s: float, bucket_s: float, capacity: int = 1):
+        self.bucket_s = bucket_s
+        self.span = max(1, round(window_s / bucket_s))
+        self.index = np.full((capacity, self.span), NO_BUCKET, dtype=np.int64)
+        self.lo = np.full((capacity, self.span), np.inf)
+        self.hi = np.full((capacity, self.span), -np.inf)
+        self.newest = np.full(capacity, NO_BUCKET, dtype=np.int64)
+        self._fresh = {"index": NO_BUCKET, "lo": np.inf, "hi": -np.inf, "newest": NO_BUCKET}
+
+    def add(self, rows: I64, t: F64, x: F64) -> tuple[F64, F64]:
+        """Add one sample per meter row; returns the window's (min, max) per row."""
+        eb = np.maximum(np.floor(t / self.bucket_s).astype(np.int64), self.newest[rows])
+        self.newest[rows] = eb
+        col = eb % self.span
+        fresh = self.index[rows, col] != eb
+        self.index[rows, col] = eb
+        self.lo[rows, col] = np.where(fresh, x, np.minimum(self.lo[rows, col], x))
+        self.hi[rows, col] = np.where(fresh, x, np.maximum(self.hi[rows, col], x))
+        live = self.index[rows] > (eb - self.span)[:, None]
+        lo = np.where(live, self.lo[rows], np.inf).min(axis=1)
+        hi = np.where(live, self.hi[rows], -np.inf).max(axis=1)
+        return lo, hi

@@ -19,10 +19,13 @@ limit), ``unbalance`` on u2 (NEMA where no line-to-line data exists),
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+import numpy.typing as npt
+
+from services.analytics.aggregate import F64, I64, Bools, RowState
 from shared.messages import EventState
 from shared.site.analytics import AlarmTiming
 
@@ -42,6 +45,9 @@ def ieee519_voltage_limits(bus_voltage_v: float) -> tuple[float, float]:
 
 @dataclass(slots=True)
 class Alarm:
+    """One alarm's state machine, one evaluation at a time: the definition that
+    :class:`AlarmStates` (what the engine runs) is tested against."""
+
     code: str
     phase: str | None
     timing: AlarmTiming
@@ -72,34 +78,42 @@ class Alarm:
         return EventState.RAISED if self.active else EventState.CLEARED
 
 
-class AlarmSet:
-    """All alarms of one meter (created lazily per code and phase)."""
+class AlarmStates(RowState):
+    """:class:`Alarm` for rows (meters) x alarm slots (code, phase), many meters at once.
 
-    def __init__(self, timings: dict[str, AlarmTiming]):
-        self.timings = timings
-        self.alarms: dict[tuple[str, str | None], Alarm] = {}
+    A slot that is not evaluated for a meter (``evaluable`` false: no load, a
+    missing value) keeps its state, as :class:`Alarm` does when it is not fed.
+    A slot whose raise condition never held is in the same state as an alarm
+    never created (inactive, no pending timer), so every slot is simply updated
+    wherever it is evaluable: the cost is a dozen array operations per call
+    whatever the number of alarms pending or active, and only transitions (the
+    returned mask) need scalar work (evidence, events).
+    """
 
-    def update(
-        self,
-        t: float,
-        code: str,
-        phase: str | None,
-        bad: bool | None,
-        good: bool | None,
-        ev: Callable[[], Evidence],
-    ) -> tuple[Alarm, EventState] | None:
-        key = (code, phase)
-        alarm = self.alarms.get(key)
-        if alarm is None:
-            if not bad:
-                return None  # nothing to track until the condition first appears
-            alarm = self.alarms[key] = Alarm(code, phase, self.timings[code])
-        state = alarm.update(t, bad, good, ev)
-        return (alarm, state) if state is not None else None
+    def __init__(self, timings: Sequence[AlarmTiming], capacity: int = 1):
+        slots = len(timings)
+        self.enabled = np.array([t.enabled for t in timings])
+        self.raise_after = np.array([t.raise_after_s for t in timings])
+        self.clear_after = np.array([t.clear_after_s for t in timings])
+        self.active = np.zeros((capacity, slots), dtype=bool)
+        #: when the pending condition started (NaN: none pending)
+        self.since = np.full((capacity, slots), np.nan)
+        self._fresh = {"active": False, "since": np.nan}
 
-    def active(self) -> list[Alarm]:
-        return [a for a in self.alarms.values() if a.active]
-
-
-def finite(x: float | None) -> bool:
-    return x is not None and math.isfinite(x)
+    def update(self, rows: I64, t: F64, evaluable: Bools, bad: Bools, good: Bools) -> Bools:
+        """Feed one evaluation per row and slot ((rows, slots) masks); returns the
+        transitions (raised where the slot was inactive, cleared where active)."""
+        fed = evaluable & self.enabled
+        act = self.active[rows]
+        since = self.since[rows]
+        want = np.where(act, good, bad) & fed
+        tt = t[:, None]
+        since = np.where(want & np.isnan(since), tt, since)
+        since = np.where(fed & ~want, np.nan, since)
+        hold = np.where(act, self.clear_after, self.raise_after)
+        fire: npt.NDArray[np.bool_] = want & (tt - since >= hold)
+        if fire.any():
+            since[fire] = np.nan
+            self.active[rows] = act ^ fire
+        self.since[rows] = since
+        return fire

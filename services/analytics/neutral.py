@@ -43,7 +43,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+import numpy.typing as npt
+
 SQRT3 = math.sqrt(3.0)
+F64 = npt.NDArray[np.float64]
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,8 +68,9 @@ def star_u0(a: float, b: float, c: float) -> tuple[float, float, float, bool]:
 
 
 def _star(a: float, b: float, c: float) -> tuple[float, float, float, bool, float]:
-    sq = a * a + b * b + c * c
-    quartic = a**4 + b**4 + c**4
+    a2, b2, c2 = a * a, b * b, c * c
+    sq = a2 + b2 + c2
+    quartic = a2 * a2 + b2 * b2 + c2 * c2
     k16 = sq * sq - 2.0 * quartic  # 16 K²
     consistent = k16 >= 0.0
     area = math.sqrt(max(k16, 0.0)) / 4.0
@@ -75,6 +80,19 @@ def _star(a: float, b: float, c: float) -> tuple[float, float, float, bool, floa
     disp = math.sqrt(disp2)
     u0 = 100.0 * disp / (line / SQRT3) if line > 0 else 0.0
     return disp, line, u0, consistent, line2
+
+
+def star_u0_rows(a: F64, b: F64, c: F64) -> tuple[F64, npt.NDArray[np.bool_]]:
+    """(u0 %, consistent) of :func:`star_u0` for arrays of magnitudes (same arithmetic)."""
+    a2, b2, c2 = a * a, b * b, c * c
+    sq = a2 + b2 + c2
+    k16 = sq * sq - 2.0 * (a2 * a2 + b2 * b2 + c2 * c2)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        line2 = sq / 2.0 + 2.0 * SQRT3 * (np.sqrt(np.maximum(k16, 0.0)) / 4.0)
+        disp = np.sqrt(np.maximum((sq - line2) / 3.0, 0.0))
+        line = np.sqrt(line2)
+        u0 = np.where(line > 0, 100.0 * disp / (line / SQRT3), 0.0)
+    return u0, k16 >= 0.0
 
 
 def star_shift(a: float, b: float, c: float) -> StarShift:
@@ -110,6 +128,13 @@ def score(u0_pct: float, low_pct: float = 4.0, high_pct: float = 10.0) -> float:
     if u0_pct >= high_pct:
         return 1.0
     return (u0_pct - low_pct) / (high_pct - low_pct)
+
+
+def score_rows(u0_pct: F64, low_pct: float, high_pct: float) -> F64:
+    """:func:`score` of an array of u0 values."""
+    with np.errstate(invalid="ignore"):
+        ramp = np.where(u0_pct >= high_pct, 1.0, (u0_pct - low_pct) / (high_pct - low_pct))
+        return np.where(~np.isfinite(u0_pct) | (u0_pct <= low_pct), 0.0, ramp)
 
 
 def star_point(a: float, b: float, c: float) -> tuple[complex, tuple[complex, complex, complex]]:
@@ -176,3 +201,11 @@ def consistency(u0_pct: float, current_ratio: float) -> float:
         return 1.0
     k = current_ratio / (u0_pct / 100.0)
     return min(1.0, max(0.0, (1.0 - k) / 0.9))
+
+
+def consistency_rows(u0_pct: F64, current_ratio: F64) -> F64:
+    """:func:`consistency` of arrays (NaN in, NaN out)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        k = current_ratio / (u0_pct / 100.0)
+        fit = np.minimum(1.0, np.maximum(0.0, (1.0 - k) / 0.9))
+    return np.where(u0_pct <= 0, 1.0, fit)
