@@ -116,6 +116,14 @@ class AnalyticsConfig(BaseModel):
     demand_window_s: int = Field(900, ge=60, le=3600, description="billing demand window")
     alarm_slot_s: int = Field(10, description="the averaging slot the alarms look at")
     aggregates: bool = Field(True, description="publish IEC 61000-4-30 3 s / 10 min aggregates")
+    batch_window_s: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="readings are analysed in batches: the longest a reading waits for "
+        "others (0: whatever one read of the broker connection brought)",
+    )
+    batch_max: int = Field(2000, ge=1, le=100_000, description="readings per batch at most")
     limits: AlarmLimits = Field(default_factory=AlarmLimits)
     alarms: dict[AlarmCode, AlarmTiming] = Field(default_factory=_default_alarms)
     meters: dict[str, MeterAnalytics] = Field(default_factory=dict)
