@@ -9,9 +9,9 @@
    same with every message encoded, and one reading at a time (batch size 1).
 3. Memory per meter: traced memory after 20k and after 60k readings.
 4. The service end to end over a private Mosquitto (``pfmon analytics`` in its own
-   process) vs the bare aiomqtt receive rate of the same stream, same MQTT version.
-   The readings are published by ``mosquitto_pub`` processes as fast as the broker
-   takes them, so both figures are receive capacities, not the publisher's pace.
+   process, a 1,000-meter site) vs the bare aiomqtt receive rate of the same stream,
+   same MQTT version. A separate publisher process sends the readings as fast as the
+   broker takes them, so both figures are receive capacities, not the publisher's pace.
 
 Usage: ``python bench/bench_analytics.py [--quick] [--protocol 5|3.1.1] [--no-mqtt]``.
 BLAS threads are pinned to 1: "one core" figures.
@@ -19,8 +19,8 @@ BLAS threads are pinned to 1: "one core" figures.
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
-import shutil
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -37,7 +37,7 @@ import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import aiomqtt
 import numpy as np
@@ -47,10 +47,11 @@ from services.analytics import dsp
 from services.analytics.batch import SiteEngine
 from services.analytics.output import encode_metrics
 from shared import topics
+from shared.bus import Bus
 from shared.embedded import LocalMosquitto
 from shared.measurements import Measurement as M
 from shared.messages import Reading, encode
-from shared.settings import parse_mqtt_url
+from shared.settings import Settings, parse_mqtt_url
 from shared.site import SiteConfig, parse_site
 
 T = TypeVar("T")
@@ -107,21 +108,23 @@ def bench_dsp(quick: bool) -> None:
     print(f"  analytics, one window at a time   {one:10.0f} windows/s (service latency path)")
 
 
+def site_dict(n_meters: int, name: str = "bench") -> dict[str, Any]:
+    """A site file of ``n_meters`` PMTR_001 meters, 200 per Modbus bus."""
+    return {
+        "site": name,
+        "buses": [
+            {"name": f"b{j}", "host": "127.0.0.1", "port": 5020 + j}
+            for j in range((n_meters + 199) // 200)
+        ],
+        "meters": [
+            {"name": f"m{k}", "bus": f"b{k // 200}", "unit": k % 200 + 1, "profile": "pmtr001"}
+            for k in range(n_meters)
+        ],
+    }
+
+
 def site(n_meters: int, name: str = "bench") -> SiteConfig:
-    """A site of ``n_meters`` PMTR_001 meters, 200 per Modbus bus."""
-    return parse_site(
-        {
-            "site": name,
-            "buses": [
-                {"name": f"b{j}", "host": "127.0.0.1", "port": 5020 + j}
-                for j in range((n_meters + 199) // 200)
-            ],
-            "meters": [
-                {"name": f"m{k}", "bus": f"b{k // 200}", "unit": k % 200 + 1, "profile": "pmtr001"}
-                for k in range(n_meters)
-            ],
-        }
-    )
+    return parse_site(site_dict(n_meters, name))
 
 
 def readings(count: int, meters: int, site_name: str = "bench") -> list[bytes]:
@@ -231,34 +234,27 @@ def bench_readings(quick: bool) -> None:
     )
 
 
-def _publishers(
-    url: str, name: str, payloads: list[bytes], meters: int, work: Path
-) -> list[tuple[list[str], Path]]:
-    """One ``mosquitto_pub -l`` per meter topic (C, its own process, QoS 1): the stream
-    arrives as fast as the broker takes it, so the rates below are receive capacities."""
-    target = parse_mqtt_url(url)
-    out = []
-    for k in range(meters):
-        lines = work / f"m{k}.jsonl"
-        lines.write_bytes(b"".join(p + b"\n" for p in payloads[k::meters]))
-        cmd = [
-            shutil.which("mosquitto_pub") or "mosquitto_pub",
-            "-h",
-            target.host,
-            "-p",
-            str(target.port),
-            "-q",
-            "1",
-            "-t",
-            topics.reading(name, f"m{k}"),
-            "-l",  # one message per line of stdin
-        ]
-        out.append((cmd, lines))
-    return out
+def _publish_file(url: str, name: str, path: str, meters: int) -> None:
+    """Publisher process: every payload of ``path`` (one per line, meters in turn) at
+    QoS 1 through the bus's non-blocking publish, then wait for every PUBACK."""
+
+    lines = Path(path).read_bytes().splitlines()
+
+    async def go() -> None:
+        settings = Settings(
+            mqtt_url=url, mqtt_client_id=f"{name}-pub-{os.getpid()}", metrics_port=0
+        )
+        async with Bus(settings, service="bench", site=name, persistent=False) as bus:
+            await bus.wait_connected(10)
+            for k, line in enumerate(lines):
+                bus.publish_nowait(topics.reading(name, f"m{k % meters}"), line)
+            await bus.drain(300)
+
+    asyncio.run(go())
 
 
 async def bench_mqtt(protocol: str, quick: bool) -> None:
-    count, meters = (5000, 10) if quick else (20000, 10)
+    count, meters = (10000, 1000) if quick else (30000, 1000)
     name = f"bench{uuid.uuid4().hex[:8]}"
     payloads = readings(count, meters, name)
     version = aiomqtt.ProtocolVersion.V5 if protocol == "5" else aiomqtt.ProtocolVersion.V311
@@ -279,17 +275,18 @@ async def bench_mqtt(protocol: str, quick: bool) -> None:
         return time.perf_counter()
 
     async def run_once(url: str, pattern: str, work: Path) -> float:
+        lines = work / "readings.jsonl"
+        lines.write_bytes(b"".join(p + b"\n" for p in payloads))
         ready = asyncio.Event()
         task = asyncio.create_task(receive(url, pattern, count, ready))
         await ready.wait()
-        procs = []
+        publisher = mp.get_context("spawn").Process(
+            target=_publish_file, args=(url, name, str(lines), meters)
+        )
         t0 = time.perf_counter()
-        for cmd, path in _publishers(url, name, payloads, meters, work):
-            with path.open("rb") as lines:
-                procs.append(await asyncio.create_subprocess_exec(*cmd, stdin=lines))
+        publisher.start()
         t1 = await asyncio.wait_for(task, 300)
-        for proc in procs:
-            await proc.wait()
+        await asyncio.to_thread(publisher.join, 60)
         return count / (t1 - t0)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -297,21 +294,10 @@ async def bench_mqtt(protocol: str, quick: bool) -> None:
         with LocalMosquitto(work / "mosq") as mosq:
             bare = await run_once(mosq.url, topics.pattern(topics.Kind.READING, name), work)
             site_file = work / "site.yaml"
-            site_file.write_text(
-                orjson.dumps(
-                    {
-                        "site": name,
-                        # one metrics message per reading: the 3 s / 10 min aggregates
-                        # are extra messages, left out of the count
-                        "analytics": {"aggregates": False},
-                        "buses": [{"name": "b", "host": "127.0.0.1"}],
-                        "meters": [
-                            {"name": f"m{k}", "bus": "b", "unit": k + 1, "profile": "pmtr001"}
-                            for k in range(meters)
-                        ],
-                    }
-                ).decode()
-            )
+            # one metrics message per reading: the 3 s / 10 min aggregates are extra
+            # messages, left out of the count
+            doc = site_dict(meters, name) | {"analytics": {"aggregates": False}}
+            site_file.write_text(orjson.dumps(doc).decode())
             env = dict(os.environ)
             env.update(
                 PFM_MQTT_URL=mosq.url,
@@ -331,7 +317,7 @@ async def bench_mqtt(protocol: str, quick: bool) -> None:
                 proc.terminate()
                 await asyncio.wait_for(proc.wait(), 10)
     print(f"== service end to end over Mosquitto (MQTT {protocol}; pfmon analytics in its own")
-    print("   process; readings published by mosquitto_pub as fast as the broker takes them)")
+    print(f"   process, {meters} meters; readings published as fast as the broker takes them)")
     print(f"  baseline: bare aiomqtt receive     {bare:10.0f} readings/s")
     print(
         f"  readings in -> metrics received    {service:10.0f} readings/s "
