@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime, timedelta
 
+import pytest
+
 from services.analytics import service as analytics
 from services.analytics.batch import SiteEngine
 from shared import topics
@@ -119,3 +121,36 @@ async def test_meter_beyond_the_bound_is_refused_others_flow(
     assert got == [("m1", 0), ("m1", 1), ("m1", 2), ("m2", 0), ("m2", 1), ("m2", 2)]
     refused = ana.rejected.labels("_untracked", "too_many_meters")._value.get()
     assert refused == 3
+
+
+async def test_a_batch_that_trips_a_bug_is_analysed_one_by_one(
+    settings: Settings, site_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unexpected error in a batch (a bug, not bad input) costs only the reading
+    that trips it: the others are analysed one by one and published."""
+    site = site_cfg(site_name, 0.0)
+    metrics = ServiceMetrics("analytics", site_name)
+    ana = analytics.AnalyticsMetrics(metrics)
+    pattern = topics.pattern(topics.Kind.METRICS, site_name)
+    async with listening(settings, site_name, pattern, Metrics) as inbox:
+        svc = settings.model_copy(update={"mqtt_client_id": f"{settings.mqtt_client_id}-c"})
+        async with Bus(svc, service="analytics", site=site_name, metrics=metrics) as bus:
+            await bus.wait_connected(10)
+            app = analytics.Analytics(site, bus, ana)
+            real = app.engine.on_readings
+
+            def flaky(readings: list[Reading]) -> list[object]:
+                if any(r.meter == "bad" for r in readings):
+                    raise RuntimeError("simulated engine bug")
+                return real(readings)  # type: ignore[return-value]
+
+            monkeypatch.setattr(app.engine, "on_readings", flaky)
+            for meter in ("m1", "bad", "m2"):
+                await app.on_reading(reading(site_name, meter, 0, 0.9), None)  # type: ignore[arg-type]
+            app.flush()
+            await app.drain()
+        await inbox.wait_for(lambda items: len(items) >= 2, 10)
+        await asyncio.sleep(0.3)
+        got = sorted(m.meter for m in inbox.items if isinstance(m, Metrics))
+    assert got == ["m1", "m2"]
+    assert ana.rejected.labels("bad", "reading")._value.get() == 1
