@@ -162,7 +162,9 @@ class Analytics:
             outs = self.engine.on_readings(batch)
         except Exception:
             # a bug, not bad input (that was refused at validation): find the reading
-            # that trips it, analyse the others one by one
+            # that trips it, analyse the others one by one. The failed batch may have
+            # updated some meters' state before it raised: their averages can count a
+            # reading twice until it leaves the window - the log says a bug happened.
             log.exception("batch of %d readings failed; analysing them one by one", len(batch))
             outs = []
             kept = []
