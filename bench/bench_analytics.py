@@ -13,7 +13,7 @@
    same MQTT version. A separate publisher process sends the readings as fast as the
    broker takes them, so both figures are receive capacities, not the publisher's pace.
 
-Usage: ``python bench/bench_analytics.py [--quick] [--protocol 5|3.1.1] [--no-mqtt]``.
+Usage: ``python bench/bench_analytics.py [--quick] [--protocol 5|3.1.1] [--no-mqtt|--mqtt-only]``.
 BLAS threads are pinned to 1: "one core" figures.
 """
 
@@ -34,7 +34,7 @@ import tempfile
 import time
 import tracemalloc
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -55,6 +55,8 @@ from shared.settings import Settings, parse_mqtt_url
 from shared.site import SiteConfig, parse_site
 
 T = TypeVar("T")
+#: a subscriber: (url, pattern, how many, set when subscribed) -> when the last arrived
+Observer = Callable[[str, str, int, asyncio.Event], Coroutine[Any, Any, float]]
 FS = 12800.0
 N = 2560
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -234,6 +236,12 @@ def bench_readings(quick: bool) -> None:
     )
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far (Linux ``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _publish_file(url: str, name: str, path: str, meters: int) -> None:
     """Publisher process: every payload of ``path`` (one per line, meters in turn) at
     QoS 1 through the bus's non-blocking publish, then wait for every PUBACK."""
@@ -256,7 +264,10 @@ def _publish_file(url: str, name: str, path: str, meters: int) -> None:
 async def bench_mqtt(protocol: str, quick: bool) -> None:
     count, meters = (10000, 1000) if quick else (30000, 1000)
     name = f"bench{uuid.uuid4().hex[:8]}"
-    payloads = readings(count, meters, name)
+    # second 0 of the stream warms the service up (1,000 meters join, their state is
+    # allocated once: a deployed service runs for months); the rest is measured
+    stream = readings(count + meters, meters, name)
+    warm_up, payloads = stream[:meters], stream[meters:]
     version = aiomqtt.ProtocolVersion.V5 if protocol == "5" else aiomqtt.ProtocolVersion.V311
 
     async def receive(url: str, pattern: str, want: int, ready: asyncio.Event) -> float:
@@ -274,11 +285,35 @@ async def bench_mqtt(protocol: str, quick: bool) -> None:
                     break
         return time.perf_counter()
 
-    async def run_once(url: str, pattern: str, work: Path) -> float:
+    async def observe_c(url: str, pattern: str, want: int, ready: asyncio.Event) -> float:
+        """Receive with mosquitto_sub (C): the lightest subscriber there is, so that the
+        service, not its observer, sets the pace. A first ``-E`` run registers the
+        persistent session's subscription and exits at the SUBACK; the counting run
+        resumes that session, so nothing published after ``ready`` is missed."""
+        target = parse_mqtt_url(url)
+        common = ["-h", target.host, "-p", str(target.port), "-q", "1", "-t", pattern]
+        common += ["-i", f"observer-{uuid.uuid4().hex[:8]}", "-c"]
+        common += ["-V", "5", "-x", "600"] if protocol == "5" else ["-V", "mqttv311"]
+        sub = await asyncio.create_subprocess_exec("mosquitto_sub", "-E", *common)
+        if await asyncio.wait_for(sub.wait(), 10) != 0:
+            raise RuntimeError("mosquitto_sub could not subscribe")
+        sub = await asyncio.create_subprocess_exec(
+            "mosquitto_sub", "-C", str(want), *common, stdout=asyncio.subprocess.DEVNULL
+        )
+        ready.set()
+        if await sub.wait() != 0:
+            raise RuntimeError(f"mosquitto_sub exited with {sub.returncode}")
+        return time.perf_counter()
+
+    async def run_once(
+        url: str, pattern: str, work: Path, observer: Observer, batch: list[bytes]
+    ) -> float:
+        """Publish ``batch`` from another process; the rate at which ``observer`` gets
+        as many messages on ``pattern``."""
         lines = work / "readings.jsonl"
-        lines.write_bytes(b"".join(p + b"\n" for p in payloads))
+        lines.write_bytes(b"".join(p + b"\n" for p in batch))
         ready = asyncio.Event()
-        task = asyncio.create_task(receive(url, pattern, count, ready))
+        task = asyncio.create_task(observer(url, pattern, len(batch), ready))
         await ready.wait()
         publisher = mp.get_context("spawn").Process(
             target=_publish_file, args=(url, name, str(lines), meters)
@@ -287,12 +322,16 @@ async def bench_mqtt(protocol: str, quick: bool) -> None:
         publisher.start()
         t1 = await asyncio.wait_for(task, 300)
         await asyncio.to_thread(publisher.join, 60)
-        return count / (t1 - t0)
+        return len(batch) / (t1 - t0)
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         with LocalMosquitto(work / "mosq") as mosq:
-            bare = await run_once(mosq.url, topics.pattern(topics.Kind.READING, name), work)
+            pattern = topics.pattern(topics.Kind.READING, name)
+            await run_once(mosq.url, pattern, work, receive, warm_up)
+            cpu0 = time.process_time()  # this process: the receiver (and little else)
+            bare = await run_once(mosq.url, pattern, work, receive, payloads)
+            cpu_bare = (time.process_time() - cpu0) / count
             site_file = work / "site.yaml"
             # one metrics message per reading: the 3 s / 10 min aggregates are extra
             # messages, left out of the count
@@ -307,22 +346,44 @@ async def bench_mqtt(protocol: str, quick: bool) -> None:
                 PFM_LOG_LEVEL="WARNING",
             )
             pfmon = Path(sys.executable).with_name("pfmon")
-            proc = await asyncio.create_subprocess_exec(
-                str(pfmon), "analytics", "--site-file", str(site_file), env=env
-            )
-            try:
-                await asyncio.sleep(3.0)  # connect and subscribe
-                service = await run_once(mosq.url, topics.pattern(topics.Kind.METRICS, name), work)
-            finally:
-                proc.terminate()
-                await asyncio.wait_for(proc.wait(), 10)
+
+            async def service(observer: Observer) -> tuple[float, float]:
+                """A fresh ``pfmon analytics`` (no state from an earlier run): the rate
+                at which ``observer`` receives its metrics, and the service's CPU
+                seconds per reading meanwhile."""
+                proc = await asyncio.create_subprocess_exec(
+                    str(pfmon), "analytics", "--site-file", str(site_file), env=env
+                )
+                try:
+                    await asyncio.sleep(3.0)  # connect and subscribe
+                    pattern = topics.pattern(topics.Kind.METRICS, name)
+                    await run_once(mosq.url, pattern, work, observe_c, warm_up)
+                    cpu0 = cpu_seconds(proc.pid)
+                    rate = await run_once(mosq.url, pattern, work, observer, payloads)
+                    return rate, (cpu_seconds(proc.pid) - cpu0) / count
+                finally:
+                    proc.terminate()
+                    await asyncio.wait_for(proc.wait(), 10)
+
+            by_c, cpu_c = await service(observe_c)
+            by_python = None if quick else (await service(receive))[0]
     print(f"== service end to end over Mosquitto (MQTT {protocol}; pfmon analytics in its own")
-    print(f"   process, {meters} meters; readings published as fast as the broker takes them)")
-    print(f"  baseline: bare aiomqtt receive     {bare:10.0f} readings/s")
+    print(f"   process, {meters} meters; readings published as fast as the broker takes them;")
+    print(f"   {count} readings measured after a warm-up second in which the meters join)")
     print(
-        f"  readings in -> metrics received    {service:10.0f} readings/s "
-        f"({service / bare:.0%} of bare)"
+        f"  baseline: bare aiomqtt receive     {bare:10.0f} readings/s "
+        f"(CPU {cpu_bare * 1e6:.0f} µs a message)"
     )
+    print(
+        f"  readings in -> metrics received    {by_c:10.0f} readings/s "
+        f"({by_c / bare:.0%} of bare; observer mosquitto_sub)"
+    )
+    print(f"  service CPU per reading              {cpu_c * 1e6:10.0f} µs")
+    if by_python is not None:
+        print(
+            f"  the same, observer bare aiomqtt    {by_python:10.0f} readings/s "
+            f"({by_python / bare:.0%}; the observer of ~5 kB messages sets this pace)"
+        )
 
 
 def main() -> None:
@@ -332,9 +393,11 @@ def main() -> None:
         "--protocol", choices=("5", "3.1.1"), default="5", help="MQTT version of both runs"
     )
     parser.add_argument("--no-mqtt", action="store_true", help="skip the broker benchmark")
+    parser.add_argument("--mqtt-only", action="store_true", help="only the broker benchmark")
     args = parser.parse_args()
-    bench_dsp(args.quick)
-    bench_readings(args.quick)
+    if not args.mqtt_only:
+        bench_dsp(args.quick)
+        bench_readings(args.quick)
     if not args.no_mqtt:
         asyncio.run(bench_mqtt(args.protocol, args.quick))
 

@@ -23,6 +23,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    field_serializer,
     field_validator,
 )
 
@@ -43,8 +44,10 @@ __all__ = [
     "Severity",
     "ValidationError",
     "Waveform",
+    "compact_averages",
     "decode",
     "encode",
+    "expand_averages",
     "utcnow",
 ]
 
@@ -149,10 +152,18 @@ class Metrics(Message):
     ``averages`` maps a moving-average slot (``"5s"``, ``"10s"`` ...) to its values
     (energy counters are never averaged); ``load`` tells lead/lag per phase and
     ``"total"`` (``unknown`` when the meter gives no sign).
+
+    On the wire (``pfm.metrics/2``) ``averages`` is compact: one list of quantity
+    names under ``"keys"`` and, per slot, the values in that order (``null`` where a
+    slot has no value), e.g. ``{"keys": ["power", "power_factor"], "5s": [1200.0,
+    0.91], "60s": [1180.5, null]}``: five slots of ~27 quantities no longer repeat
+    every name five times. In Python it is always ``{slot: {quantity: value}}``.
+    ``pfm.metrics/1`` messages (averages as that dict) are still accepted, so an
+    edge that has not been upgraded keeps feeding an upgraded centre.
     """
 
-    SCHEMA: ClassVar[str] = "pfm.metrics/1"
-    schema_: Literal["pfm.metrics/1"] = Field("pfm.metrics/1", alias="schema")
+    SCHEMA: ClassVar[str] = "pfm.metrics/2"
+    schema_: Literal["pfm.metrics/2"] = Field("pfm.metrics/2", alias="schema")
     meter: Slug
     source: Literal["reading", "waveform"] = "reading"
     interval_s: float = Field(ge=0)
@@ -168,6 +179,52 @@ class Metrics(Message):
     #: True for statistics over inputs that were already published one by one (the
     #: IEC 61000-4-30 style 3 s / 10 min aggregates): they carry no energy of their own
     aggregate: bool = False
+
+    @field_validator("schema_", mode="before")
+    @classmethod
+    def _upgrade_schema(cls, value: object) -> object:
+        return "pfm.metrics/2" if value == "pfm.metrics/1" else value
+
+    @field_validator("averages", mode="before")
+    @classmethod
+    def _expand_averages(cls, value: object) -> object:
+        return expand_averages(value)
+
+    @field_serializer("averages", when_used="json")
+    def _compact_averages(self, value: dict[str, Values]) -> dict[str, list[Any]]:
+        return compact_averages(value)
+
+
+def compact_averages(averages: dict[str, dict[Any, float]]) -> dict[str, list[Any]]:
+    """``{slot: {quantity: value}}`` as the wire's ``{"keys": [...], slot: [...]}``
+    (keys in order of first appearance; ``None`` where a slot lacks one)."""
+    if not averages:
+        return {}
+    keys: dict[Any, None] = {}
+    for vals in averages.values():
+        keys.update(dict.fromkeys(vals))
+    out: dict[str, list[Any]] = {"keys": [str(k) for k in keys]}
+    for slot, vals in averages.items():
+        out[slot] = [vals.get(k) for k in keys]
+    return out
+
+
+def expand_averages(value: object) -> object:
+    """The wire's compact averages as ``{slot: {quantity: value}}`` (``null`` entries
+    left out); anything else is returned as given, for the model to check."""
+    if not isinstance(value, dict) or not isinstance(value.get("keys"), list):
+        return value
+    keys = value["keys"]
+    out: dict[str, dict[Any, Any]] = {}
+    for slot, vals in value.items():
+        if slot == "keys":
+            continue
+        if not isinstance(vals, list):
+            raise ValueError(f"slot {slot!r}: expected a list of values, got {type(vals).__name__}")
+        if len(vals) != len(keys):
+            raise ValueError(f"slot {slot!r} has {len(vals)} values for {len(keys)} keys")
+        out[slot] = {k: v for k, v in zip(keys, vals, strict=True) if v is not None}
+    return out
 
 
 class EventState(StrEnum):

@@ -169,3 +169,73 @@ def test_foreign_topics_are_refused() -> None:
         topics.parse("other/v1/a/b/reading")
     with pytest.raises(ConfigError, match="unknown layout"):
         topics.parse("pfm/v1/a/b/c/d/e")
+
+
+def _metrics_doc(averages: object, schema: str = "pfm.metrics/2") -> dict[str, object]:
+    return {
+        "schema": schema,
+        "site": "s1",
+        "ts": "2026-01-02T03:04:05Z",
+        "seq": 7,
+        "meter": "m1",
+        "interval_s": 0,
+        "values": {"power": 1.0},
+        "averages": averages,
+    }
+
+
+def test_metrics_averages_travel_compact_with_one_key_list() -> None:
+    m = Metrics(
+        site="s1",
+        meter="m1",
+        ts=TS,
+        seq=3,
+        interval_s=0,
+        values={Measurement.POWER: 1200.0},
+        averages={
+            "5s": {Measurement.POWER: 1200.0, Measurement.POWER_FACTOR: 0.91},
+            "60s": {Measurement.POWER: 1180.5},  # no PF yet in this slot
+        },
+    )
+    wire = orjson.loads(encode(m))
+    assert wire["schema"] == "pfm.metrics/2"
+    assert wire["averages"] == {
+        "keys": ["power", "power_factor"],
+        "5s": [1200.0, 0.91],
+        "60s": [1180.5, None],
+    }
+    back = decode(Metrics, encode(m))
+    assert back.averages == m.averages  # null is "no value", not a value
+    assert Measurement.POWER_FACTOR not in back.averages["60s"]
+    # in Python the model keeps the dicts every consumer reads
+    assert m.model_dump()["averages"]["5s"][Measurement.POWER_FACTOR] == 0.91
+
+
+def test_metrics_of_schema_1_with_dict_averages_are_still_accepted() -> None:
+    """An edge that has not been upgraded yet keeps feeding an upgraded centre."""
+    old = _metrics_doc({"10s": {"power": 5.0, "power_factor": 0.8}}, "pfm.metrics/1")
+    m = Metrics.model_validate(old)
+    assert m.averages == {"10s": {Measurement.POWER: 5.0, Measurement.POWER_FACTOR: 0.8}}
+    # re-encoded (archiver, bridge, report) it is a schema-2 message
+    assert orjson.loads(encode(m))["schema"] == "pfm.metrics/2"
+    assert orjson.loads(encode(m))["averages"] == {
+        "keys": ["power", "power_factor"],
+        "10s": [5.0, 0.8],
+    }
+
+
+@pytest.mark.parametrize(
+    ("averages", "says"),
+    [
+        ({"keys": ["power"], "5s": [1.0, 2.0]}, "slot '5s' has 2 values for 1 keys"),
+        ({"keys": ["power"], "5s": {"power": 1.0}}, "slot '5s': expected a list of values"),
+        ({"keys": ["bogus"], "5s": [1.0]}, "averages.5s.bogus"),
+        ({"keys": ["power"], "5s": ["high"]}, "averages.5s.power"),
+    ],
+)
+def test_malformed_compact_averages_are_refused_saying_where(averages: object, says: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        Metrics.model_validate(_metrics_doc(averages))
+    assert says in str(info.value)
+    with pytest.raises(ValidationError):
+        Metrics.model_validate(_metrics_doc({}, "pfm.metrics/3"))

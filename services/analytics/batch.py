@@ -45,10 +45,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from itertools import chain
-from typing import Literal, cast
+from typing import Any, Literal, cast
 
 import numpy as np
 import numpy.typing as npt
+import orjson
 
 from services.analytics import dsp, neutral, registers
 from services.analytics.aggregate import (
@@ -150,6 +151,8 @@ class _Cohort:
         self.keys = keys
         self.cols = np.array([COL[m] for m in keys], dtype=np.intp)
         self.names = cast(list[M], [m.value for m in keys])
+        #: the wire's ``"keys"`` of the compact averages, encoded once
+        self.keys_json = orjson.Fragment(orjson.dumps(self.names))
         rms = [k for k, m in enumerate(keys) if m.value.startswith(_RMS_STEMS)]
         self.rms = np.array(rms, dtype=np.intp)
         index = {m: k for k, m in enumerate(keys)}
@@ -296,6 +299,16 @@ class _Round:
                 out[slot] = dict(zip(names, vals, strict=True))
         return out
 
+    def averages_wire(self, row: int) -> dict[str, Any]:
+        g = self.groups[int(self.group_of[row])]
+        out: dict[str, Any] = {"keys": g.cohort.keys_json}
+        out.update(zip(self.slot_names, g.means[int(self.pos_in[row])], strict=True))
+        return out
+
+    def value(self, row: int, name: M) -> float | None:
+        v = float(self.x[row, COL[name]])
+        return v if v == v else None
+
     def load(self, row: int) -> dict[str, LoadKind]:
         if self.eager is not None:
             return self.eager[0]
@@ -317,12 +330,21 @@ class _Aggregates:
     def __init__(self, names: list[M], values: F64):
         self.names = names
         self.rows = values
+        self.col = {n: k for k, n in enumerate(names)}
 
     def values(self, row: int) -> dict[M, float]:
         return {n: v for n, v in zip(self.names, self.rows[row].tolist(), strict=True) if v == v}
 
     def averages(self, row: int) -> dict[str, dict[M, float]]:
         return {}
+
+    def averages_wire(self, row: int) -> dict[str, Any]:
+        return {}
+
+    def value(self, row: int, name: M) -> float | None:
+        k = self.col.get(name)
+        v = math.nan if k is None else float(self.rows[row, k])
+        return v if v == v else None
 
     def load(self, row: int) -> dict[str, LoadKind]:
         return {}

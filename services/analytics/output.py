@@ -13,12 +13,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Generic, Literal, Protocol, TypeVar, cast
+from typing import Any, Generic, Literal, Protocol, TypeVar, cast
 
+import numpy as np
 import orjson
 
 from shared.measurements import Measurement as M
-from shared.messages import Event, LoadKind, Metrics
+from shared.messages import Event, LoadKind, Metrics, compact_averages
 
 SERVICE = "analytics"
 T = TypeVar("T")
@@ -35,6 +36,15 @@ class LazyFields(Protocol):
     def load(self, row: int) -> dict[str, LoadKind]: ...
 
     def quadrant(self, row: int) -> dict[str, Quadrant]: ...
+
+    def averages_wire(self, row: int) -> dict[str, Any]:
+        """The averages in the wire's compact form (``Metrics``), ready for orjson
+        with ``OPT_SERIALIZE_NUMPY`` (numpy rows allowed; NaN is written as null)."""
+        ...
+
+    def value(self, row: int, name: M) -> float | None:
+        """One quantity of ``values`` (None when absent), without building the dict."""
+        ...
 
 
 class _Lazy(Generic[T]):
@@ -121,6 +131,12 @@ class MetricsOut:
     def model(self) -> Metrics:
         return Metrics.model_validate_json(encode_metrics(self))
 
+    def value(self, name: M) -> float | None:
+        """``values.get(name)``; from the engine's arrays while the dict is unbuilt."""
+        if self._values is not None or self.lazy is None:
+            return self.values.get(name)
+        return self.lazy.value(self.row, name)
+
 
 @dataclass(slots=True)
 class Output:
@@ -128,11 +144,23 @@ class Output:
     events: list[Event] = field(default_factory=list)
 
 
+def _numpy_rows(obj: object) -> object:
+    """orjson's fallback: a numpy array it does not take directly (not contiguous)."""
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise TypeError(f"cannot serialise {type(obj).__name__}")
+
+
 def encode_metrics(m: MetricsOut | Metrics) -> bytes:
-    """Fast serialisation of a Metrics built here (same JSON as ``shared.messages.encode``)."""
+    """Fast serialisation of a Metrics built here (same JSON as ``shared.messages.encode``
+    gives for the same message, fields in the schema's order of this function)."""
+    if isinstance(m, MetricsOut) and m._averages is None and m.lazy is not None:
+        averages: dict[str, Any] = m.lazy.averages_wire(m.row)
+    else:
+        averages = compact_averages(m.averages)
     return orjson.dumps(
         {
-            "schema": "pfm.metrics/1",
+            "schema": Metrics.SCHEMA,
             "site": m.site,
             "ts": m.ts,
             "seq": m.seq,
@@ -140,14 +168,15 @@ def encode_metrics(m: MetricsOut | Metrics) -> bytes:
             "source": m.source,
             "interval_s": m.interval_s,
             "values": m.values,
-            "averages": m.averages,
+            "averages": averages,
             "load": m.load,
             "quadrant": m.quadrant,
             "harmonics": m.harmonics,
             "source_seq": m.source_seq,
             "aggregate": m.aggregate,
         },
-        option=orjson.OPT_NON_STR_KEYS,
+        option=orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY,
+        default=_numpy_rows,
     )
 
 

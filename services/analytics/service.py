@@ -238,11 +238,11 @@ class Analytics:
             )
         if out.metrics:
             _, _, pf_gauge, neutral_gauge = self._children(meter)
-            vals = out.metrics[0].values
-            pf = vals.get(M.POWER_FACTOR)
+            first = out.metrics[0]
+            pf = first.value(M.POWER_FACTOR)
             if pf is not None:
                 pf_gauge.set(pf)
-            score = vals.get(M.NEUTRAL_SCORE)
+            score = first.value(M.NEUTRAL_SCORE)
             if score is not None:
                 neutral_gauge.set(score)
 
