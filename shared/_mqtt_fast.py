@@ -8,7 +8,7 @@ publish costs a ``MQTTMessageInfo`` (with a ``threading.Condition``), an
 ``asyncio.Event``, a future and a cross-thread wake-up.
 
 :class:`FastLink` keeps aiomqtt for everything else (connect, TLS, will, subscribe,
-keepalive, disconnect, awaited publishes) but owns the socket's read side:
+keepalive, disconnect) but owns the socket's read side:
 
 * one ``recv`` of up to 256 KiB per readable event, every complete packet in it parsed;
 * PUBLISH at QoS 0/1 decoded here (topic, mid, v5 properties skipped - the bus reads
@@ -19,6 +19,11 @@ keepalive, disconnect, awaited publishes) but owns the socket's read side:
   window of in-flight messages, PUBACKs counted by callback instead of a future;
 * every other packet (CONNACK, SUBACK, QoS 2, PINGRESP, paho's own PUBACKs ...) goes
   to paho's normal handler, so aiomqtt behaves as before.
+
+Both links make awaited publishes through paho with the mid kept (:class:`_Awaited`),
+so a PUBACK's failure reason code (MQTT v5: 0x87 "not authorised" from the broker's
+ACL) raises :class:`Refused` instead of passing for a delivery, as aiomqtt 2.5's
+``publish`` would.
 
 :func:`make_link` checks the installed versions (aiomqtt 2.5.x, paho 2.2.x, TCP or
 TLS transport) and otherwise returns a :class:`PlainLink`: aiomqtt's message iterator,
@@ -66,7 +71,75 @@ class Link(Protocol):
     def publish_nowait(
         self, topic: str, payload: bytes, qos: int, retain: bool, token: Token
     ) -> None: ...
+    async def publish(
+        self, topic: str, payload: bytes, qos: int, retain: bool, timeout: float
+    ) -> None: ...
     def close(self) -> None: ...
+
+
+class Refused(aiomqtt.MqttError):
+    """The broker answered the publish with a failure reason code (MQTT v5, >= 0x80)."""
+
+    def __init__(self, reason: int):
+        super().__init__(f"refused by the broker (reason code {reason:#04x})")
+        self.reason = reason
+
+
+class _Gone(aiomqtt.MqttError):
+    """The connection closed before the broker answered."""
+
+
+class _Awaited:
+    """Awaited publishes that learn the PUBACK's reason code.
+
+    aiomqtt 2.5's ``publish`` returns normally whatever the reason code, so a publish
+    the broker refused (MQTT v5: 0x87 not authorised by the ACL, 0x97 quota ...) would
+    count as delivered. This wraps paho's ``on_publish`` (aiomqtt's own handler still
+    runs) and publishes through paho, keeping the mid to match the answer.
+    """
+
+    def __init__(self, client: aiomqtt.Client):
+        self._paho: paho_client.Client = client._client
+        self._aio = client
+        self._waiting: dict[int, asyncio.Future[int]] = {}
+        inner: Callable[..., None] | None = self._paho.on_publish  # aiomqtt's (API v2)
+
+        def on_publish(c: Any, userdata: Any, mid: int, reason: Any, props: Any) -> None:
+            fut = self._waiting.pop(mid, None)
+            if fut is not None and not fut.done():
+                fut.set_result(int(getattr(reason, "value", 0)))
+            if inner is not None:
+                inner(c, userdata, mid, reason, props)
+
+        self._paho.on_publish = on_publish
+
+    async def publish(
+        self, topic: str, payload: bytes, qos: int, retain: bool, timeout: float
+    ) -> None:
+        """Publish; at QoS > 0 wait for the broker's answer. Raises :class:`Refused`,
+        or ``MqttError`` when not sent, not answered in ``timeout`` or disconnected."""
+        info = self._paho.publish(topic, payload, qos, retain)
+        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            raise aiomqtt.MqttCodeError(info.rc, "Could not publish message")
+        if qos == 0 or info.is_published():
+            return
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._waiting[info.mid] = fut
+        try:
+            reason = await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            raise aiomqtt.MqttError(f"no acknowledgement within {timeout:g} s") from None
+        finally:
+            self._waiting.pop(info.mid, None)
+        if reason >= 0x80:
+            raise Refused(reason)
+
+    def fail_all(self, why: str) -> None:
+        waiting = list(self._waiting.values())
+        self._waiting.clear()
+        for fut in waiting:
+            if not fut.done():
+                fut.set_exception(_Gone(why))
 
 
 def fast_supported(client: aiomqtt.Client) -> str | None:
@@ -113,6 +186,12 @@ class PlainLink:
         self._on_failed = on_failed
         self._tasks: dict[asyncio.Task[None], None] = {}  # in order: failures reported so
         self._closed = False
+        self._awaited = _Awaited(client)
+
+    async def publish(
+        self, topic: str, payload: bytes, qos: int, retain: bool, timeout: float
+    ) -> None:
+        await self._awaited.publish(topic, payload, qos, retain, timeout)
 
     def start(self) -> None:
         self._messages = self._client.messages
@@ -140,10 +219,12 @@ class PlainLink:
         self, topic: str, payload: bytes, qos: int, retain: bool, token: Token
     ) -> None:
         try:
-            await self._client.publish(topic, payload, qos=qos, retain=retain)
+            await self._awaited.publish(topic, payload, qos, retain, 10.0)
         except asyncio.CancelledError:
             self._on_failed(token, "disconnected")
             raise
+        except (Refused, _Gone) as exc:
+            self._on_failed(token, str(exc))
         except aiomqtt.MqttError as exc:
             self._on_failed(token, f"publish failed: {exc}")
         else:
@@ -154,6 +235,7 @@ class PlainLink:
 
     def close(self) -> None:
         self._closed = True
+        self._awaited.fail_all("disconnected")
         for task in list(self._tasks):
             task.cancel()
 
@@ -190,6 +272,13 @@ class FastLink:
         self._closed = False
         self._paho.on_socket_open = self._on_socket_open
         self._paho.on_message = self._on_paho_message
+        self._awaited = _Awaited(client)
+
+    async def publish(
+        self, topic: str, payload: bytes, qos: int, retain: bool, timeout: float
+    ) -> None:
+        """An awaited publish: paho sends it, its PUBACK goes to paho's handler."""
+        await self._awaited.publish(topic, payload, qos, retain, timeout)
 
     # -- connection -------------------------------------------------------------------
 
@@ -215,6 +304,7 @@ class FastLink:
         if self._closed:
             return
         self._closed = True
+        self._awaited.fail_all("disconnected")
         failed = list(self._inflight.values()) + [item[4] for item in self._backlog]
         self._inflight.clear()
         self._backlog.clear()

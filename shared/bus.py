@@ -68,6 +68,11 @@ class BusUnavailable(PeerError):
     """The broker is not connected right now; the caller decides (spool, retry)."""
 
 
+class PublishRefused(BusUnavailable):
+    """The broker refused this publish (MQTT v5 reason code >= 0x80, e.g. 0x87 when its
+    ACL does not allow the topic): sending it again will not help, so do not spool it."""
+
+
 @dataclass(slots=True)
 class Incoming:
     """One received message as the handler sees it."""
@@ -250,14 +255,19 @@ class Bus:
         """Publish and, at QoS 1, wait for the broker's PUBACK.
 
         Raises :class:`BusUnavailable` when not connected or the broker did not
-        acknowledge in time: the message was not delivered and the caller decides.
+        acknowledge in time: the message was not delivered and the caller decides;
+        :class:`PublishRefused` (a ``BusUnavailable``) when the broker refused it.
         """
-        client = self._client
-        if client is None or not self.connected:
+        link = self._link
+        if link is None or not self.connected:
             raise BusUnavailable(f"not connected to {self.settings.mqtt_url}", kind="disconnected")
         payload = message if isinstance(message, bytes) else _encode(message)
         try:
-            await client.publish(topic, payload, qos=qos, retain=retain, timeout=timeout)
+            await link.publish(topic, payload, qos, retain, timeout)
+        except _mqtt_fast.Refused as exc:
+            kind = topic.rsplit("/", 1)[-1]
+            self.metrics.publish_failures.labels(self.service, kind).inc()
+            raise PublishRefused(f"publish to {topic} {exc}", kind="refused") from exc
         except aiomqtt.MqttError as exc:
             raise BusUnavailable(f"publish to {topic} failed: {exc}", kind="publish") from exc
         self._published_counter(topic).inc()

@@ -44,8 +44,8 @@ class ServiceMetrics:
         )
         self.publish_failures = Counter(
             "pfm_publish_failures_total",
-            "Non-blocking publishes the broker did not confirm (refused, or the connection"
-            " dropped first); the caller's failure callback got each one",
+            "Publishes the broker refused (MQTT v5 reason code >= 0x80, e.g. its ACL), and"
+            " non-blocking publishes it did not confirm before the connection dropped",
             ["service", "kind"],
             registry=r,
         )

@@ -181,3 +181,42 @@ async def test_full_spool_drops_the_oldest_and_survives_a_restart(
         assert len(seqs) == len(set(seqs))
         after = [s for m, s in got[30:] if m == meter]
         assert after and after[0] == max(per_meter[meter]) + 1, (meter, per_meter[meter], after[:3])
+
+
+@pytest.mark.timeout(60)
+async def test_readings_the_broker_refuses_are_dropped_and_counted_not_spooled(
+    tmp_path: Path, site_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A broker whose ACL refuses the readings (MQTT v5 reason 0x87): each refusal is
+    counted and logged, and none is spooled - a refused record at the head of the
+    spool would hold back every record behind it, for ever."""
+    acl = tmp_path / "acl"
+    acl.write_text(f"topic read #\ntopic write pfm/v1/{site_name}/gateway/#\n")
+    port = free_port()
+    metrics = ServiceMetrics("collector", site_name)
+    with LocalMosquitto(tmp_path / "mosq", extra_config=f"acl_file {acl}\n") as mosq:
+        async with SimServer(sim_site(), port):
+            shutdown = Shutdown()
+            settings = make_settings(mosq.url, tmp_path / "col", f"pfm-test-{site_name}-acl")
+            task = asyncio.create_task(
+                collector.run(
+                    settings.model_copy(update={"mqtt_protocol": "5"}),
+                    site_cfg(site_name, port, interval=0.2),
+                    shutdown,
+                    metrics=metrics,
+                )
+            )
+            await asyncio.sleep(2.5)
+            shutdown.request("test done")
+            await asyncio.wait_for(task, 10)
+    value = metrics.registry.get_sample_value
+    polls = sum(value("pfm_collector_polls_total", {"meter": f"m{u}"}) or 0 for u in (1, 2, 3))
+    refused = value("pfm_publish_failures_total", {"service": "collector", "kind": "reading"})
+    assert polls >= 20
+    assert refused is not None and polls - 3 <= refused <= polls  # the last may be unsent
+    assert value("pfm_collector_spool_records") == 0
+    assert value("pfm_messages_published_total", {"service": "collector", "kind": "reading"}) in (
+        None,
+        0,
+    )
+    assert any("0x87" in r.getMessage() and "not spooled" in r.getMessage() for r in caplog.records)

@@ -38,7 +38,7 @@ from services.init import (
     render_broker_conf,
 )
 from shared import topics
-from shared.bus import Bus, Incoming
+from shared.bus import Bus, Incoming, PublishRefused
 from shared.embedded import free_port, wait_port
 from shared.messages import Reading, utcnow
 from shared.settings import Settings
@@ -505,6 +505,47 @@ def test_collector_cannot_publish_commands_or_metrics(tmp_path: Path, site_name:
     denied = [line for line in broker.log().splitlines() if "Denied PUBLISH" in line]
     assert len(denied) == 3, denied
     assert all(command in d or metrics in d for d in denied), denied
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "plain"])
+async def test_publish_nowait_refused_by_the_acl_is_reported_not_lost_silently(
+    tmp_path: Path, site_name: str, fast: bool
+) -> None:
+    """MQTT v5: mosquitto answers a denied QoS 1 publish with reason 0x87; the bus
+    hands exactly that message to ``on_publish_failed``, counts it, and the
+    publishes around it are confirmed and delivered."""
+    result = init(tmp_path, site_name)
+    broker = Broker(tmp_path / "broker", result.out).start()
+    watcher = probe(result, broker, "monitor")
+    assert watcher.connect()
+    watcher.subscribe(f"pfm/v1/{site_name}/#")
+    settings = service_settings(result, "collector", broker.port, tmp_path)
+    settings = settings.model_copy(update={"mqtt_protocol": "5", "mqtt_fast": fast})
+    failed: list[tuple[str, bytes, str]] = []
+    reading, denied = topics.reading(site_name, "m1"), topics.command(site_name, "bank1")
+    try:
+        async with Bus(settings, service="collector", site=site_name) as bus:
+            bus.on_publish_failed(lambda t, p, why: failed.append((t, p, why)))
+            await bus.wait_connected(10)
+            bus.publish_nowait(reading, b'{"n": 1}')
+            bus.publish_nowait(denied, b'{"evil": 1}')
+            bus.publish_nowait(reading, b'{"n": 2}')
+            await bus.drain(10)
+            assert bus.unconfirmed == 0
+            # an awaited publish says so too (aiomqtt's own would return as if delivered)
+            with pytest.raises(PublishRefused, match="0x87") as info:
+                await bus.publish(denied, b'{"evil": 2}')
+            assert info.value.kind == "refused"
+            await bus.publish(reading, b'{"n": 3}')
+            refused = bus.metrics.publish_failures.labels("collector", "command")._value.get()
+        assert [(t, p) for t, p, _ in failed] == [(denied, b'{"evil": 1}')]
+        assert "0x87" in failed[0][2], failed
+        assert refused == 2
+        wait_for(lambda: len(watcher.received(reading)) == 3, "the three readings")
+        assert watcher.received(denied) == []
+    finally:
+        watcher.close()
+        broker.stop()
 
 
 def test_only_the_actuator_publishes_commands(

@@ -45,7 +45,7 @@ from services.collector.modbus import TRANSIENT, ModbusConnection
 from services.collector.profiles import Block, Profile, resolve
 from services.collector.timesync import CLOCKS, RESYNC_S
 from shared import __version__, topics
-from shared.bus import Backoff, Bus, BusUnavailable
+from shared.bus import Backoff, Bus, BusUnavailable, PublishRefused
 from shared.errors import ConfigError, PeerError
 from shared.messages import Event, EventState, GatewayStatus, Reading, Severity, encode, utcnow
 from shared.metrics import ServiceMetrics
@@ -478,15 +478,22 @@ class Collector:
         self.spool_depth.set(len(self.spool))
 
     async def _publish_batch(self, bus: Bus, records: list[tuple[str, bytes]]) -> list[bool]:
+        """Per record: done (delivered, or refused for good) or to be sent again."""
         results = await asyncio.gather(
             *(bus.publish(t, p) for t, p in records), return_exceptions=True
         )
-        ok = []
+        done = []
         for r in results:
+            if isinstance(r, PublishRefused):
+                # the broker will refuse it again (its ACL): spooling it would block
+                # every record behind it; the bus counted it in pfm_publish_failures_total
+                log.error("%s: dropped, not spooled (check the broker's ACL)", r)
+                done.append(True)
+                continue
             if isinstance(r, BaseException) and not isinstance(r, BusUnavailable):
                 log.error("publish failed unexpectedly: %r", r)
-            ok.append(not isinstance(r, BaseException))
-        return ok
+            done.append(not isinstance(r, BaseException))
+        return done
 
     async def _drain_spool(self, bus: Bus, stop: asyncio.Event | None = None) -> bool:
         """Send spooled records in order; False when the broker went away again."""
