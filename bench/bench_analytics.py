@@ -382,7 +382,7 @@ async def bench_mqtt(protocol: str, quick: bool) -> None:
     if by_python is not None:
         print(
             f"  the same, observer bare aiomqtt    {by_python:10.0f} readings/s "
-            f"({by_python / bare:.0%}; the observer of ~5 kB messages sets this pace)"
+            f"({by_python / bare:.0%}; a Python observer of ~3 kB messages sets this pace)"
         )
 
 
