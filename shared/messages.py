@@ -215,6 +215,8 @@ def expand_averages(value: object) -> object:
     if not isinstance(value, dict) or not isinstance(value.get("keys"), list):
         return value
     keys = value["keys"]
+    if len(set(map(str, keys))) != len(keys):
+        raise ValueError(f"keys repeat a quantity: {keys}")
     out: dict[str, dict[Any, Any]] = {}
     for slot, vals in value.items():
         if slot == "keys":

@@ -231,6 +231,7 @@ def test_metrics_of_schema_1_with_dict_averages_are_still_accepted() -> None:
         ({"keys": ["power"], "5s": {"power": 1.0}}, "slot '5s': expected a list of values"),
         ({"keys": ["bogus"], "5s": [1.0]}, "averages.5s.bogus"),
         ({"keys": ["power"], "5s": ["high"]}, "averages.5s.power"),
+        ({"keys": ["power", "power"], "5s": [1.0, 2.0]}, "keys repeat a quantity"),
     ],
 )
 def test_malformed_compact_averages_are_refused_saying_where(averages: object, says: str) -> None:
