@@ -16,8 +16,9 @@ from pymodbus.constants import ExcCodes
 from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
-from services.actuator.outputs import CoilDevice, ModbusLink
+from services.actuator.outputs import CoilDevice
 from shared.embedded import free_port
+from shared.modbus import ModbusConnection
 from shared.site.actuator import OutputDevice
 from shared.site.core import BusConfig
 
@@ -73,7 +74,7 @@ async def server() -> AsyncIterator[tuple[CoilServer, ModbusTcpServer]]:
 def device(port: int, retries: int = 2) -> CoilDevice:
     bus = BusConfig(name="b", host="127.0.0.1", port=port, timeout_s=0.3)
     cfg = OutputDevice(name="io1", bus="b", unit=5, coils=8, write_retries=retries)
-    return CoilDevice(cfg, ModbusLink(bus))
+    return CoilDevice(cfg, ModbusConnection(bus))
 
 
 async def test_write_is_verified_by_read_back(server: tuple[CoilServer, ModbusTcpServer]) -> None:

@@ -12,10 +12,10 @@ from pymodbus.constants import ExcCodes
 from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
-from services.actuator.outputs import ModbusLink
 from services.actuator.pmtr import UploadError, decode_formula, encode, upload
 from services.actuator.rules import check_site, uploads
 from shared.embedded import free_port
+from shared.modbus import ModbusConnection
 from shared.site import parse_site
 from shared.site.actuator import RelayAction
 from shared.site.core import BusConfig
@@ -187,7 +187,7 @@ async def test_upload_over_modbus_and_verify() -> None:
         data["buses"][0]["port"] = port
         site = parse_site(data)
         (item,) = uploads(site)["pm"]
-        link = ModbusLink(BusConfig(name="b1", host="127.0.0.1", port=port, timeout_s=0.5))
+        link = ModbusConnection(BusConfig(name="b1", host="127.0.0.1", port=port, timeout_s=0.5))
         await upload(link, 3, item)
         kinds = [(k, a) for k, a, _ in fake.log]
         assert kinds == [("regs", 151), ("coil", 2), ("coil", 3), ("coil", 4), ("coil", 1)]

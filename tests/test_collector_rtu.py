@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from services.collector.modbus import ModbusConnection, crc16, rtu_frame_ok
 from services.collector.profiles import PROFILES
 from services.collector.simulator import SimServer, inductive_site
 from shared.embedded import free_port
 from shared.errors import PeerError
 from shared.measurements import Measurement as M
+from shared.modbus import ModbusConnection, crc16, rtu_frame_ok
 from shared.site import BusConfig
 
 

@@ -10,7 +10,6 @@ import pytest
 from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
-from services.collector.modbus import ModbusConnection
 from services.collector.profiles import (
     MAX_REGISTERS_PER_READ,
     PROFILES,
@@ -22,6 +21,7 @@ from services.collector.profiles import (
 from shared.embedded import free_port
 from shared.errors import ConfigError
 from shared.measurements import Measurement as M
+from shared.modbus import ModbusConnection
 from shared.site import BusConfig, parse_site
 from shared.site.collector import ProfileSpec
 

@@ -1,10 +1,13 @@
 """The output path: Modbus coil writes with read-back verification and retries.
 
-One :class:`ModbusLink` per bus (one TCP connection serialises requests); one
-:class:`CoilDevice` per output device. :meth:`CoilDevice.set` writes a coil,
-reads it back, retries when the write failed or the read-back disagrees, and
-returns what the device finally reports (``None`` when it cannot be read): the
-state that is published is the device's, never the one we hoped for.
+The transport is :class:`shared.modbus.ModbusConnection`, the collector's: one
+per bus (its lock serialises the requests of every device on that bus), with the
+same error classification (``PeerError.kind``: ``exception_02``, ``timeout``,
+``crc``, ``refused``, ``garbage`` ...). One :class:`CoilDevice` per output device.
+:meth:`CoilDevice.set` writes a coil, reads it back, retries when the write failed
+or the read-back disagrees, and returns what the device finally reports (``None``
+when it cannot be read): the state that is published is the device's, never the
+one we hoped for.
 """
 
 from __future__ import annotations
@@ -12,73 +15,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
-from typing import Any
-
-from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
-from pymodbus.exceptions import ModbusException
-from pymodbus.framer import FramerType
 
 from shared.errors import PeerError
+from shared.modbus import ModbusConnection
 from shared.site.actuator import OutputDevice
-from shared.site.core import BusConfig
 
 log = logging.getLogger(__name__)
-
-
-class ModbusLink:
-    """One connection to a bus; requests on it are serialised."""
-
-    def __init__(self, config: BusConfig) -> None:
-        self.config = config
-        self.lock = asyncio.Lock()
-        self._client: Any = None
-
-    def _make(self) -> Any:
-        c = self.config
-        common: dict[str, Any] = {"timeout": c.timeout_s, "retries": 0}
-        if c.kind in ("tcp", "rtu_over_tcp"):
-            framer = FramerType.RTU if c.kind == "rtu_over_tcp" else FramerType.SOCKET
-            return AsyncModbusTcpClient(c.host or "", port=c.port or 502, framer=framer, **common)
-        return AsyncModbusSerialClient(
-            c.serial or "",
-            framer=FramerType.RTU,
-            baudrate=c.baudrate,
-            bytesize=c.bytesize,
-            parity=c.parity,
-            stopbits=c.stopbits,
-            **common,
-        )
-
-    async def _client_ready(self) -> Any:
-        if self._client is None:
-            self._client = self._make()
-        if not self._client.connected and not await self._client.connect():
-            where = self.config.serial or f"{self.config.host}:{self.config.port}"
-            raise PeerError(f"bus {self.config.name}: cannot connect to {where}", kind="refused")
-        return self._client
-
-    async def call(self, what: str, unit: int, method: str, *args: Any, **kwargs: Any) -> Any:
-        """Run one request; library errors become :class:`PeerError` naming unit and request."""
-        async with self.lock:
-            client = await self._client_ready()
-            try:
-                rr = await getattr(client, method)(*args, device_id=unit, **kwargs)
-            except (ModbusException, TimeoutError, OSError) as exc:
-                self.close()
-                raise PeerError(f"unit {unit}: {what}: {exc}", kind="timeout") from exc
-            if rr.isError():
-                code = int(getattr(rr, "exception_code", 0) or 0)
-                raise PeerError(
-                    f"unit {unit}: {what}: Modbus exception 0x{code:02X}",
-                    code=code,
-                    kind=f"exception_{code:02x}",
-                )
-            return rr
-
-    def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None
 
 
 @dataclass
@@ -100,7 +42,7 @@ class CoilDevice:
     """An output device: coil writes, read-back, the last known coil image."""
 
     config: OutputDevice
-    link: ModbusLink
+    link: ModbusConnection
     coils: dict[int, bool] = field(default_factory=dict)
     online: bool = False
     last_error: str | None = None
@@ -110,13 +52,7 @@ class CoilDevice:
         return self.config.name
 
     async def read(self, address: int, count: int = 1) -> list[bool]:
-        rr = await self.link.call(
-            f"read coils {address}+{count}", self.config.unit, "read_coils", address, count=count
-        )
-        bits = list(rr.bits)[:count]
-        if len(bits) < count:
-            raise PeerError(f"unit {self.config.unit}: short coil answer", kind="garbage")
-        return [bool(b) for b in bits]
+        return await self.link.read_coils(self.config.unit, address, count)
 
     async def refresh(self) -> dict[int, bool]:
         """Read every coil of the device; marks it online/offline."""
@@ -138,13 +74,7 @@ class CoilDevice:
         for attempt in range(self.config.write_retries + 1):
             attempts = attempt + 1
             try:
-                await self.link.call(
-                    f"write coil {address}={int(value)}",
-                    self.config.unit,
-                    "write_coil",
-                    address,
-                    value,
-                )
+                await self.link.write_coil(self.config.unit, address, value)
                 (actual,) = await self.read(address)
             except PeerError as exc:
                 error = str(exc)

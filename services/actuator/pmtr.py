@@ -30,8 +30,8 @@ from services.actuator.expr import (
     Var,
     parse,
 )
-from services.actuator.outputs import ModbusLink
 from shared.errors import PeerError
+from shared.modbus import ModbusConnection
 from shared.site.actuator import RelayAction
 
 #: firmware token -> raw units per SI unit (raw = SI * factor)
@@ -212,29 +212,16 @@ def decode_formula(registers: list[int]) -> str:
     return raw.split(b"\0", 1)[0].decode("ascii", "replace")
 
 
-async def upload(link: ModbusLink, unit: int, item: Upload) -> None:
+async def upload(link: ModbusConnection, unit: int, item: Upload) -> None:
     """Write one action to a PMTR_001 and verify the registers by reading them back."""
-    await link.call(
-        f"write registers {FIRST_REGISTER}+{REGISTER_COUNT}",
-        unit,
-        "write_registers",
-        FIRST_REGISTER,
-        item.registers,
-    )
+    await link.write_registers(unit, FIRST_REGISTER, item.registers)
     for coil, value in sorted(item.coils.items()):
-        await link.call(f"write coil {coil}", unit, "write_coil", coil, value)
-    rr = await link.call(
-        f"read registers {FIRST_REGISTER}+{REGISTER_COUNT}",
-        unit,
-        "read_holding_registers",
-        FIRST_REGISTER,
-        count=REGISTER_COUNT,
-    )
-    got = list(rr.registers)
+        await link.write_coil(unit, coil, value)
+    got = await link.read(unit, "holding", FIRST_REGISTER, REGISTER_COUNT)
     if got != item.registers:
         raise PeerError(
             f"unit {unit}: action {item.action!r} read back as {decode_formula(got)!r}, "
             f"not {item.formula!r}",
             kind="verify",
         )
-    await link.call(f"write coil {COIL_APPLY}", unit, "write_coil", COIL_APPLY, True)
+    await link.write_coil(unit, COIL_APPLY, True)

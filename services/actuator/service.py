@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from prometheus_client import Counter, Gauge, Histogram
 
 from services.actuator.controller import BankController, Decision, Op
-from services.actuator.outputs import CoilDevice, ModbusLink
+from services.actuator.outputs import CoilDevice
 from services.actuator.pmtr import upload
 from services.actuator.rules import Intent, RelayEngine, load_actions, uploads
 from shared import topics
@@ -27,6 +27,7 @@ from shared.bus import Bus, BusUnavailable, Incoming
 from shared.errors import PeerError
 from shared.messages import ActuatorState, Command, Event, EventState, Metrics, Severity, utcnow
 from shared.metrics import ServiceMetrics
+from shared.modbus import ModbusConnection
 from shared.service import Shutdown
 from shared.settings import METRICS_PORTS, Settings
 from shared.site import SiteConfig
@@ -93,11 +94,13 @@ class Actuator:
         self.engine = RelayEngine(
             self.site.site, actions, stale_after_s=self.site.actuator.stale_after, clock=self.clock
         )
-        links: dict[str, ModbusLink] = {}
+        links: dict[str, ModbusConnection] = {}  # one connection per bus, shared by its devices
         for dev in self.site.devices:
             if dev.kind == "pmtr001":
                 continue
-            link = links.setdefault(dev.bus, ModbusLink(self.site.bus(dev.bus)))
+            if dev.bus not in links:
+                links[dev.bus] = ModbusConnection(self.site.bus(dev.bus))
+            link = links[dev.bus]
             self.devices[dev.name] = CoilDevice(dev, link)
         self.banks = [BankController(self.site.site, b, clock=self.clock) for b in self.site.banks]
         self._lock = asyncio.Lock()
@@ -153,7 +156,7 @@ class Actuator:
         """Upload the actions that drive PMTR_001 pins to their meters (verified)."""
         for name, items in uploads(self.site).items():
             cfg = next(d for d in self.site.devices if d.name == name)
-            link = ModbusLink(self.site.bus(cfg.bus))
+            link = ModbusConnection(self.site.bus(cfg.bus))
             try:
                 for item in items:
                     await upload(link, cfg.unit, item)

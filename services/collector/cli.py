@@ -50,7 +50,7 @@ def _bus(
 ) -> BusConfig:
     from pydantic import ValidationError
 
-    from services.collector.modbus import quiet_library_logs
+    from shared.modbus import quiet_library_logs
     from shared.site import format_validation_error
 
     quiet_library_logs()
@@ -110,8 +110,8 @@ def register(app: typer.Typer) -> None:
         ),
     ) -> None:
         """One poll of one meter: decoded values with units (check scale factors)."""
-        from services.collector.modbus import ModbusConnection
         from services.collector.profiles import resolve
+        from shared.modbus import ModbusConnection
         from shared.site import load_site
 
         bus = _bus(host, port, serial, baud, parity, rtu_over_tcp, timeout)
@@ -213,9 +213,9 @@ def register(app: typer.Typer) -> None:
         timeout: float = TIMEOUT,
     ) -> None:
         """Push the gateway's clock to a device that keeps its own (PMTR_001 handshake)."""
-        from services.collector.modbus import ModbusConnection
         from services.collector.timesync import CLOCKS
         from shared.messages import utcnow
+        from shared.modbus import ModbusConnection
 
         bus = _bus(host, port, serial, baud, parity, rtu_over_tcp, timeout)
         _unit(unit)

@@ -12,10 +12,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from services.collector.modbus import ModbusConnection
 from services.collector.profiles import PROFILES, Profile
 from shared.errors import PeerError
 from shared.measurements import Measurement as M
+from shared.modbus import ModbusConnection
 from shared.site import BusConfig
 
 ABSENT = frozenset({"timeout", "exception_0a", "exception_0b", "refused"})

@@ -9,7 +9,7 @@ How it keeps going when things break:
   connection for at most that long and the others keep their schedule. A meter
   still busy when its next poll is due skips that cycle (counted as missed);
 * each failure is classified (Modbus exception 0x01..0x0B, crc, timeout,
-  refused, garbage - see :mod:`services.collector.modbus`), counted in
+  refused, garbage - see :mod:`shared.modbus`), counted in
   ``pfm_collector_poll_errors_total{meter,kind}`` and logged with the device, unit
   and registers; transient kinds are retried at once (``BusConfig.retries``);
 * after ``MeterConfig.offline_after`` failures in a row the meter is offline: a
@@ -41,7 +41,6 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from services.collector.modbus import TRANSIENT, ModbusConnection
 from services.collector.profiles import Block, Profile, resolve
 from services.collector.timesync import CLOCKS, RESYNC_S
 from shared import __version__, topics
@@ -49,6 +48,7 @@ from shared.bus import Backoff, Bus, BusUnavailable, PublishRefused
 from shared.errors import ConfigError, PeerError
 from shared.messages import Event, EventState, GatewayStatus, Reading, Severity, encode, utcnow
 from shared.metrics import ServiceMetrics
+from shared.modbus import TRANSIENT, ModbusConnection
 from shared.service import Shutdown
 from shared.settings import METRICS_PORTS, Settings
 from shared.site import BusConfig, MeterConfig, SiteConfig

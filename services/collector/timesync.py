@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from services.collector import profiles as prof
-from services.collector.modbus import ModbusConnection
+from shared.modbus import ModbusConnection
 
 
 @dataclass(frozen=True, slots=True)
