@@ -984,6 +984,10 @@ class SimServer:
                 for i, val in enumerate(values):
                     put(address + i, bool(val))
             if fc == 1:
+                # for bit requests pymodbus hands the action the count in 16-bit
+                # registers, not in coils (at most the coil count): a read that starts
+                # inside the device and runs only a little past its last coil is answered,
+                # the extra bits reading 0, where a strict device would say 0x02
                 if address + count > n:
                     return ExcCodes.ILLEGAL_ADDRESS
                 state = get()
