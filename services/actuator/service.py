@@ -27,7 +27,7 @@ from shared.bus import Bus, BusUnavailable, Incoming
 from shared.errors import PeerError
 from shared.messages import ActuatorState, Command, Event, EventState, Metrics, Severity, utcnow
 from shared.metrics import ServiceMetrics
-from shared.modbus import ModbusConnection
+from shared.modbus import ModbusConnection, quiet_library_logs
 from shared.service import Shutdown
 from shared.settings import METRICS_PORTS, Settings
 from shared.site import SiteConfig
@@ -372,6 +372,7 @@ class Actuator:
 
 async def run(settings: Settings, site: SiteConfig, shutdown: Shutdown) -> None:
     load_actions(site)  # a bad rule refuses the start before anything connects
+    quiet_library_logs()  # write errors are classified and logged here, not by pymodbus
     metrics = ServiceMetrics(SERVICE, site.site)
     port = settings.metrics_port if settings.metrics_port is not None else METRICS_PORTS[SERVICE]
     async with Bus(settings, service=SERVICE, site=site.site, metrics=metrics) as bus:

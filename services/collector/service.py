@@ -48,7 +48,7 @@ from shared.bus import Backoff, Bus, BusUnavailable, PublishRefused
 from shared.errors import ConfigError, PeerError
 from shared.messages import Event, EventState, GatewayStatus, Reading, Severity, encode, utcnow
 from shared.metrics import ServiceMetrics
-from shared.modbus import TRANSIENT, ModbusConnection
+from shared.modbus import TRANSIENT, ModbusConnection, quiet_library_logs
 from shared.service import Shutdown
 from shared.settings import METRICS_PORTS, Settings
 from shared.site import BusConfig, MeterConfig, SiteConfig
@@ -577,7 +577,7 @@ async def run(
     serve = metrics is None
     if metrics is None:
         metrics = ServiceMetrics(SERVICE, site.site)
-    logging.getLogger("pymodbus").setLevel(logging.CRITICAL)  # we classify and log ourselves
+    quiet_library_logs()  # we classify and log Modbus failures ourselves
     # checks every meter's profile first: a bad site file starts nothing
     collector = Collector(settings, site, metrics, spool_max_records=spool_max_records)
     if serve:
