@@ -154,10 +154,18 @@ def _numpy_rows(obj: object) -> object:
 def encode_metrics(m: MetricsOut | Metrics) -> bytes:
     """Fast serialisation of a Metrics built here (same JSON as ``shared.messages.encode``
     gives for the same message, fields in the schema's order of this function)."""
-    if isinstance(m, MetricsOut) and m._averages is None and m.lazy is not None:
-        averages: dict[str, Any] = m.lazy.averages_wire(m.row)
+    if isinstance(m, MetricsOut) and m.lazy is not None:
+        # straight from the builder: a field nobody read is not kept as a dict
+        lazy, row = m.lazy, m.row
+        values = m._values if m._values is not None else lazy.values(row)
+        averages: dict[str, Any] = (
+            lazy.averages_wire(row) if m._averages is None else compact_averages(m._averages)
+        )
+        load = m._load if m._load is not None else lazy.load(row)
+        quadrant = m._quadrant if m._quadrant is not None else lazy.quadrant(row)
     else:
-        averages = compact_averages(m.averages)
+        values, averages = m.values, compact_averages(m.averages)
+        load, quadrant = m.load, m.quadrant
     return orjson.dumps(
         {
             "schema": Metrics.SCHEMA,
@@ -167,10 +175,10 @@ def encode_metrics(m: MetricsOut | Metrics) -> bytes:
             "meter": m.meter,
             "source": m.source,
             "interval_s": m.interval_s,
-            "values": m.values,
+            "values": values,
             "averages": averages,
-            "load": m.load,
-            "quadrant": m.quadrant,
+            "load": load,
+            "quadrant": quadrant,
             "harmonics": m.harmonics,
             "source_seq": m.source_seq,
             "aggregate": m.aggregate,

@@ -108,6 +108,8 @@ class Analytics:
         self.notice_seq = 0
         self.refused = 0
         self.children: dict[str, tuple[Any, Any, Any, Any]] = {}
+        #: per meter, looked up once (bounded like the engine's meters)
+        self._metrics_topics: dict[str, str] = {}
 
     def _children(self, meter: str) -> tuple[Any, Any, Any, Any]:
         """Labelled Prometheus children per meter, looked up once."""
@@ -228,8 +230,11 @@ class Analytics:
     # -- results ---------------------------------------------------------------------------
 
     def _emit(self, meter: str, out: Output) -> None:
+        topic = self._metrics_topics.get(meter)
+        if topic is None:
+            topic = self._metrics_topics[meter] = topics.metrics(self.site.site, meter)
         for m in out.metrics:
-            self._publish(topics.metrics(m.site, meter), encode_metrics(m), "metrics")
+            self._publish(topic, encode_metrics(m), "metrics")
         for ev in out.events:
             self._publish(topics.event(ev.site, meter), encode(ev), "event")
             self.metrics.transitions.labels(meter, ev.code, ev.state.value).inc()
