@@ -219,7 +219,7 @@ class PlainLink:
         self, topic: str, payload: bytes, qos: int, retain: bool, token: Token
     ) -> None:
         try:
-            await self._awaited.publish(topic, payload, qos, retain, 10.0)
+            await self._awaited.publish(topic, payload, qos, retain, self._client.timeout)
         except asyncio.CancelledError:
             self._on_failed(token, "disconnected")
             raise

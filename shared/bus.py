@@ -145,6 +145,11 @@ OnPublishFailed = Callable[[str, bytes, str], None]
 _MAX_ROUTES = 10_000
 
 
+def _kind(topic: str) -> str:
+    """The metric label of a topic: its last level (``reading``, ``metrics`` ...)."""
+    return topic.rsplit("/", 1)[-1]
+
+
 class Bus:
     """An MQTT connection for one service. Use as ``async with Bus(...) as bus:``.
 
@@ -228,7 +233,7 @@ class Bus:
         share_group: str | None = None,
     ) -> None:
         """Route messages matching ``pattern`` to ``handler(model_instance, incoming)``."""
-        kind = pattern.rsplit("/", 1)[-1]
+        kind = _kind(pattern)
         if kind in ("+", "#"):
             kind = "any"
         sub = _Subscription(pattern, model, handler, qos, share_group, kind, pattern.split("/"))
@@ -265,8 +270,7 @@ class Bus:
         try:
             await link.publish(topic, payload, qos, retain, timeout)
         except _mqtt_fast.Refused as exc:
-            kind = topic.rsplit("/", 1)[-1]
-            self.metrics.publish_failures.labels(self.service, kind).inc()
+            self.metrics.publish_failures.labels(self.service, _kind(topic)).inc()
             raise PublishRefused(f"publish to {topic} {exc}", kind="refused") from exc
         except aiomqtt.MqttError as exc:
             raise BusUnavailable(f"publish to {topic} failed: {exc}", kind="publish") from exc
@@ -491,7 +495,7 @@ class Bus:
         sub.seconds.observe(time.perf_counter() - started)
 
     def _published_counter(self, topic: str) -> Any:
-        kind = topic.rsplit("/", 1)[-1]
+        kind = _kind(topic)
         counter = self._published.get(kind)
         if counter is None:
             counter = self._published[kind] = self.metrics.published.labels(self.service, kind)
@@ -503,7 +507,7 @@ class Bus:
 
     def _failed(self, token: tuple[str, bytes], reason: str) -> None:
         topic, payload = token
-        self.metrics.publish_failures.labels(self.service, topic.rsplit("/", 1)[-1]).inc()
+        self.metrics.publish_failures.labels(self.service, _kind(topic)).inc()
         log.warning(
             "publish to %s not confirmed: %s",
             topic,
