@@ -141,3 +141,81 @@ def test_analytics_options_must_name_a_meter(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_site(f)
     assert "analytics.meters.mian: no meter named 'mian' (meters: main)" in str(info.value)
+
+
+TOPOLOGY = """
+site: plant1
+buses:
+  - {name: b1, kind: tcp, host: 10.0.0.5}
+meters:
+  - {name: main, bus: b1, unit: 1, profile: sdm630, role: billing, ct_ratio: "400/5"}
+  - {name: mcc1, bus: b1, unit: 2, profile: pmtr001, parent: main, pt_ratio: "11000/110"}
+  - {name: press, bus: b1, unit: 3, profile: pmtr001, role: feeder, parent: mcc1, ct_ratio: 40}
+  - {name: pv, bus: b1, unit: 4, profile: pmtr001, role: generation, parent: main}
+"""
+
+
+def test_topology_roles_parents_and_ratios(tmp_path: Path) -> None:
+    f = tmp_path / "site.yaml"
+    f.write_text(TOPOLOGY)
+    site = load_site(f)
+    assert [(m.name, m.kind) for m in site.meters] == [
+        ("main", "billing"),
+        ("mcc1", "feeder"),
+        ("press", "feeder"),
+        ("pv", "generation"),
+    ]
+    assert site.meter("main").ct_ratio == 80.0 and site.meter("main").pt_ratio == 1.0
+    assert site.meter("mcc1").pt_ratio == 100.0 and site.meter("press").ct_ratio == 40.0
+    assert [m.name for m in site.billing_meters()] == ["main"]
+    assert [m.name for m in site.children("main")] == ["mcc1", "pv"]
+    assert site.billing_point("press") is site.meter("main")
+    assert site.meter("pv").exports and not site.meter("press").exports
+
+
+_PV2 = "  - {name: pv2, bus: b1, unit: 5, profile: pmtr001, role: generation}\n"
+_MCC2 = "  - {name: mcc2, bus: b1, unit: 5, profile: pmtr001, parent: press}\n"
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "extra", "expected"),
+    [
+        ("parent: mcc1, ct", "parent: nope, ct", "", "meters[2].parent: no meter named 'nope'"),
+        ("feeder, parent: mcc1", "feeder", "", "meters[2].parent: feeder 'press' needs a parent"),
+        ("parent: mcc1, ct", "parent: mcc2, ct", _MCC2, "cycle (press -> mcc2 -> press)"),
+        ("ct_ratio: 40", 'ct_ratio: "400/0"', "", "meters[2].ct_ratio: primary and secondary"),
+        ("ct_ratio: 40", "ct_ratio: -5", "", "meters[2].ct_ratio: a ratio must be a finite"),
+        ("ct_ratio: 40", "ct_ratio: four", "", "meters[2].ct_ratio: not a ratio"),
+        ("parent: mcc1, ct", "parent: pv2, ct", _PV2, "feeder 'press' has no billing point"),
+    ],
+    ids=["unknown-parent", "no-parent", "cycle", "div0", "negative", "text", "no-billing"],
+)
+def test_topology_errors_name_the_field(
+    tmp_path: Path, old: str, new: str, extra: str, expected: str
+) -> None:
+    assert old in TOPOLOGY
+    f = tmp_path / "site.yaml"
+    f.write_text(TOPOLOGY.replace(old, new) + extra)
+    with pytest.raises(ConfigError) as info:
+        load_site(f)
+    assert expected in str(info.value), str(info.value)
+
+
+def test_a_bank_on_a_meter_that_does_not_exist_is_refused(tmp_path: Path) -> None:
+    f = tmp_path / "site.yaml"
+    f.write_text(
+        TOPOLOGY
+        + "devices:\n  - {name: io1, bus: b1, unit: 9, kind: capbank, coils: 8}\n"
+        + "banks:\n  - {name: b, meter: mian, device: io1, steps_kvar: [25, 25]}\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_site(f)
+    assert "banks[0].meter: no meter named 'mian' to compensate" in str(info.value)
+
+
+def test_a_bad_topology_stops_a_service_with_exit_2(tmp_path: Path) -> None:
+    f = tmp_path / "site.yaml"
+    f.write_text(TOPOLOGY.replace("parent: mcc1, ct_ratio: 40", "parent: nope, ct_ratio: 40"))
+    res = _pfmon("collector", "--site-file", str(f))
+    assert res.returncode == 2, res.stderr
+    assert "meters[2].parent: no meter named 'nope'" in res.stderr

@@ -90,6 +90,13 @@ class SiteConfig(BaseModel):
                     f"used by {seen_units[key]!r}"
                 )
             seen_units[key] = meter.name
+        problems += _topology_problems(self.meters)
+        for i, bank in enumerate(self.banks):
+            if meter_names and bank.meter not in meter_names:
+                problems.append(
+                    f"banks[{i}].meter: no meter named {bank.meter!r} to compensate "
+                    f"(meters: {', '.join(sorted(meter_names))})"
+                )
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -105,6 +112,78 @@ class SiteConfig(BaseModel):
             if b.name == name:
                 return b
         raise KeyError(name)
+
+    # -- topology: the switchboard as wired ----------------------------------------------
+
+    def billing_meters(self) -> list[MeterConfig]:
+        """The utility points of common coupling: what the site is billed on."""
+        return [m for m in self.meters if m.kind == "billing"]
+
+    def children(self, name: str) -> list[MeterConfig]:
+        """The meters whose parent is ``name``, in file order."""
+        return [m for m in self.meters if m.parent == name]
+
+    def billing_point(self, name: str) -> MeterConfig | None:
+        """The billing meter above ``name`` (itself when it is one), None when none is."""
+        meter: MeterConfig | None = self.meter(name)
+        seen: set[str] = set()
+        while meter is not None and meter.name not in seen:
+            if meter.kind == "billing":
+                return meter
+            seen.add(meter.name)
+            meter = self.meter(meter.parent) if meter.parent else None
+        return None
+
+
+def _topology_problems(meters: list[MeterConfig]) -> list[str]:
+    """Roles and parents: every feeder hangs, through its parents, below a billing point;
+    no cycles; no unknown parents."""
+    by_name = {m.name: m for m in meters}
+    problems: list[str] = []
+    for i, meter in enumerate(meters):
+        where = f"meters[{i}]"
+        if meter.parent is None:
+            if meter.kind == "feeder":
+                problems.append(
+                    f"{where}.parent: feeder {meter.name!r} needs a parent (the meter "
+                    "upstream of it)"
+                )
+            continue
+        if meter.parent == meter.name:
+            problems.append(f"{where}.parent: {meter.name!r} cannot be its own parent")
+            continue
+        if meter.parent not in by_name:
+            problems.append(
+                f"{where}.parent: no meter named {meter.parent!r} "
+                f"(meters: {', '.join(sorted(by_name)) or 'none'})"
+            )
+            continue
+        if meter.kind == "billing":
+            problems.append(
+                f"{where}.parent: {meter.name!r} is a billing point (a utility point of "
+                f"common coupling) and has no parent (make it a feeder of {meter.parent!r})"
+            )
+            continue
+        # walk up: a cycle, or a top that is not a billing point
+        path = [meter.name]
+        up = by_name[meter.parent]
+        while True:
+            if up.name in path:
+                cycle = " -> ".join([*path[path.index(up.name) :], up.name])
+                problems.append(f"{where}.parent: the parents form a cycle ({cycle})")
+                break
+            path.append(up.name)
+            if up.parent is None:
+                if up.kind != "billing":
+                    problems.append(
+                        f"{where}.parent: {meter.kind} {meter.name!r} has no billing point "
+                        f"above it (its top is {up.kind} {up.name!r})"
+                    )
+                break
+            if up.parent not in by_name:
+                break  # reported on that meter
+            up = by_name[up.parent]
+    return problems
 
 
 def _duplicates(section: str, names: list[str]) -> list[str]:
@@ -135,7 +214,7 @@ def format_validation_error(exc: ValidationError) -> list[str]:
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]
         loc = _loc(tuple(err["loc"]))
-        if err["type"] == "value_error" and "; " in msg and loc == "(top level)":
+        if err["type"] == "value_error" and loc == "(top level)":
             problems.extend(msg.split("; "))
             continue
         got = err.get("input")

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import math
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from shared.topics import Slug
 
@@ -79,6 +80,38 @@ class BusConfig(BaseModel):
         return self.connections or 2
 
 
+def _parse_ratio(value: object) -> float:
+    """``"400/5"`` (primary/secondary), ``"11000/110"`` or a plain number as a ratio > 0."""
+    if isinstance(value, bool):
+        raise ValueError("not a ratio: write primary/secondary like '400/5'")
+    if isinstance(value, int | float):
+        ratio = float(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        parts = text.split("/")
+        if len(parts) > 2 or not all(p.strip() for p in parts):
+            raise ValueError("not a ratio: write primary/secondary like '400/5'")
+        try:
+            numbers = [float(p) for p in parts]
+        except ValueError:
+            raise ValueError("not a ratio: write primary/secondary like '400/5'") from None
+        if any(not math.isfinite(n) or n <= 0 for n in numbers):
+            raise ValueError("primary and secondary must both be finite numbers > 0")
+        ratio = numbers[0] / numbers[1] if len(numbers) == 2 else numbers[0]
+    else:
+        raise ValueError("not a ratio: write primary/secondary like '400/5'")
+    if not math.isfinite(ratio) or ratio <= 0:
+        raise ValueError("a ratio must be a finite number > 0")
+    return ratio
+
+
+#: a CT or PT ratio, primary over secondary: ``"400/5"`` = 80, or a plain number
+Ratio = Annotated[float, BeforeValidator(_parse_ratio)]
+
+#: where a meter sits in the switchboard
+Role = Literal["billing", "feeder", "generation"]
+
+
 class MeterConfig(BaseModel):
     """One meter: where it is and which profile decodes it."""
 
@@ -102,3 +135,28 @@ class MeterConfig(BaseModel):
         description="push the gateway's clock to the device at start and daily "
         "(profiles with a clock, e.g. pmtr001)",
     )
+    role: Role | None = Field(
+        None,
+        description="billing = a utility point of common coupling (billed); feeder = below "
+        "its parent; generation = PV or genset (export expected). Default: feeder when a "
+        "parent is given, else billing",
+    )
+    parent: Slug | None = Field(None, description="the meter upstream of this one")
+    ct_ratio: Ratio = Field(
+        1.0, description="current transformer, primary/secondary ('400/5'); 1 = direct"
+    )
+    pt_ratio: Ratio = Field(
+        1.0, description="voltage transformer, primary/secondary ('11000/110'); 1 = direct"
+    )
+
+    @property
+    def kind(self) -> Role:
+        """The meter's role, with the default filled in."""
+        if self.role is not None:
+            return self.role
+        return "feeder" if self.parent else "billing"
+
+    @property
+    def exports(self) -> bool:
+        """Whether export (P < 0) is expected here: generation, or said so."""
+        return self.expect_export or self.kind == "generation"
