@@ -9,9 +9,11 @@ STAMP  := $(VENV)/.installed
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml requirements.lock
+	@echo "pfmon: setting up $(VENV) - $$(grep -c '==' requirements.lock) pinned packages from requirements.lock (first run only, about a minute)"
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.lock
+	$(BIN)/pip install --disable-pip-version-check --progress-bar on -r requirements.lock
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	@echo "pfmon: $(VENV) is ready"
 	touch $(STAMP)
 
 ## Run every service against simulated meters (embedded broker/database when none answers).

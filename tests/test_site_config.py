@@ -133,6 +133,8 @@ def test_help_explains_every_command() -> None:
         assert (command.help or "").strip(), f"pfmon {name} has no help text"
         sub = runner.invoke(app, [name, "--help"])
         assert sub.exit_code == 0 and "Usage" in sub.output, name
+        # a plain flag (--keep, --json, --help) takes no value and must not look as if it did
+        assert "<bool>" not in sub.output, f"pfmon {name} --help shows a flag as <bool>"
 
 
 def test_analytics_options_must_name_a_meter(tmp_path: Path) -> None:
