@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import NoReturn
 
 import typer
+from rich.console import Console
 
 from shared import service
 from shared.errors import ConfigError
@@ -27,6 +29,20 @@ SITE_FILE_OPTION = typer.Option(
 DURATION_OPTION = typer.Option(
     None, "--duration", help="Stop after this many seconds (default: run until SIGTERM/Ctrl-C)."
 )
+
+
+#: width of tables written to a file or a pipe (logs, CI) when ``COLUMNS`` does not say
+PIPE_WIDTH = 200
+
+
+def console(*, stderr: bool = False) -> Console:
+    """A rich console for pfmon's tables. On a terminal it follows the terminal; written
+    to a file or a pipe it is ``COLUMNS`` wide, else :data:`PIPE_WIDTH`, not rich's 80
+    (which wraps every row of a table into several lines in a log)."""
+    out = Console(stderr=stderr)
+    if not out.is_terminal and not os.environ.get("COLUMNS"):
+        out = Console(stderr=stderr, width=PIPE_WIDTH)
+    return out
 
 
 def fail(message: str, code: int = 2) -> NoReturn:

@@ -23,7 +23,6 @@ from typing import Any
 import asyncpg
 import typer
 import yaml
-from rich.console import Console
 from rich.table import Table
 
 from services.actuator import service as actuator
@@ -31,6 +30,7 @@ from services.analytics import service as analytics
 from services.archiver import service as archiver
 from services.collector import service as collector
 from services.collector.simulator import SimServer, SimSite, inductive_site
+from services.common import console as make_console
 from shared import topics
 from shared.bus import Bus, Incoming
 from shared.embedded import (
@@ -50,7 +50,7 @@ from shared.settings import Settings, load_settings
 from shared.site import SiteConfig, parse_site
 
 log = logging.getLogger(__name__)
-console = Console(stderr=True)
+console = make_console(stderr=True)
 
 # The plant: a small factory whose incomer runs at PF ~0.78 (motors, a VFD, servers),
 # a 6 x 25 kvar capacitor bank the actuator switches, and feeder meters on the loads.

@@ -19,16 +19,16 @@ from typing import Any
 
 import orjson
 import typer
-from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
 from services.common import DURATION_OPTION, SITE_FILE_OPTION, fail, run_service
+from services.common import console as make_console
 from shared.errors import ConfigError, PeerError
 from shared.site import BusConfig
 
-console = Console()
-err_console = Console(stderr=True)
+console = make_console()
+err_console = make_console(stderr=True)
 
 HOST = typer.Option(None, "--host", help="Modbus TCP host (or serial gateway host).")
 PORT = typer.Option(502, "--port", help="TCP port.")
