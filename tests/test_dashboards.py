@@ -10,19 +10,14 @@
   panel is ``EXPLAIN``-ed there (Grafana macros and variables substituted), so a missing
   table or column fails with PostgreSQL's own message, naming the panel.
 
-Robust to parallel work: a metric that the project's plan announces for a service being
-built on another branch (``ANNOUNCED``) but that is not in the code yet is reported as
-pending by a skipped test that names each panel, instead of failing; any other unknown
-metric fails. ``PFM_STRICT_DASHBOARDS=1`` (after merging every branch) makes pending fail.
-Without a migrations folder the SQL is checked against tables built from the documented
-schema (``Measurement`` columns) and a skipped test says the check must be re-run.
+A metric, label, table or column that pfmon does not produce fails the test, naming the
+panel or rule.
 """
 
 from __future__ import annotations
 
 import ast
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -34,8 +29,6 @@ import asyncpg
 import pytest
 import yaml
 
-from shared.measurements import Measurement
-
 REPO = Path(__file__).resolve().parents[1]
 DASHBOARDS = sorted((REPO / "deploy" / "grafana" / "dashboards").glob("*.json"))
 ALERTS = REPO / "deploy" / "prometheus" / "alerts.yml"
@@ -44,25 +37,6 @@ DATASOURCES = REPO / "deploy" / "grafana" / "provisioning" / "datasources" / "pf
 PROMTOOL = shutil.which("promtool")
 
 CONSTRUCTORS = {"Counter", "Gauge", "Histogram", "Summary", "Info", "Enum"}
-#: services whose metrics are built on other branches (pending until merged)
-OWNERS = ("collector", "analytics", "actuator", "archiver")
-#: the metrics the plan announces per service (exposed series names)
-ANNOUNCED = {
-    "pfm_collector_polls_total", "pfm_collector_poll_errors_total",
-    "pfm_collector_meter_online", "pfm_collector_poll_seconds_bucket",
-    "pfm_collector_poll_seconds_sum", "pfm_collector_poll_seconds_count",
-    "pfm_collector_spool_records", "pfm_collector_spool_dropped_total",
-    "pfm_collector_poll_jitter_seconds_bucket", "pfm_analytics_readings_total",
-    "pfm_analytics_alarms_active", "pfm_analytics_alarm_transitions_total",
-    "pfm_analytics_power_factor", "pfm_analytics_neutral_score",
-    "pfm_analytics_process_seconds_bucket", "pfm_actuator_commands_total",
-    "pfm_actuator_write_errors_total", "pfm_actuator_steps_in",
-    "pfm_actuator_step_operations_total", "pfm_actuator_rule_active",
-    "pfm_archiver_rows_total", "pfm_archiver_lag_seconds", "pfm_archiver_buffer_records",
-    "pfm_archiver_spill_records", "pfm_archiver_flush_seconds_bucket",
-    "pfm_archiver_db_errors_total",
-}  # fmt: skip
-STRICT = os.environ.get("PFM_STRICT_DASHBOARDS") == "1"
 #: labels Prometheus adds (targets, histogram buckets) and those the scrape configs set
 EXTRA_LABELS = {"job", "instance", "le", "quantile", "component", "gateway_site", "__name__"}
 #: PromQL words that look like identifiers but are not metrics
@@ -220,13 +194,6 @@ def promql_refs(expr: str) -> tuple[set[str], set[str]]:
     return {t for t in metrics if t.startswith("pfm_")}, labels
 
 
-def _owner(metric: str) -> str | None:
-    for owner in OWNERS:
-        if metric.startswith(f"pfm_{owner}_"):
-            return owner
-    return None
-
-
 @pytest.fixture(scope="module")
 def metrics_in_code() -> dict[str, MetricDef]:
     found = produced_metrics()
@@ -234,12 +201,9 @@ def metrics_in_code() -> dict[str, MetricDef]:
     return found
 
 
-def check_promql(
-    queries: list[Query], produced: dict[str, MetricDef]
-) -> tuple[list[str], list[str]]:
-    """(failures, pending) for PromQL queries."""
+def check_promql(queries: list[Query], produced: dict[str, MetricDef]) -> list[str]:
+    """What is wrong with these PromQL queries: unknown metrics, unknown labels."""
     failures: list[str] = []
-    pending: list[str] = []
     for q in queries:
         names, labels = promql_refs(q.text)
         known_labels = set(EXTRA_LABELS)
@@ -247,11 +211,6 @@ def check_promql(
         for name in sorted(names):
             d = produced.get(name)
             if d is None:
-                owner = _owner(name)
-                if name in ANNOUNCED and owner is not None and not STRICT:
-                    pending.append(f"{q.where}: {name} (announced for wip/{owner}, not in code)")
-                    unknown_label_defs = True
-                    continue
                 bases = {x.name for x in produced.values()}
                 hint = f"; a {name} is defined but exposed as" if name in bases else ""
                 if hint:
@@ -270,34 +229,21 @@ def check_promql(
                 failures.append(
                     f"{q.where}: label {label!r} is not a label of {', '.join(sorted(names))}"
                 )
-    return failures, pending
+    return failures
 
 
 def test_every_panel_metric_is_produced(metrics_in_code: dict[str, MetricDef]) -> None:
     queries = [q for q in dashboard_queries() if q.lang == "promql"]
     assert len(queries) > 20
-    failures, pending = check_promql(queries, metrics_in_code)
+    failures = check_promql(queries, metrics_in_code)
     assert not failures, "dashboard panels refer to what pfmon does not produce:\n" + "\n".join(
         failures
     )
-    if pending:
-        print("pending (re-run after merging):\n" + "\n".join(pending))
 
 
 def test_every_alert_rule_metric_is_produced(metrics_in_code: dict[str, MetricDef]) -> None:
-    failures, _ = check_promql(list(alert_queries()), metrics_in_code)
+    failures = check_promql(list(alert_queries()), metrics_in_code)
     assert not failures, "alert rules refer to what pfmon does not produce:\n" + "\n".join(failures)
-
-
-def test_all_service_metrics_present(metrics_in_code: dict[str, MetricDef]) -> None:
-    """Skipped (with the list) while some service's metrics are not in the code yet."""
-    queries = [q for q in [*dashboard_queries(), *alert_queries()] if q.lang == "promql"]
-    _, pending = check_promql(queries, metrics_in_code)
-    if pending:
-        pytest.skip(
-            f"{len(pending)} metric references wait for other branches; the lead must "
-            "re-run after merging:\n" + "\n".join(pending)
-        )
 
 
 def test_the_checker_catches_a_wrong_metric_and_label(
@@ -308,7 +254,7 @@ def test_the_checker_catches_a_wrong_metric_and_label(
         Query("x.json / panel 'label'", "promql", "sum by (meter) (pfm_bus_connected)"),
         Query("x.json / panel 'ok'", "promql", 'sum by (service) (pfm_bus_connected{service="a"})'),
     ]
-    failures, _ = check_promql(bad, metrics_in_code)
+    failures = check_promql(bad, metrics_in_code)
     assert any("typo" in f and "pfm_messages_recieved_total" in f for f in failures), failures
     assert any("'label'" in f and "'meter'" in f for f in failures), failures
     assert not any("'ok'" in f for f in failures), failures
@@ -398,56 +344,16 @@ def test_issue_topics_have_a_dashboard() -> None:
 # -- SQL: tables and columns -----------------------------------------------------------------
 
 
-def _documented_schema() -> list[str]:
-    """The schema as the brief documents it (used only before the migrations exist)."""
-    cols = ", ".join(f'"{m.value}" double precision' for m in Measurement)
-    return [
-        f"CREATE TABLE pfm_metrics (ts timestamptz, site text, meter text, seq bigint, "
-        f"interval_s double precision, {cols})",
-        "CREATE TABLE pfm_events (ts timestamptz, site text, meter text, code text, state text,"
-        " severity text, phase text, message text, evidence jsonb)",
-        "CREATE TABLE pfm_commands (ts timestamptz, site text, device text, address int,"
-        " value double precision, reason text, origin text, dry_run boolean)",
-        "CREATE TABLE pfm_device_status (site text, kind text, device text, ts timestamptz,"
-        " seq bigint, online boolean, message text, data jsonb)",
-        *(
-            f"CREATE TABLE pfm_metrics_{r} (ts timestamptz, site text, meter text, {cols})"
-            for r in ("1m", "15m", "1h")
-        ),
-    ]
+async def apply_archiver_schema(conn: asyncpg.Connection) -> None:
+    """Build the archiver's schema in the current schema with its own ``migrate()`` (plain
+    PostgreSQL here: the same table and column names as on TimescaleDB)."""
+    from services.archiver.migrate import migrate
+    from shared.site.archiver import ArchiverConfig
 
-
-async def apply_archiver_schema(conn: asyncpg.Connection) -> str:
-    """Build the archiver's schema in the current schema; says how it was built.
-
-    The archiver's own ``migrate()`` when it exists (plain PostgreSQL here, the same
-    table and column names as on TimescaleDB), else its migration files in order (the
-    plain flavour), else the documented schema.
-    """
     try:
-        from services.archiver.migrate import migrate  # type: ignore[import-not-found]
-    except ImportError:
-        migrate = None
-    if migrate is not None:
-        from shared.site.archiver import ArchiverConfig
-
-        try:
-            await migrate(conn, ArchiverConfig())
-        except asyncpg.PostgresError as exc:
-            raise AssertionError(f"services.archiver.migrate.migrate() failed: {exc}") from exc
-        return "services.archiver.migrate.migrate()"
-    files = sorted(MIGRATIONS.glob("*.sql")) if MIGRATIONS.is_dir() else []
-    files = [f for f in files if f.name.count(".") == 1 or f.name.endswith(".plain.sql")]
-    for m in files:
-        try:
-            await conn.execute(m.read_text())
-        except asyncpg.PostgresError as exc:
-            raise AssertionError(f"migration {m.relative_to(REPO)} failed: {exc}") from exc
-    if files:
-        return f"{MIGRATIONS.relative_to(REPO)}/*.sql"
-    for stmt in _documented_schema():
-        await conn.execute(stmt)
-    return "documented"
+        await migrate(conn, ArchiverConfig())
+    except asyncpg.PostgresError as exc:
+        raise AssertionError(f"services.archiver.migrate.migrate() failed: {exc}") from exc
 
 
 def grafana_to_sql(query: str) -> str:
@@ -475,7 +381,7 @@ async def test_every_panel_table_and_column_exists(db_dsn: str, site_name: str) 
     try:
         await conn.execute(f'CREATE SCHEMA "{schema}"')
         await conn.execute(f'SET search_path TO "{schema}", public')
-        how = await apply_archiver_schema(conn)
+        await apply_archiver_schema(conn)
         failures = []
         for q in queries:
             try:
@@ -488,12 +394,6 @@ async def test_every_panel_table_and_column_exists(db_dsn: str, site_name: str) 
     assert not failures, "dashboard SQL does not match the archiver's schema:\n" + "\n".join(
         failures
     )
-    print(f"schema from {how}")
-    if how == "documented":
-        pytest.skip(
-            f"{MIGRATIONS.relative_to(REPO)} does not exist yet: the SQL passed against the "
-            "documented schema only; the lead must re-run this test after merging wip/archiver"
-        )
 
 
 async def test_the_sql_check_catches_a_missing_column(db_dsn: str, site_name: str) -> None:
@@ -502,8 +402,7 @@ async def test_the_sql_check_catches_a_missing_column(db_dsn: str, site_name: st
     try:
         await conn.execute(f'CREATE SCHEMA "{schema}"')
         await conn.execute(f'SET search_path TO "{schema}", public')
-        for stmt in _documented_schema():
-            await conn.execute(stmt)
+        await apply_archiver_schema(conn)
         with pytest.raises(asyncpg.UndefinedColumnError):
             await conn.execute(
                 "EXPLAIN " + grafana_to_sql("SELECT power_factr FROM pfm_metrics_1m")
