@@ -186,6 +186,8 @@ class Bus:
         self._client: aiomqtt.Client | None = None
         self._connected = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        #: subscriptions made while connected whose SUBACK has not come yet
+        self._subscribing: set[asyncio.Task[None]] = set()
         self._on_connect: list[OnConnect] = []
         self._on_publish_failed: list[OnPublishFailed] = []
         self._link: _mqtt_fast.Link | None = None
@@ -219,6 +221,18 @@ class Bus:
         """Wait until connected; raises :class:`TimeoutError`."""
         await asyncio.wait_for(self._connected.wait(), timeout)
 
+    async def wait_subscribed(self, timeout: float | None = None) -> None:
+        """Wait until connected and every subscription so far has its SUBACK; raises
+        :class:`TimeoutError`. (Subscriptions registered before the connection are made
+        before it counts as connected.)"""
+
+        async def settled() -> None:
+            await self._connected.wait()
+            while self._subscribing:
+                await asyncio.wait(set(self._subscribing))
+
+        await asyncio.wait_for(settled(), timeout)
+
     def on_connect(self, callback: OnConnect) -> None:
         """Run ``callback(bus)`` after every (re)connection and resubscription."""
         self._on_connect.append(callback)
@@ -246,6 +260,8 @@ class Bus:
             task = asyncio.get_running_loop().create_task(
                 self._subscribe_one(client, sub), name=f"bus-subscribe-{pattern}"
             )
+            self._subscribing.add(task)
+            task.add_done_callback(self._subscribing.discard)
             task.add_done_callback(_log_task_error)
 
     async def publish(

@@ -50,6 +50,5 @@ async def listening(
     s = settings.model_copy(update={"mqtt_client_id": f"{settings.mqtt_client_id}-{name}"})
     async with Bus(s, service=name, site=site, persistent=False) as bus:
         bus.subscribe(pattern, model, inbox.handler)
-        await bus.wait_connected(10)
-        await asyncio.sleep(0.2)
+        await bus.wait_subscribed(10)
         yield inbox

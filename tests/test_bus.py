@@ -244,3 +244,25 @@ async def test_metric_names_pass_promtool(settings: Settings, site_name: str) ->
     )
     assert res.returncode == 0, res.stdout.decode() + res.stderr.decode()
     assert b"pfm_messages_published_total" in text
+
+
+async def test_wait_subscribed_covers_subscriptions_made_while_connected(
+    settings: Settings, site_name: str
+) -> None:
+    """A test (or a service) can wait on the SUBACKs instead of sleeping and hoping."""
+    inbox = Inbox()
+    pub_settings = settings.model_copy(update={"mqtt_client_id": f"{settings.mqtt_client_id}-p"})
+    async with (
+        Bus(pub_settings, service="pub", site=site_name, persistent=False) as pub,
+        Bus(settings, service="t", site=site_name, persistent=False) as bus,
+    ):
+        await pub.wait_connected(10)
+        await bus.wait_connected(10)
+        meters = [f"m{i}" for i in range(50)]
+        for m in meters:  # subscribed while connected: each one its own SUBSCRIBE
+            bus.subscribe(topics.reading(site_name, m), Reading, inbox.handler)
+        await bus.wait_subscribed(10)
+        for i, m in enumerate(meters):
+            await pub.publish(topics.reading(site_name, m), reading(site_name, i, m))
+        await inbox.get(len(meters), timeout=5)
+    assert sorted(r.meter for r in inbox.items) == sorted(meters)  # type: ignore[attr-defined]
