@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test check lint types unit bench clean venv
+.PHONY: demo test quick check lint types unit bench clean venv
 
 venv: $(STAMP)
 
@@ -32,8 +32,13 @@ lint: $(STAMP)
 types: $(STAMP)
 	$(BIN)/mypy shared services
 
+# -rs: say why each skipped test was skipped; --durations: the slowest tests
 unit: $(STAMP)
-	$(BIN)/pytest -q $(PYTEST_ARGS)
+	$(BIN)/pytest -q -rs --durations=15 $(PYTEST_ARGS)
+
+## Lint + types + the tests not marked slow (outages, brokers with ACLs, soaks): minutes, not ten.
+quick: lint types
+	$(BIN)/pytest -q -rs -m "not slow" $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	@for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
