@@ -58,6 +58,16 @@ def test_single_phase_json_at_60_hz_with_time_column(tmp_path: Path) -> None:
     assert set(data["total"]) == {"p_w", "q1_var", "s_va", "pf"}
     codes = [e["code"] for e in data["events"]]
     assert codes == ["low_pf", "penalty_pf"]
+    low = data["events"][0]
+    assert low["evidence"]["limit"] == 0.97 and low["evidence"]["pf"] == pytest.approx(
+        0.7, abs=0.01
+    )
+    # the site's own limits, not fixed numbers: a site that alerts below 0.65 sees no alarm
+    site = tmp_path / "site.yaml"
+    site.write_text("site: s1\nthresholds: {pf_alert: 0.65, pf_penalty: 0.6}\n")
+    code, out = run(str(path), "--fs", str(FS), "--json", "--site-file", str(site))
+    assert code == 0, out
+    assert [e["code"] for e in orjson.loads(out)["events"]] == []
 
 
 def test_three_phase_broken_neutral_and_table(tmp_path: Path) -> None:
@@ -85,7 +95,8 @@ def test_three_phase_broken_neutral_and_table(tmp_path: Path) -> None:
     assert set(data["total"]) == {"p_w", "q1_var", "s_va", "pf", "se_va", "pf_e"}
     p = sum(abs(e[k] - vn) ** 2 / r[k] for k in range(3))
     assert data["total"]["p_w"] == pytest.approx(p, rel=1e-3)
-    assert {"code": "broken_neutral"} in data["events"]
+    (bn,) = [e for e in data["events"] if e["code"] == "broken_neutral"]
+    assert bn["severity"] == "critical" and bn["evidence"]["score"] == 1.0
     code, table = run(str(path), "--fs", str(FS))
     assert code == 0 and "neutral: score 1.00" in table and "broken_neutral" in table
 

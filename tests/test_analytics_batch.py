@@ -15,17 +15,17 @@ import pytest
 
 from services.analytics import registers
 from services.analytics.aggregate import MovingAverages
-from services.analytics.alarms import Alarm, AlarmStates
+from services.analytics.alarms import ALARMS, Alarm, AlarmStates
 from services.analytics.batch import AVG_COLS, SiteEngine, TooManyMeters
 from services.analytics.output import MetricsOut, Output, encode_metrics
 from shared.measurements import Measurement as M
 from shared.messages import Event, Metrics, Reading, Waveform, decode
 from shared.site import parse_site
-from shared.site.analytics import ALARM_CODES, AlarmTiming
+from shared.site.analytics import AlarmTiming
 
 T0 = datetime(2026, 3, 2, 6, 0, 0, tzinfo=UTC)
 A = np.exp(2j * np.pi / 3)
-CODES = list(ALARM_CODES)
+CODES = [d.code for d in ALARMS]
 #: star meters' conditions, each held for a stretch of the stream
 CONDITIONS = ["normal", "low_pf", "ct", "vmiss", "erratic", "unbalance", "mismatch", "neutral"]
 STAR = [f"m{k}" for k in range(8)]

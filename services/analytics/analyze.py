@@ -16,9 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from services.analytics import dsp, neutral
-from services.analytics.alarms import ieee519_voltage_limits
+from services.analytics import alarms, dsp, neutral
 from shared.errors import ConfigError
+from shared.site import SiteConfig
+from shared.site.core import Thresholds
 
 ONE_PHASE = ("v", "i")
 THREE_PHASE = ("v1", "v2", "v3", "i1", "i2", "i3")
@@ -115,7 +116,11 @@ def analyze_capture(
     f_nominal: float = 50.0,
     v_nominal: float = 230.0,
     source: str = "capture",
+    site: SiteConfig | None = None,
 ) -> dict[str, Any]:
+    """The capture's quantities and the alarm conditions present in it, judged with the
+    limits of ``site`` (its thresholds and ``analytics.limits``; default: pfmon's
+    defaults at ``v_nominal``)."""
     three = "v1" in arrays
     n = len(arrays["v1" if three else "v"])
     need = math.ceil(fs / f_nominal)
@@ -164,7 +169,7 @@ def analyze_capture(
     }
     out: dict[str, Any] = {"frequency_hz": float(a.frequency[0]), "phases": phases}
     out["total"] = total
-    score = 0.0
+    score = u0 = 0.0
     if three:
         total["se_va"] = float(tot["se"][0])
         total["pf_e"] = float(tot["pf_e"][0])
@@ -178,17 +183,21 @@ def analyze_capture(
         ratio = float(abs(a.i1[0].sum())) / size if size > 0 else 0.0
         score = neutral.score(u0) * neutral.consistency(u0, ratio)
         out["neutral"] = {"score": score, "displacement_v": float(tot["v0"][0])}
-    events = _events(a, tot, score, v_nominal, pf_spread(v, i, fs, a))
-    out["events"] = [{k: x for k, x in e.items() if x is not None} for e in events]
+    if site is None:
+        site = SiteConfig(site="capture", thresholds=Thresholds(nominal_voltage_v=v_nominal))
+    inputs = _alarm_inputs(a, tot, three, score, u0, pf_extremes(v, i, fs, a))
+    out["events"] = [
+        {"code": d.code, "severity": d.severity.value, **({"phase": ph} if ph else {}),
+         "evidence": evidence}
+        for d, ph, evidence in alarms.present(inputs, alarms.Limits.of(site))
+    ]  # fmt: skip
     return out
 
 
-def pf_spread(v: np.ndarray, i: np.ndarray, fs: float, a: dsp.Analysis) -> float:
-    """Max - min of the total |PF| cycle by cycle (pf_erratic over the capture)."""
+def pf_extremes(v: np.ndarray, i: np.ndarray, fs: float, a: dsp.Analysis) -> tuple[float, float]:
+    """Lowest and highest total |PF| cycle by cycle (what ``pf_erratic`` judges)."""
     per = fs / float(a.frequency[0])
     cycles = int(a.cycles[0])
-    if cycles < 2:
-        return 0.0
     pfs = []
     for c in range(cycles):
         lo, hi = round(c * per), round((c + 1) * per)
@@ -197,39 +206,61 @@ def pf_spread(v: np.ndarray, i: np.ndarray, fs: float, a: dsp.Analysis) -> float
         s = float((np.sqrt((vv**2).mean(axis=1)) * np.sqrt((ii**2).mean(axis=1))).sum())
         if s > 0:
             pfs.append(abs(p) / s)
-    return max(pfs) - min(pfs) if pfs else 0.0
+    if len(pfs) < 2:
+        return math.nan, math.nan
+    return min(pfs), max(pfs)
 
 
-def _events(
-    a: dsp.Analysis, tot: dict[str, np.ndarray], score: float, v_nominal: float, spread: float
-) -> list[dict[str, Any]]:
-    """Alarm conditions present over the capture (no minimum durations: one window)."""
-    events: list[dict[str, Any]] = []
-    s = float(tot["s"][0])
-    pf = abs(float(tot["p"][0])) / s if s > 0 else 1.0
-    if s > 0 and pf < 0.97:
-        events.append({"code": "low_pf", "phase": None})
-    if s > 0 and pf < 0.90:
-        events.append({"code": "penalty_pf", "phase": None})
-    if spread > 0.30:
-        events.append({"code": "pf_erratic", "phase": None})
-    indiv, thd_limit = ieee519_voltage_limits(v_nominal * math.sqrt(3.0))
-    for k in range(a.phases):
-        ph = f"L{k + 1}"
-        if a.p[0, k] < -max(20.0, 0.02 * a.s[0, k]):
-            events.append({"code": "ct_reversed", "phase": ph})
-        if a.vrms[0, k] < 0.1 * v_nominal and a.irms[0, k] > 0.2:
-            events.append({"code": "voltage_missing", "phase": ph})
-        h = a.harm_v[0, k]
-        worst = float((h[1:] / h[0]).max() * 100) if h[0] > 0 else 0.0
-        if a.thd_v[0, k] > thd_limit or worst > indiv or a.thd_i[0, k] > 20.0:
-            events.append({"code": "thd_limit", "phase": ph})
-    if a.phases == 3:
-        if float(tot["u2"][0]) > 2.0:
-            events.append({"code": "unbalance", "phase": None})
-        if score >= 0.5:
-            events.append({"code": "broken_neutral", "phase": None})
-    return events
+def _alarm_inputs(
+    a: dsp.Analysis,
+    tot: dict[str, np.ndarray],
+    three: bool,
+    score: float,
+    u0: float,
+    pf_range: tuple[float, float],
+) -> alarms.Inputs:
+    """The capture as the alarm table's one input: the whole window stands for the
+    averages (no minimum durations: one window)."""
+    nan3 = np.full((1, 3), math.nan)
+
+    def ph(x: np.ndarray) -> np.ndarray:
+        out = nan3.copy()
+        out[0, : a.phases] = x[0, : a.phases]
+        return out
+
+    h = a.harm_v[0]
+    fund = h[:, :1]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rel = np.where(fund > 0, h[:, 1:] / fund * 100.0, 0.0)
+    worst = ph(rel.max(axis=1)[None])
+    order = np.zeros((1, 3), dtype=np.int64)
+    order[0, : a.phases] = rel.argmax(axis=1) + 2
+    u2 = float(tot["u2"][0]) if three else math.nan
+    return alarms.Inputs(
+        p=np.array([float(tot["p"][0])]),
+        s=np.array([float(tot["s"][0])]),
+        pf_lo=np.array([pf_range[0]]),
+        pf_hi=np.array([pf_range[1]]),
+        v=ph(a.vrms),
+        i=ph(a.irms),
+        p_ph=ph(a.p),
+        s_ph=ph(a.s),
+        thd_v=ph(a.thd_v),
+        thd_i=ph(a.thd_i),
+        worst_pct=worst,
+        worst_order=order,
+        pf_meter=nan3.copy(),
+        pf_calc=nan3.copy(),
+        pf_pair=np.zeros((1, 3), dtype=bool),
+        u2=np.array([u2]),
+        nema=np.zeros(1, dtype=bool),
+        score=np.array([score if three else math.nan]),
+        u0=np.array([u0 if three else math.nan]),
+        u2_avg=np.array([u2]),
+        three=np.array([three]),
+        export=np.zeros(1, dtype=bool),
+        pf_tolerance=np.array([0.05]),
+    )
 
 
 def format_table(result: dict[str, Any]) -> str:

@@ -51,7 +51,7 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 
-from services.analytics import dsp, neutral, registers
+from services.analytics import alarms, dsp, neutral, registers
 from services.analytics.aggregate import (
     F64,
     I64,
@@ -63,11 +63,11 @@ from services.analytics.aggregate import (
     RowState,
     SlotSums,
 )
-from services.analytics.alarms import AlarmStates, Evidence, ieee519_voltage_limits
+from services.analytics.alarms import AlarmStates, Evidence
 from services.analytics.output import SERVICE, MetricsOut, Output, Quadrant, seq_seed
 from services.analytics.registers import COL, LOAD_KINDS
 from shared.measurements import Measurement as M
-from shared.messages import Event, EventState, LoadKind, Reading, Severity, Waveform
+from shared.messages import Event, EventState, LoadKind, Reading, Waveform
 from shared.site import SiteConfig
 from shared.site.core import MeterConfig
 
@@ -78,7 +78,6 @@ _NOT_AVERAGED = {M.DEMAND_POWER, M.DEMAND_APPARENT_POWER, M.DEMAND_PF}
 AVG_COLS: tuple[M, ...] = tuple(m for m in M if not m.is_counter and m not in _NOT_AVERAGED)
 _AVG_IDX = np.array([COL[m] for m in AVG_COLS], dtype=np.intp)
 _RMS_STEMS = ("voltage", "current", "thd_")
-_CRITICAL = {"broken_neutral", "voltage_missing", "ct_reversed"}
 _PH = ("L1", "L2", "L3")
 _NAN = math.nan
 _STEMS = ("voltage", "current", "power", "apparent_power", "thd_voltage", "thd_current")
@@ -93,21 +92,7 @@ _ALARM_INPUTS: tuple[M, ...] = (
     M.ZERO_SEQ_UNBALANCE,
     *(m for keys in _PHASE_KEYS for m in (keys[2], keys[3], keys[4], keys[5])),
 )
-#: alarm slots (code, phase) in the order their events are listed for one input
-_SLOTS: tuple[tuple[str, str | None], ...] = (
-    ("low_pf", None),
-    ("penalty_pf", None),
-    ("pf_erratic", None),
-    *(
-        (code, ph)
-        for ph in _PH
-        for code in ("voltage_missing", "ct_reversed", "meter_pf_mismatch", "thd_limit")
-    ),
-    ("unbalance", None),
-    ("broken_neutral", None),
-)
-#: the per-phase alarm slots (columns of L1, L2, L3) and their averaged inputs
-_VM, _CT, _MM, _THD = (np.array([3 + 4 * k + j for k in range(3)]) for j in range(4))
+#: the per-phase averaged alarm inputs (columns of the alarm-slot averages)
 _AVG_P, _AVG_S, _AVG_THD_V, _AVG_THD_I = (
     np.array([6 + 4 * k + j for k in range(3)]) for j in range(4)
 )
@@ -353,21 +338,6 @@ class _Aggregates:
         return {}
 
 
-@dataclass(slots=True)
-class _AlarmInputs:
-    """What the alarm conditions were computed from (for the evidence of transitions)."""
-
-    x: F64
-    avg: F64
-    lo: F64
-    hi: F64
-    u2: F64
-    nema: Bools
-    score_fit: F64
-    fitted: Bools
-    side: _Side
-
-
 class SiteEngine:
     """Analytics state of all meters of a site; inputs in batches, outputs per input.
 
@@ -389,10 +359,7 @@ class SiteEngine:
         self.slots = cfg.average_slots_s
         self.slot_names = [f"{s}s" for s in self.slots]
         self.alarm_row = self.slots.index(cfg.alarm_slot_s)
-        bus_v = self.thresholds.nominal_voltage_v * math.sqrt(3.0)
-        indiv, thd = ieee519_voltage_limits(bus_v)
-        self.harm_v_limit = self.limits.harmonic_voltage_pct or indiv
-        self.thd_v_limit = self.limits.thd_voltage_pct or thd
+        self.alarm_limits = alarms.Limits.of(site)
         self._configs: dict[str, MeterConfig] = {mc.name: mc for mc in site.meters}
         self.index: dict[str, int] = {}
         self.names: list[str] = []
@@ -408,8 +375,8 @@ class SiteEngine:
         window = self.limits.pf_erratic_window_s
         bucket = min(self.slots) / 10.0  # the averages' bucket, at most 64 per window
         self.pf_window = BucketExtremes(window, max(bucket, window / 64))
-        timings = {str(k): v for k, v in cfg.alarms.items()}
-        self.alarms = AlarmStates([timings[code] for code, _ in _SLOTS])
+        timings = alarms.timings(site)
+        self.alarms = AlarmStates([timings[d.code] for d, _ in alarms.SLOTS])
 
     # -- meters ------------------------------------------------------------------------
 
@@ -637,10 +604,38 @@ class SiteEngine:
         avg = self._averages(m, t, rnd)
         self._demand(m, t, x)
         outs = self._publish(m, ts, source_seq, source, rnd)
-        inputs = _AlarmInputs(
-            x, avg, *self._pf_window(m, t, x), *_unbalance(avg), fit, fitted, side
+        lo, hi = self._pf_window(m, t, x)
+        u2, nema = _unbalance(avg)
+        inputs = alarms.Inputs(
+            p=avg[:, 0],
+            s=avg[:, 1],
+            pf_lo=lo,
+            pf_hi=hi,
+            v=x[:, _V_COLS],
+            i=x[:, _I_COLS],
+            p_ph=avg[:, _AVG_P],
+            s_ph=avg[:, _AVG_S],
+            thd_v=avg[:, _AVG_THD_V],
+            thd_i=avg[:, _AVG_THD_I],
+            worst_pct=side.worst_pct,
+            worst_order=side.worst_order,
+            pf_meter=side.pf_meter,
+            pf_calc=side.pf_calc,
+            pf_pair=side.pf_pair,
+            u2=u2,
+            nema=nema,
+            score=avg[:, 4],
+            u0=avg[:, 5],
+            u2_avg=avg[:, 2],
+            three=three,
+            export=meters.expect_export[m],
+            pf_tolerance=meters.pf_tolerance[m],
+            fitted=fitted,
+            score_fit=fit,
+            current_ratio=side.current_ratio,
+            neutral=side.neutral,
         )
-        self._alarms(m, t, ts, three, inputs, outs)
+        self._alarms(m, t, ts, inputs, outs)
         return outs
 
     def _averages(self, m: I64, t: F64, rnd: _Round) -> F64:
@@ -756,146 +751,28 @@ class SiteEngine:
     # -- alarms ---------------------------------------------------------------------------
 
     def _alarms(
-        self,
-        m: I64,
-        t: F64,
-        ts: list[datetime],
-        three: Bools,
-        a: _AlarmInputs,
-        outs: list[Output],
+        self, m: I64, t: F64, ts: list[datetime], inputs: alarms.Inputs, outs: list[Output]
     ) -> None:
-        """Every alarm condition as columns, one state-machine step for all, then the
-        events of the transitions in the order of ``_SLOTS``."""
-        lim, th = self.limits, self.thresholds
-        n = len(m)
-        x, avg, side = a.x, a.avg, a.side
-        ev = np.zeros((n, len(_SLOTS)), dtype=bool)
-        bad = np.zeros_like(ev)
-        good = np.zeros_like(ev)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            p_avg, s_avg = avg[:, 0], avg[:, 1]
-            pf = np.abs(p_avg) / s_avg
-            on = (s_avg >= lim.min_apparent_power_va) & ~np.isnan(p_avg)
-            for j, level in ((0, th.pf_alert), (1, th.pf_penalty)):
-                ev[:, j] = on
-                bad[:, j] = pf < level
-                good[:, j] = pf >= level + lim.pf_hysteresis
-            spread = a.hi - a.lo
-            ev[:, 2] = ~np.isnan(spread)
-            bad[:, 2] = spread > lim.pf_erratic_spread
-            good[:, 2] = spread < 0.5 * lim.pf_erratic_spread
-            v_missing = lim.voltage_missing_pct / 100.0 * th.nominal_voltage_v
-            export = self.meters.expect_export[m]
-            tol = self.meters.pf_tolerance[m]
-            # per phase, the three phases side by side: (n, 3) blocks
-            v, i = x[:, _V_COLS], x[:, _I_COLS]
-            flowing = i > lim.min_current_a
-            ev[:, _VM] = ~np.isnan(v) & ~np.isnan(i)
-            bad[:, _VM] = (v < v_missing) & flowing
-            good[:, _VM] = (v >= 2 * v_missing) | ~flowing
-            pk, sk = avg[:, _AVG_P], avg[:, _AVG_S]
-            ev[:, _CT] = ~export[:, None] & ~np.isnan(pk) & ~np.isnan(sk)
-            bad[:, _CT] = pk < -np.maximum(lim.ct_reversed_w, 0.02 * sk)
-            good[:, _CT] = pk >= 0
-            diff = np.abs(np.abs(side.pf_meter) - side.pf_calc)
-            ev[:, _MM] = side.pf_pair
-            bad[:, _MM] = diff > tol[:, None]
-            good[:, _MM] = diff <= 0.5 * tol[:, None]
-            thd_v, thd_i, pct = avg[:, _AVG_THD_V], avg[:, _AVG_THD_I], side.worst_pct
-            ev[:, _THD] = ~np.isnan(thd_v) | ~np.isnan(thd_i)
-            bad[:, _THD] = (
-                (thd_v > self.thd_v_limit)
-                | (thd_i > lim.thd_current_pct)
-                | (pct > self.harm_v_limit)
-            )
-            good[:, _THD] = ~(
-                (thd_v > 0.9 * self.thd_v_limit)
-                | (thd_i > 0.9 * lim.thd_current_pct)
-                | (pct > 0.9 * self.harm_v_limit)
-            )
-            limit = th.voltage_unbalance_pct
-            ev[:, 15] = three & ~np.isnan(a.u2)
-            bad[:, 15] = a.u2 > limit
-            good[:, 15] = a.u2 < limit - lim.unbalance_hysteresis_pct
-            score = avg[:, 4]
-            ev[:, 16] = three & ~np.isnan(score)
-            bad[:, 16] = score >= lim.neutral_raise_score
-            good[:, 16] = score < lim.neutral_clear_score
+        """Every alarm condition as columns (the table in ``alarms.ALARMS``), one
+        state-machine step for all, then the events of the transitions in slot order."""
+        ev, bad, good = alarms.evaluate(inputs, self.alarm_limits, len(m))
         fire = self.alarms.update(m, t, ev, bad, good)
         if not fire.any():
             return
         for r, j in zip(*np.nonzero(fire), strict=True):
             mid = int(m[r])
-            code, phase = _SLOTS[j]
+            alarm, k = alarms.SLOTS[j]
             active = bool(self.alarms.active[mid, j])
             state = EventState.RAISED if active else EventState.CLEARED
-            evidence = self._evidence(j, r, mid, a)
-            outs[r].events.append(self._event(mid, ts[r], code, phase, state, evidence))
-
-    def _evidence(self, j: int, r: int, mid: int, a: _AlarmInputs) -> Evidence:
-        """The values that decided alarm slot ``j`` for input ``r``."""
-        lim, th = self.limits, self.thresholds
-        code, phase = _SLOTS[j]
-        avg = a.avg[r].tolist()
-        if code in ("low_pf", "penalty_pf"):
-            level = th.pf_alert if code == "low_pf" else th.pf_penalty
-            return {
-                "pf": round(abs(avg[0]) / avg[1], 4),
-                "p_w": round(avg[0], 1),
-                "s_va": round(avg[1], 1),
-                "limit": level,
-            }
-        if code == "pf_erratic":
-            lo, hi = float(a.lo[r]), float(a.hi[r])
-            return {"spread": round(hi - lo, 4), "pf_min": round(lo, 4), "pf_max": round(hi, 4)}
-        if code == "unbalance":
-            return {
-                "unbalance_pct": round(float(a.u2[r]), 3),
-                "measure": "nema" if a.nema[r] else "u2",
-                "limit_pct": th.voltage_unbalance_pct,
-            }
-        if code == "broken_neutral":
-            ev: Evidence = {
-                "score": round(avg[4], 3),
-                "u0_pct": _r(avg[5]),
-                "u2_pct": _r(avg[2]),
-                **a.side.neutral(r),
-            }
-            if a.fitted[r]:
-                ev["current_sum_ratio"] = round(float(a.side.current_ratio[r]), 4)
-                ev["floating_fit"] = round(float(a.score_fit[r]), 3)
-            return ev
-        k = _PH.index(cast(str, phase))
-        keys = _PHASE_KEYS[k]
-        c = 6 + 4 * k
-        if code == "voltage_missing":
-            return {
-                "voltage_v": round(float(a.x[r, COL[keys[0]]]), 2),
-                "current_a": round(float(a.x[r, COL[keys[1]]]), 3),
-            }
-        if code == "ct_reversed":
-            return {"p_w": round(avg[c], 1), "s_va": round(avg[c + 1], 1)}
-        if code == "meter_pf_mismatch":
-            return {
-                "pf_meter": float(a.side.pf_meter[r, k]),
-                "pf_p_over_s": round(float(a.side.pf_calc[r, k]), 4),
-                "tolerance": float(self.meters.pf_tolerance[mid]),
-            }
-        return {
-            "thd_v_pct": _r(avg[c + 2]),
-            "thd_i_pct": _r(avg[c + 3]),
-            "worst_v_order": int(a.side.worst_order[r, k]),
-            "worst_v_pct": round(float(a.side.worst_pct[r, k]), 3),
-            "limit_thd_v_pct": self.thd_v_limit,
-            "limit_harmonic_v_pct": self.harm_v_limit,
-            "limit_thd_i_pct": lim.thd_current_pct,
-        }
+            evidence = alarm.evidence(inputs, self.alarm_limits, int(r), max(k, 0))
+            phase = alarms.PHASES[k] if k >= 0 else None
+            outs[r].events.append(self._event(mid, ts[r], alarm, phase, state, evidence))
 
     def _event(
         self,
         mid: int,
         ts: datetime,
-        code: str,
+        alarm: alarms.AlarmDef,
         phase: str | None,
         state: EventState,
         ev: Evidence,
@@ -907,11 +784,11 @@ class SiteEngine:
             ts=ts,
             seq=self.event_seq[mid],
             meter=self.names[mid],
-            code=code,
+            code=alarm.code,
             state=state,
-            severity=Severity.CRITICAL if code in _CRITICAL else Severity.WARNING,
+            severity=alarm.severity,
             phase=phase,
-            message=f"{code}{where} {state.value}",
+            message=f"{alarm.code}{where} {state.value}",
             evidence=ev,
             service=SERVICE,
         )
@@ -956,10 +833,6 @@ def _star_evidence(row: F64) -> Evidence:
         "angle_sum_deg": round(sum(star.angles_deg), 3),
         "consistent": star.consistent,
     }
-
-
-def _r(x: float) -> float | None:
-    return round(x, 3) if x == x else None
 
 
 def analyze_waveform(wf: Waveform) -> dsp.Analysis:

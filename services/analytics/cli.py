@@ -31,9 +31,17 @@ def register(app: typer.Typer) -> None:
             230.0, "--v-nominal", help="Nominal line-to-neutral voltage (V)."
         ),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+        site_file: Path | None = typer.Option(
+            None,
+            "--site-file",
+            "-s",
+            help="Judge the alarm conditions with this site's thresholds and limits "
+            "(default: pfmon's defaults at --v-nominal).",
+            show_default=False,
+        ),
     ) -> None:
         """Power-quality analysis of a scope/logger capture (IEEE 1459 quantities, THD,
-        unbalance, broken-neutral score, alarm conditions)."""
+        unbalance, broken-neutral score, the alarm conditions present)."""
         import orjson
 
         from services.analytics.analyze import (
@@ -49,10 +57,14 @@ def register(app: typer.Typer) -> None:
             fail(f"--fs must be a positive sample rate in Hz, got {fs:g}")
         if not v_nominal > 0:
             fail(f"--v-nominal must be positive, got {v_nominal:g}")
+        from shared.errors import ConfigError
+        from shared.site import load_site
+
         try:
+            site = load_site(site_file) if site_file is not None else None
             arrays, rate = read_capture(file, fs)
-            result = analyze_capture(arrays, rate, float(f_nominal), v_nominal, str(file))
-        except CaptureError as exc:
+            result = analyze_capture(arrays, rate, float(f_nominal), v_nominal, str(file), site)
+        except (CaptureError, ConfigError) as exc:
             fail(str(exc))
         if as_json:
             typer.echo(orjson.dumps(result, option=orjson.OPT_SERIALIZE_NUMPY).decode())

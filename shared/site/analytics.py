@@ -9,26 +9,14 @@ options.
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-AlarmCode = Literal[
-    "low_pf",
-    "penalty_pf",
-    "ct_reversed",
-    "voltage_missing",
-    "pf_erratic",
-    "thd_limit",
-    "unbalance",
-    "meter_pf_mismatch",
-    "broken_neutral",
-]
-ALARM_CODES: tuple[str, ...] = AlarmCode.__args__  # type: ignore[attr-defined]
+from shared.topics import Slug
 
 
 class AlarmTiming(BaseModel):
-    """How long a condition must hold before an alarm is raised or cleared."""
+    """How long a condition must hold before an alarm is raised or cleared. In the site
+    file only what differs from the alarm's defaults is given; the rest is kept."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -93,20 +81,6 @@ class MeterAnalytics(BaseModel):
     )
 
 
-def _default_alarms() -> dict[AlarmCode, AlarmTiming]:
-    return {
-        "low_pf": AlarmTiming(raise_after_s=60, clear_after_s=60),
-        "penalty_pf": AlarmTiming(raise_after_s=60, clear_after_s=60),
-        "ct_reversed": AlarmTiming(raise_after_s=10, clear_after_s=30),
-        "voltage_missing": AlarmTiming(raise_after_s=5, clear_after_s=10),
-        "pf_erratic": AlarmTiming(raise_after_s=0, clear_after_s=60),
-        "thd_limit": AlarmTiming(raise_after_s=60, clear_after_s=60),
-        "unbalance": AlarmTiming(raise_after_s=60, clear_after_s=60),
-        "meter_pf_mismatch": AlarmTiming(raise_after_s=30, clear_after_s=60),
-        "broken_neutral": AlarmTiming(raise_after_s=5, clear_after_s=30),
-    }
-
-
 class AnalyticsConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -125,7 +99,9 @@ class AnalyticsConfig(BaseModel):
     )
     batch_max: int = Field(2000, ge=1, le=100_000, description="readings per batch at most")
     limits: AlarmLimits = Field(default_factory=AlarmLimits)
-    alarms: dict[AlarmCode, AlarmTiming] = Field(default_factory=_default_alarms)
+    #: per alarm code, what differs from the alarm's own defaults (the alarm table,
+    #: ``services/analytics/alarms.py``, knows the codes and checks them at start)
+    alarms: dict[Slug, AlarmTiming] = Field(default_factory=dict)
     meters: dict[str, MeterAnalytics] = Field(default_factory=dict)
 
     @field_validator("average_slots_s")
@@ -139,13 +115,6 @@ class AnalyticsConfig(BaseModel):
         if len(set(value)) != len(value):
             raise ValueError(f"duplicate slots in {value}")
         return sorted(value)
-
-    @field_validator("alarms")
-    @classmethod
-    def _fill(cls, value: dict[AlarmCode, AlarmTiming]) -> dict[AlarmCode, AlarmTiming]:
-        merged = _default_alarms()
-        merged.update(value)
-        return merged
 
     @model_validator(mode="after")
     def _alarm_slot(self) -> AnalyticsConfig:
