@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import shutil
 import socket
 import tempfile
@@ -177,22 +178,37 @@ class _View:
         table = Table(title=f"pfmon demo - {rows} metric rows archived", expand=False)
         for col in ("meter", "P kW", "Q kvar", "S kVA", "PF", "load", "V L1", "I L1"):
             table.add_column(col, justify="right")
+        unsigned = False
         for name in sorted(self.latest, key=lambda n: (n != "main", n)):
             m = self.latest[name]
             v = m.values
             q = v.get(M.REACTIVE_POWER)
+            p, s = v.get(M.POWER, 0.0), v.get(M.APPARENT_POWER, 0.0)
+            load = m.load.get("total", "unknown")
+            if q is None:
+                # a magnitude-only meter: |Q| from S and P, but no sign, so no lead/lag
+                unsigned = True
+                q_text = f"±{math.sqrt(max(0.0, s * s - p * p)) / 1000:.1f} *"
+                load = f"{load} *"
+            else:
+                q_text = f"{q / 1000:.1f}"
             table.add_row(
                 name,
-                f"{v.get(M.POWER, 0) / 1000:.1f}",
-                "-" if q is None else f"{q / 1000:.1f}",
-                f"{v.get(M.APPARENT_POWER, 0) / 1000:.1f}",
+                f"{p / 1000:.1f}",
+                q_text,
+                f"{s / 1000:.1f}",
                 f"{v.get(M.POWER_FACTOR, float('nan')):.3f}",
-                m.load.get("total", "unknown"),
+                load,
                 f"{v.get(M.VOLTAGE_L1, 0):.1f}",
                 f"{v.get(M.CURRENT_L1, 0):.1f}",
             )
         steps = len(self.bank.steps_in) if self.bank else 0
         caption = f"bank main: {steps} of {self.bank_steps} steps in"
+        if unsigned:
+            caption += (
+                "; * magnitude-only meter (PMTR_001): it reports no sign of Q, so |Q| and "
+                "no lead/lag"
+            )
         if self.commands:
             caption += f"; last command: {self.commands[-1].reason}"
         table.caption = caption

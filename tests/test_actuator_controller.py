@@ -360,3 +360,14 @@ def test_dry_run_drives_nothing_but_reports() -> None:
     run.step(150)
     assert run.ops  # what it would have done
     assert not any(run.plant.coils.values())
+
+
+def test_equal_steps_are_switched_from_step_1_upwards() -> None:
+    """With steps of equal size the optimal program takes the lowest-numbered free step,
+    so an operator watching the bank sees step 1, then 2 ... (not step 2 first)."""
+    plant = Plant(steps_kvar=(5.0,) * 6, q_load_var=q_for_pf(40_000.0, 0.78))
+    run = make(plant)
+    run.step(200)
+    ins = [step for _, step, on in run.ops if on]
+    assert ins, "the bank switched nothing"
+    assert ins == sorted(ins) and ins[0] == 0, ins

@@ -73,3 +73,35 @@ def test_demo_starts_its_own_broker_and_database_when_none_answers() -> None:
     before, after, steps = _correction(res.stderr)
     assert 0.75 < before < 0.81, "the plant starts near PF 0.78"
     assert steps >= 1 and after > before + 0.02
+
+
+async def test_the_demo_table_says_why_a_feeder_has_no_signed_q() -> None:
+    from datetime import UTC, datetime
+
+    from rich.console import Console
+
+    from services.demo import _View
+    from shared.bus import Incoming
+    from shared.measurements import Measurement as M
+    from shared.messages import LoadKind, Metrics
+
+    view = _View(bank_steps=6)
+    ts = datetime.now(UTC)
+    incoming = Incoming("t", b"", 1, False, 0, None)
+    signed = {M.POWER: 100e3, M.APPARENT_POWER: 125e3, M.REACTIVE_POWER: 75e3}
+    unsigned = {M.POWER: 30e3, M.APPARENT_POWER: 50e3, M.POWER_FACTOR: 0.6}
+    for name, values, load in (
+        ("main", signed, LoadKind.INDUCTIVE),
+        ("press", unsigned, LoadKind.UNKNOWN),
+    ):
+        m = Metrics(site="demo", meter=name, ts=ts, seq=1, interval_s=0, values=values)
+        m.load = {"total": load}
+        await view.on_metrics(m, incoming)
+    out = Console(width=200, record=True)
+    out.print(view.table(10))
+    text = out.export_text()
+    (press,) = [line for line in text.splitlines() if "press" in line]
+    assert "±40.0 *" in press and "unknown *" in press  # |Q| = sqrt(50² - 30²) kvar
+    (main,) = [line for line in text.splitlines() if " main " in line]
+    assert "75.0" in main and "inductive" in main and "*" not in main
+    assert "magnitude-only meter" in text and "no lead/lag" in text

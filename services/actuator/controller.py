@@ -437,19 +437,22 @@ class BankController:
         want = now_total + d  # kvar that puts Q exactly on the target
         most = now_total + q + q_t  # beyond this the PF leads below the target
         best: tuple[int, float, int, tuple[bool, ...]] | None = None
+        best_combo: tuple[bool, ...] = ()
         for combo in itertools.product((False, True), repeat=n):
             if any(combo[i] != steps_in[i] for i in fixed):
                 continue
             total = sum(self.size_var[i] for i in range(n) if combo[i])
             changes = sum(1 for i in range(n) if combo[i] != steps_in[i])
+            # equal otherwise, the lower-numbered steps first (step 1 before step 2)
+            order = tuple(not c for c in combo)
             if want <= total <= most:
-                key = (0, round(total - want, 6), changes, combo)
+                key = (0, round(total - want, 6), changes, order)
             else:
-                key = (1, round(abs(total - want), 6), changes, combo)
+                key = (1, round(abs(total - want), 6), changes, order)
             if best is None or key < best:
-                best = key
+                best, best_combo = key, combo
         assert best is not None
-        combo = best[3]
+        combo = best_combo
         adds = [i for i in range(n) if combo[i] and not steps_in[i]]
         rems = [i for i in range(n) if steps_in[i] and not combo[i]]
         add = max(adds, key=lambda i: (self.size_var[i], -i)) if adds else None
