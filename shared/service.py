@@ -1,8 +1,13 @@
-"""How every service process runs: signals, shutdown order, exit codes.
+"""How every service process runs: signals, readiness, shutdown order, exit codes.
 
 ``main()`` of a service reads as nested ``async with`` blocks (bus, pool,
 ``asyncio.TaskGroup``). SIGTERM/SIGINT set :attr:`Shutdown.requested`; producers
 watch it and stop first so that sinks drain, then the group ends.
+
+A service says it is ready (connected and subscribed, its database migrated) with
+:meth:`Shutdown.ready`: a test waits for it with :meth:`Shutdown.wait_ready` instead of
+sleeping, and under systemd (``Type=notify``) the unit becomes active then (``READY=1``
+on ``$NOTIFY_SOCKET``).
 """
 
 from __future__ import annotations
@@ -10,7 +15,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import socket
 from collections.abc import Awaitable, Callable
 
 log = logging.getLogger(__name__)
@@ -21,6 +28,36 @@ class Shutdown:
 
     def __init__(self) -> None:
         self.requested = asyncio.Event()
+        self._ready = asyncio.Event()
+        self._waiting: set[asyncio.Task[None]] = set()
+
+    def ready(self, what: str = "") -> None:
+        """The service does its job from now on (said once: to tests and to systemd)."""
+        if self._ready.is_set():
+            return
+        self._ready.set()
+        log.info("ready%s", f" ({what})" if what else "")
+        sd_notify("READY=1")
+
+    def ready_after(self, condition: Awaitable[None], what: str = "") -> None:
+        """Call :meth:`ready` once ``condition`` completes (e.g. the bus's
+        ``wait_subscribed()``), without holding up the caller."""
+
+        async def wait_then_ready() -> None:
+            await condition
+            self.ready(what)
+
+        task = asyncio.get_running_loop().create_task(wait_then_ready(), name="ready")
+        self._waiting.add(task)
+        task.add_done_callback(self._waiting.discard)
+
+    @property
+    def is_ready(self) -> bool:
+        return self._ready.is_set()
+
+    async def wait_ready(self, timeout: float | None = None) -> None:
+        """Wait until the service said it is ready; raises :class:`TimeoutError`."""
+        await asyncio.wait_for(self._ready.wait(), timeout)
 
     def request(self, reason: str = "") -> None:
         if not self.requested.is_set():
@@ -41,6 +78,22 @@ class Shutdown:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.request, sig.name)
+
+
+def sd_notify(state: str) -> bool:
+    """Send ``state`` (e.g. ``READY=1``) to systemd's ``$NOTIFY_SOCKET``; False without one."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return False
+    address = "\0" + path[1:] if path.startswith("@") else path
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(address)
+            sock.sendall(state.encode())
+    except OSError as exc:
+        log.warning("could not notify systemd at %s: %s", path, exc)
+        return False
+    return True
 
 
 def run(main: Callable[[Shutdown], Awaitable[None]], *, duration: float | None = None) -> None:

@@ -130,9 +130,10 @@ async def test_relay_action_end_to_end(
     settings: Settings, site_name: str, coil_server: CoilServer
 ) -> None:
     cs = coil_server
-    async with Harness(settings, site_name, cs) as h, service(settings, site(site_name, cs.port)):
+    cfg = site(site_name, cs.port)
+    async with Harness(settings, site_name, cs) as h, service(settings, cfg) as svc:
         await wait_online(h)
-        await asyncio.sleep(0.3)  # the service subscribes to metrics after its start
+        await svc.wait_ready(10)  # subscribed to metrics
         await h.send(metrics(site_name, 1, 240.0))
         await h.send(metrics(site_name, 2, 260.0))
         await h.until(lambda: cs.coils[0] and cs.coils[1])
@@ -158,9 +159,10 @@ async def test_stuck_relay_raises_an_event_and_state_stays_honest(
 ) -> None:
     cs = coil_server
     cs.stuck = {1}
-    async with Harness(settings, site_name, cs) as h, service(settings, site(site_name, cs.port)):
+    cfg = site(site_name, cs.port)
+    async with Harness(settings, site_name, cs) as h, service(settings, cfg) as svc:
         await wait_online(h)
-        await asyncio.sleep(0.3)
+        await svc.wait_ready(10)
         await h.send(metrics(site_name, 1, 260.0))
         await h.until(lambda: any(e.code == "command_failed" for e in h.events))
         ev = next(e for e in h.events if e.code == "command_failed")
@@ -174,9 +176,9 @@ async def test_stale_metrics_and_dry_run(
 ) -> None:
     cs = coil_server
     cfg = site(site_name, cs.port, dry_run=True)
-    async with Harness(settings, site_name, cs) as h, service(settings, cfg):
+    async with Harness(settings, site_name, cs) as h, service(settings, cfg) as svc:
         await wait_online(h)
-        await asyncio.sleep(0.3)
+        await svc.wait_ready(10)
         old = utcnow() - timedelta(seconds=30)
         await h.send(metrics(site_name, 1, 300.0, ts=old))
         await h.until(lambda: any(e.code == "stale_data" for e in h.events))

@@ -35,7 +35,7 @@ async def test_rows_arrive_with_the_right_values(settings: Settings, site_name: 
             ],
         }
     )
-    shutdown = Shutdown()
+    shutdown, arch_ready, ana_ready = Shutdown(), Shutdown(), Shutdown()
 
     def svc_settings(name: str) -> Settings:
         return settings.model_copy(update={"mqtt_client_id": f"{settings.mqtt_client_id}-{name}"})
@@ -43,9 +43,11 @@ async def test_rows_arrive_with_the_right_values(settings: Settings, site_name: 
     conn = await asyncpg.connect(settings.db_dsn)
     try:
         async with MeterFleet(port, {7: model}), asyncio.TaskGroup() as tg:
-            tg.create_task(archiver.run(svc_settings("arch"), site, shutdown))
-            tg.create_task(analytics.run(svc_settings("ana"), site, shutdown))
-            await asyncio.sleep(1.0)  # consumers subscribed before the producer starts
+            tg.create_task(archiver.run(svc_settings("arch"), site, arch_ready))
+            tg.create_task(analytics.run(svc_settings("ana"), site, ana_ready))
+            # consumers subscribed before the producer starts
+            await arch_ready.wait_ready(15)
+            await ana_ready.wait_ready(15)
             tg.create_task(collector.run(svc_settings("col"), site, shutdown))
             rows: list[asyncpg.Record] = []
             for _ in range(100):
@@ -61,7 +63,8 @@ async def test_rows_arrive_with_the_right_values(settings: Settings, site_name: 
                     continue
                 if len(rows) >= 3:
                     break
-            shutdown.request("test done")
+            for each in (shutdown, arch_ready, ana_ready):
+                each.request("test done")
         assert len(rows) >= 3, "metrics rows did not arrive in PostgreSQL"
         seqs = [r["seq"] for r in rows]
         assert seqs == sorted(set(seqs)), "duplicate or unordered seq"

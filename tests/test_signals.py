@@ -8,6 +8,7 @@ import signal
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from services.collector.simulator import LoadModel, MeterFleet
@@ -72,3 +73,29 @@ async def test_sigterm_stops_the_collector_cleanly(
     ) as status:
         items = await status.get(1)
         assert items[-1].status == "offline"  # type: ignore[attr-defined]
+
+
+async def test_ready_is_said_once_to_the_caller_and_to_systemd(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import socket
+
+    from shared.service import Shutdown
+
+    path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(path))
+        sock.settimeout(5)
+        monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+        shutdown = Shutdown()
+        gate = asyncio.Event()
+        shutdown.ready_after(gate.wait(), "test")
+        with pytest.raises(TimeoutError):
+            await shutdown.wait_ready(0.2)  # not before its condition holds
+        gate.set()
+        await shutdown.wait_ready(5)
+        assert sock.recv(64) == b"READY=1"
+        shutdown.ready("again")  # said once
+        sock.settimeout(0.2)
+        with pytest.raises(TimeoutError):
+            sock.recv(64)

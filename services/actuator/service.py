@@ -393,6 +393,7 @@ async def run(settings: Settings, site: SiteConfig, shutdown: Shutdown) -> None:
             await act.on_metrics(m)
 
         bus.subscribe(topics.pattern(topics.Kind.METRICS, site.site), Metrics, on_metrics)
+        shutdown.ready_after(bus.wait_subscribed(), "subscribed to metrics")
 
         async def ticker() -> None:
             while not await shutdown.sleep(site.actuator.tick):

@@ -281,5 +281,6 @@ async def run(settings: Settings, site: SiteConfig, shutdown: Shutdown) -> None:
         bus.on_publish_failed(app.on_publish_failed)
         bus.subscribe(topics.pattern(topics.Kind.READING, site.site), Reading, app.on_reading)
         bus.subscribe(topics.pattern(topics.Kind.WAVEFORM, site.site), Waveform, app.on_waveform)
+        shutdown.ready_after(bus.wait_subscribed(), "subscribed")
         await shutdown.wait()
         await app.drain()

@@ -512,6 +512,7 @@ class Archiver:
                 ) as bus:
                     self.bus = bus
                     self.subscribe(bus)
+                    self.shutdown.ready_after(bus.wait_subscribed(), "subscribed")
                     await self.shutdown.wait()
                 # the bus is closed: no new messages; the flusher commits (or spills) the rest
                 await flusher

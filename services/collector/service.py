@@ -598,6 +598,7 @@ async def run(
             settings, service=SERVICE, site=site.site, metrics=metrics, will=will, backoff=backoff
         ) as bus:
             bus.on_connect(announce)
+            shutdown.ready_after(bus.wait_connected(), "connected")
             by_bus: dict[str, list[MeterState]] = {}
             for m in collector.meters:
                 by_bus.setdefault(m.bus.name, []).append(m)
