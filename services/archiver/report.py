@@ -29,6 +29,7 @@ order h = sqrt(Ssc / Qc) is checked against harmonics present.
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import html
 import io
@@ -36,6 +37,7 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -1299,3 +1301,20 @@ def render(rep: Report, fmt: str, worst: int = 5, chart_file: str | None = None)
     if fmt == "md":
         return render_markdown(rep, worst, chart_file)
     raise ConfigError(f"report format {fmt!r}: expected md, html, csv or json")
+
+
+async def write_report(
+    dsn: str, site: SiteConfig, start: datetime, end: datetime, out: Path
+) -> Report:
+    """Build the site's report from the database at ``dsn`` and write it as Markdown to
+    ``out`` (with its chart beside it, ``<out>.pf.svg``)."""
+    conn = await asyncpg.connect(dsn, timeout=10)
+    try:
+        rep = await build_report(conn, site, site.site, start, end)
+    finally:
+        await conn.close()
+    chart = out.with_suffix(".pf.svg")
+    text = render_markdown(rep, site.archiver.report.worst_meters, chart.name)
+    await asyncio.to_thread(chart.write_text, pf_svg(rep), encoding="utf-8")
+    await asyncio.to_thread(out.write_text, text, encoding="utf-8")
+    return rep
