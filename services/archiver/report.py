@@ -425,11 +425,14 @@ async def build_report(
     _breakdown(rep, topo, by_name)
     period_h = (end - start).total_seconds() / 3600
     rep.coverage = min(1.0, rep.hours_covered / (period_h * max(1, len(topo.billing))))
-    if any(m.kvarh_unsigned > 0 for m in rep.billed):
-        share = sum(m.kvarh_unsigned for m in rep.billed)
+    unsigned = [m for m in meters if m.kvarh_unsigned > 0]
+    if unsigned:
+        share = sum(m.kvarh_unsigned for m in unsigned)
         how = "counted as inductive" if tariff.unsigned_reactive == "inductive" else "ignored"
+        names = ", ".join(m.meter for m in unsigned)
         rep.notes.append(
-            f"{share:.2f} kvarh came from meters that give no lead/lag (magnitude only): {how}"
+            f"{share:.2f} kvarh came from meters that give no lead/lag (magnitude only: "
+            f"{names}): {how}"
         )
     await _chart(conn, rep, ind, cap)
     _penalties(rep, site)
@@ -442,7 +445,7 @@ async def build_report(
 def _topology_notes(rep: Report, topo: _Topology) -> None:
     metered = {m.meter for m in rep.meters}
     if not topo.declared:
-        rep.notes.append(
+        rep.warnings.append(
             "the site file declares no meters, so no billing point: every meter is billed "
             "as its own (pass --site-file with the meters' roles to bill the incomer only)"
         )
@@ -842,6 +845,10 @@ def _f(x: float | None, digits: int = 3) -> str:
     return "n/a" if x is None else f"{x:.{digits}f}"
 
 
+def _when(t: datetime) -> str:
+    return f"{t:%Y-%m-%d %H:%M:%S}" if t.second or t.microsecond else f"{t:%Y-%m-%d %H:%M}"
+
+
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f} %"
 
@@ -1046,7 +1053,7 @@ def render_markdown(rep: Report, worst: int = 5, chart_file: str | None = None) 
     out = [
         f"# Power-factor report - {rep.site}",
         "",
-        f"Period: {rep.start:%Y-%m-%d %H:%M} to {rep.end:%Y-%m-%d %H:%M} UTC",
+        f"Period: {_when(rep.start)} to {_when(rep.end)} UTC",
         "",
     ]
     if rep.meters:
@@ -1113,7 +1120,7 @@ def render_html(rep: Report, worst: int = 5) -> str:
         "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px}"
         ".warn{background:#fde;padding:.5em}</style></head><body>",
         f"<h1>Power-factor report - {e(rep.site)}</h1>",
-        f"<p>Period: {rep.start:%Y-%m-%d %H:%M} to {rep.end:%Y-%m-%d %H:%M} UTC</p>",
+        f"<p>Period: {_when(rep.start)} to {_when(rep.end)} UTC</p>",
     ]
     if rep.meters:
         parts.append(f"<p>{e(_coverage_line(rep))}</p>")
