@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import orjson
 import pytest
+import yaml
 from pydantic import BaseModel
 from typer.testing import CliRunner
 
@@ -473,6 +474,45 @@ def test_cli_report(db_dsn: str, tmp_path, monkeypatch) -> None:
             ],
         )
         assert res.exit_code == 0 and res.output.count("\n") == 5
+        day = ["report", "--site", "plant", "--from", "2026-03-02", "--to", "2026-03-03"]
+        res = runner.invoke(
+            app,
+            [*day, "--format", "json"],
+        )
+        assert res.exit_code == 0, res.output
+        doc = orjson.loads(res.output)
+        assert doc["period"] == {
+            "from": "2026-03-02T00:00:00+00:00",
+            "to": "2026-03-03T00:00:00+00:00",
+        }
+        # no site file: a and b are billed each as its own billing point
+        assert doc["kwh"] == 150 and doc["billing_points"] == ["a", "b"]
+        assert doc["coverage"] == pytest.approx(1 / 24, abs=1e-4)  # an hour of each, per day
+        assert [m["name"] for m in doc["meters"]] == ["a", "b"]
+        assert {"pf_billing", "peak_demand_kw", "penalty_total", "qc_needed_kvar"} <= set(doc)
+        assert doc["qc_installed_kvar"] == 0 and doc["kvarh_cap"] == 5
+        bad = runner.invoke(
+            app,
+            [*day, "--format", "pdf"],
+        )
+        assert bad.exit_code == 2 and "--format 'pdf': expected md, html, csv, json" in bad.output
+        # the topology from a site file: only the billing meter is billed
+        topo = tmp_path / "topo.yaml"
+        raw = switchboard_site()
+        raw["meters"] = [  # a feeds b
+            {"name": "a", "bus": "b", "unit": 1, "profile": "sdm630"},
+            {"name": "b", "bus": "b", "unit": 2, "profile": "sdm630", "parent": "a"},
+        ]
+        raw["banks"], raw["devices"] = [], []
+        topo.write_text(yaml.safe_dump(raw))
+        res = runner.invoke(
+            app,
+            ["report", "--site-file", str(topo), *day[3:], "--format", "json"],
+        )
+        assert res.exit_code == 0, res.output
+        doc = orjson.loads(res.output)
+        assert doc["kwh"] == 100 and doc["billing_points"] == ["a"]
+        assert doc["unmetered"] == [{"parent": "a", "kwh": 50.0, "kvarh": 70.0, "share": 0.9333}]
         bad = runner.invoke(
             app, ["report", "--site", "plant", "--from", "yesterday", "--to", "2026-03-03"]
         )
