@@ -135,6 +135,8 @@ class Window:
     kvar: float = 0.0
     #: reactive demand before compensation (measured + what the banks supplied)
     kvar_load: float = 0.0
+    #: hours the window's energy stands for (demand = energy / this)
+    energy_h: float = 0.0
 
     @property
     def kvarh_net(self) -> float:
@@ -521,6 +523,7 @@ async def _billing_windows(
             kw=r["kwh"] / energy_h,
             kvar=kvarh_net / energy_h,
             kvar_load=(kvarh_net + bank) / energy_h,
+            energy_h=energy_h,
         )
         point.windows.append(w)
         total = site_windows.get(w.start)
@@ -535,6 +538,7 @@ async def _billing_windows(
         total.kvar += w.kvar
         total.kvar_load += w.kvar_load
         total.hours = max(total.hours, w.hours)
+        total.energy_h = max(total.energy_h, w.energy_h)
         total.coverage += w.coverage / n_billing
     rep.windows = [site_windows[k] for k in sorted(site_windows)]
 
@@ -766,7 +770,7 @@ def _fix(rep: Report) -> None:
         worst = max((w.kvar_load - w.kw * tan2 for w in point.windows if w.kw > 0), default=0)
         point.qc_needed_kvar = max(0.0, worst)
         m = point.meter
-        hours = sum(w.kwh / w.kw for w in point.windows if w.kw > 0)
+        hours = sum(w.energy_h for w in point.windows)
         if m.kwh > 0 and hours > 0:
             point.qc_average_kvar = max(0.0, (m.kvarh_load - m.kwh * tan2) / hours)
 
