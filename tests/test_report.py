@@ -367,6 +367,46 @@ async def test_a_site_without_a_bank_is_told_the_size_it_needs(db_dsn: str, db_s
     assert math.isclose(reactive.quantity, 42, rel_tol=1e-9)
 
 
+async def test_a_bank_whose_state_is_known_late_counts_from_then_on(
+    db_dsn: str, db_schema: str
+) -> None:
+    """The bank's first state is archived at 08:20 (steps 1 and 3 in): before it nothing
+    is counted and the report says so; a bank with no state at all is a warning."""
+    rows: list[BaseModel] = [m for m in switchboard_rows() if isinstance(m, Metrics)]
+    rows.append(
+        ActuatorState(
+            site="plant",
+            ts=T0 + timedelta(minutes=20),
+            seq=9,
+            device="cap1",
+            online=True,
+            coils={0: True, 1: False, 2: True},
+        )
+    )
+    raw = switchboard_site()
+    raw["devices"] = [
+        {"name": "cap1", "bus": "b", "unit": 10, "kind": "capbank", "coils": 3},
+        {"name": "cap2", "bus": "b", "unit": 11, "kind": "capbank", "coils": 1},
+    ]
+    raw["banks"] = [
+        {"name": "b1", "meter": "main", "device": "cap1", "steps_kvar": [25, 25, 50]},
+        {"name": "b2", "meter": "f1", "device": "cap2", "steps_kvar": [10]},
+    ]
+    conn = await asyncpg.connect(schema_dsn(db_dsn, db_schema))
+    try:
+        await _load(conn, rows)
+        rep = await build_report(conn, parse_site(raw), "plant", T0, T0 + HOUR)
+    finally:
+        await conn.close()
+    b1, b2 = rep.billing[0].banks
+    # 75 kvar from 08:20 to 08:30, then no command is known: still 75 kvar (x 1.05^2)
+    assert math.isclose(b1.kvarh, 75 * 10 / 60 + 75 * 1.05**2 * 30 / 60, rel_tol=1e-9)
+    assert math.isclose(b1.hours_known, 40 / 60) and math.isclose(b1.hours, 1.0)
+    assert any("'b1': state unknown before 2026-03-02 08:20:00" in n for n in rep.notes)
+    assert b2.kvarh == 0 and any("bank 'b2': no state" in w for w in rep.warnings)
+    assert rep.qc_installed_kvar == 110  # both banks hang below main
+
+
 def _recording(seconds: int, step_s: int) -> list[Metrics]:
     """200 kW + 160 kvar from 08:00 for ``seconds``, one row each ``step_s``."""
     return [
