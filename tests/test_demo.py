@@ -69,7 +69,6 @@ def test_demo_uses_the_machine_broker_and_database(mqtt_url: str, db_dsn: str) -
     assert _rows(res.stderr) >= 10
     before, _after, _steps = _correction(res.stderr)
     assert 0.75 < before < 0.81
-    _check_report(res.stderr)
 
 
 @pytest.mark.timeout(200)
