@@ -18,6 +18,7 @@ import socket
 import tempfile
 import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from rich.table import Table
 from services.actuator import service as actuator
 from services.analytics import service as analytics
 from services.archiver import service as archiver
+from services.archiver.report import write_report
 from services.collector import service as collector
 from services.collector.simulator import SimServer, SimSite, inductive_site
 from services.common import console as make_console
@@ -262,6 +264,7 @@ async def demo_main(shutdown: Shutdown, meters: int, keep: bool) -> int:
                 console.print(f"  site:     {workdir / 'site.yaml'}")
                 console.print("  stop with Ctrl-C")
                 view = _View(len(site.banks[0].steps_kvar))
+                run_from = datetime.now(UTC)
                 pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
                 try:
                     async with asyncio.TaskGroup() as tg:
@@ -291,10 +294,26 @@ async def demo_main(shutdown: Shutdown, meters: int, keep: bool) -> int:
                         f"incomer PF {before:.3f} -> {after:.3f} with {steps} of "
                         f"{view.bank_steps} bank steps in ({len(view.commands)} command(s))"
                     )
+                await _report(dsn, site, run_from, workdir if keep else None)
     finally:
         if not keep:
             shutil.rmtree(workdir, ignore_errors=True)
     return rows
+
+
+async def _report(dsn: str, site: SiteConfig, since: datetime, folder: Path | None) -> None:
+    """Write the bill of the run (``pfmon report``) and say where it is."""
+    out = (folder or Path(tempfile.mkdtemp(prefix="pfmon-demo-report-"))) / "report.md"
+    try:
+        rep = await write_report(dsn, site, since, datetime.now(UTC), out)
+    except (OSError, asyncpg.PostgresError, ConfigError) as exc:
+        console.print(f"[yellow]no report of the run: {exc}[/]")
+        return
+    pf = "n/a" if rep.pf is None else f"{rep.pf:.3f}"
+    console.print(
+        f"report of the run (pfmon report): {out} - billed PF {pf}, "
+        f"penalty estimate {rep.total_cost:.2f} {rep.currency}"
+    )
 
 
 async def _named_settings(

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -44,6 +46,20 @@ def _rows(stderr: str) -> int:
     return int(m.group(1))
 
 
+def _check_report(stderr: str) -> None:
+    """The bill of the run (``pfmon report``), written where the demo says."""
+    m = re.search(r"report of the run \(pfmon report\): (\S+report\.md) -\s+billed PF", stderr)
+    assert m, stderr[-3000:]
+    report = Path(m.group(1))
+    try:
+        text = report.read_text()
+        assert "# Power-factor report - demo" in text and "Billed at: main" in text
+        assert "bank main supplied (on main)" in text
+        assert report.with_suffix(".pf.svg").read_text().startswith("<svg")
+    finally:
+        shutil.rmtree(report.parent, ignore_errors=True)
+
+
 @pytest.mark.timeout(150)
 def test_demo_uses_the_machine_broker_and_database(mqtt_url: str, db_dsn: str) -> None:
     res = _demo({"PFM_MQTT_URL": mqtt_url, "PFM_DB_DSN": db_dsn}, duration=12)
@@ -73,6 +89,7 @@ def test_demo_starts_its_own_broker_and_database_when_none_answers() -> None:
     before, after, steps = _correction(res.stderr)
     assert 0.75 < before < 0.81, "the plant starts near PF 0.78"
     assert steps >= 1 and after > before + 0.02
+    _check_report(res.stderr)
 
 
 async def test_the_demo_table_says_why_a_feeder_has_no_signed_q() -> None:

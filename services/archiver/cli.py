@@ -9,6 +9,17 @@ from pathlib import Path
 import typer
 
 from services.common import DURATION_OPTION, SITE_FILE_OPTION, fail, run_service
+from shared.settings import DEFAULT_DB_DSN
+
+FORMATS = ("md", "html", "csv", "json")
+REPORT_HELP = (
+    "What the power factor cost over a period at the billing points, which feeders caused "
+    "it, and the capacitor bank that fixes it.\n\n"
+    f"Reads the archive in the database named by PFM_DB_DSN (default {DEFAULT_DB_DSN}): "
+    "pfm_metrics, and for the banks' steps pfm_device_status and pfm_commands. The site is "
+    "--site, else the site file's 'site'; the site file's meters say which ones are billed "
+    "(without a site file every meter is billed as its own billing point)."
+)
 
 
 def parse_when(text: str, option: str) -> datetime:
@@ -34,36 +45,34 @@ def register(app: typer.Typer) -> None:
 
         run_service(SERVICE, run, site_file, duration)
 
-    @app.command("report")
+    @app.command("report", help=REPORT_HELP)
     def _report(
         site: str | None = typer.Option(
-            None, "--site", help="Site slug (default: the site file's)."
+            None,
+            "--site",
+            help="Site slug to report on (default: the site file's 'site').",
         ),
         start: str = typer.Option(..., "--from", help="Start, ISO date/time (UTC if naive)."),
         end: str = typer.Option(..., "--to", help="End (exclusive), ISO date/time."),
-        fmt: str = typer.Option("md", "--format", help="md, html or csv."),
+        fmt: str = typer.Option("md", "--format", help="md, html, csv or json."),
         out: Path | None = typer.Option(None, "--out", help="Write here instead of stdout."),
         site_file: Path | None = typer.Option(
             None,
             "--site-file",
             envvar="PFM_SITE_FILE",
-            help="Site YAML: thresholds and archiver.report tariff (defaults if omitted).",
+            help="Site YAML: the meters' roles (billing, feeder, generation) and parents, "
+            "the banks, thresholds and archiver.report tariff. Default: $PFM_SITE_FILE; "
+            "without one every meter is billed as its own billing point and the tariff "
+            "is the default.",
         ),
     ) -> None:
-        """What the power factor cost over a period, and the capacitor bank that fixes it."""
-        from services.archiver.report import (
-            build_report,
-            pf_svg,
-            render_csv,
-            render_html,
-            render_markdown,
-        )
+        from services.archiver.report import build_report, pf_svg, render
         from shared.errors import ConfigError
         from shared.settings import load_settings
         from shared.site import load_site, parse_site
 
-        if fmt not in ("md", "html", "csv"):
-            fail(f"--format {fmt!r}: expected md, html or csv")
+        if fmt not in FORMATS:
+            fail(f"--format {fmt!r}: expected {', '.join(FORMATS)}")
         try:
             settings = load_settings()
             if site_file is not None:
@@ -90,17 +99,12 @@ def register(app: typer.Typer) -> None:
                 fail("no pfm_metrics table: has the archiver run against this database?", 1)
             finally:
                 await conn.close()
-            worst = cfg.archiver.report.worst_meters
-            if fmt == "csv":
-                return render_csv(rep)
-            if fmt == "html":
-                return render_html(rep, worst)
             chart = None
-            if out is not None:
+            if fmt == "md" and out is not None:
                 chart_path = out.with_suffix(".pf.svg")
                 chart_path.write_text(pf_svg(rep), encoding="utf-8")
                 chart = chart_path.name
-            return render_markdown(rep, worst, chart)
+            return render(rep, fmt, cfg.archiver.report.worst_meters, chart)
 
         try:
             text = asyncio.run(main())
