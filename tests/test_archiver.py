@@ -142,6 +142,12 @@ def test_commit_latency_is_labelled_by_kind_with_aggregates_apart() -> None:
     assert latency_kind(status) == "status"
 
 
+async def _refreshed(conn: asyncpg.Connection) -> int:
+    result = await rollups.refresh(conn)
+    assert result is not None and not result.quarantined
+    return result.buckets
+
+
 async def test_rollups_ignore_aggregate_rows(db_dsn: str, db_schema: str) -> None:
     conn = await asyncpg.connect(schema_dsn(db_dsn, db_schema))
     try:
@@ -158,6 +164,63 @@ async def test_rollups_ignore_aggregate_rows(db_dsn: str, db_schema: str) -> Non
         r = await conn.fetchrow("SELECT * FROM pfm_metrics_1m WHERE ts = $1", T0)
         assert r["samples"] == 60 and r["power"] == 100.0 and r["power_max"] == 100.0
         assert math.isclose(r["delta_import_wh"], 60 * 100.0 / 3600)
+    finally:
+        await conn.close()
+
+
+async def test_an_overflowing_bucket_is_quarantined_and_the_rest_roll_up(
+    db_dsn: str, db_schema: str
+) -> None:
+    """Two valid rows whose sum overflows a float8 (power_l1 = 1e308), put straight into
+    pfm_metrics: that bucket is parked with the server's message; the other meters'
+    1-minute rows appear and the dirty marks drain, now and at the next refresh."""
+    conn = await asyncpg.connect(schema_dsn(db_dsn, db_schema))
+    try:
+        await migrate(conn, ArchiverConfig())
+        builder = RowBuilder(lambda meter: 1.0)
+        good = [
+            metrics_msg("s", meter, at(T0, t), t, 100.0, 125.0)
+            for meter in ("a", "z")
+            for t in range(60)
+        ]
+        await write_batch(
+            conn, group_rows(builder.row(m) for m in good), mark_dirty=True, staged=set()
+        )
+        for seq in (1, 2):
+            await conn.execute(
+                "INSERT INTO pfm_metrics (site, meter, ts, seq, interval_s, energy_s, power_l1)"
+                " VALUES ('s', 'bad', $1, $2, 1, 1, 1e308)",
+                at(T0, seq),
+                seq,
+            )
+        await conn.execute("INSERT INTO pfm_rollup_dirty VALUES ('s', 'bad', $1)", T0)
+        result = await rollups.refresh(conn)
+        assert result is not None and result.buckets == 3
+        assert [(q.meter, q.ts) for q in result.quarantined] == [("bad", T0)]
+        assert "out of range" in result.quarantined[0].reason
+        assert "SQLSTATE 22003" in result.quarantined[0].reason
+        rows = await conn.fetch("SELECT meter, samples FROM pfm_metrics_1m ORDER BY meter")
+        assert [tuple(r) for r in rows] == [("a", 60), ("z", 60)]
+        assert await conn.fetchval("SELECT count(*) FROM pfm_rollup_dirty") == 0
+        parked = await conn.fetchrow("SELECT meter, ts, reason FROM pfm_rollup_quarantine")
+        assert parked["meter"] == "bad" and "overflow" in parked["reason"]
+        # the next minute: the good meters go on; the bad bucket, marked again, stays parked
+        more = [metrics_msg("s", m, at(T0, 60 + t), 60 + t, 1.0, 2.0) for m in "az" for t in (0, 1)]
+        await write_batch(
+            conn, group_rows(builder.row(m) for m in more), mark_dirty=True, staged=set()
+        )
+        await conn.execute("INSERT INTO pfm_rollup_dirty VALUES ('s', 'bad', $1)", T0)
+        result = await rollups.refresh(conn)
+        assert result is not None and result.buckets == 3 and len(result.quarantined) == 1
+        assert await conn.fetchval("SELECT count(*) FROM pfm_metrics_1m") == 4
+        assert await conn.fetchval("SELECT sum(samples) FROM pfm_metrics_15m") == 124
+        assert await conn.fetchval("SELECT count(*) FROM pfm_rollup_dirty") == 0
+        # once the bad rows are fixed, the bucket rolls up and leaves the quarantine
+        await conn.execute("UPDATE pfm_metrics SET power_l1 = 1 WHERE meter = 'bad'")
+        await conn.execute("INSERT INTO pfm_rollup_dirty VALUES ('s', 'bad', $1)", T0)
+        assert await _refreshed(conn) == 1
+        assert await conn.fetchval("SELECT count(*) FROM pfm_rollup_quarantine") == 0
+        assert await conn.fetchval("SELECT samples FROM pfm_metrics_1m WHERE meter = 'bad'") == 2
     finally:
         await conn.close()
 
@@ -195,7 +258,7 @@ async def test_rollups_match_the_raw_rows(db_dsn: str, db_schema: str) -> None:
         await write_batch(
             conn, group_rows(builder.row(m) for m in msgs), mark_dirty=True, staged=staged
         )
-        assert await rollups.refresh(conn) == 3
+        assert await _refreshed(conn) == 3
         one = await conn.fetch("SELECT * FROM pfm_metrics_1m ORDER BY ts")
         assert [r["ts"] for r in one] == [at(T0, 0), at(T0, 60), at(T0, 120)]
         for k, r in enumerate(one):
@@ -213,8 +276,8 @@ async def test_rollups_match_the_raw_rows(db_dsn: str, db_schema: str) -> None:
         # a late row for the first minute updates every level
         late = metrics_msg("s", "m", at(T0, 30.5), 999, 10_000.0, 20_000.0)
         await write_batch(conn, group_rows([builder.row(late)]), mark_dirty=True, staged=staged)
-        assert await rollups.refresh(conn) == 1
-        assert await rollups.refresh(conn) == 0
+        assert await _refreshed(conn) == 1
+        assert await _refreshed(conn) == 0
         first = await conn.fetchrow("SELECT * FROM pfm_metrics_1m WHERE ts = $1", T0)
         assert first["samples"] == 61
         assert math.isclose(first["power"], (sum(range(60)) + 10_000) / 61)

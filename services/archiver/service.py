@@ -159,6 +159,12 @@ class ArchiverMetrics:
         )
         #: one histogram child per latency kind, resolved once (not per message)
         self.commit_latency_by_kind = {k: self.commit_latency.labels(k) for k in LATENCY_KINDS}
+        self.rollup_quarantined = Counter(
+            "pfm_archiver_rollup_quarantined_total",
+            "1-minute rollup buckets the database refused (data error), parked in"
+            " pfm_rollup_quarantine while the other buckets are refreshed",
+            registry=r,
+        )
         self.db_errors = Counter(
             "pfm_archiver_db_errors_total",
             "Database (and spill file) errors by kind: connection, timeout, conflict, data,"
@@ -472,10 +478,21 @@ class Archiver:
                 try:
                     if conn is None or conn.is_closed():
                         conn = await asyncpg.connect(self.settings.db_dsn, timeout=10)
-                    await rollups.refresh(conn)
+                    result = await rollups.refresh(conn)
+                    for q in result.quarantined if result is not None else ():
+                        self.m.rollup_quarantined.inc()
+                        log.error(
+                            "rollup bucket %s of %s/%s refused by the database: %s;"
+                            " quarantined in pfm_rollup_quarantine, other buckets go on",
+                            q.ts.isoformat(),
+                            q.site,
+                            q.meter,
+                            q.reason,
+                            extra={"site": q.site, "meter": q.meter},
+                        )
                 except (*TRANSIENT, asyncpg.PostgresError) as exc:
                     self.m.db_errors.labels("rollup").inc()
-                    log.warning("rollup refresh failed: %s", exc)
+                    log.warning("rollup refresh failed: %s", rollups.describe(exc))
                     if conn is not None:
                         conn.terminate()
                         conn = None

@@ -70,6 +70,32 @@ async def detect(conn: asyncpg.Connection, mode: str) -> str | None:
     )
 
 
+def natural_key_statements() -> list[str]:
+    """Migration step ``0003_natural_keys.timescale``: a per-input metrics message is
+    stored once per input. A unique index on a hypertable must contain its time column,
+    so the key is (site, meter, source, source_seq, ts): a re-analysed input carries its
+    input's ``ts`` and is caught; a reading or metrics ``seq`` reused with ANOTHER ``ts``
+    is not (the plain-PostgreSQL schema refuses that too, see
+    ``migrations/0003_natural_keys.plain.sql``)."""
+    per_input = "a.energy_s IS NOT NULL AND b.energy_s IS NOT NULL"
+    return [
+        "DELETE FROM pfm_metrics a USING pfm_metrics b"
+        " WHERE a.site = b.site AND a.meter = b.meter AND a.source = b.source"
+        f" AND a.source_seq = b.source_seq AND a.ts = b.ts AND {per_input} AND a.seq > b.seq",
+        "CREATE UNIQUE INDEX IF NOT EXISTS pfm_metrics_input"
+        " ON pfm_metrics (site, meter, source, source_seq, ts)"
+        " WHERE energy_s IS NOT NULL AND source_seq IS NOT NULL",
+    ]
+
+
+#: migration steps of the TimescaleDB flavour (in place of the ``*.plain.sql`` files)
+def steps(chunk_interval_hours: float = 24) -> dict[str, list[str]]:
+    return {
+        "0002_rollups.timescale": schema_statements(chunk_interval_hours),
+        "0003_natural_keys.timescale": natural_key_statements(),
+    }
+
+
 def _interval(days: float) -> str:
     return f"INTERVAL '{days * 86400:.0f} seconds'"
 
