@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
+from typing import Any
 
 import asyncpg
 import pytest
@@ -178,6 +180,80 @@ async def test_detection_chooses_plain_postgresql_here(db_dsn: str, db_schema: s
             await migrate(conn, ArchiverConfig(timescaledb="on"))
         # nothing half-applied
         assert await conn.fetchval("SELECT count(*) FROM pfm_schema_migrations") == 0
+    finally:
+        await conn.close()
+
+
+class _TimescaleInstalledNotPreloaded(asyncpg.Connection):
+    """A real connection to this (TimescaleDB-less) PostgreSQL whose catalogue says what a
+    site's says after installing the package without running timescaledb-tune: the
+    extension is available, and (``preload`` set) the server preloads it or not. Every
+    other query, and every statement, goes to the real server; statements are recorded."""
+
+    preload: str | None = None  # None: the real setting (empty here)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.statements: list[str] = []
+
+    async def fetchval(self, query: str, *args: Any, **kwargs: Any) -> Any:
+        if "pg_available_extensions" in query:
+            return "2.14.2"
+        if "shared_preload_libraries" in query and self.preload is not None:
+            return self.preload
+        return await super().fetchval(query, *args, **kwargs)
+
+    async def execute(self, query: str, *args: Any, **kwargs: Any) -> str:
+        self.statements.append(query)
+        return await super().execute(query, *args, **kwargs)
+
+
+class _TimescalePreloaded(_TimescaleInstalledNotPreloaded):
+    preload = "pg_stat_statements, 'timescaledb'"
+
+
+async def test_timescaledb_available_but_not_preloaded(
+    db_dsn: str, db_schema: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """auto: plain PostgreSQL with one warning naming the setting, no CREATE EXTENSION
+    (the server would refuse it and close the connection); on: a ConfigError saying so."""
+    conn = await asyncpg.connect(
+        schema_dsn(db_dsn, db_schema), connection_class=_TimescaleInstalledNotPreloaded
+    )
+    try:
+        assert isinstance(conn, _TimescaleInstalledNotPreloaded)
+        if await timescale.preloaded(conn):
+            pytest.skip("this PostgreSQL preloads timescaledb")
+        with pytest.raises(ConfigError, match="shared_preload_libraries") as err:
+            await timescale.detect(conn, "on")
+        assert "timescaledb-tune" in str(err.value) and "2.14.2" in str(err.value)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="services.archiver.timescale"):
+            result = await migrate(conn, ArchiverConfig(timescaledb="auto"))
+        assert result.flavour == PLAIN and result.timescale_version is None
+        assert "0003_natural_keys.plain" in result.applied
+        warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert len(warnings) == 1, warnings
+        assert "shared_preload_libraries" in warnings[0] and "timescaledb-tune" in warnings[0]
+        assert not [q for q in conn.statements if "CREATE EXTENSION" in q]
+        # the archive works on that connection: it was never closed by a refused statement
+        assert not conn.is_closed()
+        assert await conn.fetchval("SELECT count(*) FROM pfm_schema_migrations") == 3
+    finally:
+        await conn.close()
+
+
+async def test_timescaledb_preloaded_is_created(db_dsn: str, db_schema: str) -> None:
+    """With the library preloaded, auto goes on to CREATE EXTENSION (which this server,
+    having no TimescaleDB files, refuses with its own message)."""
+    conn = await asyncpg.connect(
+        schema_dsn(db_dsn, db_schema), connection_class=_TimescalePreloaded
+    )
+    try:
+        assert await timescale.preloaded(conn) is True
+        with pytest.raises(asyncpg.PostgresError, match="timescaledb"):
+            await timescale.detect(conn, "auto")
+        assert [q for q in conn.statements if "CREATE EXTENSION" in q]
     finally:
         await conn.close()
 

@@ -25,6 +25,7 @@ from services.archiver.columns import (
     rollup_columns,
     rollup_reaggregate,
 )
+from services.archiver.ingest import describe_db_error
 
 _ORIGIN = f"TIMESTAMPTZ '{BUCKET_ORIGIN}'"
 
@@ -91,14 +92,6 @@ class RefreshResult:
     quarantined: list[Quarantined] = field(default_factory=list)
 
 
-def describe(exc: BaseException) -> str:
-    """The server's own message with its SQLSTATE (``value out of range: overflow
-    (SQLSTATE 22003)``); other errors as ``Type: text``."""
-    if isinstance(exc, asyncpg.PostgresError):
-        return f"{exc} (SQLSTATE {exc.sqlstate})"
-    return f"{type(exc).__name__}: {exc}"
-
-
 async def refresh(conn: asyncpg.Connection) -> RefreshResult | None:
     """Recompute the dirty buckets; None if another archiver is refreshing right now.
 
@@ -156,7 +149,7 @@ async def _one_by_one(
             async with conn.transaction():
                 await _run_statements(conn)
         except asyncpg.DataError as exc:
-            reason = describe(exc)
+            reason = describe_db_error(exc)
             result.quarantined.append(Quarantined(site, meter, ts, reason))
             await conn.execute(
                 "INSERT INTO pfm_rollup_quarantine (site, meter, ts, reason) VALUES ($1,$2,$3,$4)"

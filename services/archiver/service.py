@@ -27,7 +27,13 @@ from prometheus_client import Counter, Gauge, Histogram
 from pydantic import BaseModel
 
 from services.archiver import rollups
-from services.archiver.ingest import KINDS, RowBuilder, group_rows, write_batch
+from services.archiver.ingest import (
+    KINDS,
+    RowBuilder,
+    describe_db_error,
+    group_rows,
+    write_batch,
+)
 from services.archiver.migrate import PLAIN, MigrationResult, migrate
 from shared import topics
 from shared.bus import Backoff, Bus, Incoming
@@ -323,7 +329,11 @@ class Archiver:
             if not is_data_error(exc):
                 raise
             self.m.db_errors.labels("data").inc()
-            log.warning("batch refused (%s); writing its %d rows one by one", exc, len(rows))
+            log.warning(
+                "batch refused (%s); writing its %d rows one by one",
+                describe_db_error(exc),
+                len(rows),
+            )
             result = None
             for row in rows:
                 try:
@@ -334,7 +344,9 @@ class Archiver:
                     if not is_data_error(one_exc):
                         raise
                     self.m.db_errors.labels("rejected").inc()
-                    log.error("row refused by %s: %s; row dropped", row[0], one_exc)
+                    log.error(
+                        "row refused by %s: %s; row dropped", row[0], describe_db_error(one_exc)
+                    )
                     continue
                 self._count(one.inserted, one.offered)
         if result is not None:
@@ -376,7 +388,9 @@ class Archiver:
             log.error("unexpected error while writing a batch; retrying", exc_info=exc)
         self.m.db_errors.labels(kind).inc()
         if self.db_up or attempt == 0:
-            log.warning("database unavailable (%s: %s); spilling to disk", kind, exc)
+            log.warning(
+                "database unavailable (%s: %s); spilling to disk", kind, describe_db_error(exc)
+            )
         self.db_up = False
         await self._drop_conn()
         # put everything we hold on disk (acknowledged), in arrival order
@@ -406,6 +420,8 @@ class Archiver:
                         items.append(Pending(rec.topic, rec.payload, model))
                 try:
                     await self.write(items)
+                except ConfigError:
+                    raise  # e.g. timescaledb: on, and the server cannot have it: exit 2
                 except Exception as exc:
                     if stopping:
                         return
@@ -428,6 +444,8 @@ class Archiver:
             self._oldest = time.monotonic() if self.buffer else None
             try:
                 await self.write(self.inflight)
+            except ConfigError:
+                raise  # e.g. timescaledb: on, and the server cannot have it: exit 2
             except Exception as exc:
                 if stopping:
                     # what cannot be spilled stays unacknowledged: the broker re-delivers it
@@ -492,7 +510,7 @@ class Archiver:
                         )
                 except (*TRANSIENT, asyncpg.PostgresError) as exc:
                     self.m.db_errors.labels("rollup").inc()
-                    log.warning("rollup refresh failed: %s", rollups.describe(exc))
+                    log.warning("rollup refresh failed: %s", describe_db_error(exc))
                     if conn is not None:
                         conn.terminate()
                         conn = None
@@ -516,24 +534,34 @@ class Archiver:
             except Exception as exc:
                 if not is_transient(exc):
                     raise
-                log.warning("database unavailable at start (%s); messages will spill", exc)
-            async with asyncio.TaskGroup() as tg:
-                flusher = tg.create_task(self.flusher(), name="archiver-flusher")
-                tg.create_task(self.rollup_loop(), name="archiver-rollups")
-                async with Bus(
-                    self.settings,
-                    service=SERVICE,
-                    site=self.site.site,
-                    metrics=self.metrics,
-                    manual_ack=True,
-                ) as bus:
-                    self.bus = bus
-                    self.subscribe(bus)
-                    await self.shutdown.wait()
-                # the bus is closed: no new messages; the flusher commits (or spills) the rest
-                await flusher
+                log.warning(
+                    "database unavailable at start (%s); messages will spill",
+                    describe_db_error(exc),
+                )
+            try:
+                await self._consume()
+            except* ConfigError as group:  # the schema cannot be set up as configured
+                raise group.exceptions[0] from None
         finally:
             await self.close()
+
+    async def _consume(self) -> None:
+        """Bus, flusher and rollups until shutdown; then the flusher drains."""
+        async with asyncio.TaskGroup() as tg:
+            flusher = tg.create_task(self.flusher(), name="archiver-flusher")
+            tg.create_task(self.rollup_loop(), name="archiver-rollups")
+            async with Bus(
+                self.settings,
+                service=SERVICE,
+                site=self.site.site,
+                metrics=self.metrics,
+                manual_ack=True,
+            ) as bus:
+                self.bus = bus
+                self.subscribe(bus)
+                await self.shutdown.wait()
+            # the bus is closed: no new messages; the flusher commits (or spills) the rest
+            await flusher
 
 
 async def run(settings: Settings, site: SiteConfig, shutdown: Shutdown) -> None:
