@@ -426,7 +426,7 @@ async def test_two_archivers_share_the_load(
 ) -> None:
     """MQTT v5 shared subscription: each message goes to one archiver, stored once."""
     base = settings.model_copy(update={"db_dsn": schema_dsn(db_dsn, db_schema)})
-    site = archiver_site(site_name, batch_size=50, flush_interval_s=0.2)
+    site = archiver_site(site_name, batch_size=50, flush_interval_s=0.2, share_group="archiver")
     a = base.model_copy(update={"mqtt_client_id": f"{settings.mqtt_client_id}-a"})
     b = base.model_copy(update={"mqtt_client_id": f"{settings.mqtt_client_id}-b"})
     now = datetime.now(UTC)
@@ -553,7 +553,13 @@ async def test_a_central_archiver_stores_every_site(
     base = settings.model_copy(
         update={"db_dsn": schema_dsn(db_dsn, db_schema), "mqtt_url": mosquitto.url}
     )
-    site = archiver_site(site_name, sites="all", batch_size=10, flush_interval_s=0.1)
+    site = archiver_site(
+        site_name,
+        sites="all",
+        batch_size=10,
+        flush_interval_s=0.1,
+        known={"edge-a": ["main"], "edge-b": ["main"]},
+    )
     now = datetime.now(UTC)
     edges = ["edge-a", "edge-b"]
     items = [

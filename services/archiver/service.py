@@ -27,6 +27,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from pydantic import BaseModel
 
 from services.archiver import rollups
+from services.archiver.authority import Authority, Refusal, load_site_dir
 from services.archiver.ingest import (
     KINDS,
     RowBuilder,
@@ -36,9 +37,9 @@ from services.archiver.ingest import (
 )
 from services.archiver.migrate import PLAIN, MigrationResult, migrate
 from shared import topics
-from shared.bus import Backoff, Bus, Incoming
+from shared.bus import Backoff, Bus, BusUnavailable, Incoming
 from shared.errors import ConfigError
-from shared.messages import Metrics, decode
+from shared.messages import DeadLetter, Metrics, decode
 from shared.metrics import ServiceMetrics
 from shared.service import Shutdown
 from shared.settings import METRICS_PORTS, Settings
@@ -165,6 +166,13 @@ class ArchiverMetrics:
         )
         #: one histogram child per latency kind, resolved once (not per message)
         self.commit_latency_by_kind = {k: self.commit_latency.labels(k) for k in LATENCY_KINDS}
+        self.refused = Counter(
+            "pfm_archiver_refused_total",
+            "Messages refused because their topic does not vouch for them (dead-lettered),"
+            " by reason: site_mismatch, name_mismatch, unknown_site, unknown_name, bad_topic",
+            ["reason"],
+            registry=r,
+        )
         self.rollup_quarantined = Counter(
             "pfm_archiver_rollup_quarantined_total",
             "1-minute rollup buckets the database refused (data error), parked in"
@@ -220,6 +228,10 @@ class Archiver:
         #: commit latencies in seconds, kept only when a benchmark sets this to a list
         self.latencies: list[float] | None = None
         self._backoff = Backoff(initial_s=0.25, max_s=self.cfg.retry_max_s)
+        site_files = load_site_dir(self.cfg.site_dir) if self.cfg.site_dir is not None else []
+        self.authority = Authority.for_site(site, site_files)
+        self._refusal_log: dict[str, tuple[float, int]] = {}
+        self._dl_seq = int(time.time() * 1000) * 1000  # never reused by a later run
         self.m.buffer.set_function(lambda: len(self.buffer) + len(self.inflight))
         self.m.spill.set_function(lambda: len(self.spool))
         self.m.lag.set_function(self._lag)
@@ -236,17 +248,26 @@ class Archiver:
         kinds += [topics.Kind.STATE, topics.Kind.STATUS]
         if self.cfg.keep_readings:
             kinds.append(topics.Kind.READING)
-        site = "+" if self.cfg.sites == "all" else self.site.site
-        for kind in kinds:
-            model, _table = KINDS[kind]
-            bus.subscribe(
-                topics.pattern(kind, site),
-                model,
-                self.on_message,
-                share_group=self.cfg.share_group,
-            )
+        sites = self.cfg.sites
+        if sites == "own":
+            sites = [self.site.site]
+        elif sites == "all":
+            sites = ["+"]
+        for site in sites:
+            for kind in kinds:
+                model, _table = KINDS[kind]
+                bus.subscribe(
+                    topics.pattern(kind, site),
+                    model,
+                    self.on_message,
+                    share_group=self.cfg.share_group,
+                )
 
     async def on_message(self, model: BaseModel, incoming: Incoming) -> None:
+        refusal = self.authority.check(incoming.topic, model)
+        if refusal is not None:
+            self.refuse(incoming, refusal)
+            return
         self.buffer.append(Pending(incoming.topic, incoming.payload, model, incoming))
         if self._oldest is None:
             self._oldest = time.monotonic()
@@ -254,6 +275,46 @@ class Archiver:
             self.spill_buffer("buffer full")
         elif len(self.buffer) >= self.cfg.batch_size:
             self._wake.set()
+
+    def refuse(self, incoming: Incoming, refusal: Refusal) -> None:
+        """A message its topic does not vouch for: dead letter (on the topic's site),
+        counted by reason, acknowledged; logged at most once per reason every 10 s."""
+        kind = incoming.topic.rsplit("/", 1)[-1]
+        self.m.refused.labels(refusal.reason).inc()
+        self.metrics.deadletters.labels(SERVICE, kind).inc()
+        now = time.monotonic()
+        last, quiet = self._refusal_log.get(refusal.reason, (0.0, 0))
+        if now - last >= 10.0:
+            more = f" ({quiet} more refused for this reason since the last line)" if quiet else ""
+            log.warning(
+                "refused a %s message: %s%s",
+                kind,
+                refusal.text,
+                more,
+                extra={"topic": incoming.topic},
+            )
+            self._refusal_log[refusal.reason] = (now, 0)
+        else:
+            self._refusal_log[refusal.reason] = (last, quiet + 1)
+        bus = self.bus
+        site = (
+            self.site.site if refusal.reason == "bad_topic" else topics.parse(incoming.topic).site
+        )
+        if bus is not None:
+            self._dl_seq += 1
+            letter = DeadLetter.of(
+                site=site,
+                service=SERVICE,
+                topic=incoming.topic,
+                reason=refusal.text,
+                payload=incoming.payload,
+                seq=self._dl_seq,
+            )
+            try:
+                bus.publish_nowait(topics.deadletter(site, SERVICE), letter)
+            except BusUnavailable as exc:
+                log.error("could not publish a dead letter: %s", exc)
+        incoming.ack()
 
     def spill(self, items: list[Pending], why: str) -> bool:
         """Put ``items`` on disk and acknowledge them; False (nothing acked) if the disk
@@ -376,11 +437,17 @@ class Archiver:
         try:
             kind = topics.parse(topic).kind
             model, _ = KINDS[kind]
-            return decode(model, payload)
+            decoded = decode(model, payload)
         except (ConfigError, KeyError, ValueError) as exc:
             self.m.db_errors.labels("rejected").inc()
             log.error("spilled record from %s cannot be decoded: %s; dropped", topic, exc)
             return None
+        refusal = self.authority.check(topic, decoded)
+        if refusal is not None:  # spilled by a version that did not check
+            self.m.refused.labels(refusal.reason).inc()
+            log.error("spilled record refused: %s; dropped", refusal.text)
+            return None
+        return decoded
 
     async def _failed(self, exc: BaseException, attempt: int) -> None:
         kind = error_kind(exc)
