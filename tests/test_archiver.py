@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import shutil
 import subprocess
@@ -580,3 +581,103 @@ async def test_a_central_archiver_stores_every_site(
         assert {r["site"]: r["n"] for r in rows} == {"edge-a": 5, "edge-b": 5}
     finally:
         await conn.close()
+
+
+async def _restart_broker_and_archiver(
+    settings: Settings, site_name: str, mosquitto: LocalMosquitto, share_group: str | None
+) -> tuple[int, int]:
+    """Archiver up; broker stops; archiver stops; broker starts; N messages published;
+    archiver starts again. Returns (published, stored)."""
+    site = archiver_site(site_name, batch_size=50, flush_interval_s=0.1, share_group=share_group)
+    now = datetime.now(UTC)
+    n = 200
+    items = [
+        (
+            topics.metrics(site_name, f"m{i % 4}"),
+            metrics_msg(site_name, f"m{i % 4}", at(now, i), i, 1.0, 2.0),
+        )
+        for i in range(n)
+    ]
+    conn = await asyncpg.connect(settings.db_dsn)
+    try:
+        async with running_archiver(settings, site) as arch:
+            assert arch.bus is not None and arch.bus.protocol == "5"
+            await asyncio.to_thread(mosquitto.stop)
+        await asyncio.to_thread(mosquitto.start)
+        async with publisher(settings, site_name) as bus:
+            await publish_all(bus, items)
+        await asyncio.sleep(1.0)  # the archiver comes back later
+        async with running_archiver(settings, site) as arch:
+
+            async def done() -> bool:
+                return bool(await conn.fetchval("SELECT count(*) FROM pfm_metrics") >= n)
+
+            with contextlib.suppress(AssertionError):
+                await wait_for(done, timeout=10)
+        return n, int(await conn.fetchval("SELECT count(*) FROM pfm_metrics"))
+    finally:
+        await conn.close()
+
+
+@pytest.mark.timeout(90)
+async def test_a_single_archiver_loses_nothing_across_a_broker_restart(
+    settings: Settings, db_dsn: str, db_schema: str, site_name: str, mosquitto: LocalMosquitto
+) -> None:
+    """The default (no share group): a plain persistent subscription, which the broker
+    restores from its persistence file, so messages published after a broker restart,
+    while the archiver is still away, are delivered when it comes back."""
+    base = settings.model_copy(
+        update={"db_dsn": schema_dsn(db_dsn, db_schema), "mqtt_url": mosquitto.url}
+    )
+    assert ArchiverConfig().share_group is None
+    sent, stored = await _restart_broker_and_archiver(base, site_name, mosquitto, None)
+    assert stored == sent
+
+
+@pytest.mark.timeout(90)
+async def test_a_share_group_on_this_broker(
+    settings: Settings, db_dsn: str, db_schema: str, site_name: str, mosquitto: LocalMosquitto
+) -> None:
+    """What holds with ``share_group`` on the broker of this machine (Mosquitto 2.0.11):
+    while the broker runs, messages published when every archiver of the group is away
+    are kept for them; across a broker restart they are NOT (the broker does not restore
+    ``$share`` subscriptions from its persistence file) - hence no share group by default."""
+    base = settings.model_copy(
+        update={"db_dsn": schema_dsn(db_dsn, db_schema), "mqtt_url": mosquitto.url}
+    )
+    site = archiver_site(site_name, batch_size=50, flush_interval_s=0.1, share_group="archiver")
+    a = base.model_copy(update={"mqtt_client_id": f"{base.mqtt_client_id}-a"})
+    b = base.model_copy(update={"mqtt_client_id": f"{base.mqtt_client_id}-b"})
+    now = datetime.now(UTC)
+    items = [
+        (topics.metrics(site_name, "m1"), metrics_msg(site_name, "m1", at(now, i), i, 1.0, 2.0))
+        for i in range(100)
+    ]
+    conn = await asyncpg.connect(base.db_dsn)
+    try:
+        async with running_archiver(a, site), running_archiver(b, site):
+            pass  # both sessions and their $share subscriptions exist; both go away
+        async with publisher(base, site_name) as bus:
+            await publish_all(bus, items)
+        async with running_archiver(a, site), running_archiver(b, site):
+
+            async def done() -> bool:
+                return bool(await conn.fetchval("SELECT count(*) FROM pfm_metrics") >= 100)
+
+            await wait_for(done, timeout=20)
+        assert await conn.fetchval("SELECT count(*) FROM pfm_metrics") == 100
+        await conn.execute("TRUNCATE pfm_metrics")
+    finally:
+        await conn.close()
+    sent, stored = await _restart_broker_and_archiver(a, site_name, mosquitto, "archiver")
+    if mosquitto_version() == "2.0.11":
+        assert stored == 0 and sent > 0, "this broker now restores $share subscriptions"
+
+
+def mosquitto_version() -> str | None:
+    exe = shutil.which("mosquitto")
+    if exe is None:
+        return None
+    out = subprocess.run([exe, "-h"], capture_output=True, text=True, timeout=10).stdout
+    first = out.splitlines()[0] if out else ""
+    return first.rsplit(" ", 1)[-1] if first.startswith("mosquitto version") else None

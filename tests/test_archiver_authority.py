@@ -154,7 +154,9 @@ async def test_the_topic_is_the_authority_and_a_seq_names_one_message(
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("sites", ["all", ["edge-a", "edge-b", "edge-c"]])
 async def test_a_central_archiver_knows_the_sites_of_its_site_folder(
+    sites: str | list[str],
     settings: Settings,
     db_dsn: str,
     db_schema: str,
@@ -162,8 +164,9 @@ async def test_a_central_archiver_knows_the_sites_of_its_site_folder(
     mosquitto: LocalMosquitto,
     tmp_path: Path,
 ) -> None:
-    """``sites: all`` with ``site_dir``: the sites of those files, with their meters, are
-    stored; a site with no file, or a meter its file does not list, is refused."""
+    """``sites: all`` (or a list) with ``site_dir``: the sites of those files, with their
+    meters, are stored; a site with no file, or a meter its file does not list, is
+    refused; with a list, a site not in it is not even received."""
     folder = tmp_path / "sites"
     folder.mkdir()
     for edge, meter in (("edge-a", "main"), ("edge-b", "feeder1")):
@@ -172,7 +175,7 @@ async def test_a_central_archiver_knows_the_sites_of_its_site_folder(
         update={"db_dsn": schema_dsn(db_dsn, db_schema), "mqtt_url": mosquitto.url}
     )
     site = parse_site(
-        _site_file(site_name, sites="all", site_dir=str(folder), flush_interval_s=0.1)
+        _site_file(site_name, sites=sites, site_dir=str(folder), flush_interval_s=0.1)
     )
     now = datetime.now(UTC)
     items = [
@@ -182,9 +185,11 @@ async def test_a_central_archiver_knows_the_sites_of_its_site_folder(
             ("edge-b", "feeder1"),
             ("edge-a", "feeder1"),  # edge-a has no feeder1
             ("edge-c", "main"),  # no site file
+            ("edge-d", "main"),  # no site file; not in the list
         )
         for i in range(3)
     ]
+    expected = 15 if sites == "all" else 12  # received: a listed centre never gets edge-d
     conn = await asyncpg.connect(base.db_dsn)
     try:
         async with running_archiver(base, site) as arch, publisher(base, site_name) as bus:
@@ -193,10 +198,14 @@ async def test_a_central_archiver_knows_the_sites_of_its_site_folder(
             async def done() -> bool:
                 n = await conn.fetchval("SELECT count(*) FROM pfm_metrics")
                 refused = sum(arch.m.refused.labels(r)._value.get() for r in REASONS)
-                return bool(n == 6 and refused == 6)
+                received = arch.metrics.received.labels("archiver", "metrics")._value.get()
+                return bool(n == 6 and refused == expected - 6 and received == expected)
 
             await wait_for(done, timeout=30)
-        assert arch.m.refused.labels("unknown_site")._value.get() == 3
+            await asyncio.sleep(0.5)  # anything more would arrive now
+        received = arch.metrics.received.labels("archiver", "metrics")._value.get()
+        assert received == expected
+        assert arch.m.refused.labels("unknown_site")._value.get() == expected - 9
         assert arch.m.refused.labels("unknown_name")._value.get() == 3
         rows = await conn.fetch("SELECT site, meter, count(*) FROM pfm_metrics GROUP BY 1, 2")
         assert sorted(tuple(r) for r in rows) == [("edge-a", "main", 3), ("edge-b", "feeder1", 3)]
