@@ -226,6 +226,55 @@ async def test_an_overflowing_bucket_is_quarantined_and_the_rest_roll_up(
         await conn.close()
 
 
+@pytest.mark.timeout(60)
+async def test_the_service_keeps_rolling_up_past_an_overflowing_bucket(
+    settings: Settings, db_dsn: str, db_schema: str, site_name: str
+) -> None:
+    """The issue as seen from outside: one reading with power_l1 = 1e308 used to stop
+    every meter's 1-minute rollups for good; now the other meters' minutes keep coming,
+    the dirty marks drain, and the bad bucket is logged, counted and parked."""
+    s = settings.model_copy(update={"db_dsn": schema_dsn(db_dsn, db_schema)})
+    site = archiver_site(site_name, batch_size=20, flush_interval_s=0.1, rollup_interval_s=0.2)
+    minute = datetime.now(UTC).replace(second=0, microsecond=0)
+    conn = await asyncpg.connect(s.db_dsn)
+    try:
+        async with running_archiver(s, site) as arch, publisher(s, site_name) as bus:
+            for seq in (1, 2):  # straight into the table: the entry bound is not the point
+                await conn.execute(
+                    "INSERT INTO pfm_metrics (site, meter, ts, seq, interval_s, energy_s,"
+                    " power_l1) VALUES ($1, 'm9', $2, $3, 1, 1, 1e308)",
+                    site_name,
+                    at(minute, seq),
+                    seq,
+                )
+            await conn.execute(
+                "INSERT INTO pfm_rollup_dirty VALUES ($1, 'm9', $2)", site_name, minute
+            )
+            items = [
+                (
+                    topics.metrics(site_name, m),
+                    metrics_msg(site_name, m, at(minute, i), i, 1.0, 2.0),
+                )
+                for m in ("m1", "m2")
+                for i in range(10)
+            ]
+            await publish_all(bus, items)
+
+            async def rolled_up() -> bool:
+                n = await conn.fetchval(
+                    "SELECT coalesce(sum(samples), 0) FROM pfm_metrics_1m WHERE meter <> 'm9'"
+                )
+                dirty = await conn.fetchval("SELECT count(*) FROM pfm_rollup_dirty")
+                return bool(n == 20 and dirty == 0 and arch.m.rollup_quarantined._value.get())
+
+            await wait_for(rolled_up, timeout=30)
+            assert arch.m.db_errors.labels("rollup")._value.get() == 0
+        parked = await conn.fetch("SELECT meter, ts FROM pfm_rollup_quarantine")
+        assert [tuple(r) for r in parked] == [("m9", minute)]
+    finally:
+        await conn.close()
+
+
 async def test_merge_is_idempotent(db_dsn: str, db_schema: str) -> None:
     conn = await asyncpg.connect(schema_dsn(db_dsn, db_schema))
     try:
