@@ -1,7 +1,9 @@
 """The archiver service: every metric, event, command and status into PostgreSQL.
 
 Flow: bus (manual ack, persistent session, optional MQTT v5 shared subscription)
--> an in-memory buffer of validated messages, not yet acknowledged -> batches
+-> the topic's authority (:mod:`.authority`: a message whose site or name is not its
+topic's, or unknown, is dead-lettered) -> an in-memory buffer of validated messages,
+not yet acknowledged -> batches
 written idempotently (:mod:`.ingest`) -> acknowledged only after the commit.
 
 When PostgreSQL is down or slow the buffer spills to an on-disk spool
