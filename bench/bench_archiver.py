@@ -130,6 +130,7 @@ async def end_to_end(settings: Settings, site_name: str, msgs: list[Metrics], ba
                 "batch_size": batch,
                 "flush_interval_s": 0.2,
                 "share_group": None,
+                "known": {site_name: sorted({m.meter for m in msgs})},
                 "buffer_max_records": max(20_000, batch * 4),
                 "rollup_interval_s": 3600,
             },
@@ -193,7 +194,9 @@ async def live(settings: Settings, site_name: str, meters: int, seconds: int) ->
     """``meters`` meters at 1 Hz (a metrics and a reading message each per second), stamped
     at publication (= acquisition; the collector and analytics hops are not included):
     rows lost, and commit latency percentiles."""
-    site = parse_site({"site": site_name})
+    site = parse_site(
+        {"site": site_name, "archiver": {"known": {site_name: [f"m{k}" for k in range(meters)]}}}
+    )
     shutdown = Shutdown()
     arch = Archiver(settings, site, shutdown)
     arch.latencies = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import shutil
 import subprocess
@@ -142,6 +143,12 @@ def test_commit_latency_is_labelled_by_kind_with_aggregates_apart() -> None:
     assert latency_kind(status) == "status"
 
 
+async def _refreshed(conn: asyncpg.Connection) -> int:
+    result = await rollups.refresh(conn)
+    assert result is not None and not result.quarantined
+    return result.buckets
+
+
 async def test_rollups_ignore_aggregate_rows(db_dsn: str, db_schema: str) -> None:
     conn = await asyncpg.connect(schema_dsn(db_dsn, db_schema))
     try:
@@ -158,6 +165,112 @@ async def test_rollups_ignore_aggregate_rows(db_dsn: str, db_schema: str) -> Non
         r = await conn.fetchrow("SELECT * FROM pfm_metrics_1m WHERE ts = $1", T0)
         assert r["samples"] == 60 and r["power"] == 100.0 and r["power_max"] == 100.0
         assert math.isclose(r["delta_import_wh"], 60 * 100.0 / 3600)
+    finally:
+        await conn.close()
+
+
+async def test_an_overflowing_bucket_is_quarantined_and_the_rest_roll_up(
+    db_dsn: str, db_schema: str
+) -> None:
+    """Two valid rows whose sum overflows a float8 (power_l1 = 1e308), put straight into
+    pfm_metrics: that bucket is parked with the server's message; the other meters'
+    1-minute rows appear and the dirty marks drain, now and at the next refresh."""
+    conn = await asyncpg.connect(schema_dsn(db_dsn, db_schema))
+    try:
+        await migrate(conn, ArchiverConfig())
+        builder = RowBuilder(lambda meter: 1.0)
+        good = [
+            metrics_msg("s", meter, at(T0, t), t, 100.0, 125.0)
+            for meter in ("a", "z")
+            for t in range(60)
+        ]
+        await write_batch(
+            conn, group_rows(builder.row(m) for m in good), mark_dirty=True, staged=set()
+        )
+        for seq in (1, 2):
+            await conn.execute(
+                "INSERT INTO pfm_metrics (site, meter, ts, seq, interval_s, energy_s, power_l1)"
+                " VALUES ('s', 'bad', $1, $2, 1, 1, 1e308)",
+                at(T0, seq),
+                seq,
+            )
+        await conn.execute("INSERT INTO pfm_rollup_dirty VALUES ('s', 'bad', $1)", T0)
+        result = await rollups.refresh(conn)
+        assert result is not None and result.buckets == 3
+        assert [(q.meter, q.ts) for q in result.quarantined] == [("bad", T0)]
+        assert "out of range" in result.quarantined[0].reason
+        assert "SQLSTATE 22003" in result.quarantined[0].reason
+        rows = await conn.fetch("SELECT meter, samples FROM pfm_metrics_1m ORDER BY meter")
+        assert [tuple(r) for r in rows] == [("a", 60), ("z", 60)]
+        assert await conn.fetchval("SELECT count(*) FROM pfm_rollup_dirty") == 0
+        parked = await conn.fetchrow("SELECT meter, ts, reason FROM pfm_rollup_quarantine")
+        assert parked["meter"] == "bad" and "overflow" in parked["reason"]
+        # the next minute: the good meters go on; the bad bucket, marked again, stays parked
+        more = [metrics_msg("s", m, at(T0, 60 + t), 60 + t, 1.0, 2.0) for m in "az" for t in (0, 1)]
+        await write_batch(
+            conn, group_rows(builder.row(m) for m in more), mark_dirty=True, staged=set()
+        )
+        await conn.execute("INSERT INTO pfm_rollup_dirty VALUES ('s', 'bad', $1)", T0)
+        result = await rollups.refresh(conn)
+        assert result is not None and result.buckets == 3 and len(result.quarantined) == 1
+        assert await conn.fetchval("SELECT count(*) FROM pfm_metrics_1m") == 4
+        assert await conn.fetchval("SELECT sum(samples) FROM pfm_metrics_15m") == 124
+        assert await conn.fetchval("SELECT count(*) FROM pfm_rollup_dirty") == 0
+        # once the bad rows are fixed, the bucket rolls up and leaves the quarantine
+        await conn.execute("UPDATE pfm_metrics SET power_l1 = 1 WHERE meter = 'bad'")
+        await conn.execute("INSERT INTO pfm_rollup_dirty VALUES ('s', 'bad', $1)", T0)
+        assert await _refreshed(conn) == 1
+        assert await conn.fetchval("SELECT count(*) FROM pfm_rollup_quarantine") == 0
+        assert await conn.fetchval("SELECT samples FROM pfm_metrics_1m WHERE meter = 'bad'") == 2
+    finally:
+        await conn.close()
+
+
+@pytest.mark.timeout(60)
+async def test_the_service_keeps_rolling_up_past_an_overflowing_bucket(
+    settings: Settings, db_dsn: str, db_schema: str, site_name: str
+) -> None:
+    """The issue as seen from outside: one reading with power_l1 = 1e308 used to stop
+    every meter's 1-minute rollups for good; now the other meters' minutes keep coming,
+    the dirty marks drain, and the bad bucket is logged, counted and parked."""
+    s = settings.model_copy(update={"db_dsn": schema_dsn(db_dsn, db_schema)})
+    site = archiver_site(site_name, batch_size=20, flush_interval_s=0.1, rollup_interval_s=0.2)
+    minute = datetime.now(UTC).replace(second=0, microsecond=0)
+    conn = await asyncpg.connect(s.db_dsn)
+    try:
+        async with running_archiver(s, site) as arch, publisher(s, site_name) as bus:
+            for seq in (1, 2):  # straight into the table: the entry bound is not the point
+                await conn.execute(
+                    "INSERT INTO pfm_metrics (site, meter, ts, seq, interval_s, energy_s,"
+                    " power_l1) VALUES ($1, 'm9', $2, $3, 1, 1, 1e308)",
+                    site_name,
+                    at(minute, seq),
+                    seq,
+                )
+            await conn.execute(
+                "INSERT INTO pfm_rollup_dirty VALUES ($1, 'm9', $2)", site_name, minute
+            )
+            items = [
+                (
+                    topics.metrics(site_name, m),
+                    metrics_msg(site_name, m, at(minute, i), i, 1.0, 2.0),
+                )
+                for m in ("m1", "m2")
+                for i in range(10)
+            ]
+            await publish_all(bus, items)
+
+            async def rolled_up() -> bool:
+                n = await conn.fetchval(
+                    "SELECT coalesce(sum(samples), 0) FROM pfm_metrics_1m WHERE meter <> 'm9'"
+                )
+                dirty = await conn.fetchval("SELECT count(*) FROM pfm_rollup_dirty")
+                return bool(n == 20 and dirty == 0 and arch.m.rollup_quarantined._value.get())
+
+            await wait_for(rolled_up, timeout=30)
+            assert arch.m.db_errors.labels("rollup")._value.get() == 0
+        parked = await conn.fetch("SELECT meter, ts FROM pfm_rollup_quarantine")
+        assert [tuple(r) for r in parked] == [("m9", minute)]
     finally:
         await conn.close()
 
@@ -195,7 +308,7 @@ async def test_rollups_match_the_raw_rows(db_dsn: str, db_schema: str) -> None:
         await write_batch(
             conn, group_rows(builder.row(m) for m in msgs), mark_dirty=True, staged=staged
         )
-        assert await rollups.refresh(conn) == 3
+        assert await _refreshed(conn) == 3
         one = await conn.fetch("SELECT * FROM pfm_metrics_1m ORDER BY ts")
         assert [r["ts"] for r in one] == [at(T0, 0), at(T0, 60), at(T0, 120)]
         for k, r in enumerate(one):
@@ -213,8 +326,8 @@ async def test_rollups_match_the_raw_rows(db_dsn: str, db_schema: str) -> None:
         # a late row for the first minute updates every level
         late = metrics_msg("s", "m", at(T0, 30.5), 999, 10_000.0, 20_000.0)
         await write_batch(conn, group_rows([builder.row(late)]), mark_dirty=True, staged=staged)
-        assert await rollups.refresh(conn) == 1
-        assert await rollups.refresh(conn) == 0
+        assert await _refreshed(conn) == 1
+        assert await _refreshed(conn) == 0
         first = await conn.fetchrow("SELECT * FROM pfm_metrics_1m WHERE ts = $1", T0)
         assert first["samples"] == 61
         assert math.isclose(first["power"], (sum(range(60)) + 10_000) / 61)
@@ -363,7 +476,7 @@ async def test_two_archivers_share_the_load(
 ) -> None:
     """MQTT v5 shared subscription: each message goes to one archiver, stored once."""
     base = settings.model_copy(update={"db_dsn": schema_dsn(db_dsn, db_schema)})
-    site = archiver_site(site_name, batch_size=50, flush_interval_s=0.2)
+    site = archiver_site(site_name, batch_size=50, flush_interval_s=0.2, share_group="archiver")
     a = base.model_copy(update={"mqtt_client_id": f"{settings.mqtt_client_id}-a"})
     b = base.model_copy(update={"mqtt_client_id": f"{settings.mqtt_client_id}-b"})
     now = datetime.now(UTC)
@@ -490,7 +603,13 @@ async def test_a_central_archiver_stores_every_site(
     base = settings.model_copy(
         update={"db_dsn": schema_dsn(db_dsn, db_schema), "mqtt_url": mosquitto.url}
     )
-    site = archiver_site(site_name, sites="all", batch_size=10, flush_interval_s=0.1)
+    site = archiver_site(
+        site_name,
+        sites="all",
+        batch_size=10,
+        flush_interval_s=0.1,
+        known={"edge-a": ["main"], "edge-b": ["main"]},
+    )
     now = datetime.now(UTC)
     edges = ["edge-a", "edge-b"]
     items = [
@@ -511,3 +630,103 @@ async def test_a_central_archiver_stores_every_site(
         assert {r["site"]: r["n"] for r in rows} == {"edge-a": 5, "edge-b": 5}
     finally:
         await conn.close()
+
+
+async def _restart_broker_and_archiver(
+    settings: Settings, site_name: str, mosquitto: LocalMosquitto, share_group: str | None
+) -> tuple[int, int]:
+    """Archiver up; broker stops; archiver stops; broker starts; N messages published;
+    archiver starts again. Returns (published, stored)."""
+    site = archiver_site(site_name, batch_size=50, flush_interval_s=0.1, share_group=share_group)
+    now = datetime.now(UTC)
+    n = 200
+    items = [
+        (
+            topics.metrics(site_name, f"m{i % 4}"),
+            metrics_msg(site_name, f"m{i % 4}", at(now, i), i, 1.0, 2.0),
+        )
+        for i in range(n)
+    ]
+    conn = await asyncpg.connect(settings.db_dsn)
+    try:
+        async with running_archiver(settings, site) as arch:
+            assert arch.bus is not None and arch.bus.protocol == "5"
+            await asyncio.to_thread(mosquitto.stop)
+        await asyncio.to_thread(mosquitto.start)
+        async with publisher(settings, site_name) as bus:
+            await publish_all(bus, items)
+        await asyncio.sleep(1.0)  # the archiver comes back later
+        async with running_archiver(settings, site) as arch:
+
+            async def done() -> bool:
+                return bool(await conn.fetchval("SELECT count(*) FROM pfm_metrics") >= n)
+
+            with contextlib.suppress(AssertionError):
+                await wait_for(done, timeout=10)
+        return n, int(await conn.fetchval("SELECT count(*) FROM pfm_metrics"))
+    finally:
+        await conn.close()
+
+
+@pytest.mark.timeout(90)
+async def test_a_single_archiver_loses_nothing_across_a_broker_restart(
+    settings: Settings, db_dsn: str, db_schema: str, site_name: str, mosquitto: LocalMosquitto
+) -> None:
+    """The default (no share group): a plain persistent subscription, which the broker
+    restores from its persistence file, so messages published after a broker restart,
+    while the archiver is still away, are delivered when it comes back."""
+    base = settings.model_copy(
+        update={"db_dsn": schema_dsn(db_dsn, db_schema), "mqtt_url": mosquitto.url}
+    )
+    assert ArchiverConfig().share_group is None
+    sent, stored = await _restart_broker_and_archiver(base, site_name, mosquitto, None)
+    assert stored == sent
+
+
+@pytest.mark.timeout(90)
+async def test_a_share_group_on_this_broker(
+    settings: Settings, db_dsn: str, db_schema: str, site_name: str, mosquitto: LocalMosquitto
+) -> None:
+    """What holds with ``share_group`` on the broker of this machine (Mosquitto 2.0.11):
+    while the broker runs, messages published when every archiver of the group is away
+    are kept for them; across a broker restart they are NOT (the broker does not restore
+    ``$share`` subscriptions from its persistence file) - hence no share group by default."""
+    base = settings.model_copy(
+        update={"db_dsn": schema_dsn(db_dsn, db_schema), "mqtt_url": mosquitto.url}
+    )
+    site = archiver_site(site_name, batch_size=50, flush_interval_s=0.1, share_group="archiver")
+    a = base.model_copy(update={"mqtt_client_id": f"{base.mqtt_client_id}-a"})
+    b = base.model_copy(update={"mqtt_client_id": f"{base.mqtt_client_id}-b"})
+    now = datetime.now(UTC)
+    items = [
+        (topics.metrics(site_name, "m1"), metrics_msg(site_name, "m1", at(now, i), i, 1.0, 2.0))
+        for i in range(100)
+    ]
+    conn = await asyncpg.connect(base.db_dsn)
+    try:
+        async with running_archiver(a, site), running_archiver(b, site):
+            pass  # both sessions and their $share subscriptions exist; both go away
+        async with publisher(base, site_name) as bus:
+            await publish_all(bus, items)
+        async with running_archiver(a, site), running_archiver(b, site):
+
+            async def done() -> bool:
+                return bool(await conn.fetchval("SELECT count(*) FROM pfm_metrics") >= 100)
+
+            await wait_for(done, timeout=20)
+        assert await conn.fetchval("SELECT count(*) FROM pfm_metrics") == 100
+        await conn.execute("TRUNCATE pfm_metrics")
+    finally:
+        await conn.close()
+    sent, stored = await _restart_broker_and_archiver(a, site_name, mosquitto, "archiver")
+    if mosquitto_version() == "2.0.11":
+        assert stored == 0 and sent > 0, "this broker now restores $share subscriptions"
+
+
+def mosquitto_version() -> str | None:
+    exe = shutil.which("mosquitto")
+    if exe is None:
+        return None
+    out = subprocess.run([exe, "-h"], capture_output=True, text=True, timeout=10).stdout
+    first = out.splitlines()[0] if out else ""
+    return first.rsplit(" ", 1)[-1] if first.startswith("mosquitto version") else None

@@ -28,8 +28,14 @@ from shared.service import Shutdown  # noqa: E402
 from shared.settings import Settings  # noqa: E402
 from shared.site import SiteConfig, parse_site  # noqa: E402
 
+#: the meters and devices the archiver tests publish for (archiver.known of their site)
+TEST_NAMES = ["m", *(f"m{i}" for i in range(20)), "bank1"]
+
 
 def archiver_site(site: str, **archiver: Any) -> SiteConfig:
+    """A site file with only an archiver section; unless ``known`` is given, the site
+    knows :data:`TEST_NAMES` (the topic is the authority: unknown names are refused)."""
+    archiver.setdefault("known", {site: TEST_NAMES})
     return parse_site({"site": site, "archiver": archiver})
 
 

@@ -273,7 +273,8 @@ def test_edge_and_centre_split(generated: dict[str, InitResult]) -> None:
     assert {"mosquitto", "archiver", "timescaledb", "prometheus", "grafana"} <= set(central)
     assert not {"collector", "actuator"} & set(central)
     assert all(s.get("restart") == "always" for s in edge.values() if "profiles" not in s)
-    assert int(central["archiver"]["deploy"]["replicas"]) >= 2
+    # one archiver with plain persistent subscriptions (a share group is opt-in)
+    assert int(central["archiver"]["deploy"]["replicas"]) == 1
     assert central["archiver"]["environment"]["PFM_MQTT_PROTOCOL"] == "5"
     assert "PFM_MQTT_CLIENT_ID" not in central["archiver"]["environment"]
     # the edge bundle carries the bridge and no CA key

@@ -92,6 +92,20 @@ KINDS: dict[topics.Kind, tuple[type[BaseModel], str]] = {
 }
 
 
+def describe_db_error(exc: BaseException) -> str:
+    """An error as the log shows it: the server's own message with its SQLSTATE (and
+    detail/hint when it gives them), e.g. ``value out of range: overflow (SQLSTATE
+    22003)``; anything else as ``Type: text``."""
+    if isinstance(exc, asyncpg.PostgresError):
+        text = f"{exc} (SQLSTATE {exc.sqlstate})"
+        for extra in ("detail", "hint"):
+            value = getattr(exc, extra, None)
+            if value:
+                text += f"; {extra}: {value}"
+        return text
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
 def _json(value: Any) -> str:
     return orjson.dumps(value, default=json_value, option=orjson.OPT_NON_STR_KEYS).decode()
 

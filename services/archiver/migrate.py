@@ -1,8 +1,8 @@
 """Versioned SQL migrations, applied at start under an advisory lock.
 
 ``migrations/NNNN_name.sql`` apply everywhere, ``NNNN_name.plain.sql`` only on plain
-PostgreSQL; on TimescaleDB the step ``0002_rollups.timescale`` comes from
-:mod:`services.archiver.timescale` instead. Each applied step is recorded in
+PostgreSQL; on TimescaleDB the steps ``NNNN_name.timescale`` come from
+:func:`services.archiver.timescale.steps` instead. Each applied step is recorded in
 ``pfm_schema_migrations`` (name, checksum, flavour): a second start changes nothing,
 and two archivers starting together serialise on ``pg_advisory_lock`` (keyed by the
 schema) so the second finds everything done.
@@ -74,12 +74,8 @@ def plan(flavour: str, config: ArchiverConfig) -> list[Migration]:
             continue  # another flavour's file
         steps.append(Migration(stem, (sql,)))
     if flavour == TIMESCALE:
-        steps.append(
-            Migration(
-                "0002_rollups.timescale",
-                tuple(timescale.schema_statements(config.retention.chunk_interval_hours)),
-            )
-        )
+        for name, statements in timescale.steps(config.retention.chunk_interval_hours).items():
+            steps.append(Migration(name, tuple(statements)))
     return sorted(steps, key=lambda m: m.name)
 
 

@@ -5,11 +5,16 @@ transaction). :func:`refresh` takes those marks (``DELETE ... RETURNING``) and
 recomputes the 1-minute buckets from ``pfm_metrics``, then the 15-minute buckets
 from the 1-minute ones and the hours from the quarters (averages weighted by
 ``samples``), all in one transaction under a transaction-level advisory lock, so
-two archivers never interleave refreshes. On TimescaleDB the continuous
-aggregates do this job (:mod:`.timescale`).
+two archivers never interleave refreshes. A bucket the database refuses (an
+overflowing value, any data error) is isolated and parked in
+``pfm_rollup_quarantine``; the other buckets, and every other meter, go on. On
+TimescaleDB the continuous aggregates do this job (:mod:`.timescale`).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
 
 import asyncpg
 
@@ -20,6 +25,7 @@ from services.archiver.columns import (
     rollup_columns,
     rollup_reaggregate,
 )
+from services.archiver.ingest import describe_db_error
 
 _ORIGIN = f"TIMESTAMPTZ '{BUCKET_ORIGIN}'"
 
@@ -69,9 +75,32 @@ def refresh_statements() -> list[str]:
 _STATEMENTS: list[str] = []
 
 
-async def refresh(conn: asyncpg.Connection) -> int | None:
-    """Recompute dirty buckets; returns how many 1-minute buckets, None if another
-    archiver is refreshing right now."""
+@dataclass(frozen=True, slots=True)
+class Quarantined:
+    """A 1-minute bucket whose rollup the database refused (kept in pfm_rollup_quarantine)."""
+
+    site: str
+    meter: str
+    ts: datetime
+    reason: str
+
+
+@dataclass(slots=True)
+class RefreshResult:
+    #: 1-minute buckets taken from pfm_rollup_dirty (refreshed + quarantined)
+    buckets: int = 0
+    quarantined: list[Quarantined] = field(default_factory=list)
+
+
+async def refresh(conn: asyncpg.Connection) -> RefreshResult | None:
+    """Recompute the dirty buckets; None if another archiver is refreshing right now.
+
+    All buckets go in one statement per level; if the database refuses that with a data
+    error (SQLSTATE class 22: an overflow, say), the buckets are redone one by one, each in
+    its own savepoint, and the ones it still refuses are parked in
+    ``pfm_rollup_quarantine`` with the server's message: the marks drain and every other
+    meter's rollups go on. A quarantined bucket is retried whenever a new row marks it.
+    """
     if not _STATEMENTS:
         _STATEMENTS.extend(refresh_statements())
     async with conn.transaction():
@@ -84,12 +113,57 @@ async def refresh(conn: asyncpg.Connection) -> int | None:
             "CREATE TEMP TABLE IF NOT EXISTS pfm_dirty_now"
             " (site text, meter text, ts timestamptz) ON COMMIT DELETE ROWS"
         )
-        status = await conn.execute(
+        marks = await conn.fetch(
             "WITH d AS (DELETE FROM pfm_rollup_dirty RETURNING site, meter, ts)"
             " INSERT INTO pfm_dirty_now SELECT site, meter, ts FROM d"
+            " RETURNING site, meter, ts"
         )
-        n = int(status.rsplit(" ", 1)[-1])
-        if n:
-            for statement in _STATEMENTS:
-                await conn.execute(statement)
-        return n
+        result = RefreshResult(len(marks))
+        if not marks:
+            return result
+        try:
+            async with conn.transaction():  # a savepoint
+                await _run_statements(conn)
+        except asyncpg.DataError:
+            await _one_by_one(conn, sorted(tuple(r) for r in marks), result)
+        else:
+            await conn.execute(
+                "DELETE FROM pfm_rollup_quarantine q USING pfm_dirty_now d"
+                " WHERE q.site = d.site AND q.meter = d.meter AND q.ts = d.ts"
+            )
+        return result
+
+
+async def _run_statements(conn: asyncpg.Connection) -> None:
+    for statement in _STATEMENTS:
+        await conn.execute(statement)
+
+
+async def _one_by_one(
+    conn: asyncpg.Connection, marks: list[tuple[str, str, datetime]], result: RefreshResult
+) -> None:
+    for site, meter, ts in marks:
+        await conn.execute("DELETE FROM pfm_dirty_now")
+        await conn.execute("INSERT INTO pfm_dirty_now VALUES ($1, $2, $3)", site, meter, ts)
+        try:
+            async with conn.transaction():
+                await _run_statements(conn)
+        except asyncpg.DataError as exc:
+            reason = describe_db_error(exc)
+            result.quarantined.append(Quarantined(site, meter, ts, reason))
+            await conn.execute(
+                "INSERT INTO pfm_rollup_quarantine (site, meter, ts, reason) VALUES ($1,$2,$3,$4)"
+                " ON CONFLICT (site, meter, ts) DO UPDATE SET reason = EXCLUDED.reason,"
+                " at = now()",
+                site,
+                meter,
+                ts,
+                reason,
+            )
+        else:
+            await conn.execute(
+                "DELETE FROM pfm_rollup_quarantine WHERE site = $1 AND meter = $2 AND ts = $3",
+                site,
+                meter,
+                ts,
+            )

@@ -1,7 +1,9 @@
 """The archiver service: every metric, event, command and status into PostgreSQL.
 
 Flow: bus (manual ack, persistent session, optional MQTT v5 shared subscription)
--> an in-memory buffer of validated messages, not yet acknowledged -> batches
+-> the topic's authority (:mod:`.authority`: a message whose site or name is not its
+topic's, or unknown, is dead-lettered) -> an in-memory buffer of validated messages,
+not yet acknowledged -> batches
 written idempotently (:mod:`.ingest`) -> acknowledged only after the commit.
 
 When PostgreSQL is down or slow the buffer spills to an on-disk spool
@@ -27,12 +29,19 @@ from prometheus_client import Counter, Gauge, Histogram
 from pydantic import BaseModel
 
 from services.archiver import rollups
-from services.archiver.ingest import KINDS, RowBuilder, group_rows, write_batch
+from services.archiver.authority import Authority, Refusal, load_site_dir
+from services.archiver.ingest import (
+    KINDS,
+    RowBuilder,
+    describe_db_error,
+    group_rows,
+    write_batch,
+)
 from services.archiver.migrate import PLAIN, MigrationResult, migrate
 from shared import topics
-from shared.bus import Backoff, Bus, Incoming
+from shared.bus import Backoff, Bus, BusUnavailable, Incoming
 from shared.errors import ConfigError
-from shared.messages import Metrics, decode
+from shared.messages import DeadLetter, Metrics, decode
 from shared.metrics import ServiceMetrics
 from shared.service import Shutdown
 from shared.settings import METRICS_PORTS, Settings
@@ -159,6 +168,19 @@ class ArchiverMetrics:
         )
         #: one histogram child per latency kind, resolved once (not per message)
         self.commit_latency_by_kind = {k: self.commit_latency.labels(k) for k in LATENCY_KINDS}
+        self.refused = Counter(
+            "pfm_archiver_refused_total",
+            "Messages refused because their topic does not vouch for them (dead-lettered),"
+            " by reason: site_mismatch, name_mismatch, unknown_site, unknown_name, bad_topic",
+            ["reason"],
+            registry=r,
+        )
+        self.rollup_quarantined = Counter(
+            "pfm_archiver_rollup_quarantined_total",
+            "1-minute rollup buckets the database refused (data error), parked in"
+            " pfm_rollup_quarantine while the other buckets are refreshed",
+            registry=r,
+        )
         self.db_errors = Counter(
             "pfm_archiver_db_errors_total",
             "Database (and spill file) errors by kind: connection, timeout, conflict, data,"
@@ -208,6 +230,10 @@ class Archiver:
         #: commit latencies in seconds, kept only when a benchmark sets this to a list
         self.latencies: list[float] | None = None
         self._backoff = Backoff(initial_s=0.25, max_s=self.cfg.retry_max_s)
+        site_files = load_site_dir(self.cfg.site_dir) if self.cfg.site_dir is not None else []
+        self.authority = Authority.for_site(site, site_files)
+        self._refusal_log: dict[str, tuple[float, int]] = {}
+        self._dl_seq = int(time.time() * 1000) * 1000  # never reused by a later run
         self.m.buffer.set_function(lambda: len(self.buffer) + len(self.inflight))
         self.m.spill.set_function(lambda: len(self.spool))
         self.m.lag.set_function(self._lag)
@@ -224,17 +250,26 @@ class Archiver:
         kinds += [topics.Kind.STATE, topics.Kind.STATUS]
         if self.cfg.keep_readings:
             kinds.append(topics.Kind.READING)
-        site = "+" if self.cfg.sites == "all" else self.site.site
-        for kind in kinds:
-            model, _table = KINDS[kind]
-            bus.subscribe(
-                topics.pattern(kind, site),
-                model,
-                self.on_message,
-                share_group=self.cfg.share_group,
-            )
+        sites = self.cfg.sites
+        if sites == "own":
+            sites = [self.site.site]
+        elif sites == "all":
+            sites = ["+"]
+        for site in sites:
+            for kind in kinds:
+                model, _table = KINDS[kind]
+                bus.subscribe(
+                    topics.pattern(kind, site),
+                    model,
+                    self.on_message,
+                    share_group=self.cfg.share_group,
+                )
 
     async def on_message(self, model: BaseModel, incoming: Incoming) -> None:
+        refusal = self.authority.check(incoming.topic, model)
+        if refusal is not None:
+            self.refuse(incoming, refusal)
+            return
         self.buffer.append(Pending(incoming.topic, incoming.payload, model, incoming))
         if self._oldest is None:
             self._oldest = time.monotonic()
@@ -242,6 +277,46 @@ class Archiver:
             self.spill_buffer("buffer full")
         elif len(self.buffer) >= self.cfg.batch_size:
             self._wake.set()
+
+    def refuse(self, incoming: Incoming, refusal: Refusal) -> None:
+        """A message its topic does not vouch for: dead letter (on the topic's site),
+        counted by reason, acknowledged; logged at most once per reason every 10 s."""
+        kind = incoming.topic.rsplit("/", 1)[-1]
+        self.m.refused.labels(refusal.reason).inc()
+        self.metrics.deadletters.labels(SERVICE, kind).inc()
+        now = time.monotonic()
+        last, quiet = self._refusal_log.get(refusal.reason, (0.0, 0))
+        if now - last >= 10.0:
+            more = f" ({quiet} more refused for this reason since the last line)" if quiet else ""
+            log.warning(
+                "refused a %s message: %s%s",
+                kind,
+                refusal.text,
+                more,
+                extra={"topic": incoming.topic},
+            )
+            self._refusal_log[refusal.reason] = (now, 0)
+        else:
+            self._refusal_log[refusal.reason] = (last, quiet + 1)
+        bus = self.bus
+        site = (
+            self.site.site if refusal.reason == "bad_topic" else topics.parse(incoming.topic).site
+        )
+        if bus is not None:
+            self._dl_seq += 1
+            letter = DeadLetter.of(
+                site=site,
+                service=SERVICE,
+                topic=incoming.topic,
+                reason=refusal.text,
+                payload=incoming.payload,
+                seq=self._dl_seq,
+            )
+            try:
+                bus.publish_nowait(topics.deadletter(site, SERVICE), letter)
+            except BusUnavailable as exc:
+                log.error("could not publish a dead letter: %s", exc)
+        incoming.ack()
 
     def spill(self, items: list[Pending], why: str) -> bool:
         """Put ``items`` on disk and acknowledge them; False (nothing acked) if the disk
@@ -317,7 +392,11 @@ class Archiver:
             if not is_data_error(exc):
                 raise
             self.m.db_errors.labels("data").inc()
-            log.warning("batch refused (%s); writing its %d rows one by one", exc, len(rows))
+            log.warning(
+                "batch refused (%s); writing its %d rows one by one",
+                describe_db_error(exc),
+                len(rows),
+            )
             result = None
             for row in rows:
                 try:
@@ -328,7 +407,9 @@ class Archiver:
                     if not is_data_error(one_exc):
                         raise
                     self.m.db_errors.labels("rejected").inc()
-                    log.error("row refused by %s: %s; row dropped", row[0], one_exc)
+                    log.error(
+                        "row refused by %s: %s; row dropped", row[0], describe_db_error(one_exc)
+                    )
                     continue
                 self._count(one.inserted, one.offered)
         if result is not None:
@@ -358,11 +439,17 @@ class Archiver:
         try:
             kind = topics.parse(topic).kind
             model, _ = KINDS[kind]
-            return decode(model, payload)
+            decoded = decode(model, payload)
         except (ConfigError, KeyError, ValueError) as exc:
             self.m.db_errors.labels("rejected").inc()
             log.error("spilled record from %s cannot be decoded: %s; dropped", topic, exc)
             return None
+        refusal = self.authority.check(topic, decoded)
+        if refusal is not None:  # spilled by a version that did not check
+            self.m.refused.labels(refusal.reason).inc()
+            log.error("spilled record refused: %s; dropped", refusal.text)
+            return None
+        return decoded
 
     async def _failed(self, exc: BaseException, attempt: int) -> None:
         kind = error_kind(exc)
@@ -370,7 +457,9 @@ class Archiver:
             log.error("unexpected error while writing a batch; retrying", exc_info=exc)
         self.m.db_errors.labels(kind).inc()
         if self.db_up or attempt == 0:
-            log.warning("database unavailable (%s: %s); spilling to disk", kind, exc)
+            log.warning(
+                "database unavailable (%s: %s); spilling to disk", kind, describe_db_error(exc)
+            )
         self.db_up = False
         await self._drop_conn()
         # put everything we hold on disk (acknowledged), in arrival order
@@ -400,6 +489,8 @@ class Archiver:
                         items.append(Pending(rec.topic, rec.payload, model))
                 try:
                     await self.write(items)
+                except ConfigError:
+                    raise  # e.g. timescaledb: on, and the server cannot have it: exit 2
                 except Exception as exc:
                     if stopping:
                         return
@@ -422,6 +513,8 @@ class Archiver:
             self._oldest = time.monotonic() if self.buffer else None
             try:
                 await self.write(self.inflight)
+            except ConfigError:
+                raise  # e.g. timescaledb: on, and the server cannot have it: exit 2
             except Exception as exc:
                 if stopping:
                     # what cannot be spilled stays unacknowledged: the broker re-delivers it
@@ -472,10 +565,21 @@ class Archiver:
                 try:
                     if conn is None or conn.is_closed():
                         conn = await asyncpg.connect(self.settings.db_dsn, timeout=10)
-                    await rollups.refresh(conn)
+                    result = await rollups.refresh(conn)
+                    for q in result.quarantined if result is not None else ():
+                        self.m.rollup_quarantined.inc()
+                        log.error(
+                            "rollup bucket %s of %s/%s refused by the database: %s;"
+                            " quarantined in pfm_rollup_quarantine, other buckets go on",
+                            q.ts.isoformat(),
+                            q.site,
+                            q.meter,
+                            q.reason,
+                            extra={"site": q.site, "meter": q.meter},
+                        )
                 except (*TRANSIENT, asyncpg.PostgresError) as exc:
                     self.m.db_errors.labels("rollup").inc()
-                    log.warning("rollup refresh failed: %s", exc)
+                    log.warning("rollup refresh failed: %s", describe_db_error(exc))
                     if conn is not None:
                         conn.terminate()
                         conn = None
@@ -499,25 +603,35 @@ class Archiver:
             except Exception as exc:
                 if not is_transient(exc):
                     raise
-                log.warning("database unavailable at start (%s); messages will spill", exc)
-            async with asyncio.TaskGroup() as tg:
-                flusher = tg.create_task(self.flusher(), name="archiver-flusher")
-                tg.create_task(self.rollup_loop(), name="archiver-rollups")
-                async with Bus(
-                    self.settings,
-                    service=SERVICE,
-                    site=self.site.site,
-                    metrics=self.metrics,
-                    manual_ack=True,
-                ) as bus:
-                    self.bus = bus
-                    self.subscribe(bus)
-                    self.shutdown.ready_after(bus.wait_subscribed(), "subscribed")
-                    await self.shutdown.wait()
-                # the bus is closed: no new messages; the flusher commits (or spills) the rest
-                await flusher
+                log.warning(
+                    "database unavailable at start (%s); messages will spill",
+                    describe_db_error(exc),
+                )
+            try:
+                await self._consume()
+            except* ConfigError as group:  # the schema cannot be set up as configured
+                raise group.exceptions[0] from None
         finally:
             await self.close()
+
+    async def _consume(self) -> None:
+        """Bus, flusher and rollups until shutdown; then the flusher drains."""
+        async with asyncio.TaskGroup() as tg:
+            flusher = tg.create_task(self.flusher(), name="archiver-flusher")
+            tg.create_task(self.rollup_loop(), name="archiver-rollups")
+            async with Bus(
+                self.settings,
+                service=SERVICE,
+                site=self.site.site,
+                metrics=self.metrics,
+                manual_ack=True,
+            ) as bus:
+                self.bus = bus
+                self.subscribe(bus)
+                self.shutdown.ready_after(bus.wait_subscribed(), "subscribed")
+                await self.shutdown.wait()
+            # the bus is closed: no new messages; the flusher commits (or spills) the rest
+            await flusher
 
 
 async def run(settings: Settings, site: SiteConfig, shutdown: Shutdown) -> None:

@@ -14,11 +14,14 @@ tables (``migrations/0002_rollups.plain.sql``): one query surface either way.
 from __future__ import annotations
 
 import hashlib
+import logging
 
 import asyncpg
 
 from services.archiver.columns import ROLLUPS, raw_aggregate, rollup_columns
 from shared.site.archiver import RetentionConfig
+
+log = logging.getLogger(__name__)
 
 EXTENSION = "timescaledb"
 
@@ -39,35 +42,103 @@ CAGG_POLICY = {
 }
 
 
+#: what to do when the extension is there but the server does not preload it
+PRELOAD_ADVICE = (
+    "add timescaledb to shared_preload_libraries in postgresql.conf (timescaledb-tune does"
+    " it) and restart PostgreSQL"
+)
+
+
+async def preloaded(conn: asyncpg.Connection) -> bool | None:
+    """Whether the server preloads TimescaleDB (``shared_preload_libraries``); None when
+    this role may not read the setting (it needs ``pg_read_all_settings``)."""
+    try:
+        text = await conn.fetchval("SELECT current_setting('shared_preload_libraries')")
+    except asyncpg.InsufficientPrivilegeError:
+        return None
+    names = [part.strip().strip("'\"") for part in str(text or "").split(",")]
+    return any(name.rsplit("/", 1)[-1].startswith(EXTENSION) for name in names if name)
+
+
 async def detect(conn: asyncpg.Connection, mode: str) -> str | None:
     """The TimescaleDB version to use, or None for plain PostgreSQL.
 
     ``mode``: ``off`` never uses it; ``auto`` uses it when installed in this database
-    or installable (``pg_available_extensions``); ``on`` requires it.
+    or installable (``pg_available_extensions``) AND preloaded by the server
+    (``shared_preload_libraries``), otherwise plain PostgreSQL with one warning saying
+    what to change; ``on`` requires it and raises :class:`ConfigError` saying what is
+    missing. ``CREATE EXTENSION`` is never tried on a server that does not preload the
+    library: the server would refuse it and close the connection.
     """
+    from shared.errors import ConfigError
+
     if mode == "off":
         return None
     installed = await conn.fetchval(
         "SELECT extversion FROM pg_extension WHERE extname = $1", EXTENSION
     )
-    if installed:
-        return str(installed)
-    available = await conn.fetchval(
+    available = installed or await conn.fetchval(
         "SELECT default_version FROM pg_available_extensions WHERE name = $1", EXTENSION
     )
     if available is None:
         if mode == "on":
-            from shared.errors import ConfigError
-
             raise ConfigError(
                 "archiver.timescaledb is 'on' but the timescaledb extension is not "
                 "available in this PostgreSQL (install it or set timescaledb: auto)"
             )
         return None
+    loaded = await preloaded(conn)
+    if loaded is False or (loaded is None and mode == "auto"):
+        why = (
+            "is not in the server's shared_preload_libraries"
+            if loaded is False
+            else "may not be preloaded (this role cannot read shared_preload_libraries)"
+        )
+        if mode == "on":
+            raise ConfigError(
+                f"archiver.timescaledb is 'on' but timescaledb {available} {why}: "
+                f"{PRELOAD_ADVICE}, or set timescaledb: auto"
+            )
+        log.warning(
+            "timescaledb %s is installed but %s; archiving to plain PostgreSQL. To use it, "
+            "%s before the archiver first creates its tables (the choice is kept after).",
+            available,
+            why,
+            PRELOAD_ADVICE,
+        )
+        return None
+    if installed:
+        return str(installed)
     await conn.execute(f"CREATE EXTENSION IF NOT EXISTS {EXTENSION}")
     return str(
         await conn.fetchval("SELECT extversion FROM pg_extension WHERE extname = $1", EXTENSION)
     )
+
+
+def natural_key_statements() -> list[str]:
+    """Migration step ``0003_natural_keys.timescale``: a per-input metrics message is
+    stored once per input. A unique index on a hypertable must contain its time column,
+    so the key is (site, meter, source, source_seq, ts): a re-analysed input carries its
+    input's ``ts`` and is caught; a reading or metrics ``seq`` reused with ANOTHER ``ts``
+    is not (the plain-PostgreSQL schema refuses that too, see
+    ``migrations/0003_natural_keys.plain.sql``)."""
+    per_input = "a.energy_s IS NOT NULL AND b.energy_s IS NOT NULL"
+    return [
+        "DELETE FROM pfm_metrics a USING pfm_metrics b"
+        " WHERE a.site = b.site AND a.meter = b.meter AND a.source = b.source"
+        f" AND a.source_seq = b.source_seq AND a.ts = b.ts AND {per_input} AND a.seq > b.seq",
+        "CREATE UNIQUE INDEX IF NOT EXISTS pfm_metrics_input"
+        " ON pfm_metrics (site, meter, source, source_seq, ts)"
+        " WHERE energy_s IS NOT NULL AND source_seq IS NOT NULL",
+    ]
+
+
+#: migration steps of the TimescaleDB flavour (in place of the ``*.plain.sql`` files)
+def steps(chunk_interval_hours: float = 24) -> dict[str, list[str]]:
+    return {
+        "0002_rollups.timescale": schema_statements(chunk_interval_hours),
+        "0003_natural_keys.timescale": natural_key_statements(),
+    }
 
 
 def _interval(days: float) -> str:

@@ -22,7 +22,8 @@ How it keeps going when things break:
   is connected, otherwise appended to the bounded on-disk spool, which is drained
   in order when the broker is back (and survives a restart). When the spool is
   full the oldest records are dropped and counted. Per-meter ``seq`` continues
-  across restarts (kept in the spool file).
+  across clean restarts (kept in the spool file); a first start, a wiped data folder
+  or a crash start it from the clock, so a seq is never used twice.
 """
 
 from __future__ import annotations
@@ -61,8 +62,15 @@ SERVICE = "collector"
 BATCH = 64
 #: save the per-meter seq this often (and at shutdown)
 SEQ_SAVE_S = 5.0
-#: a restart after a crash resumes seq this far past the last save, so no seq repeats
+#: a restart after a crash resumes seq at least this far past the last save (and past
+#: the clock's seed), so no seq repeats
 SEQ_MARGIN = 100
+
+
+def clock_seq() -> int:
+    """A first seq from the clock: milliseconds since the epoch. A meter is polled at most
+    20 times a second, so a run started from it never reaches the seed of a later run."""
+    return int(time.time() * 1000)
 
 
 @dataclass(eq=False)
@@ -147,13 +155,18 @@ class Collector:
         self.spool = Spool(
             settings.data_dir / f"collector-{site.site}.spool", max_records=spool_max_records
         )
-        # seq continues where the last run stopped (with a margin after a crash)
-        margin = 0 if self.spool.get_meta("clean_stop") else SEQ_MARGIN
+        # seq continues where the last run stopped; after a crash, or with no saved seq (a
+        # new or wiped data folder), it starts from the clock, past any seq used before: a
+        # seq names one reading for good (the archive keeps one row per meter and seq)
+        clean = bool(self.spool.get_meta("clean_stop"))
+        margin = 0 if clean else SEQ_MARGIN
         self.spool.set_meta({"clean_stop": 0})
         for ms in self.meters:
             saved = self.spool.get_meta(f"seq:{ms.name}")
-            if saved is not None:
-                ms.seq = saved + margin
+            if saved is not None and clean:
+                ms.seq = saved
+            else:
+                ms.seq = max(-1 if saved is None else saved + margin, clock_seq())
             saved = self.spool.get_meta(f"eseq:{ms.name}")
             if saved is not None:
                 ms.event_seq = saved + margin

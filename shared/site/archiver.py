@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from shared.topics import Slug
 
 
 class RetentionConfig(BaseModel):
@@ -78,10 +81,19 @@ class ArchiverConfig(BaseModel):
     retry_max_s: float = Field(10.0, gt=0, le=600, description="longest wait between DB retries")
     keep_readings: bool = Field(True, description="store raw readings in pfm_readings")
     #: own = this site's topics; all = every site on the broker (the central store,
-    #: fed by the edge gateways' bridges)
-    sites: Literal["own", "all"] = "own"
-    #: MQTT v5 shared-subscription group (several archivers split the load); null = none
-    share_group: str | None = Field("archiver", pattern=r"^[A-Za-z0-9_-]+$")
+    #: fed by the edge gateways' bridges); a list of site slugs = those sites only (to
+    #: split a centre between archivers, each with its own plain persistent subscriptions)
+    sites: Literal["own", "all"] | list[Slug] = "own"
+    #: MQTT v5 shared-subscription group; null (the default) = plain persistent
+    #: subscriptions. Lossless only while the broker keeps the group's sessions: see
+    #: docs/archiver.md before setting it.
+    share_group: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]+$")
+    #: names (meters, devices, gateways) a site's topics may carry beyond those its site
+    #: file lists, by site; for a central archiver, the sites and names it accepts
+    known: dict[Slug, list[Slug]] = Field(default_factory=dict)
+    #: a folder of site files (``*.yaml``): every site there, with the names it lists, is
+    #: known (a central archiver keeps the edges' site files here)
+    site_dir: Path | None = None
     timescaledb: Literal["auto", "on", "off"] = Field(
         "auto", description="auto: use the extension when installed or installable"
     )
@@ -93,6 +105,8 @@ class ArchiverConfig(BaseModel):
 
     @model_validator(mode="after")
     def _buffer(self) -> ArchiverConfig:
+        if isinstance(self.sites, list) and not self.sites:
+            raise ValueError("sites: an empty list archives nothing (use own, all or slugs)")
         if self.buffer_max_records < self.batch_size:
             raise ValueError(
                 f"buffer_max_records ({self.buffer_max_records}) must be at least "
