@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import shutil
 import socket
 import tempfile
@@ -76,11 +77,11 @@ def demo_plant(meters: int) -> SimSite:
     return plant
 
 
-def demo_site(port: int, plant: SimSite) -> dict[str, Any]:
+def demo_site(port: int, plant: SimSite, site: str = "demo") -> dict[str, Any]:
     assert plant.bank is not None
     steps = list(plant.bank.kvar)
     return {
-        "site": "demo",
+        "site": site,
         "gateway": "demo-gw",
         "description": "pfmon demo: a simulated factory, PF ~0.78 at the incomer, one bank",
         "buses": [{"name": "sim", "kind": "tcp", "host": "127.0.0.1", "port": port}],
@@ -219,7 +220,10 @@ async def demo_main(shutdown: Shutdown, meters: int, keep: bool) -> int:
             sim_port = free_port()
             plant = demo_plant(meters)
             async with SimServer(plant, sim_port):
-                raw_site = demo_site(sim_port, plant)
+                # each run is its own site with its own client ids: two demos on one
+                # broker neither take each other's sessions over nor mix their data
+                run_id = secrets.token_hex(3)
+                raw_site = demo_site(sim_port, plant, f"demo-{run_id}")
                 site = parse_site(raw_site, "demo site")
                 (workdir / "site.yaml").write_text(yaml.safe_dump(raw_site, sort_keys=False))
                 settings = base.model_copy(
@@ -228,9 +232,9 @@ async def demo_main(shutdown: Shutdown, meters: int, keep: bool) -> int:
                         "db_dsn": dsn,
                         "data_dir": workdir / "data",
                         "metrics_port": 0,
-                        # stable ids: a second demo resumes the first one's sessions
-                        # instead of leaving more behind on a shared broker
-                        "mqtt_client_id": f"pfm-demo-{socket.gethostname()}",
+                        "mqtt_client_id": f"pfm-demo-{socket.gethostname()}-{run_id}",
+                        # sessions of a run end soon after it (MQTT v5), not in a week
+                        "mqtt_session_expiry_s": 60,
                     }
                 )
                 console.print(
@@ -243,7 +247,8 @@ async def demo_main(shutdown: Shutdown, meters: int, keep: bool) -> int:
                 )
                 console.print(f"  broker:   {broker_note}")
                 console.print(f"  database: {db_note}, table pfm_metrics")
-                console.print(f"  site:     {workdir / 'site.yaml'}")
+                console.print(f"  site:     {site.site}, {workdir / 'site.yaml'}")
+                console.print(f"  mqtt ids: {settings.mqtt_client_id}-<service>")
                 console.print("  stop with Ctrl-C")
                 view = _View(len(site.banks[0].steps_kvar))
                 pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
