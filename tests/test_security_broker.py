@@ -40,8 +40,8 @@ from services.init import (
 from shared import topics
 from shared.bus import Bus, Incoming, PublishRefused
 from shared.embedded import free_port, wait_port
-from shared.messages import Reading, utcnow
 from shared.errors import ConfigError
+from shared.messages import Reading, utcnow
 from shared.settings import Settings, credentials, load_settings
 
 REPO = Path(__file__).resolve().parents[1]
