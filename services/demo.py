@@ -336,6 +336,15 @@ def register(app: typer.Typer) -> None:
         except (ConfigError, PeerError) as exc:
             console.print(f"[red]pfmon demo: {exc}[/]")
             raise typer.Exit(1) from exc
+        except BaseExceptionGroup as group:  # one service refused (e.g. its client id)
+            found = group.subgroup((ConfigError, PeerError))
+            if found is None:
+                raise
+            first: BaseException = found
+            while isinstance(first, BaseExceptionGroup):
+                first = first.exceptions[0]
+            console.print(f"[red]pfmon demo: {first}[/]")
+            raise typer.Exit(1) from group
         rows = result.get("rows", 0)
         console.print(f"demo finished: {rows} metric rows archived")
         if duration is not None and duration >= 10 and rows == 0:
