@@ -179,3 +179,11 @@ def test_rules_check_process_exits_2_on_a_script_letter(tmp_path: Path) -> None:
     assert res.returncode == 2, res.stderr
     assert "column 1: 'ℒ' (SCRIPT CAPITAL L) is not allowed" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_actuator_refuses_a_script_letter_with_exit_2_not_a_traceback(tmp_path: Path) -> None:
+    path = tmp_path / "site.yaml"
+    path.write_text(yaml.safe_dump(_site("ℒ1U > 253"), allow_unicode=True), encoding="utf-8")
+    res = CliRunner().invoke(app, ["actuator", "--site-file", str(path), "--duration", "5"])
+    assert res.exit_code == 2, (res.output, res.exception)
+    assert "'ℒ' (SCRIPT CAPITAL L) is not allowed" in res.output
