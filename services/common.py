@@ -66,6 +66,13 @@ def load_config(site_file: Path | None) -> tuple[Settings, SiteConfig]:
     return settings, site
 
 
+def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
 def run_service(
     name: str, main: ServiceMain, site_file: Path | None, duration: float | None
 ) -> None:
@@ -75,5 +82,10 @@ def run_service(
         service.run(lambda shutdown: main(settings, site, shutdown), duration=duration)
     except ConfigError as exc:
         fail(f"{name}: {exc}")
+    except BaseExceptionGroup as group:  # a ConfigError raised inside a task group
+        found = group.subgroup(ConfigError)
+        if found is None:
+            raise
+        fail(f"{name}: {_first(found)}")
     except KeyboardInterrupt:  # pragma: no cover - second Ctrl-C
         sys.exit(130)

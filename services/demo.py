@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import secrets
 import shutil
 import socket
 import tempfile
@@ -79,11 +80,11 @@ def demo_plant(meters: int) -> SimSite:
     return plant
 
 
-def demo_site(port: int, plant: SimSite) -> dict[str, Any]:
+def demo_site(port: int, plant: SimSite, site: str = "demo") -> dict[str, Any]:
     assert plant.bank is not None
     steps = list(plant.bank.kvar)
     return {
-        "site": "demo",
+        "site": site,
         "gateway": "demo-gw",
         "description": "pfmon demo: a simulated factory, PF ~0.78 at the incomer, one bank",
         "buses": [{"name": "sim", "kind": "tcp", "host": "127.0.0.1", "port": port}],
@@ -237,7 +238,10 @@ async def demo_main(shutdown: Shutdown, meters: int, keep: bool) -> int:
             sim_port = free_port()
             plant = demo_plant(meters)
             async with SimServer(plant, sim_port):
-                raw_site = demo_site(sim_port, plant)
+                # each run is its own site with its own client ids: two demos on one
+                # broker neither take each other's sessions over nor mix their data
+                run_id = secrets.token_hex(3)
+                raw_site = demo_site(sim_port, plant, f"demo-{run_id}")
                 site = parse_site(raw_site, "demo site")
                 (workdir / "site.yaml").write_text(yaml.safe_dump(raw_site, sort_keys=False))
                 settings = base.model_copy(
@@ -246,9 +250,9 @@ async def demo_main(shutdown: Shutdown, meters: int, keep: bool) -> int:
                         "db_dsn": dsn,
                         "data_dir": workdir / "data",
                         "metrics_port": 0,
-                        # stable ids: a second demo resumes the first one's sessions
-                        # instead of leaving more behind on a shared broker
-                        "mqtt_client_id": f"pfm-demo-{socket.gethostname()}",
+                        "mqtt_client_id": f"pfm-demo-{socket.gethostname()}-{run_id}",
+                        # sessions of a run end soon after it (MQTT v5), not in a week
+                        "mqtt_session_expiry_s": 60,
                     }
                 )
                 console.print(
@@ -261,7 +265,8 @@ async def demo_main(shutdown: Shutdown, meters: int, keep: bool) -> int:
                 )
                 console.print(f"  broker:   {broker_note}")
                 console.print(f"  database: {db_note}, table pfm_metrics")
-                console.print(f"  site:     {workdir / 'site.yaml'}")
+                console.print(f"  site:     {site.site}, {workdir / 'site.yaml'}")
+                console.print(f"  mqtt ids: {settings.mqtt_client_id}-<service>")
                 console.print("  stop with Ctrl-C")
                 view = _View(len(site.banks[0].steps_kvar))
                 run_from = datetime.now(UTC)
@@ -366,6 +371,15 @@ def register(app: typer.Typer) -> None:
         except (ConfigError, PeerError) as exc:
             console.print(f"[red]pfmon demo: {exc}[/]")
             raise typer.Exit(1) from exc
+        except BaseExceptionGroup as group:  # one service refused (e.g. its client id)
+            found = group.subgroup((ConfigError, PeerError))
+            if found is None:
+                raise
+            first: BaseException = found
+            while isinstance(first, BaseExceptionGroup):
+                first = first.exceptions[0]
+            console.print(f"[red]pfmon demo: {first}[/]")
+            raise typer.Exit(1) from group
         rows = result.get("rows", 0)
         console.print(f"demo finished: {rows} metric rows archived")
         if duration is not None and duration >= 10 and rows == 0:

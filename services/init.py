@@ -8,7 +8,8 @@ For a site it writes, under ``--out`` (default ``deploy/secrets``):
   (SANs: localhost, 127.0.0.1, ``mosquitto`` and every ``--hostname``), ``passwd``
   (mosquitto_passwd format, PBKDF2-SHA512), ``acl`` (one user per service, each may
   publish only its own topics) and ``conf.d/`` (the bridge to the centre on an edge);
-* ``clients/<user>/`` - ``ca.crt``, ``client.crt``, ``client.key`` for each service;
+* ``clients/<user>/`` - ``ca.crt``, ``client.crt``, ``client.key`` and ``password`` (the
+  broker password, for systemd's ``LoadCredential=``) for each service;
 * ``env/<user>.env`` - ``PFM_MQTT_*`` settings of each service (systemd installs);
 * the compose ``.env`` (``--env-file``): the site name and every generated password.
 
@@ -520,6 +521,7 @@ def init_site(
         _write_private(folder / "ca.crt", ca.cert_pem, 0o644)
         _write_private(folder / "client.crt", crt, 0o644)
         _write_private(folder / "client.key", key)
+        _write_private(folder / "password", password + "\n")  # systemd LoadCredential=
         _write_private(
             out / "env" / f"{user}.env",
             "\n".join(

@@ -54,7 +54,7 @@ from paho.mqtt.properties import Properties
 from pydantic import BaseModel, ValidationError
 
 from shared import _mqtt_fast, topics
-from shared.errors import PeerError
+from shared.errors import ConfigError, PeerError
 from shared.messages import DeadLetter, describe_error
 from shared.metrics import ServiceMetrics
 from shared.settings import Settings
@@ -71,6 +71,33 @@ class BusUnavailable(PeerError):
 class PublishRefused(BusUnavailable):
     """The broker refused this publish (MQTT v5 reason code >= 0x80, e.g. 0x87 when its
     ACL does not allow the topic): sending it again will not help, so do not spool it."""
+
+
+class ClientIdInUse(ConfigError):
+    """Another process connected with this service's MQTT client id (the broker took
+    the session over): two of them would kick each other off for ever, so stop."""
+
+
+#: MQTT v5 DISCONNECT reason "Session taken over"
+_SESSION_TAKEN_OVER = 0x8E
+#: on MQTT 3.1.1 the broker just closes the older connection: this many connections
+#: in a row lost within this many seconds of their CONNACK mean the same
+_QUICK_DROPS = 3
+_QUICK_DROP_S = 3.0
+
+
+def _taken_over(exc: BaseException | None) -> bool:
+    """Whether ``exc`` (or what caused it) is a v5 DISCONNECT with reason 0x8E."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, aiomqtt.MqttCodeError):
+            rc = exc.rc
+            value = rc if rc is None or isinstance(rc, int) else rc.value
+            if value == _SESSION_TAKEN_OVER:
+                return True
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return False
 
 
 @dataclass(slots=True)
@@ -203,6 +230,9 @@ class Bus:
         }.get(settings.mqtt_protocol)
         self.connections = 0
         self.last_error: str | None = None
+        #: set when another process took this client id over; raised on exit
+        self.taken_over: ClientIdInUse | None = None
+        self._owner: asyncio.Task[Any] | None = None
 
     # -- public API --------------------------------------------------------------
 
@@ -324,11 +354,25 @@ class Bus:
     # -- lifecycle ----------------------------------------------------------------
 
     async def __aenter__(self) -> Bus:
+        self._owner = asyncio.current_task()
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"bus-{self.service}")
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+        if self.taken_over is not None:
+            raise self.taken_over
+
+    def _give_up(self, how: str) -> None:
+        """Another process uses our client id: cancel the task that entered the bus, whose
+        ``async with`` then raises :class:`ClientIdInUse` (exit 2)."""
+        self.taken_over = ClientIdInUse(
+            f"MQTT client id {self.client_id!r} is in use by another process ({how}): "
+            "run one process per id, or give each its own PFM_MQTT_CLIENT_ID"
+        )
+        log.error("%s", self.taken_over, extra={"service": self.service})
+        if self._owner is not None and not self._owner.done():
+            self._owner.cancel()
 
     async def close(self) -> None:
         task, self._task = self._task, None
@@ -386,6 +430,8 @@ class Bus:
     async def _run(self) -> None:
         attempt = 0
         tried_v311 = False
+        connected_at = 0.0
+        quick_drops = 0
         while True:
             protocol = self._protocol or aiomqtt.ProtocolVersion.V5
             client = self._make_client(protocol)
@@ -408,6 +454,7 @@ class Bus:
                     for sub in self._subs:
                         await self._subscribe_one(client, sub)
                     self._connected.set()
+                    connected_at = time.monotonic()
                     self.metrics.bus_connected.labels(self.service).set(1)
                     log.info(
                         "connected to %s (MQTT %s)",
@@ -424,6 +471,19 @@ class Bus:
                 was_connected = self.connected
                 self._connected.clear()
                 self.metrics.bus_connected.labels(self.service).set(0)
+                if was_connected and _taken_over(exc):
+                    self._give_up("the broker said: session taken over")
+                    return
+                if was_connected and time.monotonic() - connected_at < _QUICK_DROP_S:
+                    quick_drops += 1
+                    if quick_drops >= _QUICK_DROPS:
+                        self._give_up(
+                            f"{quick_drops} connections in a row were closed by the broker "
+                            f"within {_QUICK_DROP_S:g} s of connecting"
+                        )
+                        return
+                else:
+                    quick_drops = 0
                 if (
                     self.settings.mqtt_protocol == "auto"
                     and not was_connected

@@ -6,6 +6,7 @@ Per-site content (meters, buses, rules, thresholds) lives in the site YAML file
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 from urllib.parse import unquote, urlsplit
@@ -127,10 +128,55 @@ class Settings(BaseSettings):
 METRICS_PORTS = {"collector": 9101, "analytics": 9102, "actuator": 9103, "archiver": 9104}
 
 
+#: credentials read from ``$CREDENTIALS_DIRECTORY`` (systemd ``LoadCredential=``):
+#: the file's content is the value
+CREDENTIAL_VALUES = ("mqtt_password", "db_dsn")
+#: the file itself is the value (its path is passed on, its content never copied)
+CREDENTIAL_FILES = ("mqtt_ca_file", "mqtt_cert_file", "mqtt_key_file")
+
+
+def credentials(directory: Path | str | None = None) -> dict[str, object]:
+    """Settings found in a credentials directory (default ``$CREDENTIALS_DIRECTORY``).
+
+    A credential named like a setting (``mqtt_password``, ``mqtt_key_file`` ...) gives
+    that setting; an unreadable one is a :class:`ConfigError` naming the file.
+    """
+    where = directory if directory is not None else os.environ.get("CREDENTIALS_DIRECTORY")
+    if not where:
+        return {}
+    folder = Path(where)
+    found: dict[str, object] = {}
+    for name in CREDENTIAL_VALUES + CREDENTIAL_FILES:
+        path = folder / name
+        if not path.exists():
+            continue
+        if name in CREDENTIAL_FILES:
+            found[name] = path
+            continue
+        try:
+            found[name] = path.read_text(encoding="utf-8").rstrip("\r\n")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"credential {path}: cannot read: {exc}") from exc
+    return found
+
+
+def _from_environment(name: str) -> bool:
+    key = f"PFM_{name}".upper()
+    return any(k.upper() == key and v.strip() for k, v in os.environ.items())
+
+
 def load_settings(**overrides: object) -> Settings:
-    """Read the environment; a bad value is a :class:`ConfigError` naming the variable."""
+    """Read the environment; a bad value is a :class:`ConfigError` naming the variable.
+
+    Precedence: ``overrides``, then ``PFM_*`` variables, then credentials
+    (``$CREDENTIALS_DIRECTORY``), then defaults.
+    """
+    values = {
+        k: v for k, v in credentials().items() if k not in overrides and not _from_environment(k)
+    }
+    values.update(overrides)
     try:
-        settings = Settings(**overrides)  # type: ignore[arg-type]
+        settings = Settings(**values)  # type: ignore[arg-type]
         settings.mqtt()
     except ValidationError as exc:
         problems = [

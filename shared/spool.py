@@ -4,15 +4,52 @@ Used when a peer is down (the collector while the broker is unreachable, the
 archiver while the database is): records survive a restart, drain in the order
 they were written, and when the spool is full the *oldest* are dropped and
 counted - never silently. SQLite (stdlib) in WAL mode gives crash safety.
+
+One process owns a spool: ``<file>.lock`` beside it is held with an exclusive
+``flock`` (and says the owner's pid) while the spool is open, so a second process
+on the same data folder fails at start with :class:`SpoolLocked` instead of
+draining the same records and repeating sequence numbers.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 import sqlite3
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+
+from shared.errors import ConfigError
+
+
+class SpoolLocked(ConfigError):
+    """Another process has this spool open."""
+
+
+def _lock(path: Path) -> int:
+    """Hold ``<path>.lock`` exclusively (the file descriptor); raises :class:`SpoolLocked`."""
+    lock_path = path.with_name(path.name + ".lock")
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise ConfigError(f"spool lock {lock_path}: cannot open: {exc.strerror or exc}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        os.close(fd)
+        who = f"pid {holder}" if holder.isdigit() else "a process whose pid it does not say"
+        raise SpoolLocked(
+            f"spool {path} is in use by another process ({who}, lock {lock_path}): "
+            "two services with one data folder and site would send the same records; "
+            "stop the other one or give this one its own PFM_DATA_DIR"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,15 +69,31 @@ class Spool:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.max_records = max_records
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute(
+        self._lock_fd: int | None = _lock(self.path)
+        try:
+            self._db = self._open()
+        except BaseException:
+            self._unlock()
+            raise
+        self._count = int(self._db.execute("SELECT count(*) FROM spool").fetchone()[0])
+
+    def _open(self) -> sqlite3.Connection:
+        db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute(
             "CREATE TABLE IF NOT EXISTS spool ("
             " id INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, payload BLOB NOT NULL)"
         )
-        self._db.execute("CREATE TABLE IF NOT EXISTS stats (k TEXT PRIMARY KEY, v INTEGER)")
-        self._count = int(self._db.execute("SELECT count(*) FROM spool").fetchone()[0])
+        db.execute("CREATE TABLE IF NOT EXISTS stats (k TEXT PRIMARY KEY, v INTEGER)")
+        return db
+
+    def _unlock(self) -> None:
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
+            os.close(fd)  # closing the descriptor releases the flock
 
     def __len__(self) -> int:
         return self._count
@@ -122,3 +175,4 @@ class Spool:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            self._unlock()

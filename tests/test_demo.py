@@ -14,18 +14,22 @@ import pytest
 from shared.embedded import free_port
 
 
+def _demo_cmd(duration: int) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "services.cli",
+        "demo",
+        "--duration",
+        str(duration),
+        "--meters",
+        "2",
+    ]
+
+
 def _demo(env: dict[str, str], duration: int = 20) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "services.cli",
-            "demo",
-            "--duration",
-            str(duration),
-            "--meters",
-            "2",
-        ],
+        _demo_cmd(duration),
         capture_output=True,
         text=True,
         timeout=duration + 90,
@@ -122,3 +126,23 @@ async def test_the_demo_table_says_why_a_feeder_has_no_signed_q() -> None:
     (main,) = [line for line in text.splitlines() if " main " in line]
     assert "75.0" in main and "inductive" in main and "*" not in main
     assert "magnitude-only meter" in text and "no lead/lag" in text
+
+
+@pytest.mark.timeout(200)
+def test_two_demos_on_one_broker_do_not_collide(mqtt_url: str, db_dsn: str) -> None:
+    """Each run has client ids (and a site) of its own: both run through, both correct."""
+    env = {**os.environ, "PFM_MQTT_URL": mqtt_url, "PFM_DB_DSN": db_dsn}
+    procs = [
+        subprocess.Popen(
+            _demo_cmd(14), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        )
+        for _ in range(2)
+    ]
+    errs = [p.communicate(timeout=150)[1] for p in procs]
+    for p, err in zip(procs, errs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+        assert "in use by another process" not in err and "lost:" not in err, err[-3000:]
+        assert _rows(err) >= 5
+    ids = [re.search(r"mqtt ids: (\S+)", err) for err in errs]
+    assert all(ids) and ids[0] != ids[1]  # type: ignore[union-attr]
+    assert ids[0].group(1) != ids[1].group(1)  # type: ignore[union-attr]

@@ -30,7 +30,7 @@ import yaml
 from services.init import InitResult, init_site
 from shared.embedded import free_port
 from shared.metrics import ServiceMetrics
-from shared.settings import Settings
+from shared.settings import CREDENTIAL_FILES, CREDENTIAL_VALUES, Settings
 from shared.site import SiteConfig, load_site
 
 REPO = Path(__file__).resolve().parents[1]
@@ -376,10 +376,26 @@ def test_dockerfile_is_multistage_slim_non_root() -> None:
     assert f"--uid {PFMON_UID}" in text
 
 
+def _unit(path: Path) -> dict[str, list[str]]:
+    """A unit file as ``Section.Key -> [values]`` (systemd allows a key many times)."""
+    out: dict[str, list[str]] = {}
+    section = ""
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            section = line.strip("[]")
+            continue
+        key, sep, value = line.partition("=")
+        assert sep, f"{path}: not a key=value line: {raw!r}"
+        out.setdefault(f"{section}.{key}", []).append(value)
+    return out
+
+
 def test_systemd_units() -> None:
     unit = (REPO / "deploy/systemd/pfmon@.service").read_text()
     assert re.search(r"^Restart=always$", unit, re.M)
-    assert re.search(r"^User=pfmon$", unit, re.M)
     assert "EnvironmentFile=/etc/pfmon/env/%i.env" in unit
     assert "Restart=always" in (REPO / "deploy/systemd/mosquitto-pfmon.conf").read_text()
     tool = shutil.which("systemd-analyze")
@@ -397,6 +413,96 @@ def test_systemd_units() -> None:
         if line.strip() and "is not executable" not in line and "/opt/pfmon" not in line
     ]
     assert not noise, "\n".join(noise)
+
+
+def test_systemd_unit_isolates_each_service() -> None:
+    """One user per service, secrets as credentials only, the hardening set."""
+    u = _unit(REPO / "deploy/systemd/pfmon@.service")
+    one = {k.removeprefix("Service."): v[-1] for k, v in u.items() if k.startswith("Service.")}
+    assert one["DynamicUser"] == "yes" and "Service.User" not in u
+    creds = {c.split(":", 1)[0]: c.split(":", 1)[1] for c in u["Service.LoadCredential"]}
+    assert creds == {
+        "mqtt_password": "/etc/pfmon/secrets/clients/%i/password",
+        "mqtt_key_file": "/etc/pfmon/secrets/clients/%i/client.key",
+        "mqtt_cert_file": "/etc/pfmon/secrets/clients/%i/client.crt",
+        "mqtt_ca_file": "/etc/pfmon/secrets/clients/%i/ca.crt",
+    }
+    # the names are the settings the service reads from $CREDENTIALS_DIRECTORY
+    assert set(creds) == set(CREDENTIAL_VALUES + CREDENTIAL_FILES) - {"db_dsn"}
+    # what an env file still says about secrets never reaches the process
+    assert set(one["UnsetEnvironment"].split()) >= {
+        "PFM_MQTT_PASSWORD",
+        "PFM_MQTT_KEY_FILE",
+        "PFM_MQTT_CERT_FILE",
+        "PFM_MQTT_CA_FILE",
+    }
+    expected = {
+        "ProtectProc": "invisible",
+        "ProcSubset": "pid",
+        "NoNewPrivileges": "yes",
+        "CapabilityBoundingSet": "",
+        "AmbientCapabilities": "",
+        "ProtectSystem": "strict",
+        "ProtectHome": "yes",
+        "PrivateTmp": "yes",
+        "PrivateDevices": "yes",
+        "PrivateUsers": "yes",
+        "PrivateMounts": "yes",
+        "ProtectKernelTunables": "yes",
+        "ProtectKernelModules": "yes",
+        "ProtectKernelLogs": "yes",
+        "ProtectControlGroups": "yes",
+        "ProtectClock": "yes",
+        "ProtectHostname": "yes",
+        "RestrictNamespaces": "yes",
+        "RestrictSUIDSGID": "yes",
+        "RestrictRealtime": "yes",
+        "LockPersonality": "yes",
+        "MemoryDenyWriteExecute": "yes",
+        "SystemCallArchitectures": "native",
+        "RestrictAddressFamilies": "AF_INET AF_INET6 AF_UNIX",
+        "UMask": "0077",
+        "RestartPreventExitStatus": "2",
+    }
+    assert {k: one.get(k) for k in expected} == expected
+    assert u["Service.SystemCallFilter"] == ["@system-service", "~@privileged @resources"]
+    # the serial-port drop-in opens the ports (and only them) to collector and actuator
+    d = _unit(REPO / "deploy/systemd/serial-ports.conf")
+    assert d["Service.PrivateDevices"] == ["no"] and d["Service.DevicePolicy"] == ["closed"]
+    assert set(d["Service.DeviceAllow"]) == {"char-ttyS rw", "char-ttyUSB rw", "char-ttyACM rw"}
+    assert d["Service.SupplementaryGroups"] == ["dialout"]
+
+
+@pytest.mark.parametrize("service", ["collector", "analytics", "actuator", "archiver"])
+def test_systemd_analyze_security_rates_the_unit_ok(service: str, tmp_path: Path) -> None:
+    tool = shutil.which("systemd-analyze")
+    if tool is None:
+        pytest.skip("systemd-analyze is not installed")
+    unit = tmp_path / f"pfmon@{service}.service"
+    unit.write_text((REPO / "deploy/systemd/pfmon@.service").read_text())
+    if service in ("collector", "actuator"):
+        dropin = tmp_path / f"pfmon@{service}.service.d"
+        dropin.mkdir()
+        (dropin / "serial-ports.conf").write_text(
+            (REPO / "deploy/systemd/serial-ports.conf").read_text()
+        )
+    res = subprocess.run(
+        [tool, "security", "--offline=yes", "--no-pager", str(unit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    if "--offline" in res.stderr and "unrecognized" in res.stderr:
+        pytest.skip("this systemd-analyze has no --offline")
+    m = re.search(r"Overall exposure level for \S+: ([0-9.]+) (\w+)", res.stdout)
+    assert m, res.stdout[-2000:] + res.stderr[-2000:]
+    # the score counts what a network service cannot give up (sockets, network);
+    # everything else it asks for is set
+    assert float(m.group(1)) <= 2.0 and m.group(2) == "OK", res.stdout
+    for option in ("ProtectProc", "DynamicUser", "CapabilityBoundingSet", "SystemCallFilter"):
+        bad = [ln for ln in res.stdout.splitlines() if ln.startswith("✗") and option in ln]
+        assert not bad, bad
 
 
 @pytest.mark.parametrize(

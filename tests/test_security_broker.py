@@ -40,8 +40,9 @@ from services.init import (
 from shared import topics
 from shared.bus import Bus, Incoming, PublishRefused
 from shared.embedded import free_port, wait_port
+from shared.errors import ConfigError
 from shared.messages import Reading, utcnow
-from shared.settings import Settings
+from shared.settings import Settings, credentials, load_settings
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "deploy" / "mosquitto" / "mosquitto.conf"
@@ -368,6 +369,67 @@ def test_cli_init_exit_codes(tmp_path: Path, site_name: str) -> None:
 
 
 # -- authentication ----------------------------------------------------------------------
+
+
+def test_credentials_directory_gives_values_and_file_paths(tmp_path: Path) -> None:
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "mqtt_password").write_text("s3cret pass\n")
+    (creds / "db_dsn").write_text("postgresql://pfmon:pw@db/pfmon")
+    (creds / "mqtt_key_file").write_text("-----BEGIN PRIVATE KEY-----\n")
+    (creds / "unrelated").write_text("ignored")
+    assert credentials(creds) == {
+        "mqtt_password": "s3cret pass",
+        "db_dsn": "postgresql://pfmon:pw@db/pfmon",
+        "mqtt_key_file": creds / "mqtt_key_file",
+    }
+    assert credentials(tmp_path / "empty-and-missing") == {}
+    (creds / "mqtt_password").write_bytes(b"\xff\xfe")
+    with pytest.raises(ConfigError) as info:
+        credentials(creds)
+    assert str(creds / "mqtt_password") in str(info.value)
+
+
+async def test_service_connects_with_systemd_credentials_only(
+    site_broker: tuple[InitResult, Broker],
+    tmp_path: Path,
+    site_name: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The systemd unit passes the password, key and certificates as credentials
+    (``LoadCredential=NAME:clients/<user>/FILE``) and drops them from the environment."""
+    result, broker = site_broker
+    folder = result.out / "clients" / "collector"
+    creds = tmp_path / "credentials"  # what systemd makes of the unit's LoadCredential=
+    creds.mkdir()
+    for name, file in (
+        ("mqtt_password", "password"),
+        ("mqtt_key_file", "client.key"),
+        ("mqtt_cert_file", "client.crt"),
+        ("mqtt_ca_file", "ca.crt"),
+    ):
+        (creds / name).write_bytes((folder / file).read_bytes())
+    for var in list(os.environ):
+        if var.upper().startswith("PFM_"):
+            monkeypatch.delenv(var)
+    monkeypatch.setenv("PFM_MQTT_URL", f"mqtts://127.0.0.1:{broker.port}")
+    monkeypatch.setenv("PFM_MQTT_USERNAME", "collector")
+    monkeypatch.setenv("PFM_MQTT_CLIENT_ID", f"pfm-collector-{site_name}")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    settings = load_settings(data_dir=tmp_path / "data", metrics_port=0)
+    assert settings.mqtt().password == result.passwords["collector"]
+    assert settings.mqtt_key_file == creds / "mqtt_key_file"
+    async with Bus(settings, service="collector", site=site_name) as bus:
+        await bus.wait_connected(10)
+        await bus.publish(
+            topics.reading(site_name, "m1"),
+            Reading(site=site_name, meter="m1", seq=1, ts=utcnow(), profile="p", values={}),
+        )
+    # a wrong password in the environment wins over the credential (explicit beats
+    # implicit), and the broker refuses it: the credential was what let it in
+    monkeypatch.setenv("PFM_MQTT_PASSWORD", "not-the-password")
+    wrong = load_settings(data_dir=tmp_path / "data", metrics_port=0)
+    assert wrong.mqtt().password == "not-the-password"
 
 
 async def test_service_connects_with_its_credentials(

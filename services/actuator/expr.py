@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -124,8 +125,10 @@ class Tok:
     value: float = 0.0
 
 
-_NUMBER = re.compile(r"(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
-_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_NUMBER = re.compile(r"(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?", re.ASCII)
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*", re.ASCII)
+_DIGITS = frozenset("0123456789")
+_LETTERS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz_")
 _OPS2 = ("&&", "||", "<=", ">=", "==", "!=")
 _OPS1 = "+-*/<>!"
 _HINTS = {
@@ -138,7 +141,24 @@ _HINTS = {
 }
 
 
+def _char_name(c: str) -> str:
+    return unicodedata.name(c, f"U+{ord(c):04X}")
+
+
+def _refuse_non_ascii(source: str) -> None:
+    """Only ASCII is allowed: a look-alike letter or a full-width digit is refused, not read."""
+    for i, c in enumerate(source):
+        if not c.isascii():
+            raise ExprError(
+                f"{c!r} ({_char_name(c)}) is not allowed: expressions are plain ASCII "
+                "(tokens like L1U, digits 0-9, operators)",
+                i + 1,
+                source,
+            )
+
+
 def tokenize(source: str) -> list[Tok]:
+    _refuse_non_ascii(source)
     out: list[Tok] = []
     i, n = 0, len(source)
     while i < n:
@@ -148,12 +168,11 @@ def tokenize(source: str) -> list[Tok]:
             continue
         col = i + 1
         two = source[i : i + 2]
-        if c.isdigit() or (c == "." and i + 1 < n and source[i + 1].isdigit()):
-            m = _NUMBER.match(source, i)
-            assert m is not None
-            text = m.group(0)
-            end = m.end()
-            if end < n and (source[end].isalpha() or source[end] == "_"):
+        number = _NUMBER.match(source, i) if c in _DIGITS or c == "." else None
+        if number is not None:
+            text = number.group(0)
+            end = number.end()
+            if end < n and source[end] in _LETTERS:
                 tail = _NAME.match(source, end)
                 word = text + (tail.group(0) if tail else "")
                 raise ExprError(
@@ -161,17 +180,15 @@ def tokenize(source: str) -> list[Tok]:
                 )
             out.append(Tok("num", text, col, float(text)))
             i = end
-        elif c.isalpha() or c == "_":
-            m = _NAME.match(source, i)
-            assert m is not None
-            word = m.group(0)
+        elif (name := _NAME.match(source, i)) is not None:
+            word = name.group(0)
             if word in _KEYWORDS:
                 out.append(Tok("op", _KEYWORDS[word], col))
             elif word in TOKENS:
                 out.append(Tok("name", word, col))
             else:
                 raise ExprError(f"unknown token {word!r}{_did_you_mean(word)}", col, source)
-            i = m.end()
+            i = name.end()
         elif two in _OPS2:
             out.append(Tok("op", two, col))
             i += 2
@@ -186,8 +203,12 @@ def tokenize(source: str) -> list[Tok]:
             i += 1
         elif c in _HINTS:
             raise ExprError(_HINTS[c], col, source)
-        else:
+        elif c == ".":
+            raise ExprError("'.' must be part of a number (e.g. 0.95)", col, source)
+        elif c.isprintable():
             raise ExprError(f"unexpected character {c!r}", col, source)
+        else:
+            raise ExprError(f"unexpected control character {c!r}", col, source)
     out.append(Tok("end", "", n + 1))
     return out
 
@@ -289,9 +310,31 @@ def _is_bool(node: Node) -> bool:
     return isinstance(node, Compare | Logic | Not)
 
 
+def _children(node: Node) -> tuple[Node, ...]:
+    if isinstance(node, Neg | Not):
+        return (node.operand,)
+    if isinstance(node, BinOp | Compare | Logic):
+        return (node.left, node.right)
+    return ()
+
+
+def _too_deep(root: Node, limit: int) -> Node | None:
+    """The first node deeper than ``limit`` (walked without recursion), or None."""
+    stack = [(root, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return node
+        stack.extend((child, depth + 1) for child in _children(node))
+    return None
+
+
 # -- parser ----------------------------------------------------------------------------
 
 _MAX_DEPTH = 48
+#: the deepest parsed tree (operators chained or nested); evaluation and the PMTR_001
+#: upload walk the tree recursively, so its depth is bounded at parse time
+_MAX_TREE_DEPTH = 200
 _COMPARE = ("<", "<=", ">", ">=", "==", "!=")
 
 
@@ -326,6 +369,12 @@ class _Parser:
         if not _is_bool(node):
             raise self.error(
                 "the expression is a number, not a condition: compare it (e.g. L1U > 253)", 1
+            )
+        deep = _too_deep(node, _MAX_TREE_DEPTH)
+        if deep is not None:
+            raise self.error(
+                f"more than {_MAX_TREE_DEPTH} operators chained or nested: split the rule",
+                deep.column,
             )
         return node
 
@@ -366,6 +415,7 @@ class _Parser:
             if self.depth > _MAX_DEPTH:
                 raise self.error(f"more than {_MAX_DEPTH} nested '!'", tok.column)
             operand = self.parse_not()
+            self.depth -= 1
             if not _is_bool(operand):
                 raise self.error("'!' (not) needs a condition, e.g. !(L1U > 253)", tok.column)
             return Not(operand, tok.column)
@@ -417,6 +467,7 @@ class _Parser:
             if self.depth > _MAX_DEPTH:
                 raise self.error(f"more than {_MAX_DEPTH} nested signs", tok.column)
             operand = self.parse_unary()
+            self.depth -= 1
             self._number(operand, tok)
             return Neg(operand, tok.column) if tok.text == "-" else operand
         if tok.kind == "num":

@@ -165,6 +165,8 @@ def _upload_problems(site: SiteConfig) -> list[str]:
         slots[dev.name] = slot + 1
         try:
             encode(action, slot)
+        except ExprError:
+            continue  # the expression's own problem is listed with its column already
         except UploadError as exc:
             problems.append(f"relay_actions[{i}]: cannot upload to PMTR_001 {dev.name!r}: {exc}")
     return problems

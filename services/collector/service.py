@@ -3,7 +3,8 @@
 How it keeps going when things break:
 
 * every bus runs its own scheduler; a TCP bus gets ``BusConfig.pool_size``
-  connections worked by as many workers, a serial line one. Meters are staggered
+  connections worked by as many workers for its answering meters and one more for
+  its failing and offline ones; a serial line gets one. Meters are staggered
   over their interval so the load is even; a poll has a deadline (its request
   timeout, and never more than its interval) so a dead or slow meter holds one
   connection for at most that long and the others keep their schedule. A meter
@@ -15,9 +16,10 @@ How it keeps going when things break:
 * after ``MeterConfig.offline_after`` failures in a row the meter is offline: a
   ``device_offline`` event (state raised) on ``topics.event(site, meter)``, the
   gauge ``pfm_collector_meter_online`` drops to 0, the retained gateway status
-  counts it; it is then re-probed with exponential backoff (up to
-  ``BusConfig.reprobe_max_s``) and a ``device_online`` event (state cleared) is
-  published when it answers again;
+  counts it; it is then re-probed (one attempt) with exponential backoff up to
+  :data:`PROBE_MAX_S` on a TCP bus or :data:`SERIAL_PROBE_TIMEOUTS` timeouts on a
+  serial line (never beyond ``BusConfig.reprobe_max_s``), and a ``device_online``
+  event (state cleared) is published when it answers again;
 * readings and events go through one outbox: published at QoS 1 while the broker
   is connected, otherwise appended to the bounded on-disk spool, which is drained
   in order when the broker is back (and survives a restart). When the spool is
@@ -65,6 +67,12 @@ SEQ_SAVE_S = 5.0
 #: a restart after a crash resumes seq at least this far past the last save (and past
 #: the clock's seed), so no seq repeats
 SEQ_MARGIN = 100
+#: longest wait between probes of an offline meter on a TCP bus (probes have their own
+#: connection there, so they cost the other meters nothing)
+PROBE_MAX_S = 2.0
+#: on a serial line a probe of a silent unit holds the line for its timeout: wait at
+#: least this many timeouts between probes (at most 1/10 of the line's time)
+SERIAL_PROBE_TIMEOUTS = 10.0
 
 
 def clock_seq() -> int:
@@ -103,6 +111,12 @@ class MeterState:
     @property
     def timeout(self) -> float:
         return self.config.timeout_s or self.bus.timeout_s
+
+    @property
+    def troubled(self) -> bool:
+        """Its last poll failed, or it is offline: polled on the bus's spare connection
+        (TCP), where its timeouts hold no connection the answering meters need."""
+        return self.failures > 0 or self.online is False
 
     def __lt__(self, other: MeterState) -> bool:  # heap tie-break
         return self.config.name < other.config.name
@@ -257,6 +271,8 @@ class Collector:
         """Read every block of ``m``, retrying transient failures; raw registers."""
         raw: dict[str, dict[int, int]] = {"holding": {}, "input": {}}
         delay = m.bus.inter_frame_delay_s
+        # a probe of an offline meter is one attempt: it either answers or stays offline
+        retries = 0 if m.online is False else m.bus.retries
         for block in m.blocks:
             m.current = block
             attempt = 0
@@ -267,7 +283,7 @@ class Collector:
                     )
                     break
                 except PeerError as exc:
-                    if exc.kind not in TRANSIENT or attempt >= m.bus.retries:
+                    if exc.kind not in TRANSIENT or attempt >= retries:
                         raise
                     attempt += 1
                     self.poll_errors.labels(m.name, exc.kind).inc()
@@ -284,7 +300,8 @@ class Collector:
         started = time.monotonic()
         self.jitter.observe(max(0.0, started - due))
         ts = utcnow()
-        worst = m.timeout * (1 + m.bus.retries) * len(m.blocks)
+        retries = 0 if m.online is False else m.bus.retries
+        worst = m.timeout * (1 + retries) * len(m.blocks)
         deadline = max(m.timeout + 0.05, min(m.config.interval_s, worst))
         try:
             async with asyncio.timeout(deadline):
@@ -406,7 +423,12 @@ class Collector:
     def _next_due(self, m: MeterState, now: float) -> float:
         interval = m.config.interval_s
         if m.online is False:
-            backoff = min(m.bus.reprobe_max_s, interval * 2.0 ** min(m.probes, 16))
+            if m.bus.kind == "rtu":
+                cap = max(PROBE_MAX_S, SERIAL_PROBE_TIMEOUTS * m.timeout)
+            else:
+                cap = PROBE_MAX_S
+            cap = max(interval, min(cap, m.bus.reprobe_max_s))
+            backoff = min(cap, interval * 2.0 ** min(m.probes, 16))
             return now + backoff * random.uniform(0.8, 1.0)
         due = m.due + interval
         if due < now - interval:  # fell far behind (machine paused): resynchronise
@@ -418,8 +440,19 @@ class Collector:
     ) -> None:
         conns = [ModbusConnection(config, i) for i in range(config.pool_size)]
         queue: asyncio.Queue[tuple[MeterState, float] | None] = asyncio.Queue()
+        # a TCP bus has one more connection for failing and offline meters, so
+        # that their timeouts never hold a connection the healthy meters need
+        spare: ModbusConnection | None = None
+        spare_queue: asyncio.Queue[tuple[MeterState, float] | None] = asyncio.Queue()
+        if config.kind != "rtu":
+            spare = ModbusConnection(config, config.pool_size)
 
-        async def worker(conn: ModbusConnection) -> None:
+        def queue_for(m: MeterState) -> asyncio.Queue[tuple[MeterState, float] | None]:
+            return spare_queue if spare is not None and m.troubled else queue
+
+        async def worker(
+            conn: ModbusConnection, queue: asyncio.Queue[tuple[MeterState, float] | None]
+        ) -> None:
             while True:
                 item = await queue.get()
                 if item is None:  # shutdown (a cancellation can be lost in a timeout race)
@@ -447,7 +480,16 @@ class Collector:
             heap.append((m.due, m))
         heapq.heapify(heap)
         async with asyncio.TaskGroup() as tg:
-            tasks = [tg.create_task(worker(c), name=f"poll-{config.name}-{c.index}") for c in conns]
+            tasks = [
+                tg.create_task(worker(c, queue), name=f"poll-{config.name}-{c.index}")
+                for c in conns
+            ]
+            if spare is not None:
+                tasks.append(
+                    tg.create_task(
+                        worker(spare, spare_queue), name=f"poll-{config.name}-{spare.index}-spare"
+                    )
+                )
             try:
                 while not shutdown.requested.is_set():
                     now = time.monotonic()
@@ -461,7 +503,7 @@ class Collector:
                             m.missed_metric.inc()
                         else:
                             m.busy = True
-                            queue.put_nowait((m, due))
+                            queue_for(m).put_nowait((m, due))
                         if m.online is not False:
                             m.due = self._next_due(m, now)
                             heapq.heappush(heap, (m.due, m))
@@ -469,13 +511,17 @@ class Collector:
                     if await shutdown.sleep(max(0.0, min(wait, 0.5))):
                         break
             finally:
-                while not queue.empty():
-                    queue.get_nowait()
+                for q in (queue, spare_queue):
+                    while not q.empty():
+                        q.get_nowait()
                 for t in tasks:
                     queue.put_nowait(None)
+                    spare_queue.put_nowait(None)
                     t.cancel()
                 for c in conns:
                     c.close()
+                if spare is not None:
+                    spare.close()
 
     # -- publishing ----------------------------------------------------------------
 
