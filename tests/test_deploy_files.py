@@ -420,6 +420,8 @@ def test_systemd_unit_isolates_each_service() -> None:
     u = _unit(REPO / "deploy/systemd/pfmon@.service")
     one = {k.removeprefix("Service."): v[-1] for k, v in u.items() if k.startswith("Service.")}
     assert one["DynamicUser"] == "yes" and "Service.User" not in u
+    # active when the service says READY=1 (shared.service.sd_notify), however long that takes
+    assert one["Type"] == "notify" and one["NotifyAccess"] == "main"
     creds = {c.split(":", 1)[0]: c.split(":", 1)[1] for c in u["Service.LoadCredential"]}
     assert creds == {
         "mqtt_password": "/etc/pfmon/secrets/clients/%i/password",
