@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from services.actuator.service import Actuator
-from services.collector.simulator import SimServer, SimSite, inductive_site
+from services.simulator import SimServer, SimSite, inductive_site
 from shared import topics
 from shared.bus import Bus, Incoming
 from shared.embedded import free_port

@@ -18,7 +18,7 @@ import pytest
 
 from services.actuator.service import Actuator
 from services.collector import service as collector
-from services.collector.simulator import SimServer, SimSite, inductive_site
+from services.simulator import SimServer, SimSite, inductive_site
 from shared.bus import Bus
 from shared.embedded import free_port
 from shared.errors import PeerError

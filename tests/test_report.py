@@ -18,7 +18,7 @@ from services.archiver.ingest import RowBuilder, group_rows, write_batch
 from services.archiver.migrate import migrate
 from services.archiver.report import build_report, pf_svg, render_csv, render_html, render_markdown
 from services.collector import service as collector
-from services.collector.simulator import LoadModel, MeterFleet, expected_pf
+from services.simulator import LoadModel, MeterFleet, expected_pf
 from shared.embedded import free_port
 from shared.measurements import Measurement as M
 from shared.messages import Metrics

@@ -9,7 +9,7 @@ import pytest
 from pymodbus.client import AsyncModbusTcpClient
 
 from services.collector.profiles import PROFILES, Profile
-from services.collector.simulator import (
+from services.simulator import (
     Heater,
     Motor,
     ServerPSU,
