@@ -564,7 +564,7 @@ def test_image_context_builds_the_package(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stdout + res.stderr
     (wheel,) = wheel_dir.glob("pfmon-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert "services/cli.py" in names and "services/init.py" in names
+    assert "services/cli.py" in names and "services/init/__init__.py" in names
     assert "shared/bus.py" in names
     sql = sorted((REPO / "services").rglob("*.sql"))
     for path in sql:  # the archiver's migrations must ship in the image
