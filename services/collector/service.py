@@ -44,7 +44,8 @@ from prometheus_client import Counter, Gauge, Histogram
 from services.collector.profiles import Block, Profile, resolve
 from services.collector.timesync import CLOCKS, RESYNC_S
 from shared import __version__, topics
-from shared.bus import Backoff, Bus, BusUnavailable, PublishRefused
+from shared.backoff import Backoff
+from shared.bus import Bus, BusUnavailable, PublishRefused
 from shared.errors import ConfigError, PeerError
 from shared.messages import Event, EventState, GatewayStatus, Reading, Severity, encode, utcnow
 from shared.metrics import ServiceMetrics
@@ -393,8 +394,9 @@ class Collector:
     def _next_due(self, m: MeterState, now: float) -> float:
         interval = m.config.interval_s
         if m.online is False:
-            backoff = min(m.bus.reprobe_max_s, interval * 2.0 ** min(m.probes, 16))
-            return now + backoff * random.uniform(0.8, 1.0)
+            longest = m.bus.reprobe_max_s
+            reprobe = Backoff(min(interval, longest), longest, jitter=0.2)
+            return now + reprobe.delay(m.probes)
         due = m.due + interval
         if due < now - interval:  # fell far behind (machine paused): resynchronise
             due = now + interval * random.random()
