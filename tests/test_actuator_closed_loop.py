@@ -1,4 +1,4 @@
-"""Closed loop: the actuator against the collector's plant simulator, over Modbus TCP.
+"""Closed loop: the actuator against the plant simulator, over Modbus TCP.
 
 The simulator's clock and the actuator's clock are one accelerated clock, so an
 hour of plant time runs in seconds. Each simulated second the test takes what the
