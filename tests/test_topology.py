@@ -278,3 +278,15 @@ async def test_the_bank_regulates_its_point_on_primary_kvar(
     state = sim.state()
     assert len(sim.bank.steps_in) == 5
     assert 0.97 <= state.pf <= 1.0
+
+
+def test_the_demo_declares_its_switchboard() -> None:
+    from services.demo import MAX_METERS, demo_plant, demo_site
+
+    site = parse_site(demo_site(free_port(), demo_plant(MAX_METERS)))
+    assert [m.name for m in site.billing_meters()] == ["main"]
+    feeders = site.children("main")
+    assert len(feeders) == MAX_METERS - 1
+    assert all(m.kind == "feeder" for m in feeders)
+    assert all(site.billing_point(m.name) is site.meter("main") for m in feeders)
+    assert [b.meter for b in site.banks] == ["main"]
