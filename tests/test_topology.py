@@ -202,25 +202,34 @@ def _topology(**limits: float) -> SiteConfig:
 def test_an_idle_parent_or_a_silent_child_is_not_evaluated() -> None:
     bal = EnergyBalance(_topology(energy_balance_min_parent_w=500))
     t0 = datetime(2026, 5, 1, 12, tzinfo=UTC)
-    # a generation feeder exporting 3 kW counts negative: 5 + 4 - 3 = 6 kW below 6 kW
-    for meter, w in (("a", 5000.0), ("b", 4000.0), ("pv", -3000.0), ("main", 6000.0)):
-        bal.observe(meter, t0, w)
-    got = bal.evaluate("main", t0)
+
+    def at(seconds: float, **power: float) -> datetime:
+        t = t0 + timedelta(seconds=seconds)
+        for meter, w in power.items():
+            bal.observe(meter, t, w)
+        return t
+
+    # a generation feeder exporting 3 kW counts negative: 5 + 4 - 3 = 6 kW, all of main
+    t = at(0, a=5000.0, b=4000.0, pv=-3000.0, main=6000.0)
+    got = bal.evaluate("main", t)
     assert got is not None and got.unmetered_w == 0.0 and got.transition is None
+    # the window's mean (10 s): a second input 5 s later averages with the first
+    t = at(5, main=7000.0)
+    got = bal.evaluate("main", t)
+    assert got is not None and got.parent_w == 6500.0 and got.unmetered_w == 500.0
     # a near-idle parent whose children read more: not evaluated, no alarm
-    bal.observe("main", t0, 200.0)
-    idle = bal.evaluate("main", t0)
+    t = at(20, a=5000.0, b=4000.0, pv=-3000.0, main=200.0)
+    idle = bal.evaluate("main", t)
     assert idle is not None and idle.transition is None
     # a child that stopped reporting is not taken for zero
-    later = t0 + timedelta(seconds=60)
-    bal.observe("main", later, 6000.0)
-    assert bal.evaluate("main", later) is None
-    # all fresh, the children 50 % above the parent: raised
-    for meter, w in (("a", 8000.0), ("b", 4000.0), ("pv", -3000.0)):
-        bal.observe(meter, later, w)
-    raised = bal.evaluate("main", later)
+    t = at(60, main=6000.0)
+    assert bal.evaluate("main", t) is None
+    # all fresh, the children 50 % above the parent: raised at once (no delay set)
+    t = at(60, a=8000.0, b=4000.0, pv=-3000.0)
+    raised = bal.evaluate("main", t)
     assert raised is not None and raised.transition == EventState.RAISED
     assert raised.evidence["excess_pct"] == 50.0
+    assert raised.evidence["child_pv_kw"] == -3.0
 
 
 async def test_the_bank_regulates_its_point_on_primary_kvar(

@@ -9,8 +9,10 @@ meter on the wrong feeder - the commissioning check an electrician does by hand.
 
 How it is computed, per parent, each time the parent's instantaneous metrics are
 made: the active power of the parent and of each child, averaged over the alarm
-slot (``analytics.alarm_slot_s``, the same average the other alarms look at; the
-signed P, so a generation child counts as negative while it exports). The sum is
+slot (``analytics.alarm_slot_s``, the window the other alarms look at: the mean of
+the meter's instantaneous total P of that many seconds, kept here so that the
+engine's averages need not be built as dicts; the signed P, so a generation child
+counts as negative while it exports). The sum is
 evaluated only when every child has metrics that are recent (not older than the
 parent's by more than three of the child's poll intervals, and never less than the
 slot): a child that stopped reporting is not taken for zero.
@@ -29,6 +31,7 @@ slot): a child that stopped reporting is not taken for zero.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -71,13 +74,14 @@ class EnergyBalance:
         self.margin_pct = lim.energy_balance_margin_pct
         self.clear_pct = lim.energy_balance_margin_pct - lim.energy_balance_hysteresis_pct
         self.min_parent_w = lim.energy_balance_min_parent_w
-        #: the averaging slot whose active power is compared
+        #: the averaging window whose active power is compared
         self.slot = f"{cfg.alarm_slot_s}s"
+        self.window_s = float(cfg.alarm_slot_s)
+        #: parent -> its child meters, in file order (one pass: sites of thousands)
         self.children: dict[str, list[str]] = {}
         for meter in site.meters:
-            kids = [c.name for c in site.children(meter.name)]
-            if kids:
-                self.children[meter.name] = kids
+            if meter.parent is not None:
+                self.children.setdefault(meter.parent, []).append(meter.name)
         members = set(self.children) | {c for kids in self.children.values() for c in kids}
         self.stale_s = {
             m.name: max(float(cfg.alarm_slot_s), STALE_INTERVALS * m.interval_s)
@@ -88,6 +92,9 @@ class EnergyBalance:
         self.alarms = {p: Alarm(CODE, None, timing) for p in self.children}
         #: meter -> (time in s since the epoch, average P in W)
         self.latest: dict[str, tuple[float, float]] = {}
+        #: meter -> the instantaneous P of the window, and their sum
+        self._window: dict[str, deque[tuple[float, float]]] = {m: deque() for m in self.stale_s}
+        self._sum: dict[str, float] = dict.fromkeys(self.stale_s, 0.0)
 
     def watches(self, meter: str) -> bool:
         """Whether ``meter`` is a parent or a child (its power is needed)."""
@@ -97,11 +104,22 @@ class EnergyBalance:
         return meter in self.children
 
     def observe(self, meter: str, ts: datetime, power_w: float | None) -> None:
-        """The meter's latest average active power (None: not known, forgotten)."""
-        if power_w is None:
+        """One instantaneous total active power of ``meter`` (None: the input had none);
+        its mean over the window becomes the meter's latest power."""
+        t = ts.timestamp()
+        window = self._window[meter]
+        total = self._sum[meter]
+        if power_w is not None:
+            window.append((t, power_w))
+            total += power_w
+        while window and window[0][0] <= t - self.window_s:
+            total -= window.popleft()[1]
+        if not window:
+            self._sum[meter] = 0.0
             self.latest.pop(meter, None)
-        else:
-            self.latest[meter] = (ts.timestamp(), power_w)
+            return
+        self._sum[meter] = total
+        self.latest[meter] = (t, total / len(window))
 
     def evaluate(self, parent: str, ts: datetime) -> Balance | None:
         """The parent's balance now, and the alarm fed with it; None while the parent's

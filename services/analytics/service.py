@@ -245,8 +245,7 @@ class Analytics:
         if first.aggregate or first.interval_s:
             return
         bal = self.balance
-        avg = first.averages.get(bal.slot)
-        bal.observe(meter, first.ts, avg.get(M.POWER) if avg else None)
+        bal.observe(meter, first.ts, first.value(M.POWER))
         if not bal.is_parent(meter):
             return
         result = bal.evaluate(meter, first.ts)
