@@ -6,7 +6,10 @@ phase, default timings, the vectorised raise / clear / evaluable condition over
 engine (``batch.SiteEngine``), ``pfmon analyze``, the site file's defaults
 (:func:`timings`), the Prometheus rules (``deploy/prometheus/alerts.yml``, checked
 against :func:`critical_codes`) and the docs' alarm table (:func:`docs_table`) all read
-it: a new alarm is one entry here and its tests.
+it: a new alarm is one entry here and its tests. Most alarms are judged on each input
+of one meter (scope ``meter``); ``energy_balance`` compares a parent meter with its
+child meters (scope ``parent``: its condition, :func:`energy_balance`, is run by
+``services/analytics/balance.py``).
 
 Each alarm (one per meter, code and phase) is a small state machine driven by
 two conditions evaluated on every input: ``bad`` (the raise condition, e.g.

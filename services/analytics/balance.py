@@ -25,6 +25,9 @@ slot): a child that stopped reporting is not taken for zero.
   ``limits.energy_balance_hysteresis_pct``; with |parent| below
   ``limits.energy_balance_min_parent_w`` it is not evaluated (a near-idle parent
   would flap). Its timing (``alarms.energy_balance``) works as every alarm's does.
+  Its definition (severity, default timings, the condition :func:`energy_balance`,
+  the docs' words) is the ``energy_balance`` entry of ``alarms.ALARMS``, with scope
+  ``parent``: the engine does not judge it on one meter's inputs, this module does.
   The evidence: the parent's kW, the children's sum, each child's kW, the excess and
   the margin.
 """
@@ -35,7 +38,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from services.analytics.alarms import Alarm, Evidence, timings
+from services.analytics.alarms import BY_CODE, Alarm, Evidence, energy_balance, timings
 from shared.messages import EventState
 from shared.site import SiteConfig
 
@@ -70,10 +73,10 @@ class EnergyBalance:
 
     def __init__(self, site: SiteConfig):
         cfg = site.analytics
-        lim = cfg.limits
-        self.margin_pct = lim.energy_balance_margin_pct
-        self.clear_pct = lim.energy_balance_margin_pct - lim.energy_balance_hysteresis_pct
-        self.min_parent_w = lim.energy_balance_min_parent_w
+        self.limits = cfg.limits
+        self.margin_pct = cfg.limits.energy_balance_margin_pct
+        #: the table's definition (``alarms.ALARMS``): severity, timings, conditions
+        self.definition = BY_CODE[CODE]
         #: the averaging window whose active power is compared
         self.slot = f"{cfg.alarm_slot_s}s"
         self.window_s = float(cfg.alarm_slot_s)
@@ -135,15 +138,12 @@ class EnergyBalance:
                 return None
             children_w[child] = seen[1]
         bal = Balance(parent, parent_w, children_w)
-        excess = bal.children_sum_w - parent_w
-        ref = abs(parent_w)
+        evaluable, bad, good = energy_balance(parent_w, bal.children_sum_w, self.limits)
         alarm = self.alarms[parent]
-        if ref < self.min_parent_w:
-            # a near-idle parent: not evaluable, a pending raise/clear starts over
+        if not evaluable:
+            # a near-idle parent: a pending raise/clear starts over
             alarm.update(t, False, False, dict)
             return bal
-        bad = excess > self.margin_pct / 100.0 * ref
-        good = excess <= self.clear_pct / 100.0 * ref
         bal.transition = alarm.update(t, bad, good, lambda: self._evidence(bal))
         if bal.transition is not None:
             bal.evidence = alarm.evidence

@@ -265,7 +265,7 @@ class Analytics:
                 meter=meter,
                 code="energy_balance",
                 state=result.transition,
-                severity=Severity.WARNING,
+                severity=bal.definition.severity,
                 message=bal.message(result),
                 evidence=result.evidence,
                 service=SERVICE,
