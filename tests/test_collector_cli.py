@@ -135,6 +135,36 @@ def test_read_with_ratios_shows_the_secondary_and_the_primary_value(
     assert bad.exit_code == 2 and "--ct-ratio '400/0'" in bad.output
 
 
+def test_read_a_meter_of_the_site_file_with_its_ratios(
+    sim: tuple[SimSite, int], tmp_path: Path
+) -> None:
+    _, port = sim
+    site = tmp_path / "site.yaml"
+    site.write_text(
+        "site: s1\n"
+        f"buses: [{{name: b1, host: 127.0.0.1, port: {port}}}]\n"
+        "meters:\n"
+        "  - {name: incomer, bus: b1, unit: 2, profile: sdm630, ct_ratio: '400/5'}\n"
+    )
+    result = runner.invoke(app, ["read", "-s", str(site), "--meter", "incomer", "--json"])
+    assert result.exit_code == 0, result.output
+    out = orjson.loads(result.stdout)
+    assert out["ct_ratio"] == 80.0 and out["pt_ratio"] == 1.0
+    assert out["values"]["current_l1"] == pytest.approx(out["secondary"]["current_l1"] * 80)
+    assert out["values"]["voltage_l1"] == out["secondary"]["voltage_l1"]
+    # an option given beside --meter wins over the site file
+    result = runner.invoke(
+        app, ["read", "-s", str(site), "--meter", "incomer", "--ct-ratio", "1", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "secondary" not in orjson.loads(result.stdout)
+    bad = runner.invoke(app, ["read", "-s", str(site), "--meter", "feeder9"])
+    assert bad.exit_code == 2 and "no meter of that name" in bad.output
+    assert "meters: incomer" in bad.output
+    none = runner.invoke(app, ["read", "--host", "127.0.0.1", "--port", str(port)])
+    assert none.exit_code == 2 and "--meter NAME with --site-file" in none.output
+
+
 def test_read_errors_are_clear(sim: tuple[SimSite, int]) -> None:
     _, port = sim
     base = ["read", "--host", "127.0.0.1", "--port", str(port)]

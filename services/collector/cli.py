@@ -104,8 +104,10 @@ def register(app: typer.Typer) -> None:
 
     @app.command("read")
     def _read(
-        unit: int = typer.Option(..., "--unit", "-u", help="Modbus unit id 1-247."),
-        profile: str = typer.Option(..., "--profile", "-p", help="pmtr001, sdm630, pzem004t..."),
+        unit: int | None = typer.Option(None, "--unit", "-u", help="Modbus unit id 1-247."),
+        profile: str | None = typer.Option(
+            None, "--profile", "-p", help="pmtr001, sdm630, pzem004t..."
+        ),
         host: str | None = HOST,
         port: int = PORT,
         serial: str | None = SERIAL,
@@ -118,32 +120,66 @@ def register(app: typer.Typer) -> None:
         site_file: Path | None = typer.Option(
             None, "--site-file", "-s", help="Site YAML with user-defined profiles."
         ),
-        ct_ratio: str = typer.Option(
-            "1", "--ct-ratio", help="Current transformer, primary/secondary: 400/5 or 80."
+        meter: str | None = typer.Option(
+            None,
+            "--meter",
+            "-m",
+            help="A meter of --site-file: its bus, unit, profile and CT/PT ratios "
+            "(options given as well take precedence).",
         ),
-        pt_ratio: str = typer.Option(
-            "1", "--pt-ratio", help="Voltage transformer, primary/secondary: 11000/110 or 100."
+        ct_ratio: str | None = typer.Option(
+            None, "--ct-ratio", help="Current transformer, primary/secondary: 400/5 or 80."
+        ),
+        pt_ratio: str | None = typer.Option(
+            None, "--pt-ratio", help="Voltage transformer, primary/secondary: 11000/110 or 100."
         ),
     ) -> None:
         """One poll of one meter: decoded values with units (check scale factors); with
-        --ct-ratio/--pt-ratio the secondary value the meter reports and the primary."""
+        CT/PT ratios the secondary value the meter reports and the primary."""
         from services.collector.profiles import resolve, to_primary
         from shared.modbus import ModbusConnection
         from shared.site import load_site
 
-        bus = _bus(host, port, serial, baud, parity, rtu_over_tcp, timeout)
-        _unit(unit)
-        ct, pt = _ratio("--ct-ratio", ct_ratio), _ratio("--pt-ratio", pt_ratio)
         try:
-            user = load_site(site_file).profiles if site_file else None
-            prof = resolve(profile, user)
+            site = load_site(site_file) if site_file else None
+        except ConfigError as exc:
+            fail(str(exc))
+        ct = _ratio("--ct-ratio", ct_ratio) if ct_ratio is not None else None
+        pt = _ratio("--pt-ratio", pt_ratio) if pt_ratio is not None else None
+        if meter is not None:
+            if site is None:
+                fail(f"--meter {meter}: needs the site file that names it (--site-file)")
+            try:
+                mc = site.meter(meter)
+            except KeyError:
+                known = ", ".join(m.name for m in site.meters) or "none"
+                fail(f"--meter {meter}: no meter of that name in {site_file} (meters: {known})")
+            unit = mc.unit if unit is None else unit
+            profile = mc.profile if profile is None else profile
+            ct = mc.ct_ratio if ct is None else ct
+            pt = mc.pt_ratio if pt is None else pt
+            if host or serial:
+                bus = _bus(host, port, serial, baud, parity, rtu_over_tcp, timeout)
+            else:
+                from shared.modbus import quiet_library_logs
+
+                quiet_library_logs()
+                bus = site.bus(mc.bus)
+        else:
+            bus = _bus(host, port, serial, baud, parity, rtu_over_tcp, timeout)
+        if unit is None or profile is None:
+            fail("say which meter: --unit and --profile, or --meter NAME with --site-file")
+        _unit(unit)
+        ct, pt = ct or 1.0, pt or 1.0
+        try:
+            prof = resolve(profile, site.profiles if site else None)
         except ConfigError as exc:
             fail(str(exc))
         factors = prof.primary_factors(ct, pt)
         if prof.reports_primary and (ct != 1.0 or pt != 1.0):
             err_console.print(
                 f"[yellow]profile {prof.name} reports primary values (ratios set in the "
-                "device): --ct-ratio/--pt-ratio not applied[/]"
+                "device): the CT/PT ratios are not applied[/]"
             )
 
         async def go() -> tuple[dict[str, dict[int, int]], list[tuple[str, int, list[int]]]]:
