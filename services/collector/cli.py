@@ -2,7 +2,8 @@
 
 * ``pfmon read``     one poll of one meter: decoded values with units (``--raw``: the
   registers in hex as read; ``--json``: the values as JSON; ``--ct-ratio``/``--pt-ratio``:
-  the secondary value the meter reports beside the primary value);
+  the secondary value the meter reports beside the primary value; ``--meter NAME
+  --site-file FILE``: a meter of the site file with its bus, unit, profile and ratios);
 * ``pfmon scan``     which unit ids answer on a bus, and which profile fits;
 * ``pfmon timesync`` push the gateway's clock to a meter that keeps its own time.
 """
