@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from services.collector import profiles as prof
-from services.collector.simulator import SimServer, SimSite
+from services.simulator import SimServer, SimSite
 from shared.embedded import free_port
 from shared.measurements import Measurement as M
 from shared.messages import Reading

@@ -19,7 +19,7 @@ import pytest
 from services.actuator import service as actuator
 from services.analytics import service as analytics
 from services.analytics.balance import EnergyBalance
-from services.collector.simulator import (
+from services.simulator import (
     Heater,
     Motor,
     ServerPSU,
