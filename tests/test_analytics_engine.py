@@ -237,6 +237,15 @@ def test_export_meter_never_flags_ct_reversed() -> None:
     assert not any(e.code == "ct_reversed" for e in run(eng, 0, 0, 10, vals).events)
 
 
+def test_generation_meter_never_flags_ct_reversed() -> None:
+    s = site(**fast())
+    s.meters[0].role = "generation"  # PV or a genset: export is what it does
+    assert not s.meters[0].expect_export
+    eng = MeterEngine(s, "m1")
+    vals = three((230.0,) * 3, (10.0,) * 3, (-0.95,) * 3)
+    assert not any(e.code == "ct_reversed" for e in run(eng, 0, 0, 10, vals).events)
+
+
 def test_pf_erratic_on_swinging_pf() -> None:
     eng = MeterEngine(site(**fast()), "m1")
     out = Output()

@@ -400,7 +400,7 @@ class SiteEngine:
         mc = self._configs.get(meter)
         opts = self.cfg.meter(meter)
         m = self.meters
-        m.expect_export[mid] = bool(mc and mc.expect_export)
+        m.expect_export[mid] = bool(mc and mc.exports)
         delta = bool(mc and mc.wiring == "delta")
         m.sqrt3[mid] = opts.sqrt3_correction if opts.sqrt3_correction is not None else delta
         m.pf_tolerance[mid] = opts.pf_mismatch_tolerance

@@ -25,6 +25,7 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from services.analytics.balance import EnergyBalance
 from services.analytics.batch import MAX_METERS, SiteEngine, TooManyMeters
 from services.analytics.dsp import WaveformError
 from services.analytics.output import SERVICE, Output, encode_metrics
@@ -83,6 +84,13 @@ class AnalyticsMetrics:
             buckets=(0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05),
             registry=r,
         )
+        self.unmetered = Gauge(
+            "pfm_analytics_unmetered_power_watts",
+            "Active power of a parent meter that its child meters do not measure (parent "
+            "minus the children's sum, alarm-slot averages)",
+            ["meter"],
+            registry=r,
+        )
         self.publish_failed = Counter(
             "pfm_analytics_publish_failed_total",
             "Messages that could not be published (broker down)",
@@ -101,6 +109,7 @@ class Analytics:
         self.bus = bus
         self.metrics = metrics
         self.engine = SiteEngine(site, max_meters=max_meters)
+        self.balance = EnergyBalance(site)
         self.window_s = site.analytics.batch_window_s
         self.batch_max = site.analytics.batch_max
         self.pending: list[Reading] = []
@@ -229,7 +238,43 @@ class Analytics:
 
     # -- results ---------------------------------------------------------------------------
 
+    def _balance(self, meter: str, out: Output) -> None:
+        """Feed the energy balance with the meter's average P; on a parent, add its
+        ``unmetered_power`` to the metrics and the alarm's transitions to the events."""
+        first = out.metrics[0]
+        if first.aggregate or first.interval_s:
+            return
+        bal = self.balance
+        bal.observe(meter, first.ts, first.value(M.POWER))
+        if not bal.is_parent(meter):
+            return
+        result = bal.evaluate(meter, first.ts)
+        if result is None:
+            return
+        first.values[M.UNMETERED_POWER] = result.unmetered_w
+        self.metrics.unmetered.labels(meter).set(result.unmetered_w)
+        if result.transition is None:
+            return
+        mid = self.engine.track(meter)
+        self.engine.event_seq[mid] += 1
+        out.events.append(
+            Event(
+                site=first.site,
+                ts=first.ts,
+                seq=self.engine.event_seq[mid],
+                meter=meter,
+                code="energy_balance",
+                state=result.transition,
+                severity=bal.definition.severity,
+                message=bal.message(result),
+                evidence=result.evidence,
+                service=SERVICE,
+            )
+        )
+
     def _emit(self, meter: str, out: Output) -> None:
+        if out.metrics and self.balance.watches(meter):
+            self._balance(meter, out)
         topic = self._metrics_topics.get(meter)
         if topic is None:
             topic = self._metrics_topics[meter] = topics.metrics(self.site.site, meter)

@@ -121,6 +121,9 @@ class Profile:
     registers: Mapping[M, RegisterSpec]
     #: registers that may be read across although nothing is mapped there
     max_gap: int = 0
+    #: the device applies its CT/PT ratios itself (set in the meter): it reports primary
+    #: values, so the site file's ``ct_ratio``/``pt_ratio`` are not applied again
+    reports_primary: bool = False
 
     def plan(self) -> list[Block]:
         """Coalesce adjacent registers into as few reads as the Modbus limit allows."""
@@ -181,6 +184,17 @@ class Profile:
                 mag = abs(out[measurement])
                 out[measurement] = math.copysign(mag, sign) if sign else mag
         return out
+
+    def primary_factors(self, ct_ratio: float, pt_ratio: float) -> dict[M, float]:
+        """Per measurement of this profile, the multiplier from the secondary value the
+        device reports to the primary value (only those that change; empty when the
+        device reports primary values itself). Which ratio applies comes from the
+        vocabulary (:attr:`Measurement.scale`): currents x CT, voltages x PT, powers
+        and energies x CT x PT, never PF, THD, frequency or unbalance."""
+        if self.reports_primary:
+            return {}
+        factors = {m: m.scale.factor(ct_ratio, pt_ratio) for m in self.registers}
+        return {m: f for m, f in factors.items() if f != 1.0}
 
     def image(self, values: Mapping[M, float]) -> dict[str, dict[int, int]]:
         """The register image a device of this model holds for ``values`` (SI).
@@ -374,8 +388,23 @@ register(
 PZEM_ALARM = 0x0009  # 0xFFFF = power alarm
 
 
+def to_primary(values: dict[M, float], factors: Mapping[M, float]) -> dict[M, float]:
+    """``values`` (secondary, as decoded) with ``factors`` applied, in place; returned."""
+    for m, factor in factors.items():
+        if m in values:
+            values[m] *= factor
+    return values
+
+
 def from_spec(name: str, spec: ProfileSpec) -> Profile:
-    return Profile(name, spec.description, spec.phases, dict(spec.registers), spec.max_gap)
+    return Profile(
+        name,
+        spec.description,
+        spec.phases,
+        dict(spec.registers),
+        spec.max_gap,
+        reports_primary=spec.reports_primary,
+    )
 
 
 def resolve(name: str, user_profiles: Mapping[str, ProfileSpec] | None = None) -> Profile:

@@ -20,6 +20,11 @@ How it keeps going when things break:
   :data:`PROBE_MAX_S` on a TCP bus or :data:`SERIAL_PROBE_TIMEOUTS` timeouts on a
   serial line (never beyond ``BusConfig.reprobe_max_s``), and a ``device_online``
   event (state cleared) is published when it answers again;
+* values are published as primary values: the meter's ``ct_ratio``/``pt_ratio`` are
+  applied to what the profile decodes (what each measurement scales with comes from
+  :attr:`shared.measurements.Measurement.scale`), unless the profile says the device
+  reports primary values itself (``reports_primary``: then a configured ratio is
+  logged as a warning at start and not applied);
 * readings and events go through one outbox: published at QoS 1 while the broker
   is connected, otherwise appended to the bounded on-disk spool, which is drained
   in order when the broker is back (and survives a restart). When the spool is
@@ -44,12 +49,13 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from services.collector.profiles import Block, Profile, resolve
+from services.collector.profiles import Block, Profile, resolve, to_primary
 from services.collector.timesync import CLOCKS, RESYNC_S
 from shared import __version__, topics
 from shared.backoff import Backoff
 from shared.bus import Bus, BusUnavailable, PublishRefused
 from shared.errors import ConfigError, PeerError
+from shared.measurements import Measurement
 from shared.messages import Event, EventState, GatewayStatus, Reading, Severity, encode, utcnow
 from shared.metrics import ServiceMetrics
 from shared.modbus import TRANSIENT, ModbusConnection, quiet_library_logs
@@ -90,6 +96,8 @@ class MeterState:
     bus: BusConfig
     profile: Profile
     blocks: list[Block]
+    #: secondary -> primary multipliers (CT/PT ratios), only those that are not 1
+    factors: dict[Measurement, float] = field(default_factory=dict)
     seq: int = 0
     event_seq: int = 0
     failures: int = 0
@@ -164,7 +172,19 @@ class Collector:
             except ConfigError as exc:
                 problems.append(f"meters[{i}].profile: {exc}")
                 continue
-            self.meters.append(MeterState(mc, site.bus(mc.bus), profile, profile.plan()))
+            factors = profile.primary_factors(mc.ct_ratio, mc.pt_ratio)
+            if profile.reports_primary and (mc.ct_ratio != 1.0 or mc.pt_ratio != 1.0):
+                log.warning(
+                    "meters[%d] %s: profile %s reports primary values (the ratios are set "
+                    "in the device); ct_ratio %g and pt_ratio %g are not applied again",
+                    i,
+                    mc.name,
+                    profile.name,
+                    mc.ct_ratio,
+                    mc.pt_ratio,
+                    extra={"meter": mc.name},
+                )
+            self.meters.append(MeterState(mc, site.bus(mc.bus), profile, profile.plan(), factors))
         if problems:
             raise ConfigError(f"site {site.site!r}: {len(problems)} invalid field(s)", problems)
         self.spool = Spool(
@@ -308,6 +328,8 @@ class Collector:
             async with asyncio.timeout(deadline):
                 raw = await self.read_meter(conn, m)
             values = m.profile.decode(raw)
+            if m.factors:
+                to_primary(values, m.factors)
         except TimeoutError:
             block = m.current
             where = f"{block.table} {block.address}+{block.count}" if block else "?"
