@@ -3,12 +3,30 @@
 Every meter profile, message field, database column and rule token refers to a
 :class:`Measurement`. Values are SI (V, A, W, var, VA, Hz, Wh, varh, VAh, %, s).
 Sign conventions (DESIGN.md): load convention, P > 0 imported, Q > 0 inductive.
+
+Each measurement also carries its physical plausibility bounds (:attr:`Measurement.bounds`):
+generous (a 765 kV line, a 1 MA bus bar, a 10 TW total) but finite, so that
+everything derived from plausible values (``S = V*I``, sums, squares of RMS
+aggregates) stays finite too. A reading's value outside them is refused where the
+reading enters (the collector, ``shared.messages.Reading``); a site file may only
+tighten them (``limits:``, :func:`check`).
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
+
+#: plausibility bounds by kind of quantity (SI units)
+V_MAX = 1e6  # V: above any transmission line (765 kV line to line)
+I_MAX = 1e6  # A: above any bus bar
+P_MAX = 1e13  # W, var, VA: V_MAX * I_MAX, three phases and more
+E_MAX = 1e15  # Wh, varh, VAh: a petawatt-hour counter
+F_MAX = 1000.0  # Hz: 400 Hz aircraft and ship systems, with room
+PCT_MAX = 1000.0  # %: THD-F of a very distorted current is a few hundred %
+SUPPLY_MAX = 100.0  # V: a device's own supply rail
 
 
 @dataclass(frozen=True, slots=True)
@@ -17,6 +35,9 @@ class MeasurementInfo:
     description: str
     #: energy counters and other accumulators are never averaged
     counter: bool = False
+    #: the physically plausible range of a reading's value (inclusive)
+    lo: float = -P_MAX
+    hi: float = P_MAX
 
 
 class Measurement(StrEnum):
@@ -108,66 +129,119 @@ class Measurement(StrEnum):
     def is_counter(self) -> bool:
         return _INFO[self].counter
 
+    @property
+    def bounds(self) -> tuple[float, float]:
+        """The physically plausible range (inclusive) of this quantity in a reading."""
+        return _BOUNDS[self]
+
     @classmethod
     def per_phase(cls, stem: str, phase: int) -> Measurement:
         """``per_phase("voltage", 2)`` -> ``Measurement.VOLTAGE_L2``."""
         return cls(f"{stem}_l{phase}")
 
 
-_PHASE_STEMS: dict[str, tuple[str, str, bool]] = {
-    "voltage": ("V", "RMS voltage, line to neutral", False),
-    "current": ("A", "RMS current", False),
-    "power": ("W", "active power (P > 0 imported)", False),
-    "reactive_power": ("var", "reactive power (Q > 0 inductive)", False),
-    "fund_reactive_power": ("var", "fundamental reactive power Q1 (IEEE 1459)", False),
-    "apparent_power": ("VA", "apparent power S = Vrms * Irms", False),
-    "nonactive_power": ("var", "nonactive power N = sqrt(S^2 - P^2) (IEEE 1459)", False),
-    "power_factor": ("", "true power factor P / S, signed by P", False),
-    "displacement_pf": ("", "displacement power factor cos(phi1), signed by P1", False),
-    "frequency": ("Hz", "frequency", False),
-    "thd_voltage": ("%", "voltage THD relative to the fundamental", False),
-    "thd_current": ("%", "current THD relative to the fundamental", False),
-    "import_energy": ("Wh", "imported active energy counter", True),
+_VOLTS = (0.0, V_MAX)
+_AMPS = (-I_MAX, I_MAX)  # some meters sign the current with the direction of flow
+_POWER = (-P_MAX, P_MAX)
+_PF = (-1.0, 1.0)
+_HZ = (0.0, F_MAX)
+_PCT = (0.0, PCT_MAX)
+_ENERGY = (0.0, E_MAX)
+_SUPPLY = (0.0, SUPPLY_MAX)
+
+_PHASE_STEMS: dict[str, tuple[str, str, bool, tuple[float, float]]] = {
+    "voltage": ("V", "RMS voltage, line to neutral", False, _VOLTS),
+    "current": ("A", "RMS current", False, _AMPS),
+    "power": ("W", "active power (P > 0 imported)", False, _POWER),
+    "reactive_power": ("var", "reactive power (Q > 0 inductive)", False, _POWER),
+    "fund_reactive_power": ("var", "fundamental reactive power Q1 (IEEE 1459)", False, _POWER),
+    "apparent_power": ("VA", "apparent power S = Vrms * Irms", False, _POWER),
+    "nonactive_power": (
+        "var",
+        "nonactive power N = sqrt(S^2 - P^2) (IEEE 1459)",
+        False,
+        _POWER,
+    ),
+    "power_factor": ("", "true power factor P / S, signed by P", False, _PF),
+    "displacement_pf": ("", "displacement power factor cos(phi1), signed by P1", False, _PF),
+    "frequency": ("Hz", "frequency", False, _HZ),
+    "thd_voltage": ("%", "voltage THD relative to the fundamental", False, _PCT),
+    "thd_current": ("%", "current THD relative to the fundamental", False, _PCT),
+    "import_energy": ("Wh", "imported active energy counter", True, _ENERGY),
 }
 
 _INFO: dict[Measurement, MeasurementInfo] = {}
-for _stem, (_unit, _desc, _counter) in _PHASE_STEMS.items():
+for _stem, (_unit, _desc, _counter, (_lo, _hi)) in _PHASE_STEMS.items():
     for _ph in (1, 2, 3):
-        _INFO[Measurement(f"{_stem}_l{_ph}")] = MeasurementInfo(_unit, f"L{_ph} {_desc}", _counter)
+        _INFO[Measurement(f"{_stem}_l{_ph}")] = MeasurementInfo(
+            _unit, f"L{_ph} {_desc}", _counter, _lo, _hi
+        )
+
+
+def _info(
+    unit: str, desc: str, bounds: tuple[float, float], counter: bool = False
+) -> MeasurementInfo:
+    return MeasurementInfo(unit, desc, counter, bounds[0], bounds[1])
+
+
 _INFO.update(
     {
-        Measurement.VOLTAGE_L1_L2: MeasurementInfo("V", "RMS voltage L1-L2"),
-        Measurement.VOLTAGE_L2_L3: MeasurementInfo("V", "RMS voltage L2-L3"),
-        Measurement.VOLTAGE_L3_L1: MeasurementInfo("V", "RMS voltage L3-L1"),
-        Measurement.POWER: MeasurementInfo("W", "total active power"),
-        Measurement.REACTIVE_POWER: MeasurementInfo("var", "total reactive power"),
-        Measurement.FUND_REACTIVE_POWER: MeasurementInfo("var", "total fundamental reactive"),
-        Measurement.APPARENT_POWER: MeasurementInfo("VA", "total apparent power (arithmetic)"),
-        Measurement.EFFECTIVE_APPARENT_POWER: MeasurementInfo(
-            "VA", "effective apparent power Se (IEEE 1459)"
+        Measurement.VOLTAGE_L1_L2: _info("V", "RMS voltage L1-L2", _VOLTS),
+        Measurement.VOLTAGE_L2_L3: _info("V", "RMS voltage L2-L3", _VOLTS),
+        Measurement.VOLTAGE_L3_L1: _info("V", "RMS voltage L3-L1", _VOLTS),
+        Measurement.POWER: _info("W", "total active power", _POWER),
+        Measurement.REACTIVE_POWER: _info("var", "total reactive power", _POWER),
+        Measurement.FUND_REACTIVE_POWER: _info("var", "total fundamental reactive", _POWER),
+        Measurement.APPARENT_POWER: _info("VA", "total apparent power (arithmetic)", _POWER),
+        Measurement.EFFECTIVE_APPARENT_POWER: _info(
+            "VA", "effective apparent power Se (IEEE 1459)", _POWER
         ),
-        Measurement.POWER_FACTOR: MeasurementInfo("", "total power factor P / S"),
-        Measurement.EFFECTIVE_PF: MeasurementInfo("", "effective power factor P / Se"),
-        Measurement.FREQUENCY: MeasurementInfo("Hz", "system frequency"),
-        Measurement.NEUTRAL_CURRENT: MeasurementInfo("A", "RMS neutral current"),
-        Measurement.VOLTAGE_UNBALANCE: MeasurementInfo("%", "negative-sequence unbalance u2"),
-        Measurement.ZERO_SEQ_UNBALANCE: MeasurementInfo("%", "zero-sequence unbalance u0"),
-        Measurement.NEMA_UNBALANCE: MeasurementInfo("%", "NEMA max deviation from mean"),
-        Measurement.NEUTRAL_SCORE: MeasurementInfo("", "broken-neutral score in [0, 1]"),
-        Measurement.IMPORT_ENERGY: MeasurementInfo("Wh", "imported active energy", True),
-        Measurement.EXPORT_ENERGY: MeasurementInfo("Wh", "exported active energy", True),
-        Measurement.REACTIVE_ENERGY_IND: MeasurementInfo("varh", "inductive reactive energy", True),
-        Measurement.REACTIVE_ENERGY_CAP: MeasurementInfo(
-            "varh", "capacitive reactive energy", True
-        ),
-        Measurement.APPARENT_ENERGY: MeasurementInfo("VAh", "apparent energy", True),
-        Measurement.DEMAND_POWER: MeasurementInfo("W", "active power demand (billing window)"),
-        Measurement.DEMAND_APPARENT_POWER: MeasurementInfo("VA", "apparent power demand"),
-        Measurement.DEMAND_PF: MeasurementInfo("", "power factor over the demand window"),
-        Measurement.SUPPLY_5V: MeasurementInfo("V", "device 5 V supply rail"),
-        Measurement.SUPPLY_12V: MeasurementInfo("V", "device 12 V supply rail"),
+        Measurement.POWER_FACTOR: _info("", "total power factor P / S", _PF),
+        Measurement.EFFECTIVE_PF: _info("", "effective power factor P / Se", _PF),
+        Measurement.FREQUENCY: _info("Hz", "system frequency", _HZ),
+        Measurement.NEUTRAL_CURRENT: _info("A", "RMS neutral current", _AMPS),
+        Measurement.VOLTAGE_UNBALANCE: _info("%", "negative-sequence unbalance u2", _PCT),
+        Measurement.ZERO_SEQ_UNBALANCE: _info("%", "zero-sequence unbalance u0", _PCT),
+        Measurement.NEMA_UNBALANCE: _info("%", "NEMA max deviation from mean", _PCT),
+        Measurement.NEUTRAL_SCORE: _info("", "broken-neutral score in [0, 1]", (0.0, 1.0)),
+        Measurement.IMPORT_ENERGY: _info("Wh", "imported active energy", _ENERGY, True),
+        Measurement.EXPORT_ENERGY: _info("Wh", "exported active energy", _ENERGY, True),
+        Measurement.REACTIVE_ENERGY_IND: _info("varh", "inductive reactive energy", _ENERGY, True),
+        Measurement.REACTIVE_ENERGY_CAP: _info("varh", "capacitive reactive energy", _ENERGY, True),
+        Measurement.APPARENT_ENERGY: _info("VAh", "apparent energy", _ENERGY, True),
+        Measurement.DEMAND_POWER: _info("W", "active power demand (billing window)", _POWER),
+        Measurement.DEMAND_APPARENT_POWER: _info("VA", "apparent power demand", _POWER),
+        Measurement.DEMAND_PF: _info("", "power factor over the demand window", _PF),
+        Measurement.SUPPLY_5V: _info("V", "device 5 V supply rail", _SUPPLY),
+        Measurement.SUPPLY_12V: _info("V", "device 12 V supply rail", _SUPPLY),
     }
 )
 _missing = [m for m in Measurement if m not in _INFO]
 if _missing:  # pragma: no cover - guards the table at import
     raise RuntimeError(f"measurements without unit/description: {_missing}")
+_BOUNDS: dict[Measurement, tuple[float, float]] = {m: (i.lo, i.hi) for m, i in _INFO.items()}
+
+
+def implausible(
+    measurement: Measurement,
+    value: float,
+    limits: Mapping[Measurement, tuple[float, float]] | None = None,
+) -> str | None:
+    """Why ``value`` is not a plausible ``measurement`` (None when it is): not a finite
+    number, outside the physical bounds, or outside the site's tighter ``limits``."""
+    lo, hi = _BOUNDS[measurement]
+    if lo <= value <= hi:  # False for NaN
+        if limits is None or measurement not in limits:
+            return None
+        lo, hi = limits[measurement]
+        if lo <= value <= hi:
+            return None
+        return f"outside the configured limits [{lo:g}, {hi:g}]{_unit_suffix(measurement)}"
+    if not math.isfinite(value):
+        return "not a finite number"
+    return f"outside the plausible range [{lo:g}, {hi:g}]{_unit_suffix(measurement)}"
+
+
+def _unit_suffix(measurement: Measurement) -> str:
+    unit = _INFO[measurement].unit
+    return f" {unit}" if unit else ""
