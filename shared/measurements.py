@@ -219,7 +219,9 @@ _INFO.update(
 _missing = [m for m in Measurement if m not in _INFO]
 if _missing:  # pragma: no cover - guards the table at import
     raise RuntimeError(f"measurements without unit/description: {_missing}")
-_BOUNDS: dict[Measurement, tuple[float, float]] = {m: (i.lo, i.hi) for m, i in _INFO.items()}
+#: every measurement's plausible range (inclusive), as ``Measurement.bounds`` gives it
+BOUNDS: dict[Measurement, tuple[float, float]] = {m: (i.lo, i.hi) for m, i in _INFO.items()}
+_BOUNDS = BOUNDS
 
 
 def implausible(

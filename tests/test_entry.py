@@ -224,6 +224,12 @@ def test_site_limits_only_tighten_and_name_their_path(site_name: str) -> None:
     raw["meters"][1]["limits"] = {"voltage_l1": {"max": 250}, "power_factor": {"min": 0.5}}
     site = parse_site(raw)
     assert site.limits_of("b") == {M.VOLTAGE_L1: (180.0, 250.0), M.POWER_FACTOR: (0.5, 1.0)}
+    raw["limits"] = {"voltage_l1": {"min": 255}}
+    with pytest.raises(ConfigError) as err:
+        parse_site(raw)
+    assert err.value.problems[0].endswith(
+        "meters[1].limits.voltage_l1: min 255 is above max 250 with the site's limits applied"
+    )
     raw["limits"] = {"bogus": {"max": 1}, "frequency": {"min": 60, "max": 40}}
     with pytest.raises(ConfigError) as err:
         parse_site(raw)

@@ -74,6 +74,13 @@ class SiteConfig(BaseModel):
             if meter.bus not in bus_names:
                 known = ", ".join(bus_names) or "none"
                 problems.append(f"meters[{i}].bus: no bus named {meter.bus!r} (buses: {known})")
+        for i, meter in enumerate(self.meters):
+            for m, (lo, hi) in merged_limits(self.limits, meter.limits).items():
+                if lo > hi:
+                    problems.append(
+                        f"meters[{i}].limits.{m.value}: min {lo:g} is above max {hi:g} "
+                        "with the site's limits applied"
+                    )
         meter_names = {m.name for m in self.meters}
         for name in self.analytics.meters:
             # a site without polled meters may tune waveform sources that publish directly
