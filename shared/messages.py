@@ -45,6 +45,7 @@ from shared.measurements import Measurement, implausible
 from shared.topics import Slug
 
 __all__ = [
+    "DEFAULT_MAX_CLOCK_SKEW_S",
     "SEQ_MAX",
     "TS_MAX",
     "TS_MIN",
