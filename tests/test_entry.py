@@ -258,7 +258,7 @@ async def test_bad_seq_and_ts_are_dead_letters_and_the_others_flow(
             ) as results,
             publisher(settings, site_name) as bus,
         ):
-            await asyncio.sleep(1.0)  # analytics subscribed
+            await shutdown.wait_ready(15)  # analytics subscribed
             bad = {
                 "bigseq": payload("bigseq", site_name, 2**64, now),
                 "future": payload("future", site_name, 1, "9999-12-31T23:59:59Z"),
@@ -301,7 +301,7 @@ async def test_an_extreme_value_is_refused_and_the_meter_keeps_its_demand(
     dsn = f"{settings.db_dsn}?options=-csearch_path%3D{db_schema}"
     s = settings.model_copy(update={"db_dsn": dsn})
     site = site_with(site_name, ["a", "b"])
-    shutdown = Shutdown()
+    ana, arch = Shutdown(), Shutdown()
     now = utcnow() - timedelta(seconds=10)
     conn = await asyncpg.connect(dsn)
     try:
@@ -311,9 +311,10 @@ async def test_an_extreme_value_is_refused_and_the_meter_keeps_its_demand(
             ) as letters,
             asyncio.TaskGroup() as tg,
         ):
-            tg.create_task(archiver.run(svc(s, "arch"), site, shutdown))
-            tg.create_task(analytics.run(svc(s, "ana"), site, shutdown))
-            await asyncio.sleep(1.5)  # both subscribed
+            tg.create_task(archiver.run(svc(s, "arch"), site, arch))
+            tg.create_task(analytics.run(svc(s, "ana"), site, ana))
+            await arch.wait_ready(15)  # both subscribed
+            await ana.wait_ready(15)
             async with publisher(settings, site_name) as bus:
                 for k in range(3):
                     ts = now + timedelta(seconds=k)
@@ -337,7 +338,8 @@ async def test_an_extreme_value_is_refused_and_the_meter_keeps_its_demand(
                 if len(rows) >= 6:
                     break
                 await asyncio.sleep(0.1)
-            shutdown.request("test done")
+            ana.request("test done")
+            arch.request("test done")
         letter = letters.items[0]
         assert isinstance(letter, DeadLetter)
         assert letter.topic == topics.reading(site_name, "a")
