@@ -24,7 +24,7 @@ from services.analytics import service as analytics
 from services.analytics.service import Analytics, AnalyticsMetrics
 from services.archiver import service as archiver
 from services.collector import service as collector
-from services.collector.simulator import SimServer, SimSite
+from services.simulator import SimServer, SimSite
 from shared import topics
 from shared.bus import Bus
 from shared.embedded import free_port
