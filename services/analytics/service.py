@@ -58,7 +58,8 @@ class AnalyticsMetrics:
         )
         self.rejected = Counter(
             "pfm_analytics_rejected_total",
-            "Inputs that could not be analysed (reason in the log and a notice event)",
+            "Inputs that could not be analysed, or results that could not be encoded (reason "
+            "in the log; a notice event for waveforms)",
             ["meter", "kind"],
             registry=r,
         )
@@ -116,6 +117,8 @@ class Analytics:
         self._timer: asyncio.TimerHandle | asyncio.Handle | None = None
         self.notice_seq = 0
         self.refused = 0
+        #: results that could not be encoded (a bug or an input the schema should refuse)
+        self.failed_outputs = 0
         self.children: dict[str, tuple[Any, Any, Any, Any]] = {}
         #: per meter, looked up once (bounded like the engine's meters)
         self._metrics_topics: dict[str, str] = {}
@@ -194,7 +197,10 @@ class Analytics:
             batch = kept
         for r, out in zip(batch, outs, strict=True):
             self._children(r.meter)[0].inc()
-            self._emit(r.meter, out)
+            try:
+                self._emit(r.meter, out)
+            except Exception as exc:  # our bug: this input's results, nothing else
+                self._failed_output(r.meter, f"reading seq {r.seq}", exc)
         if batch:  # one observation per batch: what one input cost in it
             self.metrics.process.observe((time.perf_counter() - started) / len(batch))
 
@@ -273,15 +279,27 @@ class Analytics:
         )
 
     def _emit(self, meter: str, out: Output) -> None:
+        """Publish one input's results; a message that cannot be encoded costs only
+        itself (counted in ``pfm_analytics_rejected_total{kind="encode"}``)."""
         if out.metrics and self.balance.watches(meter):
             self._balance(meter, out)
         topic = self._metrics_topics.get(meter)
         if topic is None:
             topic = self._metrics_topics[meter] = topics.metrics(self.site.site, meter)
         for m in out.metrics:
-            self._publish(topic, encode_metrics(m), "metrics")
+            try:
+                payload = encode_metrics(m)
+            except Exception as exc:  # e.g. an integer beyond 64 bits (refused at entry)
+                self._failed_output(meter, f"metrics seq {m.seq}", exc)
+                continue
+            self._publish(topic, payload, "metrics")
         for ev in out.events:
-            self._publish(topics.event(ev.site, meter), encode(ev), "event")
+            try:
+                payload = encode(ev)
+            except Exception as exc:
+                self._failed_output(meter, f"event {ev.code}", exc)
+                continue
+            self._publish(topics.event(ev.site, meter), payload, "event")
             self.metrics.transitions.labels(meter, ev.code, ev.state.value).inc()
             self.metrics.alarms_active.labels(meter, ev.code).inc(
                 1 if ev.state == EventState.RAISED else -1
@@ -295,6 +313,22 @@ class Analytics:
             score = first.value(M.NEUTRAL_SCORE)
             if score is not None:
                 neutral_gauge.set(score)
+
+    def _failed_output(self, meter: str, what: str, exc: Exception) -> None:
+        """A result that could not be encoded or published: counted; logged the first
+        time and every 1000th (a meter stuck on such an input does not flood the log)."""
+        self.metrics.rejected.labels(meter, "encode").inc()
+        self.failed_outputs += 1
+        if self.failed_outputs == 1 or self.failed_outputs % 1000 == 0:
+            log.error(
+                "%s of %s not published: %s: %s (%d results lost so far)",
+                what,
+                meter,
+                type(exc).__name__,
+                exc,
+                self.failed_outputs,
+                extra={"service": SERVICE, "meter": meter},
+            )
 
     def _publish(self, topic: str, payload: bytes, kind: str) -> None:
         try:

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 from shared.errors import ConfigError
 from shared.measurements import Measurement as M
+from shared.measurements import implausible
 from shared.site.collector import TYPE_WIDTH, ProfileSpec, RegisterSpec
 
 #: Modbus limit for one read of holding/input registers
@@ -105,6 +106,18 @@ def encode(value: float, type_: str, order: str = "big") -> list[int]:
 
 
 @dataclass(frozen=True, slots=True)
+class Refused:
+    """A decoded value that was not published: which, what, why, and from where."""
+
+    measurement: M
+    value: float
+    reason: str
+    table: str
+    address: int
+    registers: list[int]
+
+
+@dataclass(frozen=True, slots=True)
 class Block:
     """One read request: ``count`` registers from ``address`` of ``table``."""
 
@@ -166,18 +179,29 @@ class Profile:
     def _signed(self) -> list[tuple[M, M]]:
         return [(m, s.signed_by) for m, s in self.registers.items() if s.signed_by is not None]
 
-    def decode(self, raw: Mapping[str, Mapping[int, int]]) -> dict[M, float]:
-        """Decode the registers read (``raw[table][address] = value``) into SI values."""
+    def decode(
+        self,
+        raw: Mapping[str, Mapping[int, int]],
+        refused: list[Refused] | None = None,
+    ) -> dict[M, float]:
+        """Decode the registers read (``raw[table][address] = value``) into SI values.
+
+        A value that is not finite (an f32 NaN/inf) or outside its measurement's
+        physical bounds (``Measurement.bounds``) is left out and, when ``refused`` is
+        given, appended to it with its registers and the reason."""
         out: dict[M, float] = {}
-        isfinite = math.isfinite
         for measurement, table_name, address, width, fn, order, scale, missing in self._steps:
             table = raw[table_name]
             regs = [table[address]] if width == 1 else [table[address + i] for i in range(width)]
             if missing and not any(regs):
                 continue
             value = fn(regs, order) * scale
-            if isfinite(value):
+            lo, hi = measurement.bounds
+            if lo <= value <= hi:  # False for NaN
                 out[measurement] = value
+            elif refused is not None:
+                why = implausible(measurement, value) or "implausible"
+                refused.append(Refused(measurement, value, why, table_name, address, regs))
         for measurement, by in self._signed:
             if measurement in out:
                 sign = out.get(by, 1.0)
