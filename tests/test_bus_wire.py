@@ -155,6 +155,8 @@ class FakeBroker:
     the SUBACK is up to ``script(connection_number, protocol_level)``."""
 
     script: Callable[[int, int], bytes]
+    refuse_publishes: bool = False
+    refused: int = 0
     connections: int = 0
     pubacks: list[int] = field(default_factory=list)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -188,6 +190,11 @@ class FakeBroker:
                         else b"\x90\x03" + mid + b"\x01"
                     )
                     writer.write(self.script(number, level))
+                elif kind == 0x30 and self.refuse_publishes and header & 0x06 == 0x02:
+                    # QoS 1 PUBLISH: PUBACK "not authorised" (v5 reason code 0x87)
+                    t_end = 2 + int.from_bytes(body[:2], "big")
+                    writer.write(b"\x40\x03" + body[t_end : t_end + 2] + b"\x87")
+                    self.refused += 1
                 elif kind == 0xC0:  # PINGREQ
                     writer.write(b"\xd0\x00")
                 elif kind == 0x40:  # PUBACK
@@ -209,8 +216,10 @@ class FakeBroker:
 
 
 @contextlib.asynccontextmanager
-async def fake_broker(script: Callable[[int, int], bytes]) -> AsyncIterator[FakeBroker]:
-    broker = FakeBroker(script)
+async def fake_broker(
+    script: Callable[[int, int], bytes], *, refuse_publishes: bool = False
+) -> AsyncIterator[FakeBroker]:
+    broker = FakeBroker(script, refuse_publishes)
     server = await asyncio.start_server(broker.serve, "127.0.0.1", 0)
     broker.port = server.sockets[0].getsockname()[1]
     async with server:
