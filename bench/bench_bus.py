@@ -280,8 +280,9 @@ async def main() -> None:
     ap.add_argument(
         "--link",
         action="append",
-        choices=["aiomqtt", "gmqtt"],
-        help="the bus wires to measure (repeat; default both: aiomqtt fast and plain, gmqtt)",
+        choices=["fast", "plain", "gmqtt"],
+        help="the bus wires to measure (repeat; default all): FastLink, PlainLink"
+        " (PFM_MQTT_FAST=0), the gmqtt prototype",
     )
     ap.add_argument(
         "--aiomqtt3-python",
@@ -289,7 +290,7 @@ async def main() -> None:
         help="Python of a throwaway venv with aiomqtt 3 (alpha): adds its bare receive (v5)",
     )
     args = ap.parse_args()
-    links = set(args.link or ["aiomqtt", "gmqtt"])
+    links = set(args.link or ["fast", "plain", "gmqtt"])
     if "gmqtt" in links:
         from bench.gmqtt_link import GmqttBus
     logging.basicConfig(level=logging.WARNING)
@@ -330,10 +331,13 @@ async def main() -> None:
                         bare,
                     )
                 cases: list[tuple[str, Settings, bool, type[Bus]]] = []
-                if "aiomqtt" in links:
+                if "fast" in links:
                     cases += [
                         ("Bus, no-op handler (FastLink)", s, False, Bus),
                         ("Bus, no-op handler, manual ack (FastLink)", s, True, Bus),
+                    ]
+                if "plain" in links:
+                    cases += [
                         ("Bus, no-op handler, PFM_MQTT_FAST=0", slow, False, Bus),
                         ("Bus, no-op handler, manual ack, FAST=0", slow, True, Bus),
                     ]
@@ -364,7 +368,7 @@ async def main() -> None:
                     awaited,
                     "awaited",
                 )
-                if "aiomqtt" in links:
+                if "fast" in links:
                     await row(
                         "Bus.publish_nowait + drain (FastLink)",
                         bus_publish(s, site, payload, n),

@@ -346,3 +346,15 @@ class GmqttBus(Bus):
                     link.disconnect(), name="gmqtt-disconnect"
                 )
                 task.add_done_callback(_log_task_error)
+                self._disconnecting = task
+
+    async def close(self) -> None:
+        await super().close()
+        task = getattr(self, "_disconnecting", None)
+        if task is not None:
+            with contextlib.suppress(Exception):
+                await task
+        # gmqtt schedules a reconnection task on every disconnection; let it see that
+        # reconnecting is off and end, rather than be cancelled at loop shutdown
+        for _ in range(3):
+            await asyncio.sleep(0)
