@@ -1,6 +1,7 @@
 """The MQTT bus per message: receive and publish rates beside bare aiomqtt, same run.
 
-Run: ``.venv/bin/python bench/bench_bus.py [--messages 20000] [--size 706]``.
+Run: ``.venv/bin/python bench/bench_bus.py [--messages 20000] [--size 706]
+[--link fast|plain|gmqtt ...] [--aiomqtt3-python PATH]``.
 
 A private mosquitto (:class:`shared.embedded.LocalMosquitto`: ``max_queued_messages
 1000000``, ``max_inflight_messages 0``, so nothing is dropped or throttled) gets every
