@@ -82,7 +82,7 @@ class Settings(BaseSettings):
     mqtt_fast: bool = Field(
         True,
         description="read and acknowledge MQTT in batches under aiomqtt (off = aiomqtt's own"
-        " per-message path; on needs aiomqtt 2.5.x / paho 2.2.x, else it is off anyway)",
+        " per-message path; on needs exactly aiomqtt 2.5.1 / paho 2.2.0, else it is off anyway)",
     )
     db_dsn: str = Field(DEFAULT_DB_DSN, description="PostgreSQL / TimescaleDB DSN")
     site_file: Path | None = Field(None, description="site YAML (meters, buses, rules)")
