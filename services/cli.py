@@ -9,13 +9,15 @@ from services.actuator import cli as actuator_cli
 from services.analytics import cli as analytics_cli
 from services.archiver import cli as archiver_cli
 from services.collector import cli as collector_cli
+from services.console import cli as console_cli
 
 app = typer.Typer(
     name="pfmon",
     help=(
         "pfmon - power-factor monitoring and correction for industrial sites.\n\n"
         "Services: collector (Modbus meters -> MQTT), analytics (PF, THD, unbalance, alarms), "
-        "actuator (relays, capacitor banks), archiver (TimescaleDB/PostgreSQL). "
+        "actuator (relays, capacitor banks), archiver (TimescaleDB/PostgreSQL), "
+        "console (the operator's web page). "
         "Settings come from PFM_* environment variables; the site (meters, buses, rules) "
         "from a YAML file."
     ),
@@ -24,7 +26,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-for module in (collector_cli, analytics_cli, actuator_cli, archiver_cli, demo, init):
+for module in (collector_cli, analytics_cli, actuator_cli, archiver_cli, console_cli, demo, init):
     module.register(app)
 
 

@@ -34,6 +34,8 @@ from services.archiver.report import write_report
 from services.collector import service as collector
 from services.collector.simulator import SimServer, SimSite, inductive_site
 from services.common import console as make_console
+from services.console import service as console_service
+from services.console.demo import DEMO_USER, demo_console
 from shared import topics
 from shared.bus import Bus, Incoming
 from shared.embedded import (
@@ -88,7 +90,14 @@ def demo_site(port: int, plant: SimSite) -> dict[str, Any]:
         "description": "pfmon demo: a simulated factory, PF ~0.78 at the incomer, one bank",
         "buses": [{"name": "sim", "kind": "tcp", "host": "127.0.0.1", "port": port}],
         "meters": [
-            {"name": m.name, "bus": "sim", "unit": u, "profile": m.profile.name, "interval_s": 1.0}
+            {
+                "name": m.name,
+                "bus": "sim",
+                "unit": u,
+                "profile": m.profile.name,
+                "interval_s": 1.0,
+                **({"parent": "main"} if m.name != "main" else {}),  # feeders below the incomer
+            }
             for u, m in sorted(plant.meters.items())
         ],
         "devices": [
@@ -238,6 +247,7 @@ async def demo_main(shutdown: Shutdown, meters: int, keep: bool) -> int:
             plant = demo_plant(meters)
             async with SimServer(plant, sim_port):
                 raw_site = demo_site(sim_port, plant)
+                raw_site["console"], console_url, console_password = demo_console(workdir)
                 site = parse_site(raw_site, "demo site")
                 (workdir / "site.yaml").write_text(yaml.safe_dump(raw_site, sort_keys=False))
                 settings = base.model_copy(
@@ -262,6 +272,11 @@ async def demo_main(shutdown: Shutdown, meters: int, keep: bool) -> int:
                 console.print(f"  broker:   {broker_note}")
                 console.print(f"  database: {db_note}, table pfm_metrics")
                 console.print(f"  site:     {workdir / 'site.yaml'}")
+                console.print(f"console: {console_url}")
+                console.print(
+                    f"  login:    {DEMO_USER} / {console_password} (reading is open on "
+                    "loopback; acknowledging and switching need the login)"
+                )
                 console.print("  stop with Ctrl-C")
                 view = _View(len(site.banks[0].steps_kvar))
                 run_from = datetime.now(UTC)
@@ -273,6 +288,7 @@ async def demo_main(shutdown: Shutdown, meters: int, keep: bool) -> int:
                             ("analytics", analytics.run),
                             ("actuator", actuator.run),
                             ("collector", collector.run),
+                            ("console", console_service.run),
                         ):
                             tg.create_task(
                                 _named_settings(svc, settings, site, shutdown, name),
