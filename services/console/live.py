@@ -161,6 +161,7 @@ class Live:
             else:
                 self.maintenance.pop(ev.meter, None)
             self._dirty_meters.add(ev.meter)
+            self._dirty.add("maintenance")
 
     def on_state(self, st: ActuatorState) -> None:
         self.states[st.device] = {
@@ -296,8 +297,9 @@ class Live:
             out["status"] = status
         if self._dirty_meters:
             out["meters"] = {n: self.meters[n] for n in self._dirty_meters if n in self.meters}
-            out["maintenance"] = self.maintenance
             self._dirty_meters.clear()
+        if "maintenance" in self._dirty:
+            out["maintenance"] = self.maintenance
         if "alarms" in self._dirty or any(
             a.get("shelved") and (a["shelved"].get("until") or math.inf) < now
             for a in self.alarms.values()

@@ -160,7 +160,7 @@ function update(frame) {
     if (frame.alarms || frame.maintenance) for (const m of S.site.meters) updateMeter(m.name);
     if (frame.banks) for (const b of S.site.banks) updateBankBox(b.name);
   } else if (S.route.startsWith("/bank/") && frame.banks) renderBank(decodeURIComponent(S.route.slice(6)));
-  else if (S.route === "/alarms" && (frame.alarms || frame.maintenance || frame.banks)) renderAlarms();
+  else if (S.route === "/alarms" && (frame.alarms || frame.maintenance)) renderAlarms();
 }
 
 function header() {
