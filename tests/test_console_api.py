@@ -227,3 +227,78 @@ def test_a_meter_without_metrics_is_shown_stale_with_its_age(stack: Stack) -> No
     finally:
         stack.call(lambda: stack.plant.clear(3))
     wait_until(lambda: c.snapshot()["status"]["servers"][0] == "live", 30, "servers live again")
+
+
+# -- history and the report from the archive (a private schema of the real database) ------
+
+
+async def test_history_and_report_come_from_the_archive(
+    tmp_path: Path, db_dsn: str, db_schema: str
+) -> None:
+    import math
+    from datetime import UTC, datetime, timedelta
+
+    import asyncpg
+
+    from services.archiver.ingest import RowBuilder, group_rows, write_batch
+    from services.archiver.migrate import migrate
+    from services.archiver.rollups import refresh
+    from shared.measurements import Measurement as M
+    from shared.messages import Metrics
+    from shared.site.archiver import ArchiverConfig
+    from tests.test_archiver_helpers import schema_dsn
+
+    dsn = schema_dsn(db_dsn, db_schema)
+    now = datetime.now(UTC).replace(second=0, microsecond=0)
+    rows = []
+    for k in range(30):  # the last half hour, one row a minute: 100 kW, then 50 kvar less
+        p, q = 100_000.0, 75_000.0 if k < 15 else 25_000.0
+        rows.append(
+            Metrics(
+                site="web",
+                meter="m1",
+                ts=now - timedelta(minutes=30 - k),
+                seq=k,
+                interval_s=60,
+                values={M.POWER: p, M.REACTIVE_POWER: q, M.APPARENT_POWER: math.hypot(p, q),
+                        M.POWER_FACTOR: p / math.hypot(p, q)},  # fmt: skip
+            )
+        )
+    conn = await asyncpg.connect(dsn)
+    try:
+        await migrate(conn, ArchiverConfig())
+        builder = RowBuilder(lambda m: 60.0)
+        await write_batch(
+            conn, group_rows(builder.row(m) for m in rows), mark_dirty=True, staged=set()
+        )
+        await refresh(conn)
+    finally:
+        await conn.close()
+    site = _bare_site(tmp_path, open_read=True)
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
+    client: TestClient[Any, Any] = TestClient(
+        TestServer(Console(site, Live(site), None, Auth(site.console.users_file), pool).app())
+    )
+    await client.start_server()
+    try:
+        r = await client.get("/api/history?meter=m1&span=hour")
+        assert r.status == 200, await r.text()
+        h = await r.json()
+        assert h["table"] == "pfm_metrics_1m" and len(h["t"]) == 30
+        assert h["kw"] == pytest.approx([100.0] * 30)
+        assert h["kvar"] == pytest.approx([75.0] * 15 + [25.0] * 15)
+        assert h["pf"][0] == pytest.approx(0.8)
+        bad = await client.get("/api/history?meter=nope&span=hour")
+        assert bad.status == 400 and "no meter named 'nope'" in (await bad.json())["error"]
+        start = (now - timedelta(hours=1)).isoformat()
+        r = await client.get("/api/report", params={"from": start, "format": "json"})
+        assert r.status == 200, await r.text()
+        assert "attachment" in r.headers["Content-Disposition"]
+        report = await r.json(content_type=None)
+        assert report["site"] == "web" and report["billing_points"] == ["m1"]
+        assert report["kwh"] == pytest.approx(50.0)  # 30 min of 100 kW
+        r = await client.get("/api/report?from=yesterday")
+        assert r.status == 400 and "not a date/time" in (await r.json())["error"]
+    finally:
+        await client.close()
+        await pool.close()
