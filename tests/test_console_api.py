@@ -260,8 +260,12 @@ async def test_history_and_report_come_from_the_archive(
                 ts=now - timedelta(minutes=30 - k),
                 seq=k,
                 interval_s=60,
-                values={M.POWER: p, M.REACTIVE_POWER: q, M.APPARENT_POWER: math.hypot(p, q),
-                        M.POWER_FACTOR: p / math.hypot(p, q)},  # fmt: skip
+                values={
+                    M.POWER: p,
+                    M.REACTIVE_POWER: q,
+                    M.APPARENT_POWER: math.hypot(p, q),
+                    M.POWER_FACTOR: p / math.hypot(p, q),
+                },
             )
         )
     conn = await asyncpg.connect(dsn)

@@ -277,7 +277,8 @@ def test_site_compose_has_the_whole_stack(generated: dict[str, InitResult]) -> N
 
 
 @pytest.mark.xfail(
-    strict=True, reason="pfmon init does not write the console's broker user yet (the lead wires it)"
+    strict=True,
+    reason="pfmon init does not write the console's broker user yet (the lead wires it)",
 )
 def test_init_writes_the_console_broker_user(generated: dict[str, InitResult]) -> None:
     assert "console" in generated["site"].passwords and "console" in generated["edge"].passwords
