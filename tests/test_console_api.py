@@ -306,3 +306,71 @@ async def test_history_and_report_come_from_the_archive(
     finally:
         await client.close()
         await pool.close()
+
+
+def _self_signed(folder: Path) -> tuple[Path, Path]:
+    from datetime import UTC, datetime, timedelta
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=1))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    crt, pem = folder / "console.crt", folder / "console.key"
+    crt.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    pem.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return crt, pem
+
+
+async def test_tls_serves_https_with_a_secure_cookie_and_a_bad_certificate_refuses_the_start(
+    tmp_path: Path,
+) -> None:
+    import ssl
+
+    from services.console.service import tls_context
+
+    crt, key = _self_signed(tmp_path)
+    raw = _bare_site(tmp_path, open_read=False).model_dump()
+    raw["console"].update(tls_cert=str(crt), tls_key=str(key))
+    site = parse_site(raw)
+    ctx = tls_context(site)
+    assert ctx is not None
+    add_user(site.console.users_file, USER, PASSWORD)
+    app = Console(site, Live(site), None, Auth(site.console.users_file), tls=True).app()
+    server = TestServer(app)
+    await server.start_server(ssl=ctx)
+    client: TestClient[Any, Any] = TestClient(server)
+    await client.start_server()
+    try:
+        trust = ssl.create_default_context(cafile=str(crt))
+        trust.check_hostname = False  # the test server answers on 127.0.0.1
+        r = await client.post("/api/login", json={"user": USER, "password": PASSWORD}, ssl=trust)
+        assert r.status == 200 and str(r.url).startswith("https://")
+        cookie = r.headers["Set-Cookie"]
+        assert "Secure" in cookie and "HttpOnly" in cookie and "SameSite=Strict" in cookie
+        assert "max-age=31536000" in r.headers["Strict-Transport-Security"]
+    finally:
+        await client.close()
+    raw["console"].update(tls_cert=str(key), tls_key=str(crt))  # swapped: does not load
+    with pytest.raises(ConfigError, match=r"console.tls_cert/tls_key: cannot load .*console.key"):
+        tls_context(parse_site(raw))

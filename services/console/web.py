@@ -125,6 +125,8 @@ class Console:
             if session is None:
                 self.count("refused")
                 return _error(401, "log in first: actions need a login")
+            if request.content_type != "application/json":
+                return _error(415, "send JSON (Content-Type: application/json)")
             if not self.auth.csrf_ok(session, request.headers.get("X-CSRF-Token")):
                 self.count("refused")
                 log.warning("action %s by %s refused: bad CSRF token", request.path, session.user)
@@ -262,6 +264,8 @@ class Console:
     # -- login ---------------------------------------------------------------------------
 
     async def login(self, request: web.Request) -> web.StreamResponse:
+        if request.content_type != "application/json":  # no cross-site form can send it
+            return _error(415, "send JSON (Content-Type: application/json)")
         try:
             body = await request.json(loads=orjson.loads)
             user, password = str(body["user"]), str(body["password"])
