@@ -201,6 +201,17 @@ def test_an_alarm_appears_and_is_acknowledged(stack: Stack, browser: WebDriver) 
     assert _errors(browser) == []
 
 
+def test_the_history_page_draws_from_the_archive_and_links_the_report(
+    stack: Stack, browser: WebDriver
+) -> None:
+    browser.get(stack.url + "#/history")
+    text = wait_until(lambda: _text(browser, "#charts"), 15, "the history charts")
+    assert "point(s) from pfm_metrics_1m" in text
+    href = wait_until(lambda: _attr(browser, "#report-link", "href"), 10, "the report link")
+    assert "/api/report?" in href and "format=md" in href
+    assert _errors(browser) == []
+
+
 def test_a_step_is_switched_by_hand_and_the_simulated_coil_follows(
     stack: Stack, browser: WebDriver, tmp_path: Path
 ) -> None:

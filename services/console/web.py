@@ -233,6 +233,12 @@ class Console:
             return _error(503, "no archive: the console runs without a database")
         try:
             return _json(await series(self.pool, self.site.site, meter, span))
+        except asyncpg.UndefinedTableError:
+            table = SPANS[span][0]
+            return _json(
+                {"meter": meter, "span": span, "table": table, "t": [], "pf": [], "kw": [],
+                 "kvar": [], "note": f"the archive has no {table} yet (is the archiver running?)"}
+            )  # fmt: skip
         except (OSError, asyncpg.PostgresError) as exc:
             return _error(503, f"the archive did not answer: {exc}")
 

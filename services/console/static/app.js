@@ -392,7 +392,7 @@ function renderHistory() {
     const r = await api(`/api/history?meter=${encodeURIComponent(meter.value)}&span=${span.value}`);
     if (!r.ok) { charts.replaceChildren(el("p", { class: "muted", text: (r.data && r.data.error) || "no history" })); return; }
     const h = r.data;
-    charts.replaceChildren(el("p", { class: "muted", text: `${h.t.length} point(s) from ${h.table}` }),
+    charts.replaceChildren(el("p", { class: "muted", text: `${h.t.length} point(s) from ${h.table}${h.note ? ": " + h.note : ""}` }),
       chart("PF", h.t, h.pf, 3), chart("P kW", h.t, h.kw, 1), chart("Q kvar", h.t, h.kvar, 1));
   };
   meter.addEventListener("change", load); span.addEventListener("change", load);
