@@ -4,6 +4,7 @@ reaches the simulated bank's coils only through the actuator's request topic."""
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -374,3 +375,27 @@ async def test_tls_serves_https_with_a_secure_cookie_and_a_bad_certificate_refus
     raw["console"].update(tls_cert=str(key), tls_key=str(crt))  # swapped: does not load
     with pytest.raises(ConfigError, match=r"console.tls_cert/tls_key: cannot load .*console.key"):
         tls_context(parse_site(raw))
+
+
+@pytest.mark.skipif(
+    shutil.which("promtool") is None,
+    reason="promtool (Debian package prometheus) not installed",
+)
+def test_console_metric_names_pass_promtool(tmp_path: Path) -> None:
+    import subprocess
+
+    from services.console.service import ConsoleMetrics
+    from shared.metrics import ServiceMetrics
+
+    site = _bare_site(tmp_path, open_read=True)
+    base = ServiceMetrics("console", "web")
+    cm = ConsoleMetrics(base, Live(site))
+    cm.count("refused")
+    cm.frames.inc()
+    text = base.exposition()
+    res = subprocess.run(
+        ["promtool", "check", "metrics"], input=text, capture_output=True, timeout=30
+    )
+    assert res.returncode == 0, res.stdout.decode() + res.stderr.decode()
+    assert b'pfm_console_actions_total{result="refused"} 1.0' in text
+    assert b"pfm_console_clients 0.0" in text

@@ -30,6 +30,28 @@ SERVICE = "console"
 FRAME_PERIOD_S = 0.5
 
 
+class ConsoleMetrics:
+    """The console's own Prometheus metrics, beside every service's bus metrics."""
+
+    def __init__(self, base: ServiceMetrics, live: Live) -> None:
+        r = base.registry
+        Gauge("pfm_console_clients", "Pages connected to the live stream", registry=r).set_function(
+            lambda: len(live.clients)
+        )
+        self.frames = Counter("pfm_console_frames_total", "Live update frames sent", registry=r)
+        self.actions = Counter(
+            "pfm_console_actions_total",
+            "Operator actions by result: done, refused (no login, bad CSRF token), invalid",
+            ["result"],
+            registry=r,
+        )
+        for result in ("done", "refused", "invalid"):
+            self.actions.labels(result)
+
+    def count(self, result: str) -> None:
+        self.actions.labels(result).inc()
+
+
 def tls_context(site: SiteConfig) -> ssl.SSLContext | None:
     cfg = site.console
     if cfg.tls_cert is None or cfg.tls_key is None:
@@ -99,18 +121,11 @@ async def run(settings: Settings, site: SiteConfig, shutdown: Shutdown) -> None:
         with contextlib.suppress(OSError, asyncpg.PostgresError):
             n = await replay_events(pool, live, site.site)
             log.info("replayed %d archived event(s)", n)
-    r = metrics.registry
-    Gauge("pfm_console_clients", "Pages connected to the live stream", registry=r).set_function(
-        lambda: len(live.clients)
-    )
-    frames = Counter("pfm_console_frames_total", "Live update frames sent", registry=r)
-    actions = Counter(
-        "pfm_console_actions_total", "Operator actions, by result", ["result"], registry=r
-    )
+    cm = ConsoleMetrics(metrics, live)
     try:
         async with Bus(settings, service=SERVICE, site=site.site, metrics=metrics) as bus:
             console = Console(site, live, bus, auth, pool, tls=ssl_ctx is not None)
-            console.count = lambda result: actions.labels(result).inc()
+            console.count = cm.count
 
             async def on_metrics(m: Metrics, incoming: Incoming) -> None:
                 live.on_metrics(m)
@@ -155,7 +170,7 @@ async def run(settings: Settings, site: SiteConfig, shutdown: Shutdown) -> None:
                         frame = live.frame()
                         if frame is not None:
                             live.publish(frame)
-                            frames.inc()
+                            cm.frames.inc()
                         with contextlib.suppress(TimeoutError):
                             await asyncio.wait_for(stop.wait(), FRAME_PERIOD_S)
 
