@@ -212,7 +212,7 @@ async def main(args: argparse.Namespace) -> int:
             wall = time.monotonic() - t_cpu0
             cpu = 100.0 * (cpu_seconds(proc.pid) - cpu0) / wall
             mine = 100.0 * (time.process_time() - own0) / wall
-            await asyncio.sleep(1.5)  # the last frames arrive
+            await asyncio.sleep(3.0)  # the last frames arrive
             stop.set()
             for t in pages:
                 t.cancel()

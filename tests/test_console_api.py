@@ -399,3 +399,21 @@ def test_console_metric_names_pass_promtool(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stdout.decode() + res.stderr.decode()
     assert b'pfm_console_actions_total{result="refused"} 1.0' in text
     assert b"pfm_console_clients 0.0" in text
+
+
+def test_a_session_ends_after_its_lifetime_and_at_logout(tmp_path: Path) -> None:
+    now = [1000.0]
+    users = tmp_path / "users.json"
+    add_user(users, USER, PASSWORD)
+    auth = Auth(users, session_ttl=60, clock=lambda: now[0])
+    assert auth.login(USER, "wrong-one-1", "10.0.0.9") is None
+    made = auth.login(USER, PASSWORD, "10.0.0.9")
+    assert made is not None
+    token, session = made
+    assert auth.session(token) is session and len(session.csrf) >= 40
+    assert auth.csrf_ok(session, session.csrf) and not auth.csrf_ok(session, None)
+    now[0] += 61
+    assert auth.session(token) is None
+    token2, _ = auth.login(USER, PASSWORD, "10.0.0.9") or ("", None)
+    auth.logout(token2)
+    assert auth.session(token2) is None

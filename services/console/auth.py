@@ -129,6 +129,9 @@ class Auth:
             for key in (f"addr:{address}", f"user:{user}"):
                 self._failures.setdefault(key, deque()).append(now)
             return None
+        now = self.clock()
+        for stale in [t for t, s in self.sessions.items() if s.expires < now]:
+            del self.sessions[stale]
         token = secrets.token_urlsafe(32)
         session = Session(user, secrets.token_urlsafe(32), self.clock() + self.session_ttl)
         self.sessions[token] = session

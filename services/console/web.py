@@ -216,8 +216,8 @@ class Console:
                 if frame is None:
                     break
                 await resp.write(frame)
-        except (ConnectionResetError, asyncio.CancelledError):
-            pass
+        except ConnectionResetError:
+            pass  # the page went away
         finally:
             self.live.clients.discard(queue)
         return resp
