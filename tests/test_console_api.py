@@ -16,6 +16,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from services.console.auth import Auth, add_user, load_users
 from services.console.live import Live
 from services.console.web import COOKIE, Console
+from shared import topics
 from shared.errors import ConfigError
 from shared.settings import Settings
 from shared.site import parse_site
@@ -417,3 +418,71 @@ def test_a_session_ends_after_its_lifetime_and_at_logout(tmp_path: Path) -> None
     token2, _ = auth.login(USER, PASSWORD, "10.0.0.9") or ("", None)
     auth.logout(token2)
     assert auth.session(token2) is None
+
+
+def test_an_alarm_is_shelved_with_a_reason_and_a_period(stack: Stack) -> None:
+    c = Client(stack.url)
+    assert c.login() == 200
+    alarm = wait_until(
+        lambda: next((a for a in c.snapshot()["alarms"] if a["code"] == "low_pf"), None),
+        30,
+        "a low_pf alarm",
+    )
+    key = {"meter": alarm["meter"], "code": "low_pf", "phase": alarm["phase"]}
+    status, body = c.act("api/alarms/shelve", {**key, "minutes": 30})
+    assert status == 400 and "say why" in body["error"]
+    status, body = c.act("api/alarms/shelve", {**key, "minutes": 0, "reason": "x"})
+    assert status == 400 and "1 minute to 7 days" in body["error"]
+    status, body = c.act("api/alarms/shelve", {**key, "minutes": 30, "reason": "known motor"})
+    assert status == 200, body
+
+    def shelved() -> dict[str, Any] | None:
+        for a in c.snapshot()["alarms"]:
+            if a["id"] == alarm["id"] and a["shelved"]:
+                return a["shelved"]  # type: ignore[no-any-return]
+        return None
+
+    sh = wait_until(shelved, 10, "the shelved alarm")
+    assert sh["user"] == USER and sh["reason"] == "known motor"
+    assert 29 * 60 < sh["until"] - c.snapshot()["t"] <= 30 * 60
+
+
+def test_an_offline_gateway_shows_every_meter_offline(stack: Stack) -> None:
+    import asyncio
+
+    from shared.bus import Bus
+    from shared.messages import GatewayStatus, utcnow
+
+    c = Client(stack.url)
+    wait_until(lambda: c.snapshot()["status"]["main"][0] == "live", 20, "main live")
+
+    async def say(status: str) -> None:
+        s = stack.settings.model_copy(
+            update={"mqtt_client_id": f"{stack.settings.mqtt_client_id}-gw-{status}"}
+        )
+        async with Bus(s, service="test", site=stack.site.site, persistent=False) as bus:
+            await bus.wait_connected(10)
+            msg = GatewayStatus(
+                site=stack.site.site, ts=utcnow(), seq=1, gateway=stack.site.gateway, status=status
+            )
+            await bus.publish(
+                topics.gateway_status(stack.site.site, stack.site.gateway), msg, retain=True
+            )
+
+    asyncio.run(say("offline"))
+    try:
+        snap = wait_until(
+            lambda: (
+                (s := c.snapshot())["gateways"].get(stack.site.gateway, {}).get("status")
+                == "offline"
+                and s
+            ),
+            10,
+            "the gateway offline",
+        )
+        assert {name: st[0] for name, st in snap["status"].items()} == {
+            m.name: "offline" for m in stack.site.meters
+        }
+    finally:
+        asyncio.run(say("online"))
+    wait_until(lambda: c.snapshot()["status"]["main"][0] == "live", 10, "main live again")
