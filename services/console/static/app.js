@@ -104,7 +104,7 @@ function connect() {
   if (S.es) S.es.close();
   const es = new EventSource("/api/live");
   S.es = es;
-  es.addEventListener("snapshot", (e) => { merge(JSON.parse(e.data), true); S.built = ""; render(); });
+  es.addEventListener("snapshot", (e) => { merge(JSON.parse(e.data), true); render(); });
   es.addEventListener("update", (e) => { const f = JSON.parse(e.data); merge(f, false); update(f); });
   es.onopen = () => { $("#link").textContent = "live"; $("#link").className = "link-state live"; };
   es.onerror = () => { $("#link").textContent = "reconnecting"; $("#link").className = "link-state"; };
