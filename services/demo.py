@@ -34,6 +34,8 @@ from services.archiver import service as archiver
 from services.archiver.report import write_report
 from services.collector import service as collector
 from services.common import console as make_console
+from services.console import service as console_service
+from services.console.demo import DEMO_USER, demo_console
 from services.simulator import SimServer, SimSite, inductive_site
 from shared import topics
 from shared.bus import Bus, Incoming
@@ -250,6 +252,7 @@ async def demo_main(shutdown: Shutdown, meters: int, keep: bool) -> int:
                 # broker neither take each other's sessions over nor mix their data
                 run_id = secrets.token_hex(3)
                 raw_site = demo_site(sim_port, plant, f"demo-{run_id}")
+                raw_site["console"], console_url, console_password = demo_console(workdir)
                 site = parse_site(raw_site, "demo site")
                 (workdir / "site.yaml").write_text(yaml.safe_dump(raw_site, sort_keys=False))
                 settings = base.model_copy(
@@ -275,6 +278,11 @@ async def demo_main(shutdown: Shutdown, meters: int, keep: bool) -> int:
                 console.print(f"  database: {db_note}, table pfm_metrics")
                 console.print(f"  site:     {site.site}, {workdir / 'site.yaml'}")
                 console.print(f"  mqtt ids: {settings.mqtt_client_id}-<service>")
+                console.print(f"console: {console_url}")
+                console.print(
+                    f"  login:    {DEMO_USER} / {console_password} (reading is open on "
+                    "loopback; acknowledging and switching need the login)"
+                )
                 console.print("  stop with Ctrl-C")
                 view = _View(len(site.banks[0].steps_kvar))
                 run_from = datetime.now(UTC)
@@ -286,6 +294,7 @@ async def demo_main(shutdown: Shutdown, meters: int, keep: bool) -> int:
                             ("analytics", analytics.run),
                             ("actuator", actuator.run),
                             ("collector", collector.run),
+                            ("console", console_service.run),
                         ):
                             tg.create_task(
                                 _named_settings(svc, settings, site, shutdown, name),

@@ -37,6 +37,7 @@ from pydantic import (
     ValidationError,
     field_serializer,
     field_validator,
+    model_validator,
 )
 from pydantic_core import PydanticCustomError, from_json
 
@@ -61,6 +62,7 @@ __all__ = [
     "Metrics",
     "Reading",
     "Seq",
+    "Request",
     "Severity",
     "ValidationError",
     "Waveform",
@@ -428,6 +430,35 @@ class Command(Message):
     dry_run: bool = False
 
 
+class Request(Message):
+    """An operator's request to the actuator, published by the console only.
+
+    ``action``: ``manual`` holds the bank's controller (steps stay as they are until a
+    ``step`` request or ``auto``); ``step`` switches step ``step`` (1-based) in or out
+    by hand, under the same discharge and reconnection interlocks as the controller;
+    ``auto`` hands the bank back to the controller; ``maintenance`` holds the bank
+    (no automatic and no manual switching) until ``auto``. ``user`` is who asked.
+    """
+
+    SCHEMA: ClassVar[str] = "pfm.request/1"
+    schema_: Literal["pfm.request/1"] = Field("pfm.request/1", alias="schema")
+    device: Slug
+    bank: Slug
+    action: Literal["manual", "step", "auto", "maintenance"]
+    step: int | None = Field(default=None, ge=1, le=16)
+    on: bool | None = None
+    user: str = Field(min_length=1, max_length=64)
+    reason: str = Field(default="", max_length=500)
+
+    @model_validator(mode="after")
+    def _step_needs(self) -> Request:
+        if self.action == "step" and (self.step is None or self.on is None):
+            raise ValueError("a step request needs 'step' (1-based) and 'on'")
+        if self.action != "step" and (self.step is not None or self.on is not None):
+            raise ValueError(f"'step' and 'on' belong to a step request, not {self.action!r}")
+        return self
+
+
 class ActuatorState(Message):
     """What an output device reports (retained): coil states as read back."""
 
@@ -440,6 +471,8 @@ class ActuatorState(Message):
     steps_in: list[Address] = Field(default_factory=list)
     operations: dict[Address, Seq] = Field(default_factory=dict)
     message: str = ""
+    #: per bank: ``auto`` (the controller switches), ``manual`` or ``maintenance``
+    modes: dict[str, Literal["auto", "manual", "maintenance"]] = Field(default_factory=dict)
 
 
 class GatewayStatus(Message):

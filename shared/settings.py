@@ -134,7 +134,13 @@ class Settings(BaseSettings):
 
 
 #: default /metrics port per service
-METRICS_PORTS = {"collector": 9101, "analytics": 9102, "actuator": 9103, "archiver": 9104}
+METRICS_PORTS = {
+    "collector": 9101,
+    "analytics": 9102,
+    "actuator": 9103,
+    "archiver": 9104,
+    "console": 9105,
+}
 
 
 #: credentials read from ``$CREDENTIALS_DIRECTORY`` (systemd ``LoadCredential=``):

@@ -5,7 +5,7 @@
 field with its path (``meters[2].unit: ...``); the CLI turns it into exit code 2.
 
 Each service owns its own section module here (``collector``, ``analytics``,
-``actuator``, ``archiver``); ``core`` holds what several services share.
+``actuator``, ``archiver``, ``console``); ``core`` holds what several services share.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from shared.site.actuator import ActuatorConfig, BankConfig, OutputDevice, Relay
 from shared.site.analytics import AnalyticsConfig
 from shared.site.archiver import ArchiverConfig
 from shared.site.collector import ProfileSpec
+from shared.site.console import ConsoleConfig
 from shared.site.core import BusConfig, Limit, Limits, MeterConfig, Thresholds, merged_limits
 from shared.topics import Slug
 
@@ -30,6 +31,7 @@ __all__ = [
     "BankConfig",
     "BusConfig",
     "Limit",
+    "ConsoleConfig",
     "MeterConfig",
     "OutputDevice",
     "ProfileSpec",
@@ -62,6 +64,7 @@ class SiteConfig(BaseModel):
     actuator: ActuatorConfig = Field(default_factory=ActuatorConfig)
     analytics: AnalyticsConfig = Field(default_factory=AnalyticsConfig)
     archiver: ArchiverConfig = Field(default_factory=ArchiverConfig)
+    console: ConsoleConfig = Field(default_factory=ConsoleConfig)
 
     @model_validator(mode="after")
     def _cross_check(self) -> SiteConfig:
