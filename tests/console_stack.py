@@ -18,10 +18,10 @@ from typing import Any
 from services.actuator import service as actuator
 from services.analytics import service as analytics
 from services.collector import service as collector
-from services.simulator import SimServer, SimSite
 from services.console import service as console
 from services.console.auth import add_user
 from services.demo import demo_plant, demo_site
+from services.simulator import SimServer, SimSite
 from shared.embedded import free_port
 from shared.service import Shutdown
 from shared.settings import Settings
