@@ -23,8 +23,8 @@ Role = Literal["site", "edge", "central"]
 ROOT = topics.ROOT
 #: the users each role's broker knows (bridge users are added at the centre per edge)
 ROLE_USERS: dict[str, tuple[str, ...]] = {
-    "site": ("collector", "analytics", "actuator", "archiver", "monitor"),
-    "edge": ("collector", "analytics", "actuator", "monitor"),
+    "site": ("collector", "analytics", "actuator", "archiver", "console", "monitor"),
+    "edge": ("collector", "analytics", "actuator", "console", "monitor"),
     "central": ("archiver", "monitor"),
 }
 #: uid of ``mosquitto`` in eclipse-mosquitto (it reads the broker/ folder)
@@ -73,7 +73,8 @@ def write_passwd(path: Path, entries: dict[str, str]) -> None:
 def acl_text(role: Role, site: str, bridge_sites: Iterable[str] = ()) -> str:
     """The broker's ACL: every user may publish only its own topics.
 
-    Only the actuator may publish ``.../actuator/+/command``; the collector publishes
+    Only the actuator may publish ``.../actuator/+/command`` and only the console
+    ``.../actuator/+/request`` (never bridged); the collector publishes
     readings, waveforms, device events and the gateway status but never ``metrics``;
     a bridge user (centre only) may publish only its own site's ``metrics``, ``event``,
     actuator ``state`` and gateway status - never a command.
@@ -124,6 +125,17 @@ def acl_text(role: Role, site: str, bridge_sites: Iterable[str] = ()) -> str:
                 f"topic write {s}/actuator/+/state",
                 f"topic write {s}/+/event",
                 f"topic write {s}/deadletter/actuator",
+            ],
+        )
+        block(
+            "console",
+            "console: the ONLY user that may publish requests (an operator's action, via the "
+            "actuator's interlocks), and the events that audit them",
+            [
+                f"topic read {s}/#",
+                f"topic write {s}/actuator/+/request",
+                f"topic write {s}/+/event",
+                f"topic write {s}/deadletter/console",
             ],
         )
     if role == "site":
