@@ -61,6 +61,9 @@ _PUBLISH, _PUBACK = 0x30, 0x40
 _MAX_TOPIC_CACHE = 10_000
 #: messages handed on per event-loop pass at most
 _BATCH = 500
+#: how the reason given to ``on_failed`` starts when the broker refused the publish
+#: (a final answer) rather than the connection losing it
+REFUSED = "refused by the broker"
 
 
 class Link(Protocol):
@@ -82,7 +85,7 @@ class Refused(aiomqtt.MqttError):
     """The broker answered the publish with a failure reason code (MQTT v5, >= 0x80)."""
 
     def __init__(self, reason: int):
-        super().__init__(f"refused by the broker (reason code {reason:#04x})")
+        super().__init__(f"{REFUSED} (reason code {reason:#04x})")
         self.reason = reason
 
 
@@ -546,7 +549,7 @@ class FastLink:
     def _confirm(self, mid: int, reason: int) -> None:
         token = self._inflight.pop(mid)
         if reason >= 0x80:
-            self._on_failed(token, f"refused by the broker (reason code {reason:#04x})")
+            self._on_failed(token, f"{REFUSED} (reason code {reason:#04x})")
         else:
             self._on_published(token)
         if self._backlog:
