@@ -169,6 +169,14 @@ class Analytics:
             return False
         return True
 
+    def subscribe(self) -> None:
+        """Route the site's readings and waveforms here (the bus must acknowledge
+        manually: ``Bus(..., manual_ack=True)``)."""
+        bus, site = self.bus, self.site.site
+        bus.on_publish_failed(self.on_publish_failed)
+        bus.subscribe(topics.pattern(topics.Kind.READING, site), Reading, self.on_reading)
+        bus.subscribe(topics.pattern(topics.Kind.WAVEFORM, site), Waveform, self.on_waveform)
+
     # -- readings: batched ---------------------------------------------------------------
 
     async def _accept(self, meter: str, site: str, incoming: Incoming | None) -> bool:
@@ -448,9 +456,7 @@ async def run(settings: Settings, site: SiteConfig, shutdown: Shutdown) -> None:
         settings, service=SERVICE, site=site.site, metrics=metrics, manual_ack=True
     ) as bus:
         app = Analytics(site, bus, ana_metrics)
-        bus.on_publish_failed(app.on_publish_failed)
-        bus.subscribe(topics.pattern(topics.Kind.READING, site.site), Reading, app.on_reading)
-        bus.subscribe(topics.pattern(topics.Kind.WAVEFORM, site.site), Waveform, app.on_waveform)
+        app.subscribe()
         shutdown.ready_after(bus.wait_subscribed(), "subscribed")
         await shutdown.wait()
         await app.drain()
