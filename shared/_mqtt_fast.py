@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections import deque
 from collections.abc import Callable
 from importlib.metadata import version
@@ -181,6 +182,15 @@ def make_link(
     return PlainLink(client, on_published=on_published, on_failed=on_failed)
 
 
+def _no_delay(client: aiomqtt.Client) -> None:
+    """Send small packets (PUBACKs, dead letters) at once: without ``TCP_NODELAY`` the
+    kernel holds a small write until the broker's TCP ACK of the previous one (Nagle),
+    and an acknowledgement or an awaited publish waits up to its delayed-ACK timer."""
+    sock: Any = client._client.socket()
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 class PlainLink:
     """The same contract on aiomqtt's public API (and paho's ``ack``)."""
 
@@ -198,6 +208,7 @@ class PlainLink:
         await self._awaited.publish(topic, payload, qos, retain, timeout)
 
     def start(self) -> None:
+        _no_delay(self._client)
         self._messages = self._client.messages
 
     async def next_batch(self) -> list[Received]:
@@ -297,6 +308,7 @@ class FastLink:
 
     def start(self) -> None:
         """Once connected: learn of the disconnection (to wake the reader and fail publishes)."""
+        _no_delay(self._aio)
         self._aio._disconnected.add_done_callback(self._on_disconnected)
 
     def _on_disconnected(self, _fut: asyncio.Future[None]) -> None:

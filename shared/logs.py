@@ -154,12 +154,17 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
         pass
 
 
+def bounded(handler: logging.Handler, use_json: bool) -> logging.Handler:
+    """``handler`` with the service formatter (JSON or text, cut lines) and :class:`RateLimit`."""
+    handler.setFormatter(JsonFormatter() if use_json else TextFormatter())
+    handler.addFilter(RateLimit())
+    return handler
+
+
 def setup_logging(level: str = "INFO", fmt: str = "auto") -> None:
     """Configure the root logger once for a process."""
     use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
-    handler = _StderrHandler()
-    handler.setFormatter(JsonFormatter() if use_json else TextFormatter())
-    handler.addFilter(RateLimit())
+    handler = bounded(_StderrHandler(), use_json)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
