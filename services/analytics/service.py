@@ -190,7 +190,10 @@ class Analytics:
             return True
         kind = parts[-1]
         if parts[3] != meter or site != self.site.site:
-            reason = f"payload names site {site!r} meter {meter!r}, its topic another"
+            reason = (
+                f"payload site {site!r} meter {meter!r} differ from the topic's "
+                f"site {parts[2]!r} meter {parts[3]!r}"
+            )
             label = "topic_mismatch"
         else:
             reason = f"meter {meter!r} is not in the site file of {self.site.site!r}"
@@ -234,6 +237,8 @@ class Analytics:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if not self.pending:
+            return
         batch, self.pending = self.pending, []
         group = self._group(self.pending_in)
         self.pending_in = []
