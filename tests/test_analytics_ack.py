@@ -123,7 +123,7 @@ async def test_shutdowns_with_results_in_flight_lose_no_reading(
     async with downstream_and_feed(s, site_name) as (down, feed):
         shutdown = Shutdown()
         task = asyncio.create_task(analytics.run(named(s, "ana"), site, shutdown))
-        await asyncio.sleep(1.0)  # the service subscribes (its session keeps the rest)
+        await shutdown.wait_ready(10)  # subscribed (its session keeps the rest)
         feeding = asyncio.create_task(feed_readings(feed, site_name, 150, 0.01, sent))
         try:
             for _ in range(3):  # stop while readings stream in, start again
@@ -152,7 +152,7 @@ async def test_broker_restarts_mid_stream_lose_no_reading(
     shutdown = Shutdown()
     async with downstream_and_feed(s, site_name) as (down, feed):
         task = asyncio.create_task(analytics.run(named(s, "ana"), site, shutdown))
-        await asyncio.sleep(1.0)
+        await shutdown.wait_ready(10)
         feeding = asyncio.create_task(feed_readings(feed, site_name, 150, 0.01, sent))
         try:
             for _ in range(2):

@@ -75,9 +75,8 @@ async def test_unknown_meters_are_dead_letters_under_a_fixed_label(
     ):
         app = analytics.Analytics(site, bus, ana)
         app.subscribe()
-        await bus.wait_connected(10)
+        await bus.wait_subscribed(10)
         await feed.wait_connected(10)
-        await asyncio.sleep(0.3)
         for k, name in enumerate(names):  # in steps the broker's queue for one client holds
             feed.publish_nowait(topics.reading(site_name, name), reading(site_name, name, k))
             if k % 500 == 499:
@@ -141,7 +140,7 @@ async def test_a_huge_bad_message_gives_bounded_logs_and_dead_letter(
     ) as letters:
         task = asyncio.create_task(run(settings, site, shutdown))  # type: ignore[operator]
         try:
-            await asyncio.sleep(1.5)  # the service subscribes
+            await shutdown.wait_ready(10)  # subscribed
             before = len(log_output.getvalue())
             pub = settings.model_copy(update={"mqtt_client_id": f"{settings.mqtt_client_id}-p"})
             async with Bus(pub, service="test", site=site_name, persistent=False) as feed:
@@ -177,7 +176,7 @@ async def test_ten_thousand_bad_messages_give_a_bounded_number_of_log_lines(
     ) as letters:
         task = asyncio.create_task(analytics.run(settings, site, shutdown))
         try:
-            await asyncio.sleep(1.5)
+            await shutdown.wait_ready(10)
             pub = settings.model_copy(update={"mqtt_client_id": f"{settings.mqtt_client_id}-p"})
             async with Bus(pub, service="test", site=site_name, persistent=False) as feed:
                 await feed.wait_connected(10)
