@@ -27,6 +27,9 @@ FAST = Backoff(initial_s=0.1, max_s=0.5)
 METERS = ("m0", "m1", "m2", "m3")
 WIRES = [pytest.param(True, id="fast"), pytest.param(False, id="plain")]
 
+#: shutdowns and broker restarts mid-stream
+pytestmark = pytest.mark.slow
+
 
 def reading(site: str, meter: str, k: int) -> Reading:
     vals: dict[M, float] = {}

@@ -685,6 +685,7 @@ async def test_a_single_archiver_loses_nothing_across_a_broker_restart(
     assert stored == sent
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(90)
 async def test_a_share_group_on_this_broker(
     settings: Settings, db_dsn: str, db_schema: str, site_name: str, mosquitto: LocalMosquitto

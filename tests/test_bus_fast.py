@@ -87,6 +87,7 @@ async def test_a_burst_queued_while_away_arrives_whole_once_and_in_order(
     assert seqs == list(range(n))
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize(("proto", "fast"), WIRES)
 async def test_manual_ack_unacked_messages_are_redelivered_after_reconnect(

@@ -75,6 +75,7 @@ async def test_one_of_two_buses_with_one_client_id_stops_the_other_works(
     await asyncio.gather(winner.task, return_exceptions=True)
 
 
+@pytest.mark.slow
 def test_two_collector_processes_with_one_id_one_exits_2(
     settings: Settings, site_name: str, tmp_path: Path
 ) -> None:

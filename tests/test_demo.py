@@ -13,6 +13,9 @@ import pytest
 
 from shared.embedded import free_port
 
+#: each runs the whole demo (tens of seconds)
+pytestmark = pytest.mark.slow
+
 
 def _demo_cmd(duration: int) -> list[str]:
     return [
