@@ -6,6 +6,7 @@ import typer
 
 from services import demo, init
 from services.actuator import cli as actuator_cli
+from services.alerts import cli as alerts_cli
 from services.analytics import cli as analytics_cli
 from services.archiver import cli as archiver_cli
 from services.collector import cli as collector_cli
@@ -24,7 +25,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-for module in (collector_cli, analytics_cli, actuator_cli, archiver_cli, demo, init):
+for module in (collector_cli, analytics_cli, actuator_cli, archiver_cli, alerts_cli, demo, init):
     module.register(app)
 
 

@@ -83,6 +83,9 @@ class Settings(BaseSettings):
         description="read and acknowledge MQTT in batches under aiomqtt (off = aiomqtt's own"
         " per-message path; on needs aiomqtt 2.5.x / paho 2.2.x, else it is off anyway)",
     )
+    alertmanager_url: str = Field(
+        "http://127.0.0.1:9093", description="Alertmanager that `pfmon alerts` posts to"
+    )
     db_dsn: str = Field(DEFAULT_DB_DSN, description="PostgreSQL / TimescaleDB DSN")
     site_file: Path | None = Field(None, description="site YAML (meters, buses, rules)")
     data_dir: Path = Field(Path("var"), description="spool and buffer folder")
@@ -125,7 +128,13 @@ class Settings(BaseSettings):
 
 
 #: default /metrics port per service
-METRICS_PORTS = {"collector": 9101, "analytics": 9102, "actuator": 9103, "archiver": 9104}
+METRICS_PORTS = {
+    "collector": 9101,
+    "analytics": 9102,
+    "actuator": 9103,
+    "archiver": 9104,
+    "alerts": 9105,
+}
 
 
 #: credentials read from ``$CREDENTIALS_DIRECTORY`` (systemd ``LoadCredential=``):
