@@ -1,7 +1,8 @@
 # syntax=docker/dockerfile:1
 # pfmon: one image for every service (collector, analytics, actuator, archiver) and tools.
-# Multi-stage: the builder installs the pinned dependencies (requirements.lock) into a
-# virtualenv; the runtime stage copies only that virtualenv and runs as a non-root user.
+# Multi-stage: the builder installs the pinned run-time dependencies
+# (requirements.runtime.lock: no linters, type checkers or test tools) into a virtualenv;
+# the runtime stage copies only that virtualenv and runs as a non-root user.
 
 ARG PYTHON_VERSION=3.11
 
@@ -10,8 +11,8 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
 RUN python -m venv /opt/pfmon
 # dependencies first: this layer is rebuilt only when the lock file changes
-COPY requirements.lock ./
-RUN /opt/pfmon/bin/pip install --require-virtualenv -r requirements.lock
+COPY requirements.runtime.lock ./
+RUN /opt/pfmon/bin/pip install --require-virtualenv -r requirements.runtime.lock
 COPY pyproject.toml README.md ./
 COPY shared ./shared
 COPY services ./services

@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test quick check lint types unit bench clean venv
+.PHONY: demo test quick check lint types unit bench clean venv runtime-lock
 
 venv: $(STAMP)
 
@@ -42,6 +42,15 @@ quick: lint types
 
 bench: $(STAMP)
 	@for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+## requirements.runtime.lock (what the image installs): the run-time dependencies of
+## pyproject.toml alone, resolved in a fresh venv at requirements.lock's pins.
+runtime-lock:
+	rm -rf var/runtime-lock && $(PYTHON) -m venv var/runtime-lock
+	var/runtime-lock/bin/pip install --quiet --disable-pip-version-check -c requirements.lock .
+	{ echo "# Run-time dependencies only, at requirements.lock's pins (the image installs this; regenerate: make runtime-lock)."; \
+	  var/runtime-lock/bin/pip freeze --exclude-editable | grep -v '^pfmon @'; } > requirements.runtime.lock
+	rm -rf var/runtime-lock
 
 clean:
 	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache

@@ -10,6 +10,7 @@ from services.alerts import cli as alerts_cli
 from services.analytics import cli as analytics_cli
 from services.archiver import cli as archiver_cli
 from services.collector import cli as collector_cli
+from services.simulator import cli as simulator_cli
 
 app = typer.Typer(
     name="pfmon",
@@ -25,7 +26,16 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-for module in (collector_cli, analytics_cli, actuator_cli, archiver_cli, alerts_cli, demo, init):
+for module in (
+    collector_cli,
+    analytics_cli,
+    actuator_cli,
+    archiver_cli,
+    alerts_cli,
+    simulator_cli,
+    demo,
+    init,
+):
     module.register(app)
 
 

@@ -33,8 +33,8 @@ from services.analytics import service as analytics
 from services.archiver import service as archiver
 from services.archiver.report import write_report
 from services.collector import service as collector
-from services.collector.simulator import SimServer, SimSite, inductive_site
 from services.common import console as make_console
+from services.simulator import SimServer, SimSite, inductive_site
 from shared import topics
 from shared.bus import Bus, Incoming
 from shared.embedded import (

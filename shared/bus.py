@@ -39,7 +39,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -54,6 +53,7 @@ from paho.mqtt.properties import Properties
 from pydantic import BaseModel, ValidationError
 
 from shared import _mqtt_fast, topics
+from shared.backoff import Backoff as Backoff  # part of the Bus API (``backoff=``)
 from shared.errors import ConfigError, PeerError
 from shared.messages import DeadLetter, describe_error
 from shared.metrics import ServiceMetrics
@@ -152,19 +152,6 @@ def topic_matches(pattern_parts: list[str], topic: str) -> bool:
         if p != "+" and p != tparts[i]:
             return False
     return len(tparts) == len(pattern_parts)
-
-
-@dataclass
-class Backoff:
-    """Exponential backoff with full jitter on the upper half: delay in [d/2, d]."""
-
-    initial_s: float = 0.5
-    max_s: float = 30.0
-    factor: float = 2.0
-
-    def delay(self, attempt: int) -> float:
-        d = min(self.max_s, self.initial_s * self.factor**attempt)
-        return d * random.uniform(0.5, 1.0)
 
 
 OnConnect = Callable[["Bus"], Awaitable[None]]

@@ -1,4 +1,4 @@
-"""Closed loop: the actuator against the collector's plant simulator, over Modbus TCP.
+"""Closed loop: the actuator against the plant simulator, over Modbus TCP.
 
 The simulator's clock and the actuator's clock are one accelerated clock, so an
 hour of plant time runs in seconds. Each simulated second the test takes what the
@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from services.actuator.service import Actuator
-from services.collector.simulator import SimServer, SimSite, inductive_site
+from services.simulator import SimServer, SimSite, inductive_site
 from shared import topics
 from shared.bus import Bus, Incoming
 from shared.embedded import free_port

@@ -1,6 +1,6 @@
 """The actuator drives its coils through the collector's Modbus transport (shared.modbus).
 
-Against the collector's plant simulator (Modbus TCP, and RTU over TCP through a
+Against the plant simulator (Modbus TCP, and RTU over TCP through a
 proxy that corrupts answers): the coil devices the actuator wires up use the very
 connection class the collector polls with, one per bus, and a failed coil write or
 read is classified exactly as the collector classifies a failed meter read
@@ -18,7 +18,7 @@ import pytest
 
 from services.actuator.service import Actuator
 from services.collector import service as collector
-from services.collector.simulator import SimServer, SimSite, inductive_site
+from services.simulator import SimServer, SimSite, inductive_site
 from shared.bus import Bus
 from shared.embedded import free_port
 from shared.errors import PeerError

@@ -22,7 +22,7 @@ from services.alerts.cli import parse_duration
 from services.analytics import service as analytics
 from services.cli import app
 from services.collector import service as collector
-from services.collector.simulator import LoadModel, MeterFleet
+from services.simulator import LoadModel, MeterFleet
 from shared import topics
 from shared.bus import Backoff, Bus
 from shared.embedded import free_port

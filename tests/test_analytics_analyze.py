@@ -122,3 +122,33 @@ def test_bad_captures_name_line_and_column(
     assert code == 2
     assert message in out.replace("\n", " ")
     assert str(path) in out.replace("\n", "")
+
+
+def test_the_table_is_rich_with_a_row_per_phase_matching_the_json(tmp_path: Path) -> None:
+    """Written to a pipe (no COLUMNS): one table row per phase, not wrapped, its cells
+    the JSON's values; the summary lines below it."""
+    n = 2560
+    w = 2 * np.pi * 50 * np.arange(n) / FS
+    cols: dict[str, np.ndarray] = {}
+    for k, amps in enumerate((10.0, 20.0, 30.0)):
+        shift = -2 * np.pi * k / 3
+        cols[f"v{k + 1}"] = SQ2 * 230.0 * np.cos(w + shift)
+        cols[f"i{k + 1}"] = SQ2 * amps * np.cos(w + shift - np.arccos(0.8))
+    path = write(tmp_path / "lag.csv", cols)
+    _, out = run(str(path), "--fs", str(FS), "--json")
+    data = orjson.loads(out)
+    res = runner.invoke(app, ["analyze", str(path), "--fs", str(FS)], env={"COLUMNS": None})
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    header = next(x for x in lines if "Vrms V" in x)
+    names = [c.strip() for c in header.strip("┃ ").split("┃")]
+    assert names[:3] == ["phase", "Vrms V", "Irms A"] and names[-1] == "load"
+    for ph in data["phases"]:
+        (row,) = [x for x in lines if x.startswith("│") and f" {ph['name']} " in x]
+        cells = dict(zip(names, (c.strip() for c in row.strip("│ ").split("│")), strict=True))
+        assert cells["Vrms V"] == f"{ph['vrms_v']:.2f}"
+        assert cells["Irms A"] == f"{ph['irms_a']:.3f}"
+        assert cells["PF"] == f"{ph['pf']:.4f}" and float(cells["PF"]) == pytest.approx(0.8)
+        assert cells["load"] == ph["load"] == "inductive"
+    assert f"total: P {data['total']['p_w']:.1f} W" in res.output
+    assert "events: " in res.output

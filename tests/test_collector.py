@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from services.collector import service as collector
-from services.collector.simulator import Heater, SimServer, SimSite
+from services.simulator import Heater, SimServer, SimSite
 from shared import topics
 from shared.bus import Bus, Incoming
 from shared.embedded import free_port

@@ -16,7 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from services.cli import app
-from services.collector.simulator import SimServer, SimSite, fleet_site
+from services.simulator import SimServer, SimSite, fleet_site
 from shared.embedded import free_port, wait_port
 
 runner = CliRunner()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from services.collector import service as collector
-from services.collector.simulator import Heater, SimServer, SimSite
+from services.simulator import Heater, SimServer, SimSite
 from shared.bus import Backoff, Bus, Incoming
 from shared.embedded import LocalMosquitto, free_port
 from shared.messages import Reading

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from services.collector.simulator import Heater, SimServer, SimSite
+from services.simulator import Heater, SimServer, SimSite
 from shared.embedded import free_port
 from shared.messages import Reading
 from shared.metrics import ServiceMetrics

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from services.collector.profiles import PROFILES
-from services.collector.simulator import SimServer, inductive_site
+from services.simulator import SimServer, inductive_site
 from shared.embedded import free_port
 from shared.errors import PeerError
 from shared.measurements import Measurement as M

@@ -9,7 +9,8 @@
   each service mounts the client certificate of the broker user it logs in as;
 * the services' health check runs against a real ``/metrics`` endpoint;
 * ``promtool check config`` / ``check rules`` / ``test rules`` on the Prometheus files;
-* Dockerfile (multi-stage, non-root, installs requirements.lock), .dockerignore,
+* Dockerfile (multi-stage, non-root, installs requirements.runtime.lock: the dev
+  lock's pins, no dev tool), .dockerignore,
   systemd units (``Restart=always``, ``systemd-analyze verify``), the example site
   files (valid and complete), and no default password anywhere in the repository.
 """
@@ -359,7 +360,7 @@ def test_dockerfile_is_multistage_slim_non_root() -> None:
     final = text[text.rfind("\nFROM ") :]
     users = re.findall(r"^USER\s+(\S+)", final, re.M)
     assert users and users[-1].split(":")[0] not in ("0", "root"), "the image runs as root"
-    assert "-r requirements.lock" in text
+    assert "-r requirements.runtime.lock" in text and "-r requirements.lock" not in text
     assert "COPY --from=builder" in final
     assert re.search(r"^ENTRYPOINT \[\"pfmon\"\]", final, re.M)
     ignore = (REPO / ".dockerignore").read_text().splitlines()
@@ -368,7 +369,7 @@ def test_dockerfile_is_multistage_slim_non_root() -> None:
     included = [p[1:] for p in patterns if p.startswith("!")]
     for secret in (".env", "deploy/secrets/ca.key", "deploy/edge/.env"):
         assert not any(secret.startswith(p.rstrip("*").rstrip("/")) for p in included), secret
-    for path in ("requirements.lock", "pyproject.toml", "shared/", "services/"):
+    for path in ("requirements.runtime.lock", "pyproject.toml", "shared/", "services/"):
         assert any(p.startswith(path.rstrip("/")) for p in included), path
     # uid shared with pfmon init (which hands the client keys to it)
     from services.init import PFMON_UID
@@ -391,6 +392,44 @@ def _unit(path: Path) -> dict[str, list[str]]:
         assert sep, f"{path}: not a key=value line: {raw!r}"
         out.setdefault(f"{section}.{key}", []).append(value)
     return out
+
+
+def _dist(requirement: str) -> str:
+    """The normalised distribution name of a requirement (``PyYAML>=6`` -> ``pyyaml``)."""
+    name = re.split(r"[<>=!~;\[ ]", requirement.strip(), maxsplit=1)[0]
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _pins(path: Path) -> dict[str, str]:
+    """Normalised name -> version of a ``name==version`` lock file (every line checked)."""
+    pins: dict[str, str] = {}
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        name, sep, version = line.partition("==")
+        assert sep and version.strip(), f"{path.name}:{n}: not name==version: {line!r}"
+        pins[_dist(name)] = version.strip()
+    return pins
+
+
+def test_runtime_lock_is_the_dev_locks_pins_without_dev_tools() -> None:
+    """The image installs requirements.runtime.lock: each pin is the dev lock's (the set
+    the tests ran against), every dependency of pyproject.toml is there, no dev tool is."""
+    dev = _pins(REPO / "requirements.lock")
+    runtime = _pins(REPO / "requirements.runtime.lock")
+    differ = {k: (v, dev.get(k)) for k, v in runtime.items() if dev.get(k) != v}
+    assert not differ, f"runtime pins not in requirements.lock (runtime, dev): {differ}"
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    wanted = {_dist(d) for d in project["dependencies"]}
+    assert wanted <= set(runtime), f"not in the runtime lock: {sorted(wanted - set(runtime))}"
+    dev_tools = {_dist(d) for d in project["optional-dependencies"]["dev"]}
+    dev_tools |= {k for k in dev if k.startswith(("types-", "pytest", "mypy", "ruff"))}
+    assert dev_tools <= set(dev), "the dev lock lacks a dev tool: the check would prove nothing"
+    assert not dev_tools & set(runtime), (
+        f"dev tools in the runtime lock: {dev_tools & set(runtime)}"
+    )
 
 
 def test_systemd_units() -> None:
@@ -673,7 +712,7 @@ def test_image_context_builds_the_package(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stdout + res.stderr
     (wheel,) = wheel_dir.glob("pfmon-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert "services/cli.py" in names and "services/init.py" in names
+    assert "services/cli.py" in names and "services/init/__init__.py" in names
     assert "shared/bus.py" in names
     sql = sorted((REPO / "services").rglob("*.sql"))
     for path in sql:  # the archiver's migrations must ship in the image

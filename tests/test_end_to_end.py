@@ -11,7 +11,7 @@ import asyncpg
 from services.analytics import service as analytics
 from services.archiver import service as archiver
 from services.collector import service as collector
-from services.collector.simulator import LoadModel, MeterFleet, expected_pf
+from services.simulator import LoadModel, MeterFleet, expected_pf
 from shared.embedded import free_port
 from shared.service import Shutdown
 from shared.settings import Settings

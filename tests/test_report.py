@@ -30,7 +30,7 @@ from services.archiver.report import (
     render_markdown,
 )
 from services.collector import service as collector
-from services.collector.simulator import LoadModel, MeterFleet, expected_pf
+from services.simulator import LoadModel, MeterFleet, expected_pf
 from shared.embedded import free_port
 from shared.measurements import Measurement as M
 from shared.messages import ActuatorState, Command, Metrics

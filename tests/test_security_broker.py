@@ -829,7 +829,7 @@ async def test_site_services_run_under_the_acl(
     from services.analytics import service as analytics
     from services.archiver import service as archiver
     from services.collector import service as collector
-    from services.collector.simulator import LoadModel, MeterFleet
+    from services.simulator import LoadModel, MeterFleet
     from shared.service import Shutdown
     from shared.site import parse_site
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from services.collector.simulator import LoadModel, MeterFleet
+from services.simulator import LoadModel, MeterFleet
 from shared import topics
 from shared.embedded import free_port
 from shared.messages import GatewayStatus, Reading

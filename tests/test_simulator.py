@@ -9,7 +9,7 @@ import pytest
 from pymodbus.client import AsyncModbusTcpClient
 
 from services.collector.profiles import PROFILES, Profile
-from services.collector.simulator import (
+from services.simulator import (
     Heater,
     Motor,
     ServerPSU,
@@ -199,3 +199,27 @@ def test_waveform_matches_the_operating_point() -> None:
     assert vrms == pytest.approx(vals[M.VOLTAGE_L1], rel=0.01)
     assert irms == pytest.approx(vals[M.CURRENT_L1], rel=0.03)
     assert p == pytest.approx(vals[M.POWER_L1], rel=0.03)
+
+
+def test_no_service_imports_the_simulator() -> None:
+    """The simulator is a program of its own: the four services never import it (it
+    imports the collector's meter profiles, not the other way round)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "services"
+    offenders = []
+    for service in ("collector", "analytics", "actuator", "archiver"):
+        for path in sorted((root / service).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                names = []
+                if isinstance(node, ast.ImportFrom) and node.module:
+                    names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+                elif isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                if any(
+                    n == "services.simulator" or n.startswith("services.simulator.") for n in names
+                ):
+                    offenders.append(f"{path.relative_to(root.parent)}:{node.lineno}")
+    assert not offenders, f"services importing the simulator: {offenders}"
+    assert not (root / "collector" / "simulator.py").exists()

@@ -11,7 +11,7 @@ import argparse
 import asyncio
 import signal
 
-from services.collector.simulator import LoadModel, MeterFleet
+from services.simulator import LoadModel, MeterFleet
 
 LOADS = [
     LoadModel(current_a=(40.0, 42.0, 39.0), pf=(0.78, 0.79, 0.77)),

@@ -5,9 +5,9 @@ per bus (its lock serialises the requests of every device on that bus), with the
 same error classification (``PeerError.kind``: ``exception_02``, ``timeout``,
 ``crc``, ``refused``, ``garbage`` ...). One :class:`CoilDevice` per output device.
 :meth:`CoilDevice.set` writes a coil, reads it back, retries when the write failed
-or the read-back disagrees, and returns what the device finally reports (``None``
-when it cannot be read): the state that is published is the device's, never the
-one we hoped for.
+or the read-back disagrees (waiting :data:`WRITE_RETRY` between tries), and returns
+what the device finally reports (``None`` when it cannot be read): the state that is
+published is the device's, never the one we hoped for.
 """
 
 from __future__ import annotations
@@ -16,11 +16,15 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 
+from shared.backoff import Backoff
 from shared.errors import PeerError
 from shared.modbus import ModbusConnection
 from shared.site.actuator import OutputDevice
 
 log = logging.getLogger(__name__)
+
+#: the wait between tries of one coil write: 50 ms, doubling, at most 0.5 s
+WRITE_RETRY = Backoff(initial_s=0.05, max_s=0.5, jitter=0.0)
 
 
 @dataclass
@@ -78,14 +82,14 @@ class CoilDevice:
                 (actual,) = await self.read(address)
             except PeerError as exc:
                 error = str(exc)
-                await asyncio.sleep(0.05 * attempts)
+                await asyncio.sleep(WRITE_RETRY.delay(attempt))
                 continue
             self.online = True
             self.coils[address] = actual
             if actual is value:
                 return WriteResult(value, actual, attempts)
             error = f"read back {int(actual)} after writing {int(value)} to coil {address}"
-            await asyncio.sleep(0.05 * attempts)
+            await asyncio.sleep(WRITE_RETRY.delay(attempt))
         # give up: find out what the device really shows
         actual_now: bool | None
         try:

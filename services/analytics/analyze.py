@@ -15,6 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
 
 from services.analytics import alarms, dsp, neutral
 from shared.errors import ConfigError
@@ -263,38 +266,40 @@ def _alarm_inputs(
     )
 
 
-def format_table(result: dict[str, Any]) -> str:
-    cols = [
-        ("phase", "name", "{}"),
-        ("Vrms V", "vrms_v", "{:.2f}"),
-        ("Irms A", "irms_a", "{:.3f}"),
-        ("P W", "p_w", "{:.1f}"),
-        ("S VA", "s_va", "{:.1f}"),
-        ("Q1 var", "q1_var", "{:.1f}"),
-        ("N var", "n_var", "{:.1f}"),
-        ("PF", "pf", "{:.4f}"),
-        ("DPF", "dpf", "{:.4f}"),
-        ("THDv %", "thd_v_pct", "{:.2f}"),
-        ("THDi %", "thd_i_pct", "{:.2f}"),
-        ("Q", "quadrant", "{}"),
-        ("load", "load", "{}"),
-    ]
-    rows = [[c[0] for c in cols]]
+#: the per-phase columns of the table: header, key of the result, format
+_COLUMNS = (
+    ("phase", "name", "{}"),
+    ("Vrms V", "vrms_v", "{:.2f}"),
+    ("Irms A", "irms_a", "{:.3f}"),
+    ("P W", "p_w", "{:.1f}"),
+    ("S VA", "s_va", "{:.1f}"),
+    ("Q1 var", "q1_var", "{:.1f}"),
+    ("N var", "n_var", "{:.1f}"),
+    ("PF", "pf", "{:.4f}"),
+    ("DPF", "dpf", "{:.4f}"),
+    ("THDv %", "thd_v_pct", "{:.2f}"),
+    ("THDi %", "thd_i_pct", "{:.2f}"),
+    ("Q", "quadrant", "{}"),
+    ("load", "load", "{}"),
+)
+
+
+def format_table(result: dict[str, Any]) -> Group:
+    """The analysis for a person (rich): the frequency, a row per phase, then totals,
+    unbalance, neutral and the alarm conditions met, one line each."""
+    table = Table()
+    for header, key, _ in _COLUMNS:
+        table.add_column(header, justify="left" if key in ("name", "load") else "right")
     for ph in result["phases"]:
-        rows.append([fmt.format(ph[key]) for _, key, fmt in cols])
-    widths = [max(len(r[j]) for r in rows) for j in range(len(cols))]
-    lines = [f"frequency {result['frequency_hz']:.4f} Hz", ""]
-    for r in rows:
-        lines.append("  ".join(cell.rjust(w) for cell, w in zip(r, widths, strict=True)))
+        table.add_row(*(fmt.format(ph[key]) for _, key, fmt in _COLUMNS))
     t = result["total"]
-    lines.append("")
     line = (
         f"total: P {t['p_w']:.1f} W  Q1 {t['q1_var']:.1f} var  "
         f"S {t['s_va']:.1f} VA  PF {t['pf']:.4f}"
     )
     if "se_va" in t:
         line += f"  Se {t['se_va']:.1f} VA  PFe {t['pf_e']:.4f}"
-    lines.append(line)
+    lines = [line]
     if "unbalance" in result:
         u = result["unbalance"]
         nt = result["neutral"]
@@ -313,4 +318,5 @@ def format_table(result: dict[str, Any]) -> str:
         )
     else:
         lines.append("events: none")
-    return "\n".join(lines)
+    frequency = Text(f"frequency {result['frequency_hz']:.4f} Hz")
+    return Group(frequency, table, *(Text(x) for x in lines))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from services.common import DURATION_OPTION, SITE_FILE_OPTION, fail, run_service
+from services.common import DURATION_OPTION, SITE_FILE_OPTION, console, fail, run_service
 
 
 def register(app: typer.Typer) -> None:
@@ -69,4 +69,4 @@ def register(app: typer.Typer) -> None:
         if as_json:
             typer.echo(orjson.dumps(result, option=orjson.OPT_SERIALIZE_NUMPY).decode())
         else:
-            typer.echo(format_table(result))
+            console().print(format_table(result))

@@ -77,11 +77,6 @@ def u2_from_line_magnitudes(a: float, b: float, c: float) -> float:
     return 100.0 * math.sqrt(max(0.0, (1.0 - root) / (1.0 + root)))
 
 
-def nema(values: list[float]) -> float:
-    mean = sum(values) / len(values)
-    return 100.0 * max(abs(v - mean) for v in values) / mean if mean > 0 else 0.0
-
-
 def derive(reading: dict[M, float], *, sqrt3: bool = False, neutral_u0_pct: float = 0.0) -> Derived:
     """Everything computable from one register-level reading (the definition:
     :func:`derive_rows` does the same for many readings at once).
@@ -171,7 +166,7 @@ def derive(reading: dict[M, float], *, sqrt3: bool = False, neutral_u0_pct: floa
 
 
 def _nema3(a: float, b: float, c: float) -> float:
-    """:func:`nema` of three values (same arithmetic, without the generator)."""
+    """NEMA unbalance of three values (%): the largest deviation from their mean."""
     mean = (a + b + c) / 3
     if mean > 0:
         return 100.0 * max(abs(a - mean), abs(b - mean), abs(c - mean)) / mean

@@ -47,7 +47,8 @@ from prometheus_client import Counter, Gauge, Histogram
 from services.collector.profiles import Block, Profile, resolve
 from services.collector.timesync import CLOCKS, RESYNC_S
 from shared import __version__, topics
-from shared.bus import Backoff, Bus, BusUnavailable, PublishRefused
+from shared.backoff import Backoff
+from shared.bus import Bus, BusUnavailable, PublishRefused
 from shared.errors import ConfigError, PeerError
 from shared.messages import Event, EventState, GatewayStatus, Reading, Severity, encode, utcnow
 from shared.metrics import ServiceMetrics
@@ -428,8 +429,8 @@ class Collector:
             else:
                 cap = PROBE_MAX_S
             cap = max(interval, min(cap, m.bus.reprobe_max_s))
-            backoff = min(cap, interval * 2.0 ** min(m.probes, 16))
-            return now + backoff * random.uniform(0.8, 1.0)
+            reprobe = Backoff(interval, cap, jitter=0.2)
+            return now + reprobe.delay(m.probes)
         due = m.due + interval
         if due < now - interval:  # fell far behind (machine paused): resynchronise
             due = now + interval * random.random()
