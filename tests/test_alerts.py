@@ -24,7 +24,8 @@ from services.cli import app
 from services.collector import service as collector
 from services.simulator import LoadModel, MeterFleet
 from shared import topics
-from shared.bus import Backoff, Bus
+from shared.backoff import Backoff
+from shared.bus import Bus
 from shared.embedded import free_port
 from shared.messages import Event, EventState, Severity, utcnow
 from shared.service import Shutdown

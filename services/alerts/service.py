@@ -37,7 +37,8 @@ from prometheus_client import Counter, Gauge
 
 from services.alerts.alertmanager import Alertmanager, AlertmanagerError, isoformat
 from shared import topics
-from shared.bus import Backoff, Bus, Incoming
+from shared.backoff import Backoff
+from shared.bus import Bus, Incoming
 from shared.messages import Event, EventState, utcnow
 from shared.metrics import ServiceMetrics
 from shared.service import Shutdown

@@ -121,6 +121,9 @@ class Profile:
     registers: Mapping[M, RegisterSpec]
     #: registers that may be read across although nothing is mapped there
     max_gap: int = 0
+    #: who makes the device and its model (Home Assistant's device card)
+    manufacturer: str = ""
+    model: str = ""
 
     def plan(self) -> list[Block]:
         """Coalesce adjacent registers into as few reads as the Modbus limit allows."""
@@ -247,6 +250,8 @@ register(
     Profile(
         name="pmtr001",
         description="PMTR_001 three-phase meter (firmware 2024-09-01)",
+        manufacturer="PMTR",
+        model="PMTR_001",
         phases=3,
         max_gap=2,
         registers={
@@ -294,6 +299,8 @@ register(
     Profile(
         name="sdm630",
         description="Eastron SDM630 three-phase meter (float input registers)",
+        manufacturer="Eastron",
+        model="SDM630",
         phases=3,
         max_gap=20,
         registers={
@@ -356,6 +363,8 @@ register(
     Profile(
         name="pzem004t",
         description="Peacefair PZEM-004T v3.0 single-phase meter",
+        manufacturer="Peacefair",
+        model="PZEM-004T v3.0",
         phases=1,
         registers={
             M.VOLTAGE_L1: _PZ_V,

@@ -22,12 +22,14 @@ from shared.site.analytics import AnalyticsConfig
 from shared.site.archiver import ArchiverConfig
 from shared.site.collector import ProfileSpec
 from shared.site.core import BusConfig, MeterConfig, Thresholds
+from shared.site.homeassistant import HomeAssistantConfig
 from shared.topics import Slug
 
 __all__ = [
     "ActuatorConfig",
     "BankConfig",
     "BusConfig",
+    "HomeAssistantConfig",
     "MeterConfig",
     "OutputDevice",
     "ProfileSpec",
@@ -58,6 +60,8 @@ class SiteConfig(BaseModel):
     actuator: ActuatorConfig = Field(default_factory=ActuatorConfig)
     analytics: AnalyticsConfig = Field(default_factory=AnalyticsConfig)
     archiver: ArchiverConfig = Field(default_factory=ArchiverConfig)
+    #: Home Assistant MQTT discovery: off without the section
+    homeassistant: HomeAssistantConfig | None = None
 
     @model_validator(mode="after")
     def _cross_check(self) -> SiteConfig:
@@ -97,6 +101,13 @@ class SiteConfig(BaseModel):
                     f"banks[{i}].meter: no meter named {bank.meter!r} to compensate "
                     f"(meters: {', '.join(sorted(meter_names))})"
                 )
+        if self.homeassistant is not None and self.homeassistant.meters is not None:
+            for name in self.homeassistant.meters:
+                if name not in meter_names:
+                    problems.append(
+                        f"homeassistant.meters: no meter named {name!r} "
+                        f"(meters: {', '.join(sorted(meter_names)) or 'none'})"
+                    )
         if problems:
             raise ValueError("; ".join(problems))
         return self
