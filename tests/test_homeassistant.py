@@ -417,3 +417,46 @@ async def test_a_removed_meter_is_cleared(settings: Settings, site_name: str) ->
         off = _site(site_name, port, enabled=False)
         await ha.publish(_svc(settings, "pub"), off, bus, "collector")
         assert await retained(settings, site_name) == {}
+
+
+@pytest.mark.timeout(150)
+async def test_the_demo_shows_itself_in_home_assistant_and_cleans_up(
+    settings: Settings, site_name: str
+) -> None:
+    """`pfmon demo` turns discovery on: its meters' configs come while it runs, and the
+    demo takes them away (empty retained payloads) when it ends."""
+    import os
+    import re
+    import sys
+
+    seen: list[tuple[str, bytes]] = []
+
+    async def keep(_: Any, incoming: Incoming) -> None:
+        seen.append((incoming.topic, incoming.payload))
+
+    class Raw(ha._Retained):
+        pass
+
+    s = _svc(settings, "demo-watch")
+    async with Bus(s, service="watch", site=site_name, persistent=False) as bus:
+        bus.subscribe("homeassistant/+/+/+/config", Raw, keep)
+        await bus.wait_subscribed(10)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "services.cli", "demo", "--duration", "10", "--meters", "2",
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "PFM_MQTT_URL": settings.mqtt_url, "PFM_DB_DSN": settings.db_dsn},
+        )  # fmt: skip
+        _, err = await asyncio.wait_for(proc.communicate(), 120)
+        stderr = err.decode()
+        assert proc.returncode == 0, stderr[-3000:]
+        match = re.search(r"site:\s+(demo-[0-9a-f]+)", stderr)
+        assert match, stderr[-3000:]
+        node = ha.node_id(match.group(1))
+        assert f"homeassistant/+/{node}/" in stderr
+        await asyncio.sleep(1)
+    mine = [(t, p) for t, p in seen if f"/{node}/" in t]
+    configs = {t for t, p in mine if p}
+    assert len([t for t in configs if "/sensor/" in t]) >= 20, configs
+    assert any("main_power_factor" in t for t in configs)
+    assert not [t for t in configs if "/switch/" in t], "the demo allows no control"
+    assert await retained(settings, match.group(1)) == {}, "the demo left configs behind"
