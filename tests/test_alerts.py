@@ -363,3 +363,22 @@ async def test_alertmanager_down_for_30_s_loses_nothing(
                 )  # fmt: skip
     assert len(hook.alerts("firing", code="low_pf")) == 1
     assert hook.alerts("firing", code="broken_neutral")[0]["labels"]["severity"] == "critical"
+
+
+def test_the_alerts_metrics_pass_promtool() -> None:
+    import shutil
+
+    from shared.metrics import ServiceMetrics
+
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (apt prometheus)")
+    base = ServiceMetrics(alerts.SERVICE, "s1")
+    m = alerts.AlertsMetrics(base)
+    m.posts.labels("ok").inc()
+    m.events.labels("raised").inc()
+    res = subprocess.run(
+        [promtool, "check", "metrics"], input=base.exposition(), capture_output=True, timeout=30
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert b"pfm_alerts_active" in base.exposition()
