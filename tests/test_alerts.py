@@ -310,6 +310,31 @@ async def test_a_silence_holds_an_alarm_back_until_it_expires(
             assert not hook.alerts(meter="m2")
 
 
+@needs_am
+@pytest.mark.timeout(60)
+async def test_an_offline_meter_silences_its_pf_alarms(
+    settings: Settings, site_name: str, tmp_path: Path
+) -> None:
+    """The route tree's inhibition: device_offline holds back the same meter's PF alarms,
+    not another meter's, and not the meter's other alarms."""
+    with _alertmanager(tmp_path) as (am, hook, _smtp):
+        async with (
+            _forwarder(settings, _site(site_name), am.url, resend_s=2),
+            _publisher(settings, site_name) as events,
+        ):
+            await events.send("m1", "device_offline", EventState.RAISED)
+            await _until(lambda: bool(hook.alerts(code="device_offline")), 20, "offline")
+            await events.send("m1", "low_pf", EventState.RAISED)
+            await events.send("m1", "pf_erratic", EventState.RAISED)
+            await events.send("m1", "thd_limit", EventState.RAISED)  # not a PF alarm
+            await events.send("m2", "low_pf", EventState.RAISED)  # another meter
+            await _until(lambda: bool(hook.alerts(code="thd_limit")), 20, "thd_limit")
+            await _until(lambda: bool(hook.alerts(code="low_pf", meter="m2")), 20, "m2 low_pf")
+            await asyncio.sleep(3)
+    assert not hook.alerts(code="low_pf", meter="m1")
+    assert not hook.alerts(code="pf_erratic", meter="m1")
+
+
 def test_alarms_cli_refuses_bad_input_and_an_absent_alertmanager(
     tmp_path: Path, site_name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
