@@ -133,7 +133,7 @@ METRICS_PORTS = {
     "analytics": 9102,
     "actuator": 9103,
     "archiver": 9104,
-    "alerts": 9105,
+    "alerts": 9106,
 }
 
 
