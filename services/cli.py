@@ -10,6 +10,7 @@ from services.alerts import cli as alerts_cli
 from services.analytics import cli as analytics_cli
 from services.archiver import cli as archiver_cli
 from services.collector import cli as collector_cli
+from services.console import cli as console_cli
 from services.simulator import cli as simulator_cli
 
 app = typer.Typer(
@@ -17,7 +18,8 @@ app = typer.Typer(
     help=(
         "pfmon - power-factor monitoring and correction for industrial sites.\n\n"
         "Services: collector (Modbus meters -> MQTT), analytics (PF, THD, unbalance, alarms), "
-        "actuator (relays, capacitor banks), archiver (TimescaleDB/PostgreSQL). "
+        "actuator (relays, capacitor banks), archiver (TimescaleDB/PostgreSQL), "
+        "console (the operator's web page). "
         "Settings come from PFM_* environment variables; the site (meters, buses, rules) "
         "from a YAML file."
     ),
@@ -32,6 +34,7 @@ for module in (
     actuator_cli,
     archiver_cli,
     alerts_cli,
+    console_cli,
     simulator_cli,
     demo,
     init,

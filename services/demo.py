@@ -36,6 +36,8 @@ from services.collector import service as collector
 from services.collector.homeassistant import node_id
 from services.collector.homeassistant import publish as publish_discovery
 from services.common import console as make_console
+from services.console import service as console_service
+from services.console.demo import DEMO_USER, demo_console
 from services.simulator import SimServer, SimSite, inductive_site
 from shared import topics
 from shared.bus import Bus, BusUnavailable, Incoming
@@ -90,8 +92,16 @@ def demo_site(port: int, plant: SimSite, site: str = "demo") -> dict[str, Any]:
         "gateway": "demo-gw",
         "description": "pfmon demo: a simulated factory, PF ~0.78 at the incomer, one bank",
         "buses": [{"name": "sim", "kind": "tcp", "host": "127.0.0.1", "port": port}],
+        # the incomer is the billing point (and the bank's point); the others feed off it
         "meters": [
-            {"name": m.name, "bus": "sim", "unit": u, "profile": m.profile.name, "interval_s": 1.0}
+            {
+                "name": m.name,
+                "bus": "sim",
+                "unit": u,
+                "profile": m.profile.name,
+                "interval_s": 1.0,
+                **({"role": "billing"} if m.name == "main" else {"parent": "main"}),
+            }
             for u, m in sorted(plant.meters.items())
         ],
         "devices": [
@@ -247,6 +257,7 @@ async def demo_main(shutdown: Shutdown, meters: int, keep: bool) -> int:
                 # broker neither take each other's sessions over nor mix their data
                 run_id = secrets.token_hex(3)
                 raw_site = demo_site(sim_port, plant, f"demo-{run_id}")
+                raw_site["console"], console_url, console_password = demo_console(workdir)
                 site = parse_site(raw_site, "demo site")
                 (workdir / "site.yaml").write_text(yaml.safe_dump(raw_site, sort_keys=False))
                 settings = base.model_copy(
@@ -276,6 +287,11 @@ async def demo_main(shutdown: Shutdown, meters: int, keep: bool) -> int:
                     "  home assistant: MQTT discovery under homeassistant/+/"
                     f"{node_id(site.site)}/ (cleared when the demo ends)"
                 )
+                console.print(f"console: {console_url}")
+                console.print(
+                    f"  login:    {DEMO_USER} / {console_password} (reading is open on "
+                    "loopback; acknowledging and switching need the login)"
+                )
                 console.print("  stop with Ctrl-C")
                 view = _View(len(site.banks[0].steps_kvar))
                 run_from = datetime.now(UTC)
@@ -287,6 +303,7 @@ async def demo_main(shutdown: Shutdown, meters: int, keep: bool) -> int:
                             ("analytics", analytics.run),
                             ("actuator", actuator.run),
                             ("collector", collector.run),
+                            ("console", console_service.run),
                         ):
                             tg.create_task(
                                 _named_settings(svc, settings, site, shutdown, name),

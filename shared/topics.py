@@ -46,6 +46,7 @@ class Kind(StrEnum):
     METRICS = "metrics"
     EVENT = "event"
     COMMAND = "command"
+    REQUEST = "request"
     STATE = "state"
     STATUS = "status"
     DEADLETTER = "deadletter"
@@ -71,6 +72,11 @@ def command(site: str, device: str) -> str:
     return f"{ROOT}/{check_slug(site, 'site')}/actuator/{check_slug(device, 'device')}/command"
 
 
+def request(site: str, device: str) -> str:
+    """An operator's request to the actuator (console only: manual mode, a step, auto)."""
+    return f"{ROOT}/{check_slug(site, 'site')}/actuator/{check_slug(device, 'device')}/request"
+
+
 def state(site: str, device: str) -> str:
     return f"{ROOT}/{check_slug(site, 'site')}/actuator/{check_slug(device, 'device')}/state"
 
@@ -85,7 +91,7 @@ def deadletter(site: str, service: str) -> str:
 
 def pattern(kind: Kind, site: str = "+", name: str = "+") -> str:
     """Subscription filter, e.g. ``pattern(Kind.READING)`` -> ``pfm/v1/+/+/reading``."""
-    if kind in (Kind.COMMAND, Kind.STATE):
+    if kind in (Kind.COMMAND, Kind.STATE, Kind.REQUEST):
         return f"{ROOT}/{site}/actuator/{name}/{kind.value}"
     if kind is Kind.STATUS:
         return f"{ROOT}/{site}/gateway/{name}/status"
@@ -109,7 +115,7 @@ def parse(topic: str) -> TopicParts:
     site = parts[2]
     check_slug(site, "site")
     rest = parts[3:]
-    if len(rest) == 3 and rest[0] == "actuator" and rest[2] in ("command", "state"):
+    if len(rest) == 3 and rest[0] == "actuator" and rest[2] in ("command", "state", "request"):
         return TopicParts(site, check_slug(rest[1], "device"), Kind(rest[2]))
     if len(rest) == 3 and rest[0] == "gateway" and rest[2] == "status":
         return TopicParts(site, check_slug(rest[1], "gateway"), Kind.STATUS)

@@ -371,3 +371,33 @@ def test_equal_steps_are_switched_from_step_1_upwards() -> None:
     ins = [step for _, step, on in run.ops if on]
     assert ins, "the bank switched nothing"
     assert ins == sorted(ins) and ins[0] == 0, ins
+
+
+def test_manual_mode_holds_the_controller_and_hand_switching_keeps_the_interlocks() -> None:
+    run = make(operation_limit=3)
+    run.ctl.mode = "manual"
+    run.step(200)  # PF 0.78 for minutes: in manual mode the controller switches nothing
+    assert run.ops == []
+    op = run.ctl.manual_step(0, True, "ann")
+    assert not isinstance(op, str), op
+    assert "by hand (ann)" in op.reason and op.trigger["user"] == "ann"
+    run.apply(Decision(ops=[op]))
+    assert run.plant.coils[0] is True
+    assert "at most every 10s" in str(run.ctl.manual_step(1, True, "ann"))  # min_interval
+    run.clock.t += 10
+    op = run.ctl.manual_step(0, False, "ann")
+    assert not isinstance(op, str)
+    run.ctl.feedback(0, False)
+    run.clock.t += 10
+    refused = run.ctl.manual_step(0, True, "ann")
+    assert isinstance(refused, str) and "discharging (50.0s left of 60s" in refused
+    assert "already out" in str(run.ctl.manual_step(1, False, "ann"))
+    assert "steps 1..4, not 9" in str(run.ctl.manual_step(8, True, "ann"))
+    run.ctl.operations[2] = 3
+    assert "operation limit" in str(run.ctl.manual_step(2, True, "ann"))
+    run.ctl.mode = "maintenance"
+    assert "maintenance mode" in str(run.ctl.manual_step(1, True, "ann"))
+    run.ctl.mode = "auto"
+    assert "auto mode: switch it to manual first" in str(run.ctl.manual_step(1, True, "ann"))
+    run.step(120)  # back to automatic: the controller regulates again
+    assert run.ops and run.plant.pf >= 0.9

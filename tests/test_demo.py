@@ -69,6 +69,9 @@ def test_demo_uses_the_machine_broker_and_database(mqtt_url: str, db_dsn: str) -
     res = _demo({"PFM_MQTT_URL": mqtt_url, "PFM_DB_DSN": db_dsn}, duration=12)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "(PFM_MQTT_URL)" in res.stderr and "(PFM_DB_DSN)" in res.stderr
+    # the operator's console, open for reading on loopback, and a login for actions
+    assert re.search(r"^console: http://127\.0\.0\.1:\d+/$", res.stderr, re.M), res.stderr[:3000]
+    assert re.search(r"login: +demo / \S+ \(reading is open on loopback", res.stderr)
     # 2 meters at 1 Hz for ~12 s
     assert _rows(res.stderr) >= 10
     before, _after, _steps = _correction(res.stderr)

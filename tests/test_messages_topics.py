@@ -240,3 +240,20 @@ def test_malformed_compact_averages_are_refused_saying_where(averages: object, s
     assert says in str(info.value)
     with pytest.raises(ValidationError):
         Metrics.model_validate(_metrics_doc({}, "pfm.metrics/3"))
+
+
+def test_request_topic_and_message() -> None:
+    from shared.messages import Request
+
+    t = topics.request("s1", "bank1")
+    assert t == "pfm/v1/s1/actuator/bank1/request"
+    assert topics.parse(t) == topics.TopicParts("s1", "bank1", topics.Kind.REQUEST)
+    assert topics.pattern(topics.Kind.REQUEST, "s1") == "pfm/v1/s1/actuator/+/request"
+    base = {"site": "s1", "ts": "2026-01-01T00:00:00Z", "seq": 1, "device": "bank1"}
+    req = Request.model_validate({**base, "bank": "main", "action": "step", "step": 2, "on": True,
+                                  "user": "ann"})  # fmt: skip
+    assert Request.model_validate_json(req.to_bytes()) == req
+    with pytest.raises(ValidationError, match="needs 'step'"):
+        Request.model_validate({**base, "bank": "main", "action": "step", "user": "ann"})
+    with pytest.raises(ValidationError, match="belong to a step request"):
+        Request.model_validate({**base, "bank": "main", "action": "auto", "step": 1, "user": "a"})

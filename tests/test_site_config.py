@@ -221,3 +221,18 @@ def test_a_bad_topology_stops_a_service_with_exit_2(tmp_path: Path) -> None:
     res = _pfmon("collector", "--site-file", str(f))
     assert res.returncode == 2, res.stderr
     assert "meters[2].parent: no meter named 'nope'" in res.stderr
+
+
+def test_console_section_defaults_and_tls_pair() -> None:
+    from shared.site import parse_site
+
+    site = parse_site({"site": "s1"})
+    assert site.console.open_read is False and site.console.port == 8080
+    assert site.console.tls is False
+    with pytest.raises(ConfigError) as info:
+        parse_site({"site": "s1", "console": {"tls_cert": "/x.pem"}})
+    assert "console: tls_cert and tls_key go together" in "\n".join(info.value.problems)
+    with pytest.raises(ConfigError) as info:
+        parse_site({"site": "s1", "console": {"port": 70000, "open": True}})
+    text = "\n".join(info.value.problems)
+    assert "console.port" in text and "console.open" in text

@@ -24,6 +24,12 @@ Regulation (load convention, Q > 0 inductive):
   every step that is off is treated as just switched off;
 * no capacitor is added while the load is capacitive (nor when exporting with
   capacitive reactive power).
+
+An operator can hold the controller (:attr:`BankController.mode` ``manual`` or
+``maintenance``, from a console request) and, in ``manual``, switch a step by hand with
+:meth:`BankController.manual_step`: the same discharge, minimum-interval and
+operation-limit interlocks apply, and a refusal says why. The protections (harmonic
+block, no current, stale data) still take steps out in every mode.
 """
 
 from __future__ import annotations
@@ -34,13 +40,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 from shared.measurements import Measurement
 from shared.messages import Event, EventState, LoadKind, Metrics, Severity
 from shared.site.actuator import BankConfig
 
 Clock = Callable[[], float]
+Mode = Literal["auto", "manual", "maintenance"]
 M = Measurement
 _CURRENTS = (M.CURRENT_L1, M.CURRENT_L2, M.CURRENT_L3)
 _THD_I = (M.THD_CURRENT_L1, M.THD_CURRENT_L2, M.THD_CURRENT_L3)
@@ -147,6 +154,8 @@ class BankController:
         self.last_q_instant: float | None = None
         self._learn: tuple[int, bool, float, float] | None = None  # step, value, q_before, t
         self._seq = 0
+        #: auto = the controller switches; manual/maintenance = held by an operator
+        self.mode: Mode = "auto"
 
     # -- device feedback ---------------------------------------------------------------
 
@@ -394,7 +403,7 @@ class BankController:
                 {"step": i + 1, "operations": self.operations[i]},
                 key=f"operation_limit:{i + 1}",
             )
-        if now - self.last_op < self.cfg.min_interval:
+        if self.mode != "auto" or now - self.last_op < self.cfg.min_interval:
             return out
         op = self._choose(d, x.q_var, q_target, now)
         if op is None:
@@ -411,6 +420,41 @@ class BankController:
         self.last_op = now
         out.ops.append(Op(step, self.coils[step], value, reason, trigger))
         return out
+
+    def manual_step(self, step: int, on: bool, user: str) -> Op | str:
+        """Switch ``step`` (index) by hand: the :class:`Op`, or why it is refused."""
+        n = len(self.steps_in)
+        name = f"bank {self.cfg.name}"
+        if self.mode != "manual":
+            return f"{name} is in {self.mode} mode: switch it to manual first"
+        if not 0 <= step < n:
+            return f"{name} has steps 1..{n}, not {step + 1}"
+        if self.steps_in[step] == on:
+            return f"{name}: step {step + 1} is already {'in' if on else 'out'}"
+        if self.locked(step):
+            return (
+                f"{name}: step {step + 1} reached its operation limit "
+                f"({self.operations[step]} of {self.cfg.operation_limit})"
+            )
+        now = self.clock()
+        since = now - self.last_op
+        if since < self.cfg.min_interval:
+            return (
+                f"{name}: the last operation was {since:.1f}s ago; steps are switched at "
+                f"most every {self.cfg.min_interval:g}s ({self.cfg.min_interval - since:.1f}s left)"
+            )
+        if on and not self.discharged(step, now):
+            left = self.cfg.reconnect_delay - (now - self.off_since[step])
+            return (
+                f"{name}: step {step + 1} is discharging ({left:.1f}s left of "
+                f"{self.cfg.reconnect_delay:g}s reconnection delay)"
+            )
+        if on and self.alarms.get("thd_block", False):
+            return f"{name}: switching is blocked by current harmonics (thd_block)"
+        self.last_op = now
+        size = self.size_var[step] / 1000.0
+        reason = f"{name}: step {step + 1} ({size:g} kvar) {'in' if on else 'out'} by hand ({user})"
+        return Op(step, self.coils[step], on, reason, {"step": step + 1, "user": user})
 
     def _candidates(
         self, d: float, q: float, q_t: float, steps_in: list[bool], now: float

@@ -5,6 +5,11 @@ that regulate on that meter; what they decide is written to the devices with
 read-back verification, and every change is published as a ``command`` (with its
 reason, origin and trigger values) followed by the retained ``state`` that the
 device reports. A periodic tick checks stale data and reads the devices back.
+
+An operator's :class:`~shared.messages.Request` (from the console, on the ``request``
+topic only) holds a bank in manual or maintenance mode, switches a step by hand under
+the controller's interlocks, or gives the bank back to the controller; every request
+ends in an event that says what was done, or why it was refused.
 """
 
 from __future__ import annotations
@@ -25,7 +30,16 @@ from services.actuator.rules import Intent, RelayEngine, load_actions, uploads
 from shared import topics
 from shared.bus import Bus, BusUnavailable, Incoming
 from shared.errors import PeerError
-from shared.messages import ActuatorState, Command, Event, EventState, Metrics, Severity, utcnow
+from shared.messages import (
+    ActuatorState,
+    Command,
+    Event,
+    EventState,
+    Metrics,
+    Request,
+    Severity,
+    utcnow,
+)
 from shared.metrics import ServiceMetrics
 from shared.modbus import ModbusConnection, quiet_library_logs
 from shared.service import Shutdown
@@ -126,6 +140,7 @@ class Actuator:
     async def publish_state(self, dev: CoilDevice, message: str = "") -> None:
         steps_in: list[int] = []
         operations: dict[int, int] = {}
+        modes = {b.cfg.name: b.mode for b in self.banks if b.cfg.device == dev.name}
         for bank in self.banks:
             if bank.cfg.device == dev.name:
                 # what the device shows, also for a dry-run bank (which drives nothing)
@@ -142,6 +157,7 @@ class Actuator:
             steps_in=steps_in,
             operations=operations,
             message=message or (dev.last_error or ""),
+            modes=modes,
         )
         await self._publish(topics.state(self.site.site, dev.name), state, retain=True)
 
@@ -210,6 +226,8 @@ class Actuator:
                 ops = {i - 1: n for i, n in state.operations.items()}
                 for i in range(len(bank.operations)):
                     bank.operations[i] = max(bank.operations[i], ops.get(i, 0))
+            if bank.cfg.device == state.device and bank.cfg.name in state.modes:
+                bank.mode = state.modes[bank.cfg.name]  # an operator's hold survives restarts
 
     def _device_event(self, dev: CoilDevice, code: str, message: str) -> Event:
         return Event(
@@ -247,6 +265,71 @@ class Actuator:
                 await self._apply(bank, decision, touched)
             for name in touched:
                 await self.publish_state(self.devices[name])
+
+    async def on_request(self, req: Request) -> None:
+        """An operator's request: mode change or a step by hand, answered by an event."""
+        async with self._lock:
+            bank = next((b for b in self.banks if b.cfg.name == req.bank), None)
+            if bank is None or bank.cfg.device != req.device:
+                await self._request_event(req, f"no bank {req.bank!r} on device {req.device!r}")
+                return
+            dev = self.devices[bank.cfg.device]
+            if req.action != "step":
+                before = bank.mode
+                bank.mode = "auto" if req.action == "auto" else req.action
+                log.info("bank %s: %s -> %s (%s)", bank.cfg.name, before, bank.mode, req.user)
+                await self._request_event(
+                    req, None, f"bank {bank.cfg.name}: {before} -> {bank.mode} by {req.user}"
+                )
+                await self.publish_state(dev)
+                return
+            assert req.step is not None and req.on is not None
+            if not dev.online:
+                await self._request_event(req, f"device {dev.name!r} is offline")
+                return
+            op = bank.manual_step(req.step - 1, req.on, req.user)
+            if isinstance(op, str):
+                await self._request_event(req, op)
+                return
+            touched: set[str] = set()
+            await self._drive_step(bank, op, touched)
+            shown = dev.coils.get(op.coil)
+            if shown is req.on:
+                await self._request_event(req, None, op.reason)
+            else:
+                await self._request_event(
+                    req, f"{op.reason}: the device shows {shown} (see command_failed)"
+                )
+            for name in touched:
+                await self.publish_state(self.devices[name])
+
+    async def _request_event(self, req: Request, refused: str | None, done: str = "") -> None:
+        """``request_done`` (notice) or ``request_refused`` (warning, with why)."""
+        evidence: dict[str, float | str | bool | None] = {
+            "bank": req.bank,
+            "action": req.action,
+            "user": req.user,
+            "reason": req.reason,
+        }
+        if req.step is not None:
+            evidence["step"] = req.step
+            evidence["on"] = req.on
+        if refused is not None:
+            log.warning("request of %s refused: %s", req.user, refused)
+        await self.publish_event(
+            Event(
+                site=self.site.site,
+                meter=req.device,
+                ts=utcnow(),
+                seq=0,
+                code="request_refused" if refused is not None else "request_done",
+                state=EventState.NOTICE,
+                severity=Severity.WARNING if refused is not None else Severity.INFO,
+                message=refused if refused is not None else done,
+                evidence=evidence,
+                service=SERVICE,
+            )
+        )
 
     async def tick(self) -> None:
         async with self._lock:
@@ -393,6 +476,17 @@ async def run(settings: Settings, site: SiteConfig, shutdown: Shutdown) -> None:
             await act.on_metrics(m)
 
         bus.subscribe(topics.pattern(topics.Kind.METRICS, site.site), Metrics, on_metrics)
+
+        async def on_request(req: Request, incoming: Incoming) -> None:
+            named = topics.parse(incoming.topic).name
+            if req.site != site.site or req.device != named:  # the topic is the authority
+                log.warning(
+                    "request on %s names %s/%s: ignored", incoming.topic, req.site, req.device
+                )
+                return
+            await act.on_request(req)
+
+        bus.subscribe(topics.pattern(topics.Kind.REQUEST, site.site), Request, on_request)
         shutdown.ready_after(bus.wait_subscribed(), "subscribed to metrics")
 
         async def ticker() -> None:

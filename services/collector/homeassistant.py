@@ -11,10 +11,11 @@ Every config is published retained under
   (or an aggregate) renders an empty string, which Home Assistant ignores;
 * ``binary_sensor``: one per alarm of the alarm table (per phase where the alarm is)
   and one for the meter being offline, from the meter's ``event`` topic;
-* ``switch``: one per capacitor-bank step, only with ``allow_control: true``: its
-  command is a ``pfm.request/1`` ``step`` request on the actuator's request topic
-  (``pfm/v1/{site}/actuator/{device}/request``), which the actuator carries out under
-  its interlocks - never a coil write;
+* ``switch``: only with ``allow_control: true``, per capacitor bank "Manual control"
+  (a ``manual``/``auto`` request) and one per step (a ``step`` request, which the
+  actuator accepts in manual mode), as ``pfm.request/1`` messages on the actuator's
+  request topic (``pfm/v1/{site}/actuator/{device}/request``): the actuator carries them
+  out under its interlocks - never a coil write;
 * availability: the gateway's retained status (``online``/``offline``, the collector's
   last will).
 
@@ -157,21 +158,35 @@ def _step_template(step: int) -> str:
     return f"{{{{ 'ON' if {step} in value_json.steps_in else 'OFF' }}}}"
 
 
-def request_topic(site: str, device: str) -> str:
-    """The actuator's request topic (the console's path to the actuator)."""
-    return f"{topics.ROOT}/{topics.check_slug(site, 'site')}/actuator/{device}/request"
-
-
-def _command_template(site: str, device: str, bank: str, step: int) -> str:
-    """A ``pfm.request/1`` step request, rendered by Home Assistant (``now()``)."""
+def _request_template(site: str, device: str, bank: str, action: str) -> str:
+    """A ``pfm.request/1`` request, rendered by Home Assistant (``now()``, ``value``):
+    ``action`` is the JSON of the action's fields."""
     return (
         '{"schema": "pfm.request/1", '
         f'"site": "{site}", "device": "{device}", "bank": "{bank}", '
         '"ts": "{{ now().isoformat() }}", "seq": {{ (as_timestamp(now()) * 1000) | int }}, '
-        f'"action": "step", "step": {step}, '
-        '"on": {{ "true" if value == "ON" else "false" }}, '
+        f"{action}, "
         '"user": "homeassistant", "reason": "switched in Home Assistant"}'
     )
+
+
+def _step_command(site: str, device: str, bank: str, step: int) -> str:
+    """Step ``step`` in (``ON``) or out: a ``step`` request."""
+    action = (
+        f'"action": "step", "step": {step}, "on": {{{{ "true" if value == "ON" else "false" }}}}'
+    )
+    return _request_template(site, device, bank, action)
+
+
+def _mode_command(site: str, device: str, bank: str) -> str:
+    """Manual control on (``ON``: the controller holds, steps switch by hand) or back to
+    the controller (``auto``)."""
+    action = '"action": "{{ "manual" if value == "ON" else "auto" }}"'
+    return _request_template(site, device, bank, action)
+
+
+def _mode_template(bank: str) -> str:
+    return f"{{{{ 'ON' if value_json.get('modes', {{}}).get('{bank}') == 'manual' else 'OFF' }}}}"
 
 
 def configs(site: SiteConfig) -> dict[str, dict[str, Any]]:
@@ -276,6 +291,21 @@ def configs(site: SiteConfig) -> dict[str, dict[str, Any]]:
                 "via_device": f"{node}-{bank.meter}",
             }
             state = topics.state(site.site, bank.device)
+            command_topic = topics.request(site.site, bank.device)
+            add(
+                "switch",
+                f"bank_{bank.name}_manual",
+                {
+                    "name": "Manual control",
+                    "state_topic": state,
+                    "value_template": _mode_template(bank.name),
+                    "command_topic": command_topic,
+                    "command_template": _mode_command(site.site, bank.device, bank.name),
+                    "payload_on": "ON",
+                    "payload_off": "OFF",
+                    "device": device,
+                },
+            )
             for i, kvar in enumerate(bank.steps_kvar, start=1):
                 add(
                     "switch",
@@ -284,8 +314,8 @@ def configs(site: SiteConfig) -> dict[str, dict[str, Any]]:
                         "name": f"Step {i} ({kvar:g} kvar)",
                         "state_topic": state,
                         "value_template": _step_template(i),
-                        "command_topic": request_topic(site.site, bank.device),
-                        "command_template": _command_template(site.site, bank.device, bank.name, i),
+                        "command_topic": command_topic,
+                        "command_template": _step_command(site.site, bank.device, bank.name, i),
                         "payload_on": "ON",
                         "payload_off": "OFF",
                         "device": device,

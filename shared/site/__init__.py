@@ -5,7 +5,7 @@
 field with its path (``meters[2].unit: ...``); the CLI turns it into exit code 2.
 
 Each service owns its own section module here (``collector``, ``analytics``,
-``actuator``, ``archiver``); ``core`` holds what several services share.
+``actuator``, ``archiver``, ``console``); ``core`` holds what several services share.
 """
 
 from __future__ import annotations
@@ -17,11 +17,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from shared.errors import ConfigError
+from shared.measurements import Measurement
 from shared.site.actuator import ActuatorConfig, BankConfig, OutputDevice, RelayAction
 from shared.site.analytics import AnalyticsConfig
 from shared.site.archiver import ArchiverConfig
 from shared.site.collector import ProfileSpec
-from shared.site.core import BusConfig, MeterConfig, Thresholds
+from shared.site.console import ConsoleConfig
+from shared.site.core import BusConfig, Limit, Limits, MeterConfig, Thresholds, merged_limits
 from shared.site.homeassistant import HomeAssistantConfig
 from shared.topics import Slug
 
@@ -29,7 +31,9 @@ __all__ = [
     "ActuatorConfig",
     "BankConfig",
     "BusConfig",
+    "ConsoleConfig",
     "HomeAssistantConfig",
+    "Limit",
     "MeterConfig",
     "OutputDevice",
     "ProfileSpec",
@@ -51,6 +55,8 @@ class SiteConfig(BaseModel):
     gateway: Slug = "gw1"
     description: str = ""
     thresholds: Thresholds = Field(default_factory=Thresholds)
+    #: tighter plausible ranges for every meter of the site (a meter's own win)
+    limits: Limits = Field(default_factory=dict)
     buses: list[BusConfig] = Field(default_factory=list)
     meters: list[MeterConfig] = Field(default_factory=list)
     profiles: dict[str, ProfileSpec] = Field(default_factory=dict)
@@ -60,6 +66,7 @@ class SiteConfig(BaseModel):
     actuator: ActuatorConfig = Field(default_factory=ActuatorConfig)
     analytics: AnalyticsConfig = Field(default_factory=AnalyticsConfig)
     archiver: ArchiverConfig = Field(default_factory=ArchiverConfig)
+    console: ConsoleConfig = Field(default_factory=ConsoleConfig)
     #: Home Assistant MQTT discovery: off without the section
     homeassistant: HomeAssistantConfig | None = None
 
@@ -74,6 +81,13 @@ class SiteConfig(BaseModel):
             if meter.bus not in bus_names:
                 known = ", ".join(bus_names) or "none"
                 problems.append(f"meters[{i}].bus: no bus named {meter.bus!r} (buses: {known})")
+        for i, meter in enumerate(self.meters):
+            for m, (lo, hi) in merged_limits(self.limits, meter.limits).items():
+                if lo > hi:
+                    problems.append(
+                        f"meters[{i}].limits.{m.value}: min {lo:g} is above max {hi:g} "
+                        "with the site's limits applied"
+                    )
         meter_names = {m.name for m in self.meters}
         for name in self.analytics.meters:
             # a site without polled meters may tune waveform sources that publish directly
@@ -117,6 +131,11 @@ class SiteConfig(BaseModel):
             if m.name == name:
                 return m
         raise KeyError(name)
+
+    def limits_of(self, meter: str) -> dict[Measurement, tuple[float, float]]:
+        """The configured ranges for ``meter``: the site's, then the meter's own."""
+        own = next((m.limits for m in self.meters if m.name == meter), {})
+        return merged_limits(self.limits, own)
 
     def bus(self, name: str) -> BusConfig:
         for b in self.buses:
