@@ -43,11 +43,6 @@ COMPOSE = {
 }
 PFMON_IMAGE = "${PFM_IMAGE:-pfmon:local}"
 SETTINGS_VARS = {f"PFM_{name.upper()}" for name in Settings.model_fields}
-#: broker users whose password and client certificate `pfmon init` does not write yet
-#: (the console's: init learns it when it is restructured). Their compose entries are
-#: checked like the others but against a stand-in password and certificate folder;
-#: test_init_writes_the_console_broker_user says when this set must become empty.
-AWAITING_INIT = {"console"}
 
 _VAR = re.compile(
     r"\$\$|\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}"
@@ -138,8 +133,6 @@ def site_file_of(result: InitResult) -> Path:
 def load_compose(role: str, generated: dict[str, InitResult]) -> dict[str, Any]:
     raw = yaml.safe_load(COMPOSE[role].read_text())
     env = read_env(generated[role].env_file)
-    for user in AWAITING_INIT:
-        env.setdefault(f"PFM_{user.upper()}_MQTT_PASSWORD", f"stand-in-{user}")
     # the test's .env lives in a temporary folder: anchor the relative path there
     env["PFM_SITE_FILE_HOST"] = str(site_file_of(generated[role]))
     return dict(interpolate(raw, env, COMPOSE[role].name))
@@ -189,8 +182,6 @@ def test_compose_file_resolves(role: str, generated: dict[str, InitResult]) -> N
                 continue  # anonymous volume
             source = parts[0]
             if source.startswith((".", "/")):
-                if any(source.endswith(f"secrets/clients/{u}") for u in AWAITING_INIT):
-                    continue
                 if not resolve_source(role, source, generated).exists():
                     problems.append(f"{where}: bind mount source {source} does not exist")
             elif source not in declared_volumes:
@@ -277,13 +268,14 @@ def test_site_compose_has_the_whole_stack(generated: dict[str, InitResult]) -> N
     assert "allow_anonymous false" in conf and "require_certificate true" in conf
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pfmon init does not write the console's broker user yet (the lead wires it)",
-)
 def test_init_writes_the_console_broker_user(generated: dict[str, InitResult]) -> None:
     assert "console" in generated["site"].passwords and "console" in generated["edge"].passwords
     assert (generated["site"].out / "clients" / "console").is_dir()
+    acl = (generated["site"].out / "broker" / "acl").read_text()
+    # only the console may publish requests; nobody else's block names the topic
+    blocks = {b.split("\n")[1]: b for b in acl.split("\n# ") if "\nuser " in "\n" + b}
+    writers = [u for u, b in blocks.items() if "/actuator/+/request" in b]
+    assert writers == ["user console"], writers
 
 
 def test_edge_and_centre_split(generated: dict[str, InitResult]) -> None:

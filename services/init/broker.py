@@ -24,8 +24,8 @@ Role = Literal["site", "edge", "central"]
 ROOT = topics.ROOT
 #: the users each role's broker knows (bridge users are added at the centre per edge)
 ROLE_USERS: dict[str, tuple[str, ...]] = {
-    "site": ("collector", "analytics", "actuator", "archiver", "alerts", "monitor"),
-    "edge": ("collector", "analytics", "actuator", "alerts", "monitor"),
+    "site": ("collector", "analytics", "actuator", "archiver", "console", "alerts", "monitor"),
+    "edge": ("collector", "analytics", "actuator", "console", "alerts", "monitor"),
     "central": ("archiver", "monitor"),
 }
 #: the user Home Assistant logs in as (only when the site file has ``homeassistant:``)
@@ -89,8 +89,10 @@ def acl_text(
     bank requests (``.../actuator/+/request``, never a command) only with
     ``allow_control: true``.
 
-    Only the actuator may publish ``.../actuator/+/command``; the collector publishes
-    readings, waveforms, device events and the gateway status but never ``metrics``;
+    Only the actuator may publish ``.../actuator/+/command`` and only the console (and
+    Home Assistant with ``allow_control``) ``.../actuator/+/request`` (never bridged); the
+    collector publishes readings, waveforms, device events and the gateway status but
+    never ``metrics``;
     a bridge user (centre only) may publish only its own site's ``metrics``, ``event``,
     actuator ``state`` and gateway status - never a command.
     """
@@ -144,6 +146,18 @@ def acl_text(
                 f"topic write {s}/actuator/+/state",
                 f"topic write {s}/+/event",
                 f"topic write {s}/deadletter/actuator",
+            ],
+        )
+        block(
+            "console",
+            "console: the ONLY user that may publish requests (an operator's action, via the "
+            "actuator's interlocks), and the events that audit them"
+            + (" - besides homeassistant (allow_control)" if ha and ha.allow_control else ""),
+            [
+                f"topic read {s}/#",
+                f"topic write {s}/actuator/+/request",
+                f"topic write {s}/+/event",
+                f"topic write {s}/deadletter/console",
             ],
         )
     if role in ("site", "edge"):
