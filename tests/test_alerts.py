@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import subprocess
 from collections.abc import AsyncIterator, Callable, Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +143,18 @@ class _Events:
             site=self.site, ts=utcnow(), seq=self.seq, meter=meter, code=code, state=state,
             severity=severity, message=f"{code} on {meter}", evidence={"pf": 0.8},
             service="analytics",
+        )  # fmt: skip
+        await self.bus.publish(topics.event(self.site, meter), ev)
+
+    async def console(
+        self, meter: str, code: str, state: EventState, evidence: dict[str, Any]
+    ) -> None:
+        """An operator's action as the console publishes it."""
+        self.seq += 1
+        ev = Event(
+            site=self.site, ts=utcnow(), seq=self.seq, meter=meter, code=code, state=state,
+            severity=Severity.INFO, message=f"{code} by the console", evidence=evidence,
+            service="console",
         )  # fmt: skip
         await self.bus.publish(topics.event(self.site, meter), ev)
 
@@ -333,6 +345,72 @@ async def test_an_offline_meter_silences_its_pf_alarms(
             await asyncio.sleep(3)
     assert not hook.alerts(code="low_pf", meter="m1")
     assert not hook.alerts(code="pf_erratic", meter="m1")
+
+
+@needs_am
+@pytest.mark.timeout(90)
+async def test_the_consoles_actions_are_alertmanager_silences(
+    settings: Settings, site_name: str, tmp_path: Path
+) -> None:
+    """The console publishes acknowledgements, shelvings and maintenance as events: they
+    become Alertmanager silences (one notion of silence), expire when the alarm clears or
+    the maintenance ends, and are never notified as alarms themselves."""
+    with _alertmanager(tmp_path) as (am, hook, _smtp):
+        client = Alertmanager(am.url)
+
+        async def silences() -> list[dict[str, Any]]:
+            return [s for s in await client.silences() if s["status"]["state"] == "active"]
+
+        def matches(s: dict[str, Any]) -> dict[str, str]:
+            return {m["name"]: m["value"] for m in s["matchers"]}
+
+        async def wait_silences(n: int) -> list[dict[str, Any]]:
+            for _ in range(100):
+                got = await silences()
+                if len(got) == n:
+                    return got
+                await asyncio.sleep(0.2)
+            raise AssertionError(f"expected {n} active silences, got {await silences()}")
+
+        async with (
+            _forwarder(settings, _site(site_name), am.url, resend_s=2),
+            _publisher(settings, site_name) as events,
+        ):
+            await events.send("m1", "low_pf", EventState.RAISED)
+            await _until(lambda: bool(hook.alerts("firing", code="low_pf")), 20, "low_pf")
+            # the console: ann acknowledges low_pf on m1, bob starts maintenance of m2
+            await events.console("m1", "alarm_ack", EventState.NOTICE,
+                                 {"code": "low_pf", "phase": None, "user": "ann"})  # fmt: skip
+            await events.console("m2", "maintenance", EventState.RAISED,
+                                 {"kind": "meter", "user": "bob", "reason": "CT swap"})  # fmt: skip
+            got = await wait_silences(2)
+            by_meter = {matches(s)["meter"]: s for s in got}
+            assert matches(by_meter["m1"]) == {"site": site_name, "meter": "m1", "code": "low_pf"}
+            assert by_meter["m1"]["createdBy"] == "ann"
+            assert matches(by_meter["m2"]) == {"site": site_name, "meter": "m2"}
+            assert "CT swap" in by_meter["m2"]["comment"]
+            # in maintenance: m2's alarms are held back, m1's others are not
+            await events.send("m2", "thd_limit", EventState.RAISED)
+            await events.send("m1", "unbalance", EventState.RAISED)
+            await _until(lambda: bool(hook.alerts(code="unbalance")), 20, "unbalance")
+            await asyncio.sleep(3)
+            assert not hook.alerts(meter="m2")
+            # the maintenance ends: its silence expires and m2's active alarm is notified
+            await events.console("m2", "maintenance", EventState.CLEARED,
+                                 {"kind": "meter", "user": "bob", "reason": ""})  # fmt: skip
+            await _until(lambda: bool(hook.alerts("firing", meter="m2")), 20, "m2 after")
+            # low_pf clears: its acknowledgement goes with it
+            await events.send("m1", "low_pf", EventState.CLEARED)
+            await wait_silences(0)
+            # a shelving lasts until the time the operator chose
+            until = utcnow().timestamp() + 3600
+            await events.console("m1", "alarm_shelved", EventState.NOTICE,
+                                 {"code": "unbalance", "phase": None, "user": "cy",
+                                  "reason": "known", "until": until})  # fmt: skip
+            (shelved,) = await wait_silences(1)
+            ends = datetime.fromisoformat(shelved["endsAt"].replace("Z", "+00:00"))
+            assert abs(ends.timestamp() - until) < 2
+        assert not hook.alerts(code="maintenance") and not hook.alerts(code="alarm_ack")
 
 
 def test_alarms_cli_refuses_bad_input_and_an_absent_alertmanager(

@@ -20,6 +20,13 @@ Nothing is lost when Alertmanager is away:
 
 One-shot notices (``state: notice``) are not alarms and are not forwarded. The
 collector's ``device_online`` (cleared) ends its ``device_offline`` alarm.
+
+The console's operator actions, which it publishes as events, become Alertmanager
+silences, so that the console, ``pfmon alarms`` and Alertmanager share one notion of
+silence: ``alarm_ack`` silences that alarm until it clears, ``alarm_shelved`` until
+the time the operator chose, ``maintenance`` (raised) every alarm of that meter or
+device until the maintenance ends (cleared). They are queued and kept on disk like the
+alerts, and created (or expired) in order when Alertmanager answers.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +61,13 @@ SERVICE = "alerts"
 ALERTNAME = "PfmAlarm"
 #: a cleared event whose code differs from the raised one it ends
 _CLEARS = {"device_online": "device_offline"}
+#: the console's operator actions (not alarms): silences
+_CONSOLE_SILENCES = ("alarm_ack", "alarm_shelved", "maintenance")
+#: the console's other audit events: neither alarms nor silences
+_CONSOLE_OTHER = ("operator_request",)
+#: how long an acknowledgement or a maintenance silence lasts at most (expired earlier
+#: when the alarm clears or the maintenance ends)
+_OPEN_ENDED = timedelta(days=30)
 
 
 def alarm_key(meter: str, code: str, phase: str | None) -> str:
@@ -136,6 +150,10 @@ class Forwarder:
         self.active: dict[str, dict[str, Any]] = {}
         #: key -> resolved alert (with endsAt) not yet accepted by Alertmanager
         self.resolved: dict[str, dict[str, Any]] = {}
+        #: silences to create or expire, in order (the console's actions)
+        self.ops: list[dict[str, Any]] = []
+        #: silence key (``ack/...``, ``shelve/...``, ``maintenance/...``) -> its id
+        self.silences: dict[str, str] = {}
         #: keys changed since the last successful post
         self.dirty = False
         self._wake = asyncio.Event()
@@ -150,10 +168,12 @@ class Forwarder:
             data = orjson.loads(self.store.read_bytes())
             self.active = dict(data["active"])
             self.resolved = dict(data["resolved"])
+            self.ops = list(data.get("ops", []))
+            self.silences = dict(data.get("silences", {}))
         except (OSError, orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             log.error("%s: cannot read the alarm state (%s); starting empty", self.store, exc)
             return
-        self.dirty = bool(self.active or self.resolved)
+        self.dirty = bool(self.active or self.resolved or self.ops)
         log.info(
             "%d active alarm(s), %d resolution(s) to deliver from %s",
             len(self.active), len(self.resolved), self.store,
@@ -162,7 +182,16 @@ class Forwarder:
     def _save(self) -> None:
         self.store.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.store.with_suffix(".tmp")
-        tmp.write_bytes(orjson.dumps({"active": self.active, "resolved": self.resolved}))
+        tmp.write_bytes(
+            orjson.dumps(
+                {
+                    "active": self.active,
+                    "resolved": self.resolved,
+                    "ops": self.ops,
+                    "silences": self.silences,
+                }
+            )
+        )
         os.replace(tmp, self.store)
         self.metrics.active.set(len(self.active))
         self.metrics.pending.set(len(self.resolved))
@@ -171,8 +200,17 @@ class Forwarder:
 
     async def on_event(self, ev: Event, incoming: Incoming) -> None:
         self.metrics.events.labels(ev.state.value).inc()
-        if ev.state is EventState.NOTICE:
+        if ev.code in _CONSOLE_SILENCES:
+            self._console_action(ev)
+        elif ev.state is EventState.NOTICE or ev.code in _CONSOLE_OTHER:
             return
+        else:
+            self._alarm(ev)
+        self._save()  # safe on disk before the broker hears the acknowledgement
+        self.dirty = True
+        self._wake.set()
+
+    def _alarm(self, ev: Event) -> None:
         if ev.state is EventState.RAISED:
             key = alarm_key(ev.meter, ev.code, ev.phase)
             self.active[key] = to_alert(self.site, ev, ev.code)
@@ -184,9 +222,91 @@ class Forwarder:
             ends = max(ev.ts, datetime.fromisoformat(alert["startsAt"]))
             alert = {**alert, "endsAt": isoformat(ends)}
             self.resolved[key] = alert
-        self._save()  # safe on disk before the broker hears the acknowledgement
-        self.dirty = True
-        self._wake.set()
+            self._expire(f"ack/{key}")  # an acknowledgement lasts while the alarm does
+
+    # -- the console's actions: silences ---------------------------------------------------
+
+    def _console_action(self, ev: Event) -> None:
+        e = ev.evidence
+        user = str(e.get("user") or "console")
+        reason = str(e.get("reason") or "")
+        matchers = {"site": self.site, "meter": ev.meter}
+        if ev.code == "maintenance":
+            key = f"maintenance/{ev.meter}"
+            self._expire(key)
+            if ev.state is EventState.RAISED:
+                comment = f"maintenance (console, {user})" + (f": {reason}" if reason else "")
+                self._create(key, matchers, ev.ts + _OPEN_ENDED, user, comment)
+            return
+        code = e.get("code")
+        if not isinstance(code, str) or not code:
+            log.warning("%s event of %s names no alarm code: no silence", ev.code, ev.meter)
+            return
+        phase = e.get("phase")
+        matchers["code"] = code
+        if isinstance(phase, str) and phase:
+            matchers["phase"] = phase
+        alarm = alarm_key(ev.meter, code, phase if isinstance(phase, str) else None)
+        if ev.code == "alarm_ack":
+            key, ends = f"ack/{alarm}", ev.ts + _OPEN_ENDED
+            comment = f"acknowledged (console, {user})"
+        else:
+            until = e.get("until")
+            if not isinstance(until, int | float) or isinstance(until, bool):
+                log.warning("alarm_shelved of %s %s has no 'until': no silence", ev.meter, code)
+                return
+            key, ends = f"shelve/{alarm}", datetime.fromtimestamp(float(until), UTC)
+            comment = f"shelved (console, {user})" + (f": {reason}" if reason else "")
+        self._expire(key)
+        self._create(key, matchers, ends, user, comment)
+
+    def _create(
+        self, key: str, matchers: dict[str, str], ends: datetime, user: str, comment: str
+    ) -> None:
+        self.ops.append(
+            {"op": "create", "key": key, "matchers": matchers, "endsAt": isoformat(ends),
+             "createdBy": user, "comment": comment}
+        )  # fmt: skip
+
+    def _expire(self, key: str) -> None:
+        """Expire the silence ``key`` (or drop its creation if it is still queued)."""
+        queued = [op for op in self.ops if op["key"] == key and op["op"] == "create"]
+        if queued:
+            self.ops = [op for op in self.ops if op not in queued]
+        if key in self.silences or any(op["key"] == key for op in self.ops):
+            self.ops.append({"op": "expire", "key": key})
+
+    async def _apply_ops(self) -> None:
+        """Create and expire the queued silences in order; stop at the first failure."""
+        while self.ops:
+            op = self.ops[0]
+            if op["op"] == "create":
+                try:
+                    sid = await self.am.create_silence(
+                        op["matchers"], utcnow(), datetime.fromisoformat(op["endsAt"]),
+                        op["createdBy"], op["comment"],
+                    )  # fmt: skip
+                except AlertmanagerError as exc:
+                    if exc.code is None or exc.code >= 500:
+                        raise  # away or failing: retry
+                    # refused (e.g. a shelving that already ended): it never will be
+                    log.error("silence %s refused by Alertmanager: %s", op["key"], exc)
+                else:
+                    self.silences[op["key"]] = sid
+            else:
+                sid = self.silences.get(op["key"], "")
+                if sid:
+                    try:
+                        await self.am.expire_silence(sid)
+                    except AlertmanagerError as exc:
+                        # an answer (not found, already expired: Alertmanager says 404 or
+                        # 500) means there is nothing left to expire; no answer: retry
+                        if exc.code is None:
+                            raise
+                        log.info("silence %s (%s) not expired: %s", sid, op["key"], exc)
+                self.silences.pop(op["key"], None)
+            self.ops.pop(0)
+            self._save()
 
     # -- alerts out ------------------------------------------------------------------------
 
@@ -197,6 +317,7 @@ class Forwarder:
 
     async def post_once(self) -> None:
         """Post the batch; on success forget the resolutions it carried."""
+        await self._apply_ops()
         sent = dict(self.resolved)
         await self.am.post_alerts(self.batch(utcnow()))
         for key, alert in sent.items():
@@ -210,7 +331,7 @@ class Forwarder:
         attempt = 0
         while not shutdown.requested.is_set():
             self._wake.clear()
-            if self.active or self.resolved:
+            if self.active or self.resolved or self.ops:
                 try:
                     self.dirty = False
                     await self.post_once()
