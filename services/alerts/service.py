@@ -269,10 +269,8 @@ class Forwarder:
         )  # fmt: skip
 
     def _expire(self, key: str) -> None:
-        """Expire the silence ``key`` (or drop its creation if it is still queued)."""
-        queued = [op for op in self.ops if op["key"] == key and op["op"] == "create"]
-        if queued:
-            self.ops = [op for op in self.ops if op not in queued]
+        """Expire the silence ``key``, after its creation if that is still queued (the
+        queue is worked in order, possibly while this runs: nothing is taken out of it)."""
         if key in self.silences or any(op["key"] == key for op in self.ops):
             self.ops.append({"op": "expire", "key": key})
 
@@ -305,7 +303,8 @@ class Forwarder:
                             raise
                         log.info("silence %s (%s) not expired: %s", sid, op["key"], exc)
                 self.silences.pop(op["key"], None)
-            self.ops.pop(0)
+            # events may have queued more meanwhile: take out this one, by identity
+            self.ops = [o for o in self.ops if o is not op]
             self._save()
 
     # -- alerts out ------------------------------------------------------------------------
