@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections import deque
 from collections.abc import Callable
 from importlib.metadata import version
@@ -61,6 +62,9 @@ _PUBLISH, _PUBACK = 0x30, 0x40
 _MAX_TOPIC_CACHE = 10_000
 #: messages handed on per event-loop pass at most
 _BATCH = 500
+#: how the reason given to ``on_failed`` starts when the broker refused the publish
+#: (a final answer) rather than the connection losing it
+REFUSED = "refused by the broker"
 
 
 class Link(Protocol):
@@ -82,7 +86,7 @@ class Refused(aiomqtt.MqttError):
     """The broker answered the publish with a failure reason code (MQTT v5, >= 0x80)."""
 
     def __init__(self, reason: int):
-        super().__init__(f"refused by the broker (reason code {reason:#04x})")
+        super().__init__(f"{REFUSED} (reason code {reason:#04x})")
         self.reason = reason
 
 
@@ -178,6 +182,15 @@ def make_link(
     return PlainLink(client, on_published=on_published, on_failed=on_failed)
 
 
+def _no_delay(client: aiomqtt.Client) -> None:
+    """Send small packets (PUBACKs, dead letters) at once: without ``TCP_NODELAY`` the
+    kernel holds a small write until the broker's TCP ACK of the previous one (Nagle),
+    and an acknowledgement or an awaited publish waits up to its delayed-ACK timer."""
+    sock: Any = client._client.socket()
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 class PlainLink:
     """The same contract on aiomqtt's public API (and paho's ``ack``)."""
 
@@ -195,6 +208,7 @@ class PlainLink:
         await self._awaited.publish(topic, payload, qos, retain, timeout)
 
     def start(self) -> None:
+        _no_delay(self._client)
         self._messages = self._client.messages
 
     async def next_batch(self) -> list[Received]:
@@ -294,6 +308,7 @@ class FastLink:
 
     def start(self) -> None:
         """Once connected: learn of the disconnection (to wake the reader and fail publishes)."""
+        _no_delay(self._aio)
         self._aio._disconnected.add_done_callback(self._on_disconnected)
 
     def _on_disconnected(self, _fut: asyncio.Future[None]) -> None:
@@ -546,7 +561,7 @@ class FastLink:
     def _confirm(self, mid: int, reason: int) -> None:
         token = self._inflight.pop(mid)
         if reason >= 0x80:
-            self._on_failed(token, f"refused by the broker (reason code {reason:#04x})")
+            self._on_failed(token, f"{REFUSED} (reason code {reason:#04x})")
         else:
             self._on_published(token)
         if self._backlog:

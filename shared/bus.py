@@ -29,7 +29,13 @@
   - at most ``max_inflight`` messages are unconfirmed on the wire, the rest wait
     in order in memory; :attr:`Bus.unconfirmed` counts both, and
     ``await bus.drain(timeout)`` waits until every one is confirmed or failed
-    (call it before a clean shutdown).
+    (call it before a clean shutdown);
+  - ``publish_nowait(..., after=group)`` ties the message to an :class:`AckGroup`
+    of received messages (from an :class:`AckQueue`): they are acknowledged once
+    every message published for them is confirmed (or refused by the broker: sending
+    it again would not help), in the order they were received; when one is lost
+    with the connection, none of them is, and the broker re-delivers them (a count per
+    group, no future per message: the cost is a counter step per PUBACK).
 
 The wire is aiomqtt's, with the receive, acknowledge and ``publish_nowait`` paths
 replaced by :mod:`shared._mqtt_fast` (whole socket reads parsed in batches) when the
@@ -43,6 +49,7 @@ import contextlib
 import logging
 import socket
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -122,6 +129,86 @@ class Incoming:
 
 
 Handler = Callable[[M, Incoming], Awaitable[None]]
+
+
+class AckGroup:
+    """Received messages acknowledged together once every message published for them
+    (``Bus.publish_nowait(..., after=group)``) is confirmed. Made by :meth:`AckQueue.group`.
+    """
+
+    __slots__ = ("_lost", "_open", "_queue", "_sealed", "incoming")
+
+    def __init__(self, queue: AckQueue, incoming: list[Incoming]) -> None:
+        self._queue = queue
+        self.incoming = incoming
+        self._open = 0
+        self._sealed = False
+        self._lost = False
+
+    @property
+    def done(self) -> bool:
+        """Sealed, and every publish for it confirmed or failed."""
+        return self._sealed and self._open == 0
+
+    @property
+    def lost(self) -> bool:
+        """A publish for it was not confirmed: its messages are never acknowledged."""
+        return self._lost
+
+    def add(self, incoming: Incoming) -> None:
+        """One more received message (before :meth:`seal`)."""
+        self.incoming.append(incoming)
+
+    def seal(self) -> None:
+        """Nothing more is published for it: acknowledge once the open publishes settle."""
+        self._sealed = True
+        if self._open == 0:
+            self._queue.release()
+
+    def lose(self) -> None:
+        """A result could not be handed over: leave its messages for re-delivery."""
+        self._lost = True
+
+    def _published(self) -> None:
+        self._open += 1
+
+    def _settled(self, ok: bool) -> None:
+        if not ok:
+            self._lost = True
+        self._open -= 1
+        if self._open == 0 and self._sealed:
+            self._queue.release()
+
+
+class AckQueue:
+    """Acknowledges the messages of :class:`AckGroup` s in the order the groups were made.
+
+    A group that is done is acknowledged when every earlier group is done too (MQTT
+    asks a receiver to acknowledge QoS 1 messages in the order they arrived); a lost
+    group is skipped (its messages are re-delivered after the next connection).
+    """
+
+    def __init__(self) -> None:
+        self._groups: deque[AckGroup] = deque()
+
+    def group(self, incoming: list[Incoming] | None = None) -> AckGroup:
+        """A new open group, after every group made so far."""
+        group = AckGroup(self, incoming if incoming is not None else [])
+        self._groups.append(group)
+        return group
+
+    @property
+    def waiting(self) -> int:
+        """Groups not acknowledged (nor skipped) yet."""
+        return len(self._groups)
+
+    def release(self) -> None:
+        groups = self._groups
+        while groups and groups[0].done:
+            group = groups.popleft()
+            if not group.lost:
+                for incoming in group.incoming:
+                    incoming.ack()
 
 
 @dataclass(slots=True)
@@ -312,12 +399,19 @@ class Bus:
         self._published_counter(topic).inc()
 
     def publish_nowait(
-        self, topic: str, message: BaseModel | bytes, *, qos: int = 1, retain: bool = False
+        self,
+        topic: str,
+        message: BaseModel | bytes,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        after: AckGroup | None = None,
     ) -> None:
         """Hand a message to the connection and return at once (see the module docstring).
 
         Raises :class:`BusUnavailable` when not connected; the PUBACK (or the failure,
-        reported to :meth:`on_publish_failed` callbacks) comes later.
+        reported to :meth:`on_publish_failed` callbacks) comes later. With ``after``,
+        the group's received messages wait for this one's confirmation.
         """
         link = self._link
         if link is None or not self.connected:
@@ -325,7 +419,9 @@ class Bus:
         payload = message if isinstance(message, bytes) else _encode(message)
         self._unconfirmed += 1
         self._idle.clear()
-        link.publish_nowait(topic, payload, qos, retain, (topic, payload))
+        if after is not None:
+            after._published()
+        link.publish_nowait(topic, payload, qos, retain, (topic, payload, after))
 
     def on_publish_failed(self, callback: OnPublishFailed) -> None:
         """Call ``callback(topic, payload, reason)`` for every unconfirmed ``publish_nowait``."""
@@ -543,9 +639,10 @@ class Bus:
             salvage = getattr(sub.model, "salvage", None)
             kept = salvage(incoming.payload, exc) if salvage is not None else None
             reason = describe_error(exc) if kept is None else kept[1]
-            await self._dead_letter(incoming.topic, incoming.payload, reason, sub.kind)
+            delivered = await self.dead_letter(incoming.topic, incoming.payload, reason, sub.kind)
             if kept is None:
-                incoming.ack()
+                if delivered:
+                    incoming.ack()  # else (broker gone) it is re-delivered and tried again
                 return
             model = kept[0]
         try:
@@ -572,12 +669,14 @@ class Bus:
             counter = self._published[kind] = self.metrics.published.labels(self.service, kind)
         return counter
 
-    def _confirmed(self, token: tuple[str, bytes]) -> None:
+    def _confirmed(self, token: tuple[str, bytes, AckGroup | None]) -> None:
         self._published_counter(token[0]).inc()
         self._settle()
+        if token[2] is not None:
+            token[2]._settled(True)
 
-    def _failed(self, token: tuple[str, bytes], reason: str) -> None:
-        topic, payload = token
+    def _failed(self, token: tuple[str, bytes, AckGroup | None], reason: str) -> None:
+        topic, payload, group = token
         self.metrics.publish_failures.labels(self.service, _kind(topic)).inc()
         log.warning(
             "publish to %s not confirmed: %s",
@@ -591,6 +690,9 @@ class Bus:
             except Exception:
                 log.exception("publish-failed callback raised", extra={"service": self.service})
         self._settle()
+        if group is not None:
+            # a refusal is final (the broker's ACL or quota): the inputs are acknowledged
+            group._settled(reason.startswith(_mqtt_fast.REFUSED))
 
     def _settle(self) -> None:
         self._unconfirmed -= 1
@@ -598,7 +700,14 @@ class Bus:
             self._unconfirmed = 0
             self._idle.set()
 
-    async def _dead_letter(self, topic: str, payload: bytes, reason: str, kind: str) -> None:
+    async def dead_letter(self, topic: str, payload: bytes, reason: str, kind: str) -> bool:
+        """Publish ``payload`` (received on ``topic``) to the dead-letter topic with
+        ``reason``; count it under ``kind`` (a fixed label, never a name from the input)
+        and log it (rate-limited, quoting at most a few hundred characters).
+
+        True when the letter is with the broker (or the broker refused it for good),
+        False when it could not be delivered: leave the input unacknowledged then.
+        """
         self.metrics.deadletters.labels(self.service, kind).inc()
         log.warning(
             "dead-lettered a %s message from %s: %s",
@@ -622,8 +731,12 @@ class Bus:
         )
         try:
             await self.publish(topics.deadletter(site, self.service), letter)
+        except PublishRefused as exc:
+            log.error("dead letter refused: %s", exc, extra={"service": self.service})
         except BusUnavailable as exc:
             log.error("could not publish dead letter: %s", exc, extra={"service": self.service})
+            return False
+        return True
 
 
 def _acker(link: _mqtt_fast.Link) -> Callable[[Incoming], None]:

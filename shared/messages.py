@@ -515,23 +515,43 @@ class DeadLetter(Message):
         return base64.b64decode(self.payload_b64)
 
 
+#: problems a dead letter's reason lists at most (then how many more there were)
+MAX_PROBLEMS = 10
+#: characters of one problem's field path or message quoted at most
+_MAX_PART = 200
+
+
 def describe_error(exc: Exception) -> str:
-    """One line per problem, naming the field path: what goes into a dead letter."""
+    """One line per problem, naming the field path: what goes into a dead letter.
+
+    At most :data:`MAX_PROBLEMS` problems are listed, then how many more there were;
+    a path or message longer than a short line is cut, saying how much was cut (a
+    payload with thousands of unknown keys gives a reason of a few hundred characters).
+    """
     if isinstance(exc, ValidationError):
         parts = []
-        for err in exc.errors(include_url=False):
+        errors = exc.errors(include_url=False)
+        for err in errors[:MAX_PROBLEMS]:
             if err["type"] == "json_invalid":  # from model_validate_json
-                return f"malformed JSON: {err['ctx'].get('error', err['msg'])}"
-            loc = ".".join(str(x) for x in err["loc"]) or "(root)"
+                return _cut(f"malformed JSON: {err['ctx'].get('error', err['msg'])}")
+            loc = _cut(".".join(str(x) for x in err["loc"]) or "(root)")
             got = err.get("input")
             if err["type"] in ("implausible", "ts_ahead") or isinstance(got, dict | list):
-                parts.append(f"{loc}: {err['msg']}")  # the message names the input itself
+                parts.append(f"{loc}: {_cut(err['msg'])}")  # the message names the input itself
             else:
-                parts.append(f"{loc}: {err['msg']} (got {_short(got)})")
+                parts.append(f"{loc}: {_cut(err['msg'])} (got {_short(got)})")
+        if len(errors) > MAX_PROBLEMS:
+            parts.append(f"... and {len(errors) - MAX_PROBLEMS} more problems")
         return "; ".join(parts)
     if isinstance(exc, orjson.JSONDecodeError):
-        return f"malformed JSON: {exc}"
-    return f"{type(exc).__name__}: {exc}"
+        return _cut(f"malformed JSON: {exc}")
+    return _cut(f"{type(exc).__name__}: {exc}", 4 * _MAX_PART)
+
+
+def _cut(text: str, limit: int = _MAX_PART) -> str:
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit} more chars)"
 
 
 def _short(value: object) -> str:

@@ -42,7 +42,13 @@ def reading(site: str, meter: str, k: int, pf: float) -> Reading:
 
 
 def site_cfg(name: str, window_s: float) -> SiteConfig:
-    return parse_site({"site": name, "analytics": {"batch_window_s": window_s, "batch_max": 7}})
+    meters = {m: {} for m in ("m0", "m1", "m2", "m3", "m4", "bad")}
+    return parse_site(
+        {
+            "site": name,
+            "analytics": {"batch_window_s": window_s, "batch_max": 7, "meters": meters},
+        }
+    )
 
 
 async def test_burst_is_batched_in_order_and_equals_one_at_a_time(

@@ -54,6 +54,7 @@ async def test_service_publishes_metrics_and_events(settings: Settings, site_nam
             "analytics": {
                 "alarm_slot_s": 5,
                 "alarms": {"broken_neutral": timing, "low_pf": timing, "penalty_pf": timing},
+                "meters": {"m1": {}, "scope": {}},  # sources that publish directly
             },
         }
     )

@@ -365,7 +365,7 @@ async def test_an_extreme_value_is_refused_and_the_meter_keeps_its_demand(
 async def test_one_poison_input_costs_only_itself(settings: Settings, site_name: str) -> None:
     """Inputs the schema would refuse (built unvalidated here) inside a batch: their own
     results are lost, counted; every other input of the batch is published."""
-    site = site_with(site_name, [])
+    site = site_with(site_name, ["g1", "seq", "year", "g2"])
     base = ServiceMetrics("analytics", site_name)
     now = utcnow() - timedelta(seconds=30)
     values = {M(k): v for k, v in GOOD.items()}

@@ -10,9 +10,20 @@ are analysed in the order they arrived. Every input gives one instantaneous
 interval closes, and alarm ``Event`` messages on transitions.
 
 Results go out with :meth:`~shared.bus.Bus.publish_nowait`: the receive loop never
-waits for a PUBACK (the bus keeps a bounded in-flight window, in order); a message
-the broker does not confirm is counted in ``pfm_analytics_publish_failed_total``
-and logged by the bus.
+waits for a PUBACK (the bus keeps a bounded in-flight window, in order). Inputs are
+acknowledged to the broker (manual acknowledgement) only once every result they
+produced is confirmed: one :class:`~shared.bus.AckGroup` per batch of readings and
+per waveform, acknowledged in arrival order. A result the broker does not confirm
+(connection lost) is counted in ``pfm_analytics_publish_failed_total`` and logged by
+the bus, and its inputs stay unacknowledged: the persistent session re-delivers
+them after the next connection and they are analysed again (the archiver drops the
+duplicate rows by meter, source and source seq).
+
+A reading or waveform of a meter the site file does not know (neither under
+``meters`` nor under ``analytics.meters``), or whose payload names another meter or
+site than its topic, is a dead letter, counted under the fixed label
+``meter="_unknown"``: random meter names cost neither engine memory nor metric
+label children.
 """
 
 from __future__ import annotations
@@ -30,7 +41,7 @@ from services.analytics.batch import MAX_METERS, SiteEngine, TooManyMeters
 from services.analytics.dsp import WaveformError
 from services.analytics.output import SERVICE, Output, encode_metrics
 from shared import topics
-from shared.bus import Bus, BusUnavailable, Incoming
+from shared.bus import AckGroup, AckQueue, Bus, BusUnavailable, Incoming
 from shared.measurements import Measurement as M
 from shared.messages import Event, EventState, Reading, Severity, Waveform, encode
 from shared.metrics import ServiceMetrics
@@ -42,6 +53,8 @@ log = logging.getLogger(__name__)
 #: the label of inputs refused because the meter count is at its bound (not the
 #: meter's own name: random names must not grow the metric's label set either)
 _UNTRACKED = "_untracked"
+#: the label of inputs of meters the site file does not know
+_UNKNOWN = "_unknown"
 
 
 __all__ = ["SERVICE", "Analytics", "AnalyticsMetrics", "run"]
@@ -114,6 +127,14 @@ class Analytics:
         self.window_s = site.analytics.batch_window_s
         self.batch_max = site.analytics.batch_max
         self.pending: list[Reading] = []
+        #: the received messages of ``pending`` (acknowledged once their results are)
+        self.pending_in: list[Incoming] = []
+        self.acks = AckQueue()
+        #: the meters whose inputs are analysed: the site's meters and the waveform
+        #: sources listed under ``analytics.meters``
+        self.known = frozenset(m.name for m in site.meters) | frozenset(site.analytics.meters)
+        self.unknown = 0
+        self.closing = False
         self._timer: asyncio.TimerHandle | asyncio.Handle | None = None
         self.notice_seq = 0
         self.refused = 0
@@ -148,11 +169,60 @@ class Analytics:
             return False
         return True
 
+    def subscribe(self) -> None:
+        """Route the site's readings and waveforms here (the bus must acknowledge
+        manually: ``Bus(..., manual_ack=True)``)."""
+        bus, site = self.bus, self.site.site
+        bus.on_publish_failed(self.on_publish_failed)
+        bus.subscribe(topics.pattern(topics.Kind.READING, site), Reading, self.on_reading)
+        bus.subscribe(topics.pattern(topics.Kind.WAVEFORM, site), Waveform, self.on_waveform)
+
     # -- readings: batched ---------------------------------------------------------------
+
+    async def _accept(self, meter: str, site: str, incoming: Incoming | None) -> bool:
+        """Whether an input of ``meter`` is analysed. A meter the site file does not
+        know, or a payload naming another meter/site than its topic, is dead-lettered
+        (and acknowledged once the dead letter is with the broker)."""
+        if incoming is None:  # called directly (tests, tools): no topic to check
+            return meter in self.known or self._refuse_unknown(meter)
+        parts = incoming.topic.split("/")
+        if meter in self.known and site == self.site.site and parts[3] == meter:
+            return True
+        kind = parts[-1]
+        if parts[3] != meter or site != self.site.site:
+            reason = (
+                f"payload site {site!r} meter {meter!r} differ from the topic's "
+                f"site {parts[2]!r} meter {parts[3]!r}"
+            )
+            label = "topic_mismatch"
+        else:
+            reason = f"meter {meter!r} is not in the site file of {self.site.site!r}"
+            label = "unknown_meter"
+        self.metrics.rejected.labels(_UNKNOWN, label).inc()
+        group = self.acks.group([incoming])
+        if not await self.bus.dead_letter(incoming.topic, incoming.payload, reason, kind):
+            group.lose()
+        group.seal()
+        return False
+
+    def _refuse_unknown(self, meter: str) -> bool:
+        self.unknown += 1
+        self.metrics.rejected.labels(_UNKNOWN, "unknown_meter").inc()
+        if self.unknown == 1 or self.unknown % 1000 == 0:
+            log.error("meter %r is not in the site file (%d inputs refused)", meter, self.unknown)
+        return False
+
+    def _group(self, incoming: list[Incoming]) -> AckGroup:
+        return self.acks.group([i for i in incoming if i is not None])
 
     async def on_reading(self, reading: Reading, incoming: Incoming) -> None:
         """Queue the reading for the next batch."""
+        if self.closing:
+            return  # not acknowledged: re-delivered after the restart
+        if not await self._accept(reading.meter, reading.site, incoming):
+            return
         self.pending.append(reading)
+        self.pending_in.append(incoming)
         if len(self.pending) >= self.batch_max:
             self.flush()
         elif self._timer is None:
@@ -167,7 +237,17 @@ class Analytics:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if not self.pending:
+            return
         batch, self.pending = self.pending, []
+        group = self._group(self.pending_in)
+        self.pending_in = []
+        try:
+            self._analyse(batch, group)
+        finally:
+            group.seal()
+
+    def _analyse(self, batch: list[Reading], group: AckGroup) -> None:
         if not batch:
             return
         started = time.perf_counter()
@@ -198,7 +278,7 @@ class Analytics:
         for r, out in zip(batch, outs, strict=True):
             self._children(r.meter)[0].inc()
             try:
-                self._emit(r.meter, out)
+                self._emit(r.meter, out, group)
             except Exception as exc:  # our bug: this input's results, nothing else
                 self._failed_output(r.meter, f"reading seq {r.seq}", exc)
         if batch:  # one observation per batch: what one input cost in it
@@ -207,7 +287,18 @@ class Analytics:
     # -- waveforms: one at a time (each is a batch of FFTs already) ------------------------
 
     async def on_waveform(self, wf: Waveform, incoming: Incoming) -> None:
+        if self.closing:
+            return  # not acknowledged: re-delivered after the restart
+        if not await self._accept(wf.meter, wf.site, incoming):
+            return
         self.flush()  # the meter's earlier readings first
+        group = self._group([incoming])
+        try:
+            self._waveform(wf, incoming, group)
+        finally:
+            group.seal()
+
+    def _waveform(self, wf: Waveform, incoming: Incoming | None, group: AckGroup) -> None:
         if not self._tracked(wf.meter):
             return
         started = time.perf_counter()
@@ -216,8 +307,7 @@ class Analytics:
         except WaveformError as exc:
             self.metrics.rejected.labels(wf.meter, "waveform").inc()
             log.warning(
-                "waveform %s seq %d of %s rejected: %s",
-                incoming.topic,
+                "waveform seq %d of %s rejected: %s",
                 wf.seq,
                 wf.meter,
                 exc,
@@ -236,10 +326,10 @@ class Analytics:
                 evidence={"source_seq": wf.seq},
                 service=SERVICE,
             )
-            self._publish(topics.event(wf.site, wf.meter), encode(notice), "event")
+            self._publish(topics.event(wf.site, wf.meter), encode(notice), "event", group)
             return
         self._children(wf.meter)[1].inc()
-        self._emit(wf.meter, out)
+        self._emit(wf.meter, out, group)
         self.metrics.process.observe(time.perf_counter() - started)
 
     # -- results ---------------------------------------------------------------------------
@@ -278,7 +368,7 @@ class Analytics:
             )
         )
 
-    def _emit(self, meter: str, out: Output) -> None:
+    def _emit(self, meter: str, out: Output, group: AckGroup) -> None:
         """Publish one input's results; a message that cannot be encoded costs only
         itself (counted in ``pfm_analytics_rejected_total{kind="encode"}``)."""
         if out.metrics and self.balance.watches(meter):
@@ -292,14 +382,14 @@ class Analytics:
             except Exception as exc:  # e.g. an integer beyond 64 bits (refused at entry)
                 self._failed_output(meter, f"metrics seq {m.seq}", exc)
                 continue
-            self._publish(topic, payload, "metrics")
+            self._publish(topic, payload, "metrics", group)
         for ev in out.events:
             try:
                 payload = encode(ev)
             except Exception as exc:
                 self._failed_output(meter, f"event {ev.code}", exc)
                 continue
-            self._publish(topics.event(ev.site, meter), payload, "event")
+            self._publish(topics.event(ev.site, meter), payload, "event", group)
             self.metrics.transitions.labels(meter, ev.code, ev.state.value).inc()
             self.metrics.alarms_active.labels(meter, ev.code).inc(
                 1 if ev.state == EventState.RAISED else -1
@@ -330,10 +420,11 @@ class Analytics:
                 extra={"service": SERVICE, "meter": meter},
             )
 
-    def _publish(self, topic: str, payload: bytes, kind: str) -> None:
+    def _publish(self, topic: str, payload: bytes, kind: str, group: AckGroup) -> None:
         try:
-            self.bus.publish_nowait(topic, payload)
+            self.bus.publish_nowait(topic, payload, after=group)
         except BusUnavailable as exc:
+            group.lose()  # its inputs are re-delivered after the reconnection
             self.metrics.publish_failed.labels(kind).inc()
             log.warning("could not publish %s: %s", topic, exc, extra={"service": SERVICE})
 
@@ -342,11 +433,22 @@ class Analytics:
         self.metrics.publish_failed.labels(topic.rsplit("/", 1)[-1]).inc()
 
     async def drain(self, timeout: float = 5.0) -> None:
-        """Analyse what waits, then wait (bounded) until the broker confirmed or refused
-        every result."""
+        """Stop taking inputs, analyse what waits, then wait (bounded) until the broker
+        confirmed or refused every result: the inputs of confirmed results are
+        acknowledged; the others (and inputs that arrive meanwhile) are not, and the
+        persistent session re-delivers them on the next start."""
+        self.closing = True
         self.flush()
         with contextlib.suppress(TimeoutError):
             await self.bus.drain(timeout)
+        await asyncio.sleep(0)  # the acknowledgements are written once per loop pass
+        if self.acks.waiting:
+            log.warning(
+                "%d input groups not confirmed in %.1f s: left for re-delivery",
+                self.acks.waiting,
+                timeout,
+                extra={"service": SERVICE},
+            )
 
 
 async def run(settings: Settings, site: SiteConfig, shutdown: Shutdown) -> None:
@@ -355,11 +457,11 @@ async def run(settings: Settings, site: SiteConfig, shutdown: Shutdown) -> None:
     port = settings.metrics_port if settings.metrics_port is not None else METRICS_PORTS[SERVICE]
     metrics.serve(settings.metrics_host, port)
 
-    async with Bus(settings, service=SERVICE, site=site.site, metrics=metrics) as bus:
+    async with Bus(
+        settings, service=SERVICE, site=site.site, metrics=metrics, manual_ack=True
+    ) as bus:
         app = Analytics(site, bus, ana_metrics)
-        bus.on_publish_failed(app.on_publish_failed)
-        bus.subscribe(topics.pattern(topics.Kind.READING, site.site), Reading, app.on_reading)
-        bus.subscribe(topics.pattern(topics.Kind.WAVEFORM, site.site), Waveform, app.on_waveform)
+        app.subscribe()
         shutdown.ready_after(bus.wait_subscribed(), "subscribed")
         await shutdown.wait()
         await app.drain()
