@@ -6,6 +6,7 @@ import typer
 
 from services import demo, init
 from services.actuator import cli as actuator_cli
+from services.alerts import cli as alerts_cli
 from services.analytics import cli as analytics_cli
 from services.archiver import cli as archiver_cli
 from services.collector import cli as collector_cli
@@ -32,6 +33,7 @@ for module in (
     analytics_cli,
     actuator_cli,
     archiver_cli,
+    alerts_cli,
     console_cli,
     simulator_cli,
     demo,

@@ -33,12 +33,14 @@ from services.analytics import service as analytics
 from services.archiver import service as archiver
 from services.archiver.report import write_report
 from services.collector import service as collector
+from services.collector.homeassistant import node_id
+from services.collector.homeassistant import publish as publish_discovery
 from services.common import console as make_console
 from services.console import service as console_service
 from services.console.demo import DEMO_USER, demo_console
 from services.simulator import SimServer, SimSite, inductive_site
 from shared import topics
-from shared.bus import Bus, Incoming
+from shared.bus import Bus, BusUnavailable, Incoming
 from shared.embedded import (
     AmqttBroker,
     LocalMosquitto,
@@ -129,6 +131,9 @@ def demo_site(port: int, plant: SimSite, site: str = "demo") -> dict[str, Any]:
         # one archiver: a plain subscription, so that sessions other demos left in a
         # shared group on the same broker cannot take a share of this demo's messages
         "archiver": {"share_group": None},
+        # a Home Assistant on the same broker shows the meters and alarms while the
+        # demo runs (read-only: no bank switches)
+        "homeassistant": {},
     }
 
 
@@ -278,6 +283,10 @@ async def demo_main(shutdown: Shutdown, meters: int, keep: bool) -> int:
                 console.print(f"  database: {db_note}, table pfm_metrics")
                 console.print(f"  site:     {site.site}, {workdir / 'site.yaml'}")
                 console.print(f"  mqtt ids: {settings.mqtt_client_id}-<service>")
+                console.print(
+                    "  home assistant: MQTT discovery under homeassistant/+/"
+                    f"{node_id(site.site)}/ (cleared when the demo ends)"
+                )
                 console.print(f"console: {console_url}")
                 console.print(
                     f"  login:    {DEMO_USER} / {console_password} (reading is open on "
@@ -308,6 +317,7 @@ async def demo_main(shutdown: Shutdown, meters: int, keep: bool) -> int:
                     rows = await _count(pool, site.site, started)
                 finally:
                     await pool.close()
+                    await _clear_discovery(settings, site)
                 console.print(view.table(rows))
                 before, after = view.first_pf, view.incomer_pf()
                 if before is not None and after is not None:
@@ -321,6 +331,22 @@ async def demo_main(shutdown: Shutdown, meters: int, keep: bool) -> int:
         if not keep:
             shutil.rmtree(workdir, ignore_errors=True)
     return rows
+
+
+async def _clear_discovery(settings: Settings, site: SiteConfig) -> None:
+    """Take the run's Home Assistant devices away (empty retained configs)."""
+    if site.homeassistant is None:
+        return
+    off = site.model_copy(
+        update={"homeassistant": site.homeassistant.model_copy(update={"enabled": False})}
+    )
+    s = settings.model_copy(update={"mqtt_client_id": f"{settings.mqtt_client_id}-ha"})
+    try:
+        async with Bus(s, service="demo", site=site.site, persistent=False) as bus:
+            await bus.wait_connected(5)
+            await publish_discovery(s, off, bus, "demo")
+    except (BusUnavailable, TimeoutError) as exc:
+        console.print(f"[yellow]Home Assistant configs of the run not cleared: {exc}[/]")
 
 
 async def _report(dsn: str, site: SiteConfig, since: datetime, folder: Path | None) -> None:

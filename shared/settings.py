@@ -84,6 +84,9 @@ class Settings(BaseSettings):
         description="read and acknowledge MQTT in batches under aiomqtt (off = aiomqtt's own"
         " per-message path; on needs exactly aiomqtt 2.5.1 / paho 2.2.0, else it is off anyway)",
     )
+    alertmanager_url: str = Field(
+        "http://127.0.0.1:9093", description="Alertmanager that `pfmon alerts` posts to"
+    )
     db_dsn: str = Field(DEFAULT_DB_DSN, description="PostgreSQL / TimescaleDB DSN")
     site_file: Path | None = Field(None, description="site YAML (meters, buses, rules)")
     data_dir: Path = Field(Path("var"), description="spool and buffer folder")
@@ -140,6 +143,7 @@ METRICS_PORTS = {
     "actuator": 9103,
     "archiver": 9104,
     "console": 9105,
+    "alerts": 9106,
 }
 
 

@@ -137,6 +137,9 @@ class Profile:
     #: the device applies its CT/PT ratios itself (set in the meter): it reports primary
     #: values, so the site file's ``ct_ratio``/``pt_ratio`` are not applied again
     reports_primary: bool = False
+    #: who makes the device and its model (Home Assistant's device card)
+    manufacturer: str = ""
+    model: str = ""
 
     def plan(self) -> list[Block]:
         """Coalesce adjacent registers into as few reads as the Modbus limit allows."""
@@ -285,6 +288,8 @@ register(
     Profile(
         name="pmtr001",
         description="PMTR_001 three-phase meter (firmware 2024-09-01)",
+        manufacturer="PMTR",
+        model="PMTR_001",
         phases=3,
         max_gap=2,
         registers={
@@ -332,6 +337,8 @@ register(
     Profile(
         name="sdm630",
         description="Eastron SDM630 three-phase meter (float input registers)",
+        manufacturer="Eastron",
+        model="SDM630",
         phases=3,
         max_gap=20,
         registers={
@@ -394,6 +401,8 @@ register(
     Profile(
         name="pzem004t",
         description="Peacefair PZEM-004T v3.0 single-phase meter",
+        manufacturer="Peacefair",
+        model="PZEM-004T v3.0",
         phases=1,
         registers={
             M.VOLTAGE_L1: _PZ_V,

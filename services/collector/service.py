@@ -59,6 +59,7 @@ from typing import Any
 import orjson
 from prometheus_client import Counter, Gauge, Histogram
 
+from services.collector.homeassistant import Discovery
 from services.collector.profiles import Block, Profile, Refused, resolve, to_primary
 from services.collector.timesync import CLOCKS, RESYNC_S
 from shared import __version__, topics
@@ -778,6 +779,10 @@ async def run(
             settings, service=SERVICE, site=site.site, metrics=metrics, will=will, backoff=backoff
         ) as bus:
             bus.on_connect(announce)
+            discovery = None
+            if site.homeassistant is not None:
+                discovery = Discovery(settings, site, SERVICE)
+                bus.on_connect(discovery.on_connect)
             shutdown.ready_after(bus.wait_connected(), "connected")
             by_bus: dict[str, list[MeterState]] = {}
             for m in collector.meters:
@@ -796,6 +801,8 @@ async def run(
                 finally:
                     stop_publishing.set()
                     collector.outbox.wake.set()
+            if discovery is not None:
+                await discovery.close()
             if bus.connected:
                 with contextlib.suppress(BusUnavailable):
                     await bus.publish(status_topic, collector.status("offline"), retain=True)

@@ -17,16 +17,19 @@ from typing import Literal
 from services.init.files import write_private
 from shared import topics
 from shared.errors import ConfigError
+from shared.site.homeassistant import HomeAssistantConfig
 
 Role = Literal["site", "edge", "central"]
 
 ROOT = topics.ROOT
 #: the users each role's broker knows (bridge users are added at the centre per edge)
 ROLE_USERS: dict[str, tuple[str, ...]] = {
-    "site": ("collector", "analytics", "actuator", "archiver", "console", "monitor"),
-    "edge": ("collector", "analytics", "actuator", "console", "monitor"),
+    "site": ("collector", "analytics", "actuator", "archiver", "console", "alerts", "monitor"),
+    "edge": ("collector", "analytics", "actuator", "console", "alerts", "monitor"),
     "central": ("archiver", "monitor"),
 }
+#: the user Home Assistant logs in as (only when the site file has ``homeassistant:``)
+HOMEASSISTANT_USER = "homeassistant"
 #: uid of ``mosquitto`` in eclipse-mosquitto (it reads the broker/ folder)
 MOSQUITTO_UID = 1883
 PBKDF2_ITERATIONS = 101  # what mosquitto_passwd 2.0 writes ($7$)
@@ -70,12 +73,26 @@ def write_passwd(path: Path, entries: dict[str, str]) -> None:
 # -- ACL ---------------------------------------------------------------------------------
 
 
-def acl_text(role: Role, site: str, bridge_sites: Iterable[str] = ()) -> str:
+def acl_text(
+    role: Role,
+    site: str,
+    bridge_sites: Iterable[str] = (),
+    homeassistant: HomeAssistantConfig | None = None,
+) -> str:
     """The broker's ACL: every user may publish only its own topics.
 
-    Only the actuator may publish ``.../actuator/+/command`` and only the console
-    ``.../actuator/+/request`` (never bridged); the collector publishes
-    readings, waveforms, device events and the gateway status but never ``metrics``;
+    ``alerts`` reads the alarm events only. With a ``homeassistant:`` section the
+    collector may also read and write the site's discovery configs
+    (``{prefix}/+/pfm-{site}/+/config``), and the ``homeassistant`` user may read
+    exactly what its entities show (metrics, events, gateway status, actuator state)
+    and the discovery prefix, write its own birth/will (``{prefix}/status``), and publish
+    bank requests (``.../actuator/+/request``, never a command) only with
+    ``allow_control: true``.
+
+    Only the actuator may publish ``.../actuator/+/command`` and only the console (and
+    Home Assistant with ``allow_control``) ``.../actuator/+/request`` (never bridged); the
+    collector publishes readings, waveforms, device events and the gateway status but
+    never ``metrics``;
     a bridge user (centre only) may publish only its own site's ``metrics``, ``event``,
     actuator ``state`` and gateway status - never a command.
     """
@@ -93,10 +110,13 @@ def acl_text(role: Role, site: str, bridge_sites: Iterable[str] = ()) -> str:
     def block(user: str, comment: str, rules: list[str]) -> None:
         lines.extend([f"# {comment}", f"user {user}", *rules, ""])
 
+    ha = homeassistant if role in ("site", "edge") else None
     if role in ("site", "edge"):
+        discovery = [f"topic readwrite {ha.prefix}/+/pfm-{site}/+/config"] if ha is not None else []
         block(
             "collector",
-            "collector: readings, waveforms, device-fault events, gateway status",
+            "collector: readings, waveforms, device-fault events, gateway status"
+            + (", Home Assistant discovery" if ha is not None else ""),
             [
                 f"topic read {s}/#",
                 f"topic write {s}/+/reading",
@@ -104,6 +124,7 @@ def acl_text(role: Role, site: str, bridge_sites: Iterable[str] = ()) -> str:
                 f"topic write {s}/+/event",
                 f"topic write {s}/gateway/+/status",
                 f"topic write {s}/deadletter/collector",
+                *discovery,
             ],
         )
         block(
@@ -130,12 +151,35 @@ def acl_text(role: Role, site: str, bridge_sites: Iterable[str] = ()) -> str:
         block(
             "console",
             "console: the ONLY user that may publish requests (an operator's action, via the "
-            "actuator's interlocks), and the events that audit them",
+            "actuator's interlocks), and the events that audit them"
+            + (" - besides homeassistant (allow_control)" if ha and ha.allow_control else ""),
             [
                 f"topic read {s}/#",
                 f"topic write {s}/actuator/+/request",
                 f"topic write {s}/+/event",
                 f"topic write {s}/deadletter/console",
+            ],
+        )
+    if role in ("site", "edge"):
+        block(
+            "alerts",
+            "alerts: reads the alarm events (it posts them to Alertmanager over HTTP)",
+            [f"topic read {s}/+/event", f"topic write {s}/deadletter/alerts"],
+        )
+    if ha is not None:
+        control = [f"topic write {s}/actuator/+/request"] if ha.allow_control else []
+        block(
+            HOMEASSISTANT_USER,
+            "homeassistant: what its entities show"
+            + (", and bank requests (allow_control)" if control else ", read-only"),
+            [
+                f"topic read {s}/+/metrics",
+                f"topic read {s}/+/event",
+                f"topic read {s}/gateway/+/status",
+                f"topic read {s}/actuator/+/state",
+                f"topic read {ha.prefix}/#",
+                f"topic readwrite {ha.prefix}/status",
+                *control,
             ],
         )
     if role == "site":

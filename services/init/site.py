@@ -21,6 +21,7 @@ from pathlib import Path
 
 from services.init.bridge import bridge_conf, register_bridge
 from services.init.broker import (
+    HOMEASSISTANT_USER,
     MOSQUITTO_UID,
     ROLE_USERS,
     Role,
@@ -42,6 +43,7 @@ from services.init.envfile import (
 from services.init.files import chown_tree, write_private
 from shared import topics
 from shared.errors import ConfigError
+from shared.site import load_site
 
 __all__ = ["PFMON_UID", "InitResult", "init_site", "new_password"]
 
@@ -97,6 +99,12 @@ def init_site(
         *(_edge_problems(central, central_host) if role == "edge" else []),
         *_overwrite_problems(out, env_file, force),
     ]
+    homeassistant = None  # a Home Assistant user and its ACL only with the section
+    if site_file is not None:
+        try:
+            homeassistant = load_site(site_file).homeassistant
+        except ConfigError as exc:
+            problems.append(str(exc))
     if problems:
         raise ConfigError("pfmon init: cannot generate the site's secrets", problems)
 
@@ -106,6 +114,8 @@ def init_site(
     _write_server_cert(ca, broker, site, hostnames, days)
 
     users = ROLE_USERS[role]
+    if homeassistant is not None and role != "central":
+        users = (*users, HOMEASSISTANT_USER)
     passwd = _bridges_kept(broker) if role == "central" else {}
     for user in users:
         password = result.passwords[user] = new_password()
@@ -120,7 +130,7 @@ def init_site(
         )
         write_private(out / "env" / f"{user}.env", env)
     write_passwd(broker / "passwd", passwd)
-    write_private(broker / "acl", acl_text(role, site, bridge_sites(passwd)), 0o600)
+    write_private(broker / "acl", acl_text(role, site, bridge_sites(passwd), homeassistant), 0o600)
     result.written += [broker / "passwd", broker / "acl"]
 
     if role == "edge":

@@ -24,6 +24,7 @@ from shared.site.archiver import ArchiverConfig
 from shared.site.collector import ProfileSpec
 from shared.site.console import ConsoleConfig
 from shared.site.core import BusConfig, Limit, Limits, MeterConfig, Thresholds, merged_limits
+from shared.site.homeassistant import HomeAssistantConfig
 from shared.topics import Slug
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "BankConfig",
     "BusConfig",
     "ConsoleConfig",
+    "HomeAssistantConfig",
     "Limit",
     "MeterConfig",
     "OutputDevice",
@@ -65,6 +67,8 @@ class SiteConfig(BaseModel):
     analytics: AnalyticsConfig = Field(default_factory=AnalyticsConfig)
     archiver: ArchiverConfig = Field(default_factory=ArchiverConfig)
     console: ConsoleConfig = Field(default_factory=ConsoleConfig)
+    #: Home Assistant MQTT discovery: off without the section
+    homeassistant: HomeAssistantConfig | None = None
 
     @model_validator(mode="after")
     def _cross_check(self) -> SiteConfig:
@@ -111,6 +115,13 @@ class SiteConfig(BaseModel):
                     f"banks[{i}].meter: no meter named {bank.meter!r} to compensate "
                     f"(meters: {', '.join(sorted(meter_names))})"
                 )
+        if self.homeassistant is not None and self.homeassistant.meters is not None:
+            for name in self.homeassistant.meters:
+                if name not in meter_names:
+                    problems.append(
+                        f"homeassistant.meters: no meter named {name!r} "
+                        f"(meters: {', '.join(sorted(meter_names)) or 'none'})"
+                    )
         if problems:
             raise ValueError("; ".join(problems))
         return self

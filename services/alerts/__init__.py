@@ -1,0 +1,1 @@
+"""Alarms to people: pfmon alarm events to Alertmanager, silences, Home Assistant."""
