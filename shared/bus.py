@@ -248,9 +248,7 @@ OnPublishFailed = Callable[[str, bytes, str], None]
 _MAX_ROUTES = 10_000
 
 
-def _kind(topic: str) -> str:
-    """The metric label of a topic: its last level (``reading``, ``metrics`` ...)."""
-    return topic.rsplit("/", 1)[-1]
+_kind = topics.kind_of
 
 
 class Bus:

@@ -100,6 +100,12 @@ def pattern(kind: Kind, site: str = "+", name: str = "+") -> str:
     return f"{ROOT}/{site}/{name}/{kind.value}"
 
 
+def kind_of(topic: str) -> str:
+    """A topic's last level (``reading``, ``metrics`` ...): what metrics label it by.
+    Cheap, with no checks: for topics this process subscribed to or published."""
+    return topic.rpartition("/")[2]
+
+
 @dataclass(frozen=True, slots=True)
 class TopicParts:
     site: str

@@ -42,6 +42,7 @@ from services.analytics.dsp import WaveformError
 from services.analytics.output import SERVICE, Output, encode_metrics
 from shared import topics
 from shared.bus import AckGroup, AckQueue, Bus, BusUnavailable, Incoming
+from shared.errors import ConfigError
 from shared.measurements import Measurement as M
 from shared.messages import Event, EventState, Reading, Severity, Waveform, encode
 from shared.metrics import ServiceMetrics
@@ -133,6 +134,8 @@ class Analytics:
         #: the meters whose inputs are analysed: the site's meters and the waveform
         #: sources listed under ``analytics.meters``
         self.known = frozenset(m.name for m in site.meters) | frozenset(site.analytics.meters)
+        #: per known meter, the topics its inputs may come on
+        self._input_topics: dict[str, tuple[str, str]] = {}
         self.unknown = 0
         self.closing = False
         self._timer: asyncio.TimerHandle | asyncio.Handle | None = None
@@ -185,14 +188,18 @@ class Analytics:
         (and acknowledged once the dead letter is with the broker)."""
         if incoming is None:  # called directly (tests, tools): no topic to check
             return meter in self.known or self._refuse_unknown(meter)
-        parts = incoming.topic.split("/")
-        if meter in self.known and site == self.site.site and parts[3] == meter:
+        known = meter in self.known and site == self.site.site
+        if known and incoming.topic in self._inputs_of(meter):
             return True
-        kind = parts[-1]
-        if parts[3] != meter or site != self.site.site:
+        try:
+            where = topics.parse(incoming.topic)
+        except ConfigError as exc:  # a topic level that is not a slug
+            where = topics.TopicParts("?", f"? ({exc})", topics.Kind.READING)
+        kind = where.kind.value
+        if where.name != meter or site != self.site.site:
             reason = (
                 f"payload site {site!r} meter {meter!r} differ from the topic's "
-                f"site {parts[2]!r} meter {parts[3]!r}"
+                f"site {where.site!r} meter {where.name!r}"
             )
             label = "topic_mismatch"
         else:
@@ -204,6 +211,17 @@ class Analytics:
             group.lose()
         group.seal()
         return False
+
+    def _inputs_of(self, meter: str) -> tuple[str, str]:
+        """The reading and waveform topics of a known meter (built once per meter)."""
+        got = self._input_topics.get(meter)
+        if got is None:
+            site = self.site.site
+            got = self._input_topics[meter] = (
+                topics.reading(site, meter),
+                topics.waveform(site, meter),
+            )
+        return got
 
     def _refuse_unknown(self, meter: str) -> bool:
         self.unknown += 1
@@ -430,7 +448,7 @@ class Analytics:
 
     def on_publish_failed(self, topic: str, payload: bytes, reason: str) -> None:
         """The broker did not confirm a result (the bus has logged it): count it."""
-        self.metrics.publish_failed.labels(topic.rsplit("/", 1)[-1]).inc()
+        self.metrics.publish_failed.labels(topics.kind_of(topic)).inc()
 
     async def drain(self, timeout: float = 5.0) -> None:
         """Stop taking inputs, analyse what waits, then wait (bounded) until the broker

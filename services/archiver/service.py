@@ -282,7 +282,7 @@ class Archiver:
     def refuse(self, incoming: Incoming, refusal: Refusal) -> None:
         """A message its topic does not vouch for: dead letter (on the topic's site),
         counted by reason, acknowledged; logged at most once per reason every 10 s."""
-        kind = incoming.topic.rsplit("/", 1)[-1]
+        kind = topics.kind_of(incoming.topic)
         self.m.refused.labels(refusal.reason).inc()
         self.metrics.deadletters.labels(SERVICE, kind).inc()
         now = time.monotonic()
