@@ -10,10 +10,10 @@ from datetime import timedelta
 import numpy as np
 import pytest
 
-from services.analytics.aggregate import BlockAggregate, BlockSet, MovingAverages, SlotSums
-from services.analytics.engine import MeterEngine
+from services.analytics.aggregate import BlockSet, SlotSums
 from shared.measurements import Measurement as M
 from shared.messages import Reading
+from tests.oracles import BlockAggregate, MeterEngine, MovingAverages
 from tests.test_analytics_engine import T0, site, three
 
 SLOTS = [5, 10, 20, 30, 60]

@@ -1,5 +1,5 @@
 """The site-wide engine: large batches give what one input at a time gives, and the
-vectorised parts equal their one-meter definitions (MovingAverages, registers.derive,
+vectorised parts equal their one-meter definitions (MovingAverages, oracles.derive,
 alarms.Alarm)."""
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 from services.analytics import registers
-from services.analytics.aggregate import MovingAverages
 from services.analytics.alarms import ALARMS, Alarm, AlarmStates
 from services.analytics.batch import AVG_COLS, SiteEngine, TooManyMeters
 from services.analytics.output import MetricsOut, Output, encode_metrics
@@ -22,6 +21,8 @@ from shared.measurements import Measurement as M
 from shared.messages import Event, Metrics, Reading, Waveform, decode
 from shared.site import parse_site
 from shared.site.analytics import AlarmTiming
+from tests import oracles
+from tests.oracles import MovingAverages
 
 T0 = datetime(2026, 3, 2, 6, 0, 0, tzinfo=UTC)
 A = np.exp(2j * np.pi / 3)
@@ -381,7 +382,7 @@ def test_derive_rows_equals_derive() -> None:
     got = registers.derive_rows(x, sqrt3, neutral_u0_pct=4.0)
     fits = 0
     for r, d in enumerate(dicts):
-        want = registers.derive(d, sqrt3=bool(sqrt3[r]), neutral_u0_pct=4.0)
+        want = oracles.derive(d, sqrt3=bool(sqrt3[r]), neutral_u0_pct=4.0)
         mine = {
             k: float(x[r, registers.COL[k]]) for k in M if not math.isnan(x[r, registers.COL[k]])
         }

@@ -9,13 +9,15 @@ from typing import Any
 import numpy as np
 import pytest
 
-from services.analytics import neutral, registers
-from services.analytics.aggregate import BucketExtremes, MovingAverages
+from services.analytics import neutral
+from services.analytics.aggregate import BucketExtremes
 from services.analytics.batch import SiteEngine
-from services.analytics.engine import MeterEngine, Output, encode_metrics
+from services.analytics.output import Output, encode_metrics
 from shared.measurements import Measurement as M
 from shared.messages import EventState, LoadKind, Metrics, Reading, ValidationError, decode
 from shared.site import parse_site
+from tests import oracles
+from tests.oracles import MeterEngine, MovingAverages
 
 T0 = datetime(2026, 1, 5, 8, 0, 0, tzinfo=UTC)
 A = np.exp(2j * np.pi / 3)
@@ -54,7 +56,7 @@ def three(v: tuple[float, ...], i: tuple[float, ...], pf: tuple[float, ...]) -> 
 
 def test_register_derivation_magnitude_only() -> None:
     vals = three((230.0, 232.0, 228.0), (10.0, 20.0, 5.0), (0.8, 0.9, 0.7))
-    d = registers.derive(vals)
+    d = oracles.derive(vals)
     s = [230 * 10, 232 * 20, 228 * 5]
     p = [s[0] * 0.8, s[1] * 0.9, s[2] * 0.7]
     assert d.values[M.APPARENT_POWER_L2] == pytest.approx(s[1], rel=1e-12)
@@ -69,7 +71,7 @@ def test_register_derivation_magnitude_only() -> None:
 def test_signed_reactive_power_gives_load_and_quadrant() -> None:
     vals = {M.VOLTAGE_L1: 230.0, M.CURRENT_L1: 10.0, M.POWER_L1: -1840.0}
     vals[M.REACTIVE_POWER_L1] = 1380.0
-    d = registers.derive(vals)
+    d = oracles.derive(vals)
     assert d.quadrant["L1"] == 2 and d.load["L1"] == LoadKind.CAPACITIVE  # P*Q < 0
     assert d.values[M.REACTIVE_POWER] == 1380.0
 
@@ -79,7 +81,7 @@ def test_delta_sqrt3_correction_and_u2_from_line_magnitudes() -> None:
     vals = three(vll, (10.0, 10.0, 10.0), (1.0, 1.0, 1.0))
     for k in range(3):  # a delta meter's P register is per element: V_LL/sqrt3 * I
         vals[M.per_phase("power", k + 1)] = vll[k] / math.sqrt(3) * 10.0
-    d = registers.derive(vals, sqrt3=True)
+    d = oracles.derive(vals, sqrt3=True)
     assert d.values[M.VOLTAGE_L1] == pytest.approx(400 / math.sqrt(3))
     assert d.values[M.VOLTAGE_L1_L2] == 400.0
     assert d.values[M.APPARENT_POWER_L1] == pytest.approx(400 / math.sqrt(3) * 10)

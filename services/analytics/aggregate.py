@@ -5,17 +5,15 @@ buckets of a ring (numpy, one row per bucket, one column per quantity), so a
 reading costs O(slots) whatever the reading rate, and state never grows with
 run time.
 
-:class:`MovingAverages` and :class:`BlockAggregate` are the plain one-meter
-definitions (the reference the tests hold the engine to). The engine's state is
-in the ``RowState`` classes below them: one row per meter, each call updating
-many meters at once with numpy (the site-wide engine hands them one reading per
-meter per call), element-wise only, so a meter's numbers do not depend on
-which other meters shared its call.
+The engine's state is in the ``RowState`` classes: one row per meter, each call
+updating many meters at once with numpy (the site-wide engine hands them one
+reading per meter per call), element-wise only, so a meter's numbers do not
+depend on which other meters shared its call. The plain one-meter definitions the
+tests hold them to are in ``tests/oracles.py``.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -25,140 +23,6 @@ import numpy.typing as npt
 F64 = npt.NDArray[np.float64]
 
 
-class MovingAverages:
-    """Time-based moving averages of K quantities over several slots (seconds).
-
-    Samples fall into buckets of ``bucket_s`` (default: the shortest slot / 10);
-    the average of a slot covers the buckets of the last ``slot`` seconds, so its
-    edge is exact to one bucket. A quantity missing from a sample (NaN) is left
-    out of that quantity's average (per-column counts).
-
-    Implementation: running (cumulative) sums and counts of everything added,
-    plus a ring holding their value at the start of each of the last buckets.
-    A slot's sum is the running sum minus the ring entry where the slot starts:
-    a sample costs two vector additions, and moving to a new bucket one row copy,
-    whatever the number of slots. The running sums are re-based now and then
-    (subtracted from the ring), so they never grow with run time.
-    """
-
-    def __init__(self, slots_s: Iterable[float], width: int, bucket_s: float | None = None):
-        self.slots = sorted(float(s) for s in slots_s)
-        self.bucket_s = bucket_s or self.slots[0] / 10.0
-        self.spans = [max(1, round(s / self.bucket_s)) for s in self.slots]
-        self.size = max(self.spans) + 1
-        self._ones = np.ones(width)
-        self._spans = np.array(self.spans)
-        self.width = width
-        #: running sums and counts at the start of bucket b, at row b % size
-        self.sums = np.zeros((self.size, width))
-        self.counts = np.zeros((self.size, width))
-        self.cum_sum = np.zeros(width)
-        self.cum_cnt = np.zeros(width)
-        self._starts = np.zeros(len(self.slots), dtype=np.intp)
-        self._empty = np.zeros((len(self.slots), width), dtype=bool)
-        self.last: int | None = None
-        self._advances = 0
-
-    def add(self, t: float, x: F64, complete: bool = False) -> None:
-        """Add a sample; ``complete=True`` promises no NaN in ``x`` (a faster path)."""
-        b = math.floor(t / self.bucket_s)
-        if self.last is None:
-            self._set_last(b)
-        elif b > self.last:
-            self._advance(b)
-        # b < last: out of order (clock step back): counted in the newest bucket
-        if complete:
-            self.cum_sum += x
-            self.cum_cnt += self._ones
-        else:
-            ok = ~np.isnan(x)
-            self.cum_sum += np.where(ok, x, 0.0)
-            self.cum_cnt += ok
-
-    def _set_last(self, b: int) -> None:
-        self.last = b
-        # row where each slot starts: the oldest of its ``span`` buckets
-        self._starts = (b + 1 - self._spans) % self.size
-
-    def _advance(self, b: int) -> None:
-        assert self.last is not None
-        steps = b - self.last
-        if steps >= self.size:  # a gap longer than every slot: start afresh
-            self.sums[:] = 0.0
-            self.counts[:] = 0.0
-            self.cum_sum[:] = 0.0
-            self.cum_cnt[:] = 0.0
-            self._advances = 0
-            self._set_last(b)
-            return
-        for j in range(self.last + 1, b + 1):  # buckets with no sample start alike
-            row = j % self.size
-            self.sums[row] = self.cum_sum
-            self.counts[row] = self.cum_cnt
-        self._set_last(b)
-        self._advances += steps
-        if self._advances >= 4 * self.size:  # re-base: keep the magnitudes small
-            self._advances = 0
-            self.sums -= self.cum_sum
-            self.counts -= self.cum_cnt
-            self.cum_sum[:] = 0.0
-            self.cum_cnt[:] = 0.0
-
-    def means(self) -> F64:
-        """(slots, K) averages; NaN where a slot has no sample of a quantity."""
-        cnt = self.cum_cnt - self.counts[self._starts]
-        out = self.cum_sum - self.sums[self._starts]
-        empty = np.less(cnt, 0.5, out=self._empty)
-        out /= np.where(empty, 1.0, cnt)
-        out[empty] = np.nan
-        return out
-
-
-class BlockAggregate:
-    """Clock-aligned fixed intervals (IEC 61000-4-30: 3 s ~ 150/180 cycles, 10 min).
-
-    RMS-type quantities aggregate as the root of the mean of squares, the others
-    as the mean. :meth:`add` returns the finished interval's values (and its
-    start) when a sample opens a new interval.
-    """
-
-    def __init__(self, interval_s: float, rms_mask: npt.NDArray[np.bool_]):
-        self.interval_s = interval_s
-        self.rms = rms_mask
-        width = len(rms_mask)
-        self.sum = np.zeros(width)
-        self.cnt = np.zeros(width)
-        self.block: int | None = None
-
-    def add(self, t: float, x: F64) -> tuple[float, F64] | None:
-        ok = ~np.isnan(x)
-        return self.add_prepared(t, np.where(ok, np.where(self.rms, x * x, x), 0.0), ok)
-
-    def add_prepared(
-        self, t: float, xv: F64, ok: npt.NDArray[np.bool_]
-    ) -> tuple[float, F64] | None:
-        """``xv``: squares for RMS columns, NaN replaced by 0; ``ok``: present columns."""
-        block = math.floor(t / self.interval_s)
-        done = None
-        if self.block is not None and block != self.block:
-            done = (self.block * self.interval_s, self.result())
-            self.sum[:] = 0.0
-            self.cnt[:] = 0.0
-        self.block = block
-        self.sum += xv
-        self.cnt += ok
-        return done
-
-    def result(self) -> F64:
-        with np.errstate(invalid="ignore", divide="ignore"):
-            mean = self.sum / self.cnt
-        mean[self.cnt < 0.5] = np.nan
-        return np.where(self.rms, np.sqrt(np.abs(mean)), mean)
-
-
-# -- the engine's state: one row per meter, updated for many meters at once ------------
-
-#: "no bucket yet" in the int64 bucket-index arrays (a fresh row)
 NO_BUCKET = np.iinfo(np.int64).min
 I64 = npt.NDArray[np.int64]
 Bools = npt.NDArray[np.bool_]
