@@ -188,6 +188,35 @@ def test_site_stack_runs_on_podman(images: None, tmp_path: Path) -> None:
             )
             log(f"site: readings archived per meter (rows, last seq): {flowing}")
 
+            # the bank corrects PF: the simulated plant's incomer runs at PF ~0.78 with the
+            # bank out; the actuator switches steps in until it reaches the target (0.97)
+            pf_sql = (
+                "SELECT round(((power_l1 + power_l2 + power_l3) / (apparent_power_l1"
+                " + apparent_power_l2 + apparent_power_l3))::numeric, 3) FROM pfm_metrics"
+                f" WHERE site = '{site}' AND meter = 'main' AND apparent_power_l1 > 0"
+                " ORDER BY ts {} LIMIT 1"
+            )
+            first_pf = float(
+                ps.wait_for(
+                    "a metric of the incomer", lambda: psql(stack, pf_sql.format("ASC")), timeout=60
+                )
+            )
+            assert first_pf < 0.85, first_pf
+            corrected = ps.wait_for(
+                "the incomer's PF corrected to 0.95 or better",
+                lambda: (pf := float(psql(stack, pf_sql.format("DESC")))) >= 0.95 and pf,
+                timeout=180,
+                every=3,
+            )
+            commands = int(
+                psql(
+                    stack,
+                    f"SELECT count(*) FROM pfm_commands WHERE site = '{site}' AND device = 'bank1'",
+                )
+            )
+            assert commands > 0, "the PF rose without a command archived"
+            log(f"site: incomer PF {first_pf} -> {corrected} after {commands} bank command(s)")
+
             # Prometheus (its HTTP API): every target up, every rule of alerts.yml loaded
             up = ps.wait_for(
                 "every Prometheus target up", lambda: all_up(targets(stack)), timeout=90, every=3
