@@ -88,8 +88,16 @@ def demo_site(port: int, plant: SimSite, site: str = "demo") -> dict[str, Any]:
         "gateway": "demo-gw",
         "description": "pfmon demo: a simulated factory, PF ~0.78 at the incomer, one bank",
         "buses": [{"name": "sim", "kind": "tcp", "host": "127.0.0.1", "port": port}],
+        # the incomer is the billing point (and the bank's point); the others feed off it
         "meters": [
-            {"name": m.name, "bus": "sim", "unit": u, "profile": m.profile.name, "interval_s": 1.0}
+            {
+                "name": m.name,
+                "bus": "sim",
+                "unit": u,
+                "profile": m.profile.name,
+                "interval_s": 1.0,
+                **({"role": "billing"} if m.name == "main" else {"parent": "main"}),
+            }
             for u, m in sorted(plant.meters.items())
         ],
         "devices": [

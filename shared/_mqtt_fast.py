@@ -25,7 +25,7 @@ so a PUBACK's failure reason code (MQTT v5: 0x87 "not authorised" from the broke
 ACL) raises :class:`Refused` instead of passing for a delivery, as aiomqtt 2.5's
 ``publish`` would.
 
-:func:`make_link` checks the installed versions (aiomqtt 2.5.x, paho 2.2.x, TCP or
+:func:`make_link` checks the installed versions (exactly aiomqtt 2.5.1, paho 2.2.0; TCP or
 TLS transport) and otherwise returns a :class:`PlainLink`: aiomqtt's message iterator,
 paho's ``ack`` and one task per ``publish_nowait``: same contract, plain speed.
 """
@@ -54,7 +54,8 @@ Token = Any
 OnPublished = Callable[[Token], None]
 OnFailed = Callable[[Token, str], None]
 
-SUPPORTED = {"aiomqtt": "2.5.", "paho-mqtt": "2.2."}
+#: the exact releases whose internals this module was written and tested against
+SUPPORTED = {"aiomqtt": "2.5.1", "paho-mqtt": "2.2.0"}
 _READ_SIZE = 256 * 1024
 _PUBLISH, _PUBACK = 0x30, 0x40
 _MAX_TOPIC_CACHE = 10_000
@@ -144,10 +145,10 @@ class _Awaited:
 
 def fast_supported(client: aiomqtt.Client) -> str | None:
     """None when :class:`FastLink` fits this client, else why not."""
-    for dist, prefix in SUPPORTED.items():
+    for dist, wanted in SUPPORTED.items():
         found = version(dist)
-        if not found.startswith(prefix):
-            return f"{dist} {found} is not {prefix}x"
+        if found != wanted:
+            return f"{dist} {found} is not {wanted}, the release the fast path was tested with"
     transport = getattr(client._client, "_transport", None)
     if transport not in ("tcp",):
         return f"transport {transport!r}"
@@ -416,7 +417,9 @@ class FastLink:
                 break
             kind = header & 0xF0
             if kind == _PUBLISH and header & 0x06 != 0x04:  # QoS 0 or 1
-                t1 = body + 2 + ((buf[body] << 8) | buf[body + 1])
+                t1 = body + 2 + ((buf[body] << 8) | buf[body + 1]) if length >= 2 else stop + 1
+                if t1 + (header & 0x02) > stop:  # QoS 1: two bytes of packet id
+                    raise _ProtocolError("PUBLISH shorter than its topic and packet id")
                 topic_b = buf[body + 2 : t1]
                 topic = topics.get(topic_b)
                 if topic is None:
@@ -430,9 +433,13 @@ class FastLink:
                     mid = 0
                     p = t1
                 if v5:
-                    p = _skip_properties(buf, p)
+                    p = _skip_properties(buf, p, stop)
                 ready.append((topic, buf[p:stop], (header >> 1) & 3, bool(header & 1), mid))
-            elif kind == _PUBACK and ((buf[body] << 8) | buf[body + 1]) in self._inflight:
+            elif (
+                kind == _PUBACK
+                and length >= 2
+                and (buf[body] << 8 | buf[body + 1]) in self._inflight
+            ):
                 self._confirm((buf[body] << 8) | buf[body + 1], buf[body + 2] if length > 2 else 0)
             else:
                 self._delegate(header, buf[body:stop])
@@ -442,7 +449,10 @@ class FastLink:
     def _topic(self, raw: bytes) -> str:
         if len(self._topics) >= _MAX_TOPIC_CACHE:
             self._topics.clear()
-        topic = raw.decode()
+        try:
+            topic = raw.decode()
+        except UnicodeDecodeError as exc:
+            raise _ProtocolError(f"PUBLISH topic is not UTF-8: {exc}") from None
         self._topics[raw] = topic
         return topic
 
@@ -621,17 +631,23 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
-def _skip_properties(buf: bytes, pos: int) -> int:
-    """Position after the v5 property block at ``pos``."""
-    length = buf[pos]
-    if not length & 0x80:
-        return pos + 1 + length
+def _skip_properties(buf: bytes, pos: int, stop: int) -> int:
+    """Position after the v5 property block at ``pos`` of a packet that ends at ``stop``."""
+    if pos < stop:
+        length = buf[pos]
+        if not length & 0x80:
+            end = pos + 1 + length
+            if end <= stop:
+                return end
+            raise _ProtocolError("PUBLISH properties run past the packet")
     value = 0
     mult = 1
-    for i in range(pos, pos + 4):
+    for i in range(pos, min(pos + 4, stop)):
         byte = buf[i]
         value += (byte & 0x7F) * mult
         if not byte & 0x80:
+            if i + 1 + value > stop:
+                break
             return i + 1 + value
         mult *= 128
-    raise _ProtocolError("property length longer than 4 bytes")
+    raise _ProtocolError("PUBLISH properties malformed or past the packet")

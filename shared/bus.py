@@ -3,7 +3,9 @@
 * publishes models (orjson) at QoS 1;
 * typed handlers per topic pattern: a payload is validated where it enters, and
   a malformed or wrong-schema payload goes to ``pfm/v1/{site}/deadletter/{service}``
-  with the reason, a counter goes up, and the service carries on;
+  with the reason, a counter goes up, and the service carries on (a model's
+  ``salvage`` may keep the sound part: a reading without its implausible values
+  goes to the handler, the dead letter names what was refused);
 * connects in the background and reconnects with exponential backoff and jitter,
   resubscribing every pattern; a broker that is down at start is retried, never fatal;
 * MQTT v5 where the broker speaks it, 3.1.1 otherwise (``PFM_MQTT_PROTOCOL=auto``);
@@ -537,9 +539,15 @@ class Bus:
         try:
             model = sub.model.model_validate_json(incoming.payload)
         except ValidationError as exc:
-            await self._dead_letter(incoming.topic, incoming.payload, describe_error(exc), sub.kind)
-            incoming.ack()
-            return
+            # a message may keep what is sound (a reading without its implausible values)
+            salvage = getattr(sub.model, "salvage", None)
+            kept = salvage(incoming.payload, exc) if salvage is not None else None
+            reason = describe_error(exc) if kept is None else kept[1]
+            await self._dead_letter(incoming.topic, incoming.payload, reason, sub.kind)
+            if kept is None:
+                incoming.ack()
+                return
+            model = kept[0]
         try:
             await sub.handler(model, incoming)
         except asyncio.CancelledError:

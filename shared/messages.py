@@ -6,11 +6,23 @@ schema fails validation and is dead-lettered), ``site``, ``meter`` or ``device``
 ``seq`` so that gaps and duplicates are visible downstream.
 
 Values are keyed by :class:`~shared.measurements.Measurement` (SI units).
+
+What a message may hold is bounded where it enters (pydantic-core constraints,
+one Python check per reading): ``seq`` fits a PostgreSQL ``bigint``
+(0..2^63-1); ``ts`` lies in 2000..2099 and at most :func:`max_clock_skew` seconds
+ahead of the receiver's clock (a collector draining an old spool legitimately
+sends old timestamps, so there is no tighter bound into the past); every float
+is finite; a reading's values lie within their measurement's physical bounds
+(:attr:`~shared.measurements.Measurement.bounds`). A reading whose only faults
+are such values is not lost: :meth:`Reading.salvage` keeps its other values and
+the bus dead-letters the refused ones, naming them.
 """
 
 from __future__ import annotations
 
 import base64
+import math
+import time
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
@@ -26,11 +38,17 @@ from pydantic import (
     field_serializer,
     field_validator,
 )
+from pydantic_core import PydanticCustomError, from_json
 
-from shared.measurements import Measurement
+from shared.measurements import BOUNDS as _BOUNDS
+from shared.measurements import Measurement, implausible
 from shared.topics import Slug
 
 __all__ = [
+    "DEFAULT_MAX_CLOCK_SKEW_S",
+    "SEQ_MAX",
+    "TS_MAX",
+    "TS_MIN",
     "ActuatorState",
     "Command",
     "DeadLetter",
@@ -39,8 +57,10 @@ __all__ = [
     "GatewayStatus",
     "LoadKind",
     "Message",
+    "MessageTs",
     "Metrics",
     "Reading",
+    "Seq",
     "Severity",
     "ValidationError",
     "Waveform",
@@ -48,6 +68,8 @@ __all__ = [
     "decode",
     "encode",
     "expand_averages",
+    "max_clock_skew",
+    "set_max_clock_skew",
     "utcnow",
 ]
 
@@ -60,8 +82,65 @@ def _to_utc(value: datetime) -> datetime:
     return value.astimezone(UTC)
 
 
+#: the range of every message timestamp: 0001-01-01 or 9999-12-31 never reach a database
+TS_MIN = datetime(2000, 1, 1, tzinfo=UTC)
+TS_MAX = datetime(2100, 1, 1, tzinfo=UTC)
+#: the largest seq (and source_seq): what a PostgreSQL bigint holds
+SEQ_MAX = 2**63 - 1
+#: default of PFM_MAX_CLOCK_SKEW_S
+DEFAULT_MAX_CLOCK_SKEW_S = 600.0
+_skew_s = [DEFAULT_MAX_CLOCK_SKEW_S]
+
+
+def set_max_clock_skew(seconds: float) -> None:
+    """How far ahead of this process's clock a message's ``ts`` may be (seconds);
+    set from ``PFM_MAX_CLOCK_SKEW_S`` by :func:`shared.settings.load_settings`."""
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"max clock skew must be a positive number of seconds, not {seconds}")
+    _skew_s[0] = float(seconds)
+    _cutoff[1] = -math.inf
+
+
+def max_clock_skew() -> float:
+    return _skew_s[0]
+
+
+#: the latest acceptable ts and the time.time() it was worked out at (renewed twice a
+#: second: a datetime.now() per message costs more than the check itself)
+_cutoff: list[Any] = [TS_MIN, -math.inf]
+
+
+def _received_ts(value: datetime) -> datetime:
+    now = time.time()
+    if now - _cutoff[1] > 0.5:
+        _cutoff[0] = datetime.fromtimestamp(now + _skew_s[0], UTC)
+        _cutoff[1] = now
+    if value > _cutoff[0]:
+        ahead = value.timestamp() - now
+        if ahead > _skew_s[0]:
+            raise PydanticCustomError(
+                "ts_ahead",
+                "{ts} is {ahead} s ahead of this receiver's clock (at most {limit} s allowed, "
+                "PFM_MAX_CLOCK_SKEW_S)",
+                {
+                    "ts": value.astimezone(UTC).isoformat(),
+                    "ahead": round(ahead),
+                    "limit": round(_skew_s[0]),
+                },
+            )
+    return value.astimezone(UTC)
+
+
 #: timezone-aware timestamp, normalised to UTC; a naive timestamp is refused.
 UtcDatetime = Annotated[AwareDatetime, AfterValidator(_to_utc)]
+#: a message's ``ts``: UTC, 2000..2099, not further ahead of our clock than the skew allows
+MessageTs = Annotated[AwareDatetime, Field(ge=TS_MIN, lt=TS_MAX), AfterValidator(_received_ts)]
+#: a per-source sequence number (fits a PostgreSQL bigint)
+Seq = Annotated[int, Field(ge=0, le=SEQ_MAX)]
+#: a finite float (NaN and infinities refused in pydantic-core)
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+#: a Modbus address or register/coil index
+Address = Annotated[int, Field(ge=0, le=65535)]
 
 
 class Message(BaseModel):
@@ -74,11 +153,17 @@ class Message(BaseModel):
     SCHEMA: ClassVar[str] = ""
 
     site: Slug
-    ts: UtcDatetime
-    seq: int = Field(ge=0)
+    ts: MessageTs
+    seq: Seq
 
     def to_bytes(self) -> bytes:
         return encode(self)
+
+    @classmethod
+    def salvage(cls, payload: bytes, exc: ValidationError) -> tuple[Message, str] | None:
+        """What can be kept of a ``payload`` that failed validation with ``exc``, and a
+        reason naming what was refused; None: nothing (the whole message is refused)."""
+        return None
 
 
 def encode(message: BaseModel) -> bytes:
@@ -96,6 +181,44 @@ def decode(model: type[M], payload: bytes | str) -> M:
 
 
 Values = dict[Measurement, float]
+#: computed values: finite, no other bound (derived from plausible readings)
+FiniteValues = dict[Measurement, Finite]
+
+
+def _plausible(values: dict[Measurement, float]) -> dict[Measurement, float]:
+    """Every value within its measurement's physical bounds (the loop that fails fast)."""
+    bounds = _BOUNDS
+    for m, v in values.items():
+        lo, hi = bounds[m]
+        if not lo <= v <= hi:
+            raise PydanticCustomError(
+                "implausible",
+                "{refused}",
+                {"refused": "; ".join(_refusals(values))},
+            )
+    return values
+
+
+def _refusals(values: dict[Any, Any]) -> list[str]:
+    """``"current_l1 = 1e+308: outside the plausible range [...] A"`` per implausible
+    number of ``values`` (keys that are no measurement, or not numbers, are left to
+    the schema's own errors)."""
+    out = []
+    for key, v in values.items():
+        try:
+            m = Measurement(key)
+        except ValueError:
+            continue
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            continue
+        why = implausible(m, float(v))
+        if why is not None:
+            out.append(f"{m.value} = {v!r}: {why}")
+    return out
+
+
+#: a reading's values: finite (pydantic-core) and physically plausible
+PlausibleValues = Annotated[dict[Measurement, Finite], AfterValidator(_plausible)]
 
 
 class Reading(Message):
@@ -106,9 +229,36 @@ class Reading(Message):
     meter: Slug
     gateway: Slug | None = None
     profile: str
-    values: Values
+    values: PlausibleValues
     #: how long the poll took, for health dashboards
-    poll_s: float | None = Field(default=None, ge=0)
+    poll_s: float | None = Field(default=None, ge=0, le=3600, allow_inf_nan=False)
+
+    @classmethod
+    def salvage(cls, payload: bytes, exc: ValidationError) -> tuple[Message, str] | None:
+        """A reading whose only faults are implausible values (not finite, outside the
+        physical bounds): the reading without them, and a reason naming each one."""
+        if not all(err["loc"][:1] == ("values",) for err in exc.errors(include_url=False)):
+            return None
+        try:  # pydantic-core's parser: NaN / Infinity / 1e999 as the validation saw them
+            data = from_json(payload, allow_inf_nan=True)
+        except ValueError:
+            return None
+        values = data.get("values") if isinstance(data, dict) else None
+        if not isinstance(values, dict):
+            return None
+        refused = _refusals(values)
+        if not refused or len(refused) == len(values):
+            return None
+        kept = {k: v for k, v in values.items() if not _refused_value(k, v)}
+        try:
+            reading = cls.model_validate({**data, "values": kept})
+        except ValidationError:
+            return None
+        return reading, "values refused, the reading's other values kept: " + "; ".join(refused)
+
+
+def _refused_value(key: str, value: object) -> bool:
+    return bool(_refusals({key: value}))
 
 
 class Waveform(Message):
@@ -121,9 +271,13 @@ class Waveform(Message):
     SCHEMA: ClassVar[str] = "pfm.waveform/1"
     schema_: Literal["pfm.waveform/1"] = Field("pfm.waveform/1", alias="schema")
     meter: Slug
-    fs_hz: float = Field(gt=0)
+    fs_hz: float = Field(gt=0, le=1e7, allow_inf_nan=False)
     f_nominal_hz: Literal[50, 60] = 50
-    channels: dict[Literal["v1", "v2", "v3", "i1", "i2", "i3", "in"], list[float]]
+    #: samples in V and A: finite and physically plausible (at most 1e7 in magnitude)
+    channels: dict[
+        Literal["v1", "v2", "v3", "i1", "i2", "i3", "in"],
+        list[Annotated[float, Field(allow_inf_nan=False, ge=-1e7, le=1e7)]],
+    ]
 
     @field_validator("channels")
     @classmethod
@@ -166,16 +320,16 @@ class Metrics(Message):
     schema_: Literal["pfm.metrics/2"] = Field("pfm.metrics/2", alias="schema")
     meter: Slug
     source: Literal["reading", "waveform"] = "reading"
-    interval_s: float = Field(ge=0)
-    values: Values
-    averages: dict[str, Values] = Field(default_factory=dict)
+    interval_s: float = Field(ge=0, le=366 * 86400, allow_inf_nan=False)
+    values: FiniteValues
+    averages: dict[str, FiniteValues] = Field(default_factory=dict)
     load: dict[str, LoadKind] = Field(default_factory=dict)
     #: IEC quadrant (1..4) per phase and total where the sign of P and Q is known
     quadrant: dict[str, Literal[1, 2, 3, 4]] = Field(default_factory=dict)
     #: harmonic magnitudes (RMS, orders 1..50) per channel for waveform sources
-    harmonics: dict[str, list[float]] = Field(default_factory=dict)
+    harmonics: dict[str, list[Finite]] = Field(default_factory=dict)
     #: seq of the newest input that went into this message
-    source_seq: int | None = None
+    source_seq: Seq | None = None
     #: True for statistics over inputs that were already published one by one (the
     #: IEC 61000-4-30 style 3 s / 10 min aggregates): they carry no energy of their own
     aggregate: bool = False
@@ -265,7 +419,7 @@ class Command(Message):
     schema_: Literal["pfm.command/1"] = Field("pfm.command/1", alias="schema")
     device: Slug
     table: Literal["coil", "holding"] = "coil"
-    address: int = Field(ge=0, le=65535)
+    address: Address
     value: int
     reason: str = Field(min_length=1)
     #: rule or controller that decided (``rule:overvoltage``, ``bank:main``)
@@ -281,10 +435,10 @@ class ActuatorState(Message):
     schema_: Literal["pfm.state/1"] = Field("pfm.state/1", alias="schema")
     device: Slug
     online: bool
-    coils: dict[int, bool] = Field(default_factory=dict)
+    coils: dict[Address, bool] = Field(default_factory=dict)
     #: capacitor-bank view: steps in service and operation counters
-    steps_in: list[int] = Field(default_factory=list)
-    operations: dict[int, int] = Field(default_factory=dict)
+    steps_in: list[Address] = Field(default_factory=list)
+    operations: dict[Address, Seq] = Field(default_factory=dict)
     message: str = ""
 
 
@@ -296,8 +450,8 @@ class GatewayStatus(Message):
     gateway: Slug
     status: Literal["online", "offline"]
     versions: dict[str, str] = Field(default_factory=dict)
-    meters_online: int | None = None
-    meters_offline: int | None = None
+    meters_online: int | None = Field(None, ge=0, le=2**31 - 1)
+    meters_offline: int | None = Field(None, ge=0, le=2**31 - 1)
 
 
 class DeadLetter(Message):
@@ -336,11 +490,20 @@ def describe_error(exc: Exception) -> str:
             if err["type"] == "json_invalid":  # from model_validate_json
                 return f"malformed JSON: {err['ctx'].get('error', err['msg'])}"
             loc = ".".join(str(x) for x in err["loc"]) or "(root)"
-            parts.append(f"{loc}: {err['msg']}")
+            got = err.get("input")
+            if err["type"] in ("implausible", "ts_ahead") or isinstance(got, dict | list):
+                parts.append(f"{loc}: {err['msg']}")  # the message names the input itself
+            else:
+                parts.append(f"{loc}: {err['msg']} (got {_short(got)})")
         return "; ".join(parts)
     if isinstance(exc, orjson.JSONDecodeError):
         return f"malformed JSON: {exc}"
     return f"{type(exc).__name__}: {exc}"
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def json_value(obj: Any) -> Any:

@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validat
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.errors import ConfigError
+from shared.messages import DEFAULT_MAX_CLOCK_SKEW_S, set_max_clock_skew
 
 DEFAULT_MQTT_URL = "mqtt://127.0.0.1:1883"
 DEFAULT_DB_DSN = "postgresql://postgres@127.0.0.1:5432/test"
@@ -81,7 +82,7 @@ class Settings(BaseSettings):
     mqtt_fast: bool = Field(
         True,
         description="read and acknowledge MQTT in batches under aiomqtt (off = aiomqtt's own"
-        " per-message path; on needs aiomqtt 2.5.x / paho 2.2.x, else it is off anyway)",
+        " per-message path; on needs exactly aiomqtt 2.5.1 / paho 2.2.0, else it is off anyway)",
     )
     db_dsn: str = Field(DEFAULT_DB_DSN, description="PostgreSQL / TimescaleDB DSN")
     site_file: Path | None = Field(None, description="site YAML (meters, buses, rules)")
@@ -89,6 +90,14 @@ class Settings(BaseSettings):
     metrics_host: str = Field("0.0.0.0", description="address of the /metrics server")
     metrics_port: int | None = Field(
         None, ge=0, le=65535, description="port of /metrics (default per service; 0 = off)"
+    )
+    max_clock_skew_s: float = Field(
+        DEFAULT_MAX_CLOCK_SKEW_S,
+        gt=0,
+        le=7 * 86400,
+        allow_inf_nan=False,
+        description="a message whose ts is further ahead of this machine's clock is refused "
+        "(dead letter with the skew)",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["auto", "json", "text"] = Field(
@@ -168,6 +177,9 @@ def _from_environment(name: str) -> bool:
 def load_settings(**overrides: object) -> Settings:
     """Read the environment; a bad value is a :class:`ConfigError` naming the variable.
 
+    Also sets how far ahead of this clock a message may be (``PFM_MAX_CLOCK_SKEW_S``)
+    for the message validation of this process.
+
     Precedence: ``overrides``, then ``PFM_*`` variables, then credentials
     (``$CREDENTIALS_DIRECTORY``), then defaults.
     """
@@ -184,4 +196,5 @@ def load_settings(**overrides: object) -> Settings:
             for err in exc.errors(include_url=False)
         ]
         raise ConfigError("invalid environment settings", problems) from exc
+    set_max_clock_skew(settings.max_clock_skew_s)
     return settings

@@ -35,7 +35,7 @@ pytestmark = pytest.mark.timeout(120)
 
 class Clock:
     def __init__(self) -> None:
-        self.t = 1_800_000_000.0
+        self.t = 1_700_000_000.0  # a simulated clock, in the past: a ts ahead is refused
 
     def __call__(self) -> float:
         return self.t

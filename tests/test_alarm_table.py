@@ -43,7 +43,7 @@ def test_codes_are_unique_slugs_with_a_severity() -> None:
     assert len(codes) == len(set(codes))
     assert all(re.fullmatch(r"[a-z0-9_]+", c) for c in codes)
     assert {d.severity for d in alarms.ALARMS} <= {Severity.WARNING, Severity.CRITICAL}
-    assert len(alarms.SLOTS) == sum(3 if d.phased else 1 for d in alarms.ALARMS)
+    assert len(alarms.SLOTS) == sum(3 if d.phased else 1 for d in alarms.PER_METER)
 
 
 def test_site_timings_override_the_tables_field_by_field() -> None:

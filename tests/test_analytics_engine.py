@@ -14,7 +14,7 @@ from services.analytics.aggregate import BucketExtremes, MovingAverages
 from services.analytics.batch import SiteEngine
 from services.analytics.engine import MeterEngine, Output, encode_metrics
 from shared.measurements import Measurement as M
-from shared.messages import EventState, LoadKind, Metrics, Reading, decode
+from shared.messages import EventState, LoadKind, Metrics, Reading, ValidationError, decode
 from shared.site import parse_site
 
 T0 = datetime(2026, 1, 5, 8, 0, 0, tzinfo=UTC)
@@ -237,6 +237,15 @@ def test_export_meter_never_flags_ct_reversed() -> None:
     assert not any(e.code == "ct_reversed" for e in run(eng, 0, 0, 10, vals).events)
 
 
+def test_generation_meter_never_flags_ct_reversed() -> None:
+    s = site(**fast())
+    s.meters[0].role = "generation"  # PV or a genset: export is what it does
+    assert not s.meters[0].expect_export
+    eng = MeterEngine(s, "m1")
+    vals = three((230.0,) * 3, (10.0,) * 3, (-0.95,) * 3)
+    assert not any(e.code == "ct_reversed" for e in run(eng, 0, 0, 10, vals).events)
+
+
 def test_pf_erratic_on_swinging_pf() -> None:
     eng = MeterEngine(site(**fast()), "m1")
     out = Output()
@@ -347,14 +356,17 @@ def test_unanalysable_waveforms_are_refused_with_a_reason() -> None:
         eng.on_waveform(short)
     t = np.arange(200) / 10000.0
     v = (325 * np.sin(2 * np.pi * 50 * t)).tolist()
-    nan = Waveform(
-        site="s1",
-        meter="m1",
-        ts=T0,
-        seq=2,
-        fs_hz=10000.0,
-        channels={"v1": v, "i1": [float("nan")] * 200},
-    )
+    fields: dict[str, Any] = {
+        "site": "s1",
+        "meter": "m1",
+        "ts": T0,
+        "seq": 2,
+        "fs_hz": 10000.0,
+        "channels": {"v1": v, "i1": [float("nan")] * 200},
+    }
+    with pytest.raises(ValidationError, match=r"channels\.i1\.0"):  # refused at entry
+        Waveform(**fields)
+    nan = Waveform.model_construct(**fields)  # and the engine refuses it all the same
     with pytest.raises(WaveformError, match="i1"):
         eng.on_waveform(nan)
     assert eng.seq == seq0  # nothing was published or averaged

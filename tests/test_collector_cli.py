@@ -107,6 +107,64 @@ def test_read_raw_shows_registers_in_hex(sim: tuple[SimSite, int]) -> None:
     assert "voltage_l1" in result.stdout
 
 
+def test_read_with_ratios_shows_the_secondary_and_the_primary_value(
+    sim: tuple[SimSite, int],
+) -> None:
+    site, port = sim
+    base = ["read", "--host", "127.0.0.1", "--port", str(port), "--unit", "2"]
+    ratios = ["--profile", "sdm630", "--ct-ratio", "400/5", "--pt-ratio", "11000/110"]
+    result = runner.invoke(app, [*base, *ratios, "--json"])
+    assert result.exit_code == 0, result.output
+    out = orjson.loads(result.stdout)
+    assert out["ct_ratio"] == 80.0 and out["pt_ratio"] == 100.0
+    primary, secondary = out["values"], out["secondary"]
+    # one poll, both sides: the secondary is what the meter holds (230 V, the plant's P)
+    assert 225 < secondary["voltage_l1"] < 235
+    assert secondary["power"] == pytest.approx(site.state().meters["meter2"].p_w, rel=0.03)
+    assert primary["voltage_l1"] == pytest.approx(secondary["voltage_l1"] * 100)
+    assert primary["current_l1"] == pytest.approx(secondary["current_l1"] * 80)
+    assert primary["power"] == pytest.approx(secondary["power"] * 8000)
+    assert primary["import_energy"] == pytest.approx(secondary["import_energy"] * 8000)
+    for same in ("power_factor", "frequency", "thd_current_l1"):
+        assert primary[same] == secondary[same]
+    table = runner.invoke(app, [*base, *ratios])
+    assert table.exit_code == 0, table.output
+    assert "secondary" in table.stdout and "primary" in table.stdout
+    assert "CT 80, PT 100" in table.stdout
+    bad = runner.invoke(app, [*base, "--profile", "sdm630", "--ct-ratio", "400/0"])
+    assert bad.exit_code == 2 and "--ct-ratio '400/0'" in bad.output
+
+
+def test_read_a_meter_of_the_site_file_with_its_ratios(
+    sim: tuple[SimSite, int], tmp_path: Path
+) -> None:
+    _, port = sim
+    site = tmp_path / "site.yaml"
+    site.write_text(
+        "site: s1\n"
+        f"buses: [{{name: b1, host: 127.0.0.1, port: {port}}}]\n"
+        "meters:\n"
+        "  - {name: incomer, bus: b1, unit: 2, profile: sdm630, ct_ratio: '400/5'}\n"
+    )
+    result = runner.invoke(app, ["read", "-s", str(site), "--meter", "incomer", "--json"])
+    assert result.exit_code == 0, result.output
+    out = orjson.loads(result.stdout)
+    assert out["ct_ratio"] == 80.0 and out["pt_ratio"] == 1.0
+    assert out["values"]["current_l1"] == pytest.approx(out["secondary"]["current_l1"] * 80)
+    assert out["values"]["voltage_l1"] == out["secondary"]["voltage_l1"]
+    # an option given beside --meter wins over the site file
+    result = runner.invoke(
+        app, ["read", "-s", str(site), "--meter", "incomer", "--ct-ratio", "1", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "secondary" not in orjson.loads(result.stdout)
+    bad = runner.invoke(app, ["read", "-s", str(site), "--meter", "feeder9"])
+    assert bad.exit_code == 2 and "no meter of that name" in bad.output
+    assert "meters: incomer" in bad.output
+    none = runner.invoke(app, ["read", "--host", "127.0.0.1", "--port", str(port)])
+    assert none.exit_code == 2 and "--meter NAME with --site-file" in none.output
+
+
 def test_read_errors_are_clear(sim: tuple[SimSite, int]) -> None:
     _, port = sim
     base = ["read", "--host", "127.0.0.1", "--port", str(port)]

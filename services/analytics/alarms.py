@@ -6,7 +6,10 @@ phase, default timings, the vectorised raise / clear / evaluable condition over
 engine (``batch.SiteEngine``), ``pfmon analyze``, the site file's defaults
 (:func:`timings`), the Prometheus rules (``deploy/prometheus/alerts.yml``, checked
 against :func:`critical_codes`) and the docs' alarm table (:func:`docs_table`) all read
-it: a new alarm is one entry here and its tests.
+it: a new alarm is one entry here and its tests. Most alarms are judged on each input
+of one meter (scope ``meter``); ``energy_balance`` compares a parent meter with its
+child meters (scope ``parent``: its condition, :func:`energy_balance`, is run by
+``services/analytics/balance.py``).
 
 Each alarm (one per meter, code and phase) is a small state machine driven by
 two conditions evaluated on every input: ``bad`` (the raise condition, e.g.
@@ -22,6 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -198,6 +202,10 @@ class AlarmDef:
     condition: Callable[[Inputs, Limits], Condition]
     #: the values that decided input ``r`` (phase index ``k`` for phased alarms)
     evidence: Callable[[Inputs, Limits, int, int], Evidence]
+    #: ``meter``: judged on each input of one meter by the engine (``condition`` over
+    #: :class:`Inputs`); ``parent``: judged on a parent meter against its child meters
+    #: (``services/analytics/balance.py``, with :func:`energy_balance` below)
+    scope: Literal["meter", "parent"] = "meter"
 
 
 def _r(x: float, digits: int = 3) -> float | None:
@@ -341,6 +349,26 @@ def _neutral_evidence(x: Inputs, L: Limits, r: int, k: int) -> Evidence:
     return ev
 
 
+def energy_balance(parent_w: float, children_w: float, lim: AlarmLimits) -> tuple[bool, bool, bool]:
+    """(evaluable, bad, good) of ``energy_balance`` for a parent's active power and the
+    sum of its child meters' (W, signed): the children may not exceed the parent by
+    more than the margin (% of |parent|); below the minimum parent power the balance
+    is not judged (a near-idle parent would flap)."""
+    ref = abs(parent_w)
+    excess = children_w - parent_w
+    return (
+        ref >= lim.energy_balance_min_parent_w,
+        excess > lim.energy_balance_margin_pct / 100.0 * ref,
+        excess <= (lim.energy_balance_margin_pct - lim.energy_balance_hysteresis_pct) / 100.0 * ref,
+    )
+
+
+def _across_meters(x: Inputs, L: Limits) -> Condition:
+    """A ``parent`` alarm is never judged on one meter's inputs (not evaluable)."""
+    none = np.zeros(len(x.p), dtype=bool)
+    return none, none, none
+
+
 def _timing(raise_s: float, clear_s: float) -> AlarmTiming:
     return AlarmTiming(raise_after_s=raise_s, clear_after_s=clear_s)
 
@@ -403,15 +431,27 @@ ALARMS: tuple[AlarmDef, ...] = (
         "score ≥ `neutral_raise_score`", "< `neutral_clear_score`", "averages",
         _neutral, _neutral_evidence,
     ),
+    AlarmDef(
+        "energy_balance", W, False, _timing(60, 60),
+        "a parent's child meters add up to more than the parent + "
+        "`energy_balance_margin_pct` (5) % of \\|parent P\\|",
+        "excess < margin − `energy_balance_hysteresis_pct`",
+        "on the parent: the mean P of the last `alarm_slot_s` of it and of every child, "
+        "\\|parent P\\| ≥ `energy_balance_min_parent_w`",
+        _across_meters, lambda x, L, r, k: {}, scope="parent",
+    ),
 )  # fmt: skip
 
 BY_CODE: dict[str, AlarmDef] = {d.code: d for d in ALARMS}
 if len(BY_CODE) != len(ALARMS):  # pragma: no cover - a definition error
     raise RuntimeError("two alarms share a code")
 
-#: the state-machine slots: (alarm, phase index or -1), phased alarms L1, L2, L3
+#: the alarms the engine judges on each input of a meter
+PER_METER: tuple[AlarmDef, ...] = tuple(d for d in ALARMS if d.scope == "meter")
+
+#: the engine's state-machine slots: (alarm, phase index or -1), phased alarms L1, L2, L3
 SLOTS: tuple[tuple[AlarmDef, int], ...] = tuple(
-    (d, k) for d in ALARMS for k in (range(3) if d.phased else (-1,))
+    (d, k) for d in PER_METER for k in (range(3) if d.phased else (-1,))
 )
 
 
@@ -447,7 +487,7 @@ def evaluate(x: Inputs, L: Limits, n: int) -> tuple[Bools, Bools, Bools]:
     good = np.zeros_like(ev)
     col = 0
     with np.errstate(invalid="ignore", divide="ignore"):
-        for d in ALARMS:
+        for d in PER_METER:
             e, b, g = d.condition(x, L)
             width = 3 if d.phased else 1
             cols = slice(col, col + width)

@@ -39,6 +39,7 @@ row), so a meter's results do not depend on the other meters in its batch.
 
 from __future__ import annotations
 
+import logging
 import math
 import operator
 from collections.abc import Callable, Sequence
@@ -71,6 +72,7 @@ from shared.messages import Event, EventState, LoadKind, Reading, Waveform
 from shared.site import SiteConfig
 from shared.site.core import MeterConfig
 
+log = logging.getLogger(__name__)
 #: state is per meter and bounded; the number of meters is bounded too
 MAX_METERS = 5000
 _NOT_AVERAGED = {M.DEMAND_POWER, M.DEMAND_APPARENT_POWER, M.DEMAND_PF}
@@ -377,6 +379,8 @@ class SiteEngine:
         self.pf_window = BucketExtremes(window, max(bucket, window / 64))
         timings = alarms.timings(site)
         self.alarms = AlarmStates([timings[d.code] for d, _ in alarms.SLOTS])
+        #: closed intervals whose end no datetime can hold (their message is dropped)
+        self.dropped_aggregates = 0
 
     # -- meters ------------------------------------------------------------------------
 
@@ -400,7 +404,7 @@ class SiteEngine:
         mc = self._configs.get(meter)
         opts = self.cfg.meter(meter)
         m = self.meters
-        m.expect_export[mid] = bool(mc and mc.expect_export)
+        m.expect_export[mid] = bool(mc and mc.exports)
         delta = bool(mc and mc.wiring == "delta")
         m.sqrt3[mid] = opts.sqrt3_correction if opts.sqrt3_correction is not None else delta
         m.pf_tolerance[mid] = opts.pf_mismatch_tolerance
@@ -598,6 +602,9 @@ class SiteEngine:
         score = np.where(fitted, score * fit, score)
         c = COL[M.NEUTRAL_SCORE]
         x[:, c] = np.where(scored, score, x[:, c])
+        # plausible inputs give finite results; should one not, it is absent, never a
+        # NaN/inf that would poison an average or the demand window for its span
+        _finite(x)
         present = ~np.isnan(x[:, _AVG_IDX])
         for r in np.flatnonzero((present & ~meters.known[m]).any(axis=1)):
             self._grow(int(m[r]), present[r])
@@ -669,10 +676,13 @@ class SiteEngine:
         if not on.any():
             return
         dp, ds = self.demand.add(m[on], t[on], p[on], s[on])
-        x[on, COL[M.DEMAND_POWER]] = dp
-        x[on, COL[M.DEMAND_APPARENT_POWER]] = ds
-        with np.errstate(invalid="ignore", divide="ignore"):
-            x[on, COL[M.DEMAND_PF]] = np.where(ds > 0, dp / ds, 0.0)
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+            dpf = np.where(ds > 0, dp / ds, 0.0)
+        ok = np.isfinite(dp) & np.isfinite(ds)  # finite or absent, as every value
+        rows = np.flatnonzero(on)
+        x[rows, COL[M.DEMAND_POWER]] = np.where(ok, dp, _NAN)
+        x[rows, COL[M.DEMAND_APPARENT_POWER]] = np.where(ok, ds, _NAN)
+        x[rows, COL[M.DEMAND_PF]] = np.where(ok & np.isfinite(dpf), dpf, _NAN)
 
     def _pf_window(self, m: I64, t: F64, x: F64) -> tuple[F64, F64]:
         """The window's min and max of |PF| per input (NaN where not evaluated: no
@@ -740,12 +750,33 @@ class SiteEngine:
             iv = intervals[j]
             end = ends.get((start, iv))
             if end is None:
-                end = ends[(start, iv)] = datetime.fromtimestamp(start, UTC) + timedelta(seconds=iv)
+                try:
+                    end = datetime.fromtimestamp(start, UTC) + timedelta(seconds=iv)
+                except (OverflowError, OSError, ValueError) as exc:
+                    # a timestamp no datetime holds (refused at entry; kept apart here):
+                    # this interval's message is lost, nothing else
+                    self._unrepresentable(names[mids[r]], start, iv, exc)
+                    continue
+                ends[(start, iv)] = end
             metrics = outs[r].metrics
             mid = mids[r]
             seq = seqs[r] + len(metrics)
             metrics.append(
                 MetricsOut(site, end, seq, names[mid], source, iv, last[mid], lazy, k, True)
+            )
+
+    def _unrepresentable(self, meter: str, start: float, iv: float, exc: Exception) -> None:
+        self.dropped_aggregates += 1
+        if self.dropped_aggregates == 1 or self.dropped_aggregates % 1000 == 0:
+            log.error(
+                "%s: the %g s interval starting at %r s cannot be stamped (%s); its aggregate "
+                "is dropped (%d so far)",
+                meter,
+                iv,
+                start,
+                exc,
+                self.dropped_aggregates,
+                extra={"service": SERVICE, "meter": meter},
             )
 
     # -- alarms ---------------------------------------------------------------------------

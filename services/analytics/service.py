@@ -25,6 +25,7 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from services.analytics.balance import EnergyBalance
 from services.analytics.batch import MAX_METERS, SiteEngine, TooManyMeters
 from services.analytics.dsp import WaveformError
 from services.analytics.output import SERVICE, Output, encode_metrics
@@ -57,7 +58,8 @@ class AnalyticsMetrics:
         )
         self.rejected = Counter(
             "pfm_analytics_rejected_total",
-            "Inputs that could not be analysed (reason in the log and a notice event)",
+            "Inputs that could not be analysed, or results that could not be encoded (reason "
+            "in the log; a notice event for waveforms)",
             ["meter", "kind"],
             registry=r,
         )
@@ -83,6 +85,13 @@ class AnalyticsMetrics:
             buckets=(0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05),
             registry=r,
         )
+        self.unmetered = Gauge(
+            "pfm_analytics_unmetered_power_watts",
+            "Active power of a parent meter that its child meters do not measure (parent "
+            "minus the children's sum, alarm-slot averages)",
+            ["meter"],
+            registry=r,
+        )
         self.publish_failed = Counter(
             "pfm_analytics_publish_failed_total",
             "Messages that could not be published (broker down)",
@@ -101,12 +110,15 @@ class Analytics:
         self.bus = bus
         self.metrics = metrics
         self.engine = SiteEngine(site, max_meters=max_meters)
+        self.balance = EnergyBalance(site)
         self.window_s = site.analytics.batch_window_s
         self.batch_max = site.analytics.batch_max
         self.pending: list[Reading] = []
         self._timer: asyncio.TimerHandle | asyncio.Handle | None = None
         self.notice_seq = 0
         self.refused = 0
+        #: results that could not be encoded (a bug or an input the schema should refuse)
+        self.failed_outputs = 0
         self.children: dict[str, tuple[Any, Any, Any, Any]] = {}
         #: per meter, looked up once (bounded like the engine's meters)
         self._metrics_topics: dict[str, str] = {}
@@ -185,7 +197,10 @@ class Analytics:
             batch = kept
         for r, out in zip(batch, outs, strict=True):
             self._children(r.meter)[0].inc()
-            self._emit(r.meter, out)
+            try:
+                self._emit(r.meter, out)
+            except Exception as exc:  # our bug: this input's results, nothing else
+                self._failed_output(r.meter, f"reading seq {r.seq}", exc)
         if batch:  # one observation per batch: what one input cost in it
             self.metrics.process.observe((time.perf_counter() - started) / len(batch))
 
@@ -229,14 +244,62 @@ class Analytics:
 
     # -- results ---------------------------------------------------------------------------
 
+    def _balance(self, meter: str, out: Output) -> None:
+        """Feed the energy balance with the meter's average P; on a parent, add its
+        ``unmetered_power`` to the metrics and the alarm's transitions to the events."""
+        first = out.metrics[0]
+        if first.aggregate or first.interval_s:
+            return
+        bal = self.balance
+        bal.observe(meter, first.ts, first.value(M.POWER))
+        if not bal.is_parent(meter):
+            return
+        result = bal.evaluate(meter, first.ts)
+        if result is None:
+            return
+        first.values[M.UNMETERED_POWER] = result.unmetered_w
+        self.metrics.unmetered.labels(meter).set(result.unmetered_w)
+        if result.transition is None:
+            return
+        mid = self.engine.track(meter)
+        self.engine.event_seq[mid] += 1
+        out.events.append(
+            Event(
+                site=first.site,
+                ts=first.ts,
+                seq=self.engine.event_seq[mid],
+                meter=meter,
+                code="energy_balance",
+                state=result.transition,
+                severity=bal.definition.severity,
+                message=bal.message(result),
+                evidence=result.evidence,
+                service=SERVICE,
+            )
+        )
+
     def _emit(self, meter: str, out: Output) -> None:
+        """Publish one input's results; a message that cannot be encoded costs only
+        itself (counted in ``pfm_analytics_rejected_total{kind="encode"}``)."""
+        if out.metrics and self.balance.watches(meter):
+            self._balance(meter, out)
         topic = self._metrics_topics.get(meter)
         if topic is None:
             topic = self._metrics_topics[meter] = topics.metrics(self.site.site, meter)
         for m in out.metrics:
-            self._publish(topic, encode_metrics(m), "metrics")
+            try:
+                payload = encode_metrics(m)
+            except Exception as exc:  # e.g. an integer beyond 64 bits (refused at entry)
+                self._failed_output(meter, f"metrics seq {m.seq}", exc)
+                continue
+            self._publish(topic, payload, "metrics")
         for ev in out.events:
-            self._publish(topics.event(ev.site, meter), encode(ev), "event")
+            try:
+                payload = encode(ev)
+            except Exception as exc:
+                self._failed_output(meter, f"event {ev.code}", exc)
+                continue
+            self._publish(topics.event(ev.site, meter), payload, "event")
             self.metrics.transitions.labels(meter, ev.code, ev.state.value).inc()
             self.metrics.alarms_active.labels(meter, ev.code).inc(
                 1 if ev.state == EventState.RAISED else -1
@@ -250,6 +313,22 @@ class Analytics:
             score = first.value(M.NEUTRAL_SCORE)
             if score is not None:
                 neutral_gauge.set(score)
+
+    def _failed_output(self, meter: str, what: str, exc: Exception) -> None:
+        """A result that could not be encoded or published: counted; logged the first
+        time and every 1000th (a meter stuck on such an input does not flood the log)."""
+        self.metrics.rejected.labels(meter, "encode").inc()
+        self.failed_outputs += 1
+        if self.failed_outputs == 1 or self.failed_outputs % 1000 == 0:
+            log.error(
+                "%s of %s not published: %s: %s (%d results lost so far)",
+                what,
+                meter,
+                type(exc).__name__,
+                exc,
+                self.failed_outputs,
+                extra={"service": SERVICE, "meter": meter},
+            )
 
     def _publish(self, topic: str, payload: bytes, kind: str) -> None:
         try:

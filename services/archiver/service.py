@@ -212,6 +212,9 @@ class Archiver:
         self.m = ArchiverMetrics(self.metrics)
         intervals = {m.name: m.interval_s for m in site.meters}
         self.rows = RowBuilder(lambda meter: intervals.get(meter, 1.0))
+        # the configuration is checked before anything is opened (the spool is locked)
+        site_files = load_site_dir(self.cfg.site_dir) if self.cfg.site_dir is not None else []
+        self.authority = Authority.for_site(site, site_files)
         client = settings.mqtt_client_id or f"pfm-{SERVICE}-{site.site}"
         self.spool = Spool(
             settings.data_dir / f"{_safe_name(client)}-{SERVICE}.spool",
@@ -230,8 +233,6 @@ class Archiver:
         #: commit latencies in seconds, kept only when a benchmark sets this to a list
         self.latencies: list[float] | None = None
         self._backoff = Backoff(initial_s=0.25, max_s=self.cfg.retry_max_s)
-        site_files = load_site_dir(self.cfg.site_dir) if self.cfg.site_dir is not None else []
-        self.authority = Authority.for_site(site, site_files)
         self._refusal_log: dict[str, tuple[float, int]] = {}
         self._dl_seq = int(time.time() * 1000) * 1000  # never reused by a later run
         self.m.buffer.set_function(lambda: len(self.buffer) + len(self.inflight))

@@ -1,7 +1,9 @@
 """``pfmon collector`` and the tools for the person at the switchboard.
 
 * ``pfmon read``     one poll of one meter: decoded values with units (``--raw``: the
-  registers in hex as read; ``--json``: the values as JSON);
+  registers in hex as read; ``--json``: the values as JSON; ``--ct-ratio``/``--pt-ratio``:
+  the secondary value the meter reports beside the primary value; ``--meter NAME
+  --site-file FILE``: a meter of the site file with its bus, unit, profile and ratios);
 * ``pfmon scan``     which unit ids answer on a bus, and which profile fits;
 * ``pfmon timesync`` push the gateway's clock to a meter that keeps its own time.
 """
@@ -71,6 +73,19 @@ def _bus(
         fail("; ".join(format_validation_error(exc)))
 
 
+def _ratio(option: str, text: str) -> float:
+    """A CT/PT ratio as the site file takes it ("400/5" or a number); exit 2 if not."""
+    from pydantic import TypeAdapter, ValidationError
+
+    from shared.site.core import Ratio
+
+    try:
+        return TypeAdapter(Ratio).validate_python(text)
+    except ValidationError as exc:
+        msg = exc.errors(include_url=False)[0]["msg"].removeprefix("Value error, ")
+        fail(f"{option} {text!r}: {msg}")
+
+
 def _unit(unit: int) -> int:
     if not 1 <= unit <= 247:
         fail(f"--unit {unit}: Modbus unit ids are 1-247 (0 is broadcast, 248-255 reserved)")
@@ -90,8 +105,10 @@ def register(app: typer.Typer) -> None:
 
     @app.command("read")
     def _read(
-        unit: int = typer.Option(..., "--unit", "-u", help="Modbus unit id 1-247."),
-        profile: str = typer.Option(..., "--profile", "-p", help="pmtr001, sdm630, pzem004t..."),
+        unit: int | None = typer.Option(None, "--unit", "-u", help="Modbus unit id 1-247."),
+        profile: str | None = typer.Option(
+            None, "--profile", "-p", help="pmtr001, sdm630, pzem004t..."
+        ),
         host: str | None = HOST,
         port: int = PORT,
         serial: str | None = SERIAL,
@@ -104,19 +121,67 @@ def register(app: typer.Typer) -> None:
         site_file: Path | None = typer.Option(
             None, "--site-file", "-s", help="Site YAML with user-defined profiles."
         ),
+        meter: str | None = typer.Option(
+            None,
+            "--meter",
+            "-m",
+            help="A meter of --site-file: its bus, unit, profile and CT/PT ratios "
+            "(options given as well take precedence).",
+        ),
+        ct_ratio: str | None = typer.Option(
+            None, "--ct-ratio", help="Current transformer, primary/secondary: 400/5 or 80."
+        ),
+        pt_ratio: str | None = typer.Option(
+            None, "--pt-ratio", help="Voltage transformer, primary/secondary: 11000/110 or 100."
+        ),
     ) -> None:
-        """One poll of one meter: decoded values with units (check scale factors)."""
-        from services.collector.profiles import resolve
+        """One poll of one meter: decoded values with units (check scale factors); with
+        CT/PT ratios the secondary value the meter reports and the primary."""
+        from services.collector.profiles import resolve, to_primary
         from shared.modbus import ModbusConnection
         from shared.site import load_site
 
-        bus = _bus(host, port, serial, baud, parity, rtu_over_tcp, timeout)
-        _unit(unit)
         try:
-            user = load_site(site_file).profiles if site_file else None
-            prof = resolve(profile, user)
+            site = load_site(site_file) if site_file else None
         except ConfigError as exc:
             fail(str(exc))
+        ct = _ratio("--ct-ratio", ct_ratio) if ct_ratio is not None else None
+        pt = _ratio("--pt-ratio", pt_ratio) if pt_ratio is not None else None
+        if meter is not None:
+            if site is None:
+                fail(f"--meter {meter}: needs the site file that names it (--site-file)")
+            try:
+                mc = site.meter(meter)
+            except KeyError:
+                known = ", ".join(m.name for m in site.meters) or "none"
+                fail(f"--meter {meter}: no meter of that name in {site_file} (meters: {known})")
+            unit = mc.unit if unit is None else unit
+            profile = mc.profile if profile is None else profile
+            ct = mc.ct_ratio if ct is None else ct
+            pt = mc.pt_ratio if pt is None else pt
+            if host or serial:
+                bus = _bus(host, port, serial, baud, parity, rtu_over_tcp, timeout)
+            else:
+                from shared.modbus import quiet_library_logs
+
+                quiet_library_logs()
+                bus = site.bus(mc.bus)
+        else:
+            bus = _bus(host, port, serial, baud, parity, rtu_over_tcp, timeout)
+        if unit is None or profile is None:
+            fail("say which meter: --unit and --profile, or --meter NAME with --site-file")
+        _unit(unit)
+        ct, pt = ct or 1.0, pt or 1.0
+        try:
+            prof = resolve(profile, site.profiles if site else None)
+        except ConfigError as exc:
+            fail(str(exc))
+        factors = prof.primary_factors(ct, pt)
+        if prof.reports_primary and (ct != 1.0 or pt != 1.0):
+            err_console.print(
+                f"[yellow]profile {prof.name} reports primary values (ratios set in the "
+                "device): the CT/PT ratios are not applied[/]"
+            )
 
         async def go() -> tuple[dict[str, dict[int, int]], list[tuple[str, int, list[int]]]]:
             conn = ModbusConnection(bus)
@@ -135,25 +200,39 @@ def register(app: typer.Typer) -> None:
             regs, blocks = asyncio.run(go())
         except PeerError as exc:
             fail(f"unit {unit} at {bus.serial or f'{bus.host}:{bus.port}'}: {exc}", code=1)
-        values = prof.decode(regs)
+        secondary = prof.decode(regs)
+        values = to_primary(dict(secondary), factors)
         if as_json:
             out: dict[str, Any] = {m.value: v for m, v in values.items()}
+            if raw or factors:
+                out = {"values": out}
+            if factors:
+                out["secondary"] = {m.value: v for m, v in secondary.items()}
+                out["ct_ratio"], out["pt_ratio"] = ct, pt
             if raw:
-                out = {
-                    "values": out,
-                    "registers": {f"{t}:{a}": [f"0x{w:04X}" for w in ws] for t, a, ws in blocks},
-                }
+                out["registers"] = {f"{t}:{a}": [f"0x{w:04X}" for w in ws] for t, a, ws in blocks}
             sys.stdout.write(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode() + "\n")
             return
-        table = Table(title=f"unit {unit} - {prof.name}: {prof.description}")
+        title = f"unit {unit} - {prof.name}: {prof.description}"
+        if factors:
+            title += f" (CT {ct:g}, PT {pt:g})"
+        table = Table(title=title)
         table.add_column("measurement")
-        table.add_column("value", justify="right")
+        if factors:
+            table.add_column("secondary", justify="right")
+            table.add_column("primary", justify="right")
+        else:
+            table.add_column("value", justify="right")
         table.add_column("unit")
         table.add_column("register")
         for m, spec in prof.registers.items():
             value = values.get(m)
             shown = "(missing: device wrote 0)" if value is None else f"{value:.6g}"
-            table.add_row(m.value, shown, m.unit, f"{spec.table} {spec.address} {spec.type}")
+            cells = [shown]
+            if factors:
+                sec = secondary.get(m)
+                cells = [shown if sec is None else f"{sec:.6g}", shown]
+            table.add_row(m.value, *cells, m.unit, f"{spec.table} {spec.address} {spec.type}")
         console.print(table)
         if raw:
             for t, a, ws in blocks:

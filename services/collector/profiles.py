@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 from shared.errors import ConfigError
 from shared.measurements import Measurement as M
+from shared.measurements import implausible
 from shared.site.collector import TYPE_WIDTH, ProfileSpec, RegisterSpec
 
 #: Modbus limit for one read of holding/input registers
@@ -105,6 +106,18 @@ def encode(value: float, type_: str, order: str = "big") -> list[int]:
 
 
 @dataclass(frozen=True, slots=True)
+class Refused:
+    """A decoded value that was not published: which, what, why, and from where."""
+
+    measurement: M
+    value: float
+    reason: str
+    table: str
+    address: int
+    registers: list[int]
+
+
+@dataclass(frozen=True, slots=True)
 class Block:
     """One read request: ``count`` registers from ``address`` of ``table``."""
 
@@ -121,6 +134,9 @@ class Profile:
     registers: Mapping[M, RegisterSpec]
     #: registers that may be read across although nothing is mapped there
     max_gap: int = 0
+    #: the device applies its CT/PT ratios itself (set in the meter): it reports primary
+    #: values, so the site file's ``ct_ratio``/``pt_ratio`` are not applied again
+    reports_primary: bool = False
 
     def plan(self) -> list[Block]:
         """Coalesce adjacent registers into as few reads as the Modbus limit allows."""
@@ -163,24 +179,46 @@ class Profile:
     def _signed(self) -> list[tuple[M, M]]:
         return [(m, s.signed_by) for m, s in self.registers.items() if s.signed_by is not None]
 
-    def decode(self, raw: Mapping[str, Mapping[int, int]]) -> dict[M, float]:
-        """Decode the registers read (``raw[table][address] = value``) into SI values."""
+    def decode(
+        self,
+        raw: Mapping[str, Mapping[int, int]],
+        refused: list[Refused] | None = None,
+    ) -> dict[M, float]:
+        """Decode the registers read (``raw[table][address] = value``) into SI values.
+
+        A value that is not finite (an f32 NaN/inf) or outside its measurement's
+        physical bounds (``Measurement.bounds``) is left out and, when ``refused`` is
+        given, appended to it with its registers and the reason."""
         out: dict[M, float] = {}
-        isfinite = math.isfinite
         for measurement, table_name, address, width, fn, order, scale, missing in self._steps:
             table = raw[table_name]
             regs = [table[address]] if width == 1 else [table[address + i] for i in range(width)]
             if missing and not any(regs):
                 continue
             value = fn(regs, order) * scale
-            if isfinite(value):
+            lo, hi = measurement.bounds
+            if lo <= value <= hi:  # False for NaN
                 out[measurement] = value
+            elif refused is not None:
+                why = implausible(measurement, value) or "implausible"
+                refused.append(Refused(measurement, value, why, table_name, address, regs))
         for measurement, by in self._signed:
             if measurement in out:
                 sign = out.get(by, 1.0)
                 mag = abs(out[measurement])
                 out[measurement] = math.copysign(mag, sign) if sign else mag
         return out
+
+    def primary_factors(self, ct_ratio: float, pt_ratio: float) -> dict[M, float]:
+        """Per measurement of this profile, the multiplier from the secondary value the
+        device reports to the primary value (only those that change; empty when the
+        device reports primary values itself). Which ratio applies comes from the
+        vocabulary (:attr:`Measurement.scale`): currents x CT, voltages x PT, powers
+        and energies x CT x PT, never PF, THD, frequency or unbalance."""
+        if self.reports_primary:
+            return {}
+        factors = {m: m.scale.factor(ct_ratio, pt_ratio) for m in self.registers}
+        return {m: f for m, f in factors.items() if f != 1.0}
 
     def image(self, values: Mapping[M, float]) -> dict[str, dict[int, int]]:
         """The register image a device of this model holds for ``values`` (SI).
@@ -374,8 +412,23 @@ register(
 PZEM_ALARM = 0x0009  # 0xFFFF = power alarm
 
 
+def to_primary(values: dict[M, float], factors: Mapping[M, float]) -> dict[M, float]:
+    """``values`` (secondary, as decoded) with ``factors`` applied, in place; returned."""
+    for m, factor in factors.items():
+        if m in values:
+            values[m] *= factor
+    return values
+
+
 def from_spec(name: str, spec: ProfileSpec) -> Profile:
-    return Profile(name, spec.description, spec.phases, dict(spec.registers), spec.max_gap)
+    return Profile(
+        name,
+        spec.description,
+        spec.phases,
+        dict(spec.registers),
+        spec.max_gap,
+        reports_primary=spec.reports_primary,
+    )
 
 
 def resolve(name: str, user_profiles: Mapping[str, ProfileSpec] | None = None) -> Profile:

@@ -20,6 +20,19 @@ How it keeps going when things break:
   :data:`PROBE_MAX_S` on a TCP bus or :data:`SERIAL_PROBE_TIMEOUTS` timeouts on a
   serial line (never beyond ``BusConfig.reprobe_max_s``), and a ``device_online``
   event (state cleared) is published when it answers again;
+* values are published as primary values: the meter's ``ct_ratio``/``pt_ratio`` are
+  applied to what the profile decodes (what each measurement scales with comes from
+  :attr:`shared.measurements.Measurement.scale`), unless the profile says the device
+  reports primary values itself (``reports_primary``: then a configured ratio is
+  logged as a warning at start and not applied);
+* a decoded value that is not plausible (not finite, outside its measurement's
+  physical bounds, or outside the site file's ``limits:`` for the meter) is left out
+  of the reading - the rest is published - and reported: a dead letter on
+  ``pfm/v1/{site}/deadletter/collector`` naming the meter, the measurement, the
+  value and the bound, with the registers it came from, counted in
+  ``pfm_collector_implausible_total{meter,measurement}``. A meter stuck on a
+  garbage value reports it at most once per ``IMPLAUSIBLE_REPORT_S`` (the next
+  report says how many were not reported);
 * readings and events go through one outbox: published at QoS 1 while the broker
   is connected, otherwise appended to the bounded on-disk spool, which is drained
   in order when the broker is back (and survives a restart). When the spool is
@@ -34,6 +47,7 @@ import asyncio
 import contextlib
 import heapq
 import logging
+import math
 import random
 import time
 from collections import deque
@@ -42,20 +56,33 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import orjson
 from prometheus_client import Counter, Gauge, Histogram
 
-from services.collector.profiles import Block, Profile, resolve
+from services.collector.profiles import Block, Profile, Refused, resolve, to_primary
 from services.collector.timesync import CLOCKS, RESYNC_S
 from shared import __version__, topics
 from shared.backoff import Backoff
 from shared.bus import Bus, BusUnavailable, PublishRefused
 from shared.errors import ConfigError, PeerError
-from shared.messages import Event, EventState, GatewayStatus, Reading, Severity, encode, utcnow
+from shared.measurements import Measurement as M
+from shared.measurements import implausible
+from shared.messages import (
+    DeadLetter,
+    Event,
+    EventState,
+    GatewayStatus,
+    Reading,
+    Severity,
+    encode,
+    utcnow,
+)
 from shared.metrics import ServiceMetrics
 from shared.modbus import TRANSIENT, ModbusConnection, quiet_library_logs
 from shared.service import Shutdown
 from shared.settings import METRICS_PORTS, Settings
 from shared.site import BusConfig, MeterConfig, SiteConfig
+from shared.site.collector import TYPE_WIDTH
 from shared.spool import Spool
 
 log = logging.getLogger(__name__)
@@ -82,6 +109,10 @@ def clock_seq() -> int:
     return int(time.time() * 1000)
 
 
+#: a meter's implausible measurement is reported (dead letter, log) at most this often
+IMPLAUSIBLE_REPORT_S = 60.0
+
+
 @dataclass(eq=False)
 class MeterState:
     """Everything the collector tracks about one meter."""
@@ -90,6 +121,8 @@ class MeterState:
     bus: BusConfig
     profile: Profile
     blocks: list[Block]
+    #: secondary -> primary multipliers (CT/PT ratios), only those that are not 1
+    factors: dict[M, float] = field(default_factory=dict)
     seq: int = 0
     event_seq: int = 0
     failures: int = 0
@@ -104,6 +137,10 @@ class MeterState:
     current: Block | None = None
     polls_metric: Any = None
     missed_metric: Any = None
+    #: the site file's limits for this meter (measurement -> (min, max))
+    limits: dict[M, tuple[float, float]] = field(default_factory=dict)
+    #: per implausible measurement: when it was last reported, and refusals since
+    reported: dict[M, tuple[float, int]] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -164,7 +201,21 @@ class Collector:
             except ConfigError as exc:
                 problems.append(f"meters[{i}].profile: {exc}")
                 continue
-            self.meters.append(MeterState(mc, site.bus(mc.bus), profile, profile.plan()))
+            factors = profile.primary_factors(mc.ct_ratio, mc.pt_ratio)
+            if profile.reports_primary and (mc.ct_ratio != 1.0 or mc.pt_ratio != 1.0):
+                log.warning(
+                    "meters[%d] %s: profile %s reports primary values (the ratios are set "
+                    "in the device); ct_ratio %g and pt_ratio %g are not applied again",
+                    i,
+                    mc.name,
+                    profile.name,
+                    mc.ct_ratio,
+                    mc.pt_ratio,
+                    extra={"meter": mc.name},
+                )
+            state = MeterState(mc, site.bus(mc.bus), profile, profile.plan(), factors)
+            state.limits = site.limits_of(mc.name)
+            self.meters.append(state)
         if problems:
             raise ConfigError(f"site {site.site!r}: {len(problems)} invalid field(s)", problems)
         self.spool = Spool(
@@ -221,6 +272,14 @@ class Collector:
         self.spool_depth = Gauge(
             "pfm_collector_spool_records", "Records waiting in the disk spool", registry=r
         )
+        self.implausible = Counter(
+            "pfm_collector_implausible_total",
+            "Decoded values left out of a reading: not finite, outside the physical bounds "
+            "or the site file's limits",
+            ["meter", "measurement"],
+            registry=r,
+        )
+        self.deadletter_seq = 0
         self.spool_dropped = Counter(
             "pfm_collector_spool_dropped_total",
             "Records dropped (oldest first) because the spool was full",
@@ -307,7 +366,10 @@ class Collector:
         try:
             async with asyncio.timeout(deadline):
                 raw = await self.read_meter(conn, m)
-            values = m.profile.decode(raw)
+            refused: list[Refused] = []
+            values = m.profile.decode(raw, refused)
+            if m.factors:  # primary values: the limits below are the primary side's
+                to_primary(values, m.factors)
         except TimeoutError:
             block = m.current
             where = f"{block.table} {block.address}+{block.count}" if block else "?"
@@ -317,6 +379,10 @@ class Collector:
         except PeerError as exc:
             self._failed(m, exc)
             return
+        if m.limits:
+            self._limit(m, values, raw, refused)
+        if refused:
+            self._refused(m, refused)
         took = time.monotonic() - started
         self.poll_seconds.observe(took)
         m.polls_metric.inc()
@@ -338,6 +404,60 @@ class Collector:
             now = time.monotonic()
             if m.synced_at is None or now - m.synced_at > RESYNC_S:
                 await self.sync_clock(conn, m, utcnow())
+
+    def _limit(
+        self,
+        m: MeterState,
+        values: dict[M, float],
+        raw: dict[str, dict[int, int]],
+        refused: list[Refused],
+    ) -> None:
+        """Leave out the values outside the site file's limits for ``m``."""
+        for measurement, (lo, hi) in m.limits.items():
+            value = values.get(measurement)
+            if value is None or lo <= value <= hi:
+                continue
+            del values[measurement]
+            spec = m.profile.registers[measurement]
+            regs = [raw[spec.table][spec.address + i] for i in range(TYPE_WIDTH[spec.type])]
+            why = implausible(measurement, value, m.limits) or "outside the configured limits"
+            refused.append(Refused(measurement, value, why, spec.table, spec.address, regs))
+
+    def _refused(self, m: MeterState, refused: list[Refused]) -> None:
+        """Count every refused value; report each measurement at most once per
+        ``IMPLAUSIBLE_REPORT_S`` (a dead letter and a log line)."""
+        now = time.monotonic()
+        for r in refused:
+            self.implausible.labels(m.name, r.measurement.value).inc()
+            last, since = m.reported.get(r.measurement, (-math.inf, 0))
+            if now - last < IMPLAUSIBLE_REPORT_S:
+                m.reported[r.measurement] = (last, since + 1)
+                continue
+            m.reported[r.measurement] = (now, 0)
+            more = f" ({since} more since the last report)" if since else ""
+            reason = (
+                f"meter {m.name}: {r.measurement.value} = {r.value!r}: {r.reason}; left out of "
+                f"reading seq {m.seq + 1}, its other values published{more}"
+            )
+            log.warning("%s", reason, extra={"meter": m.name, "measurement": r.measurement.value})
+            self.deadletter_seq += 1
+            evidence = {
+                "meter": m.name,
+                "measurement": r.measurement.value,
+                "value": r.value if math.isfinite(r.value) else repr(r.value),
+                "table": r.table,
+                "address": r.address,
+                "registers": r.registers,
+            }
+            letter = DeadLetter.of(
+                site=self.site.site,
+                service=SERVICE,
+                topic=topics.reading(self.site.site, m.name),
+                reason=reason,
+                payload=orjson.dumps(evidence),
+                seq=self.deadletter_seq,
+            )
+            self.outbox.put(topics.deadletter(self.site.site, SERVICE), encode(letter))
 
     async def sync_clock(self, conn: ModbusConnection, m: MeterState, now: datetime) -> None:
         m.synced_at = time.monotonic()

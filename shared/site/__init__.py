@@ -17,17 +17,19 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from shared.errors import ConfigError
+from shared.measurements import Measurement
 from shared.site.actuator import ActuatorConfig, BankConfig, OutputDevice, RelayAction
 from shared.site.analytics import AnalyticsConfig
 from shared.site.archiver import ArchiverConfig
 from shared.site.collector import ProfileSpec
-from shared.site.core import BusConfig, MeterConfig, Thresholds
+from shared.site.core import BusConfig, Limit, Limits, MeterConfig, Thresholds, merged_limits
 from shared.topics import Slug
 
 __all__ = [
     "ActuatorConfig",
     "BankConfig",
     "BusConfig",
+    "Limit",
     "MeterConfig",
     "OutputDevice",
     "ProfileSpec",
@@ -49,6 +51,8 @@ class SiteConfig(BaseModel):
     gateway: Slug = "gw1"
     description: str = ""
     thresholds: Thresholds = Field(default_factory=Thresholds)
+    #: tighter plausible ranges for every meter of the site (a meter's own win)
+    limits: Limits = Field(default_factory=dict)
     buses: list[BusConfig] = Field(default_factory=list)
     meters: list[MeterConfig] = Field(default_factory=list)
     profiles: dict[str, ProfileSpec] = Field(default_factory=dict)
@@ -70,6 +74,13 @@ class SiteConfig(BaseModel):
             if meter.bus not in bus_names:
                 known = ", ".join(bus_names) or "none"
                 problems.append(f"meters[{i}].bus: no bus named {meter.bus!r} (buses: {known})")
+        for i, meter in enumerate(self.meters):
+            for m, (lo, hi) in merged_limits(self.limits, meter.limits).items():
+                if lo > hi:
+                    problems.append(
+                        f"meters[{i}].limits.{m.value}: min {lo:g} is above max {hi:g} "
+                        "with the site's limits applied"
+                    )
         meter_names = {m.name for m in self.meters}
         for name in self.analytics.meters:
             # a site without polled meters may tune waveform sources that publish directly
@@ -106,6 +117,11 @@ class SiteConfig(BaseModel):
             if m.name == name:
                 return m
         raise KeyError(name)
+
+    def limits_of(self, meter: str) -> dict[Measurement, tuple[float, float]]:
+        """The configured ranges for ``meter``: the site's, then the meter's own."""
+        own = next((m.limits for m in self.meters if m.name == meter), {})
+        return merged_limits(self.limits, own)
 
     def bus(self, name: str) -> BusConfig:
         for b in self.buses:

@@ -53,6 +53,19 @@ class AlarmLimits(BaseModel):
     neutral_clear_score: float = Field(0.3, ge=0, lt=1)
     neutral_u0_low_pct: float = Field(4.0, ge=0, description="u0 where the score starts")
     neutral_u0_high_pct: float = Field(10.0, gt=0, description="u0 where the score reaches 1")
+    energy_balance_margin_pct: float = Field(
+        5.0,
+        gt=0,
+        le=100,
+        description="energy_balance: the child meters' sum may exceed their parent's "
+        "active power by this % of the parent's",
+    )
+    energy_balance_hysteresis_pct: float = Field(
+        2.0, ge=0, description="energy_balance clears below margin - this (% of the parent)"
+    )
+    energy_balance_min_parent_w: float = Field(
+        1000.0, ge=0, description="energy_balance is not evaluated while |parent P| is below"
+    )
 
     @model_validator(mode="after")
     def _order(self) -> AlarmLimits:
@@ -60,6 +73,10 @@ class AlarmLimits(BaseModel):
             raise ValueError("neutral_clear_score must be below neutral_raise_score")
         if self.neutral_u0_high_pct <= self.neutral_u0_low_pct:
             raise ValueError("neutral_u0_high_pct must be above neutral_u0_low_pct")
+        if self.energy_balance_hysteresis_pct >= self.energy_balance_margin_pct:
+            raise ValueError(
+                "energy_balance_hysteresis_pct must be below energy_balance_margin_pct"
+            )
         return self
 
 

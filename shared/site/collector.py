@@ -8,6 +8,7 @@ A ``profiles:`` entry uses exactly the fields of the built-in tables in
         description: "Acme PM-3 (firmware 2.1)"
         phases: 3
         max_gap: 4            # registers read across to merge two requests
+        reports_primary: false  # true: the device applies its CT/PT ratios itself
         registers:
           voltage_l1: {table: input, address: 0, type: f32}
           current_l1: {table: input, address: 6, type: u32, word_order: little, scale: 0.001}
@@ -65,6 +66,11 @@ class ProfileSpec(BaseModel):
     description: str = ""
     phases: Literal[1, 3] = 3
     max_gap: int = Field(0, ge=0, le=100, description="unmapped registers read across")
+    reports_primary: bool = Field(
+        False,
+        description="the device applies its CT/PT ratios itself (set in the meter) and "
+        "reports primary values: the meter's ct_ratio/pt_ratio are not applied again",
+    )
     registers: dict[Measurement, RegisterSpec] = Field(min_length=1)
 
     @model_validator(mode="after")

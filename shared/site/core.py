@@ -5,9 +5,57 @@ from __future__ import annotations
 import math
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
+from shared.measurements import Measurement
 from shared.topics import Slug
+
+
+class Limit(BaseModel):
+    """A tighter plausible range for one measurement (either end may be left out)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min: float | None = Field(None, allow_inf_nan=False)
+    max: float | None = Field(None, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _order(self) -> Limit:
+        if self.min is None and self.max is None:
+            raise ValueError("give min, max or both")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min ({self.min:g}) is above max ({self.max:g})")
+        return self
+
+
+def _within_bounds(limits: dict[Measurement, Limit]) -> dict[Measurement, Limit]:
+    problems = []
+    for m, lim in limits.items():
+        lo, hi = m.bounds
+        unit = f" {m.unit}" if m.unit else ""
+        if lim.min is not None and not lo <= lim.min <= hi:
+            problems.append(f"{m.value}.min {lim.min:g} is outside [{lo:g}, {hi:g}]{unit}")
+        if lim.max is not None and not lo <= lim.max <= hi:
+            problems.append(f"{m.value}.max {lim.max:g} is outside [{lo:g}, {hi:g}]{unit}")
+    if problems:
+        raise ValueError("limits may only tighten the physical bounds: " + "; ".join(problems))
+    return limits
+
+
+#: ``limits:`` of the site or of a meter: measurement -> {min, max}, inside the
+#: measurement's physical bounds (``Measurement.bounds``)
+Limits = Annotated[dict[Measurement, Limit], AfterValidator(_within_bounds)]
+
+
+def merged_limits(*layers: dict[Measurement, Limit]) -> dict[Measurement, tuple[float, float]]:
+    """The ranges the layers give: an end a later layer sets replaces the earlier one's;
+    an end nobody sets is the physical bound."""
+    out: dict[Measurement, tuple[float, float]] = {}
+    for layer in layers:
+        for m, lim in layer.items():
+            lo, hi = out.get(m, m.bounds)
+            out[m] = (lo if lim.min is None else lim.min, hi if lim.max is None else lim.max)
+    return out
 
 
 class Thresholds(BaseModel):
@@ -147,6 +195,10 @@ class MeterConfig(BaseModel):
     )
     pt_ratio: Ratio = Field(
         1.0, description="voltage transformer, primary/secondary ('11000/110'); 1 = direct"
+    )
+    limits: Limits = Field(
+        default_factory=dict,
+        description="tighter plausible ranges of this meter's values (over the site's)",
     )
 
     @property
