@@ -5,8 +5,13 @@
 # the runtime stage copies only that virtualenv and runs as a non-root user.
 
 ARG PYTHON_VERSION=3.11
+# The base of both stages: the official slim Python image. A host without an image registry
+# passes a local one built the same way (Python 3.11, venv, `python` on PATH), e.g.
+#   podman build --build-arg PYTHON_IMAGE=localhost/pfmon-ci/python:latest ...
+# (tests/podman/python.Containerfile builds it from Debian's packages).
+ARG PYTHON_IMAGE=python:${PYTHON_VERSION}-slim
 
-FROM python:${PYTHON_VERSION}-slim AS builder
+FROM ${PYTHON_IMAGE} AS builder
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
 RUN python -m venv /opt/pfmon
@@ -16,10 +21,12 @@ RUN /opt/pfmon/bin/pip install --require-virtualenv -r requirements.runtime.lock
 COPY pyproject.toml README.md ./
 COPY shared ./shared
 COPY services ./services
-RUN /opt/pfmon/bin/pip install --require-virtualenv --no-deps --no-build-isolation . \
+# the build backend (pyproject's build-system) in a throwaway environment: the image's
+# virtualenv holds only what requirements.runtime.lock lists
+RUN /opt/pfmon/bin/pip install --require-virtualenv --no-deps . \
     && /opt/pfmon/bin/pfmon --help > /dev/null
 
-FROM python:${PYTHON_VERSION}-slim AS runtime
+FROM ${PYTHON_IMAGE} AS runtime
 LABEL org.opencontainers.image.title="pfmon" \
       org.opencontainers.image.description="Power-factor monitoring and correction: Modbus meters -> MQTT -> analytics, capacitor banks, TimescaleDB" \
       org.opencontainers.image.licenses="Apache-2.0"

@@ -368,7 +368,10 @@ def test_dockerfile_is_multistage_slim_non_root() -> None:
     text = (REPO / "Dockerfile").read_text()
     stages = re.findall(r"^FROM\s+(\S+)(?:\s+AS\s+(\S+))?", text, re.M | re.I)
     assert len(stages) >= 2, "not multi-stage"
-    assert all("slim" in image for image, _ in stages)
+    # every stage starts from the base image argument, whose default is the official slim one
+    assert all(image == "${PYTHON_IMAGE}" for image, _ in stages), stages
+    default = re.search(r"^ARG PYTHON_IMAGE=(\S+)", text, re.M)
+    assert default and default[1] == "python:${PYTHON_VERSION}-slim", default
     final = text[text.rfind("\nFROM ") :]
     users = re.findall(r"^USER\s+(\S+)", final, re.M)
     assert users and users[-1].split(":")[0] not in ("0", "root"), "the image runs as root"
