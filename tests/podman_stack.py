@@ -35,7 +35,7 @@ CACHE = Path(os.environ.get("PFM_PODMAN_CACHE", "/var/cache/pfmon-ci"))
 DEBIAN_IMAGE = "localhost/debian:bookworm"
 DEBIAN_TAR = CACHE / "debian-bookworm-minbase.tar"
 PFMON_IMAGE = "localhost/pfmon:ci"
-STANDINS = ("python", "mosquitto", "postgres", "prometheus")
+STANDINS = ("python", "mosquitto", "postgres", "prometheus", "alertmanager")
 # what this machine forces on every container and build: runc (crun refuses its cgroups),
 # limits it may not raise
 MACHINE_ARGS = ["--runtime", "runc", "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"]

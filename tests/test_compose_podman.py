@@ -41,6 +41,9 @@ SITE_SERVICES = [
     "analytics",
     "actuator",
     "archiver",
+    "alerts",
+    "alertmanager",
+    "console",
     "prometheus",
 ]
 
@@ -220,7 +223,8 @@ def test_site_stack_runs_on_podman(images: None, tmp_path: Path) -> None:
                 "every Prometheus target up", lambda: all_up(targets(stack)), timeout=90, every=3
             )
             assert {target.split()[0] for target in up} == {
-                "pfm-collector", "pfm-analytics", "pfm-actuator", "pfm-archiver", "prometheus"
+                "pfm-collector", "pfm-analytics", "pfm-actuator", "pfm-archiver",
+                "pfm-alerts", "pfm-console", "prometheus"
             }, up  # fmt: skip
             assert loaded_rules(stack) == rule_names(root / "deploy/prometheus/alerts.yml")
 
@@ -340,11 +344,13 @@ def test_edge_and_central_stacks_on_podman(images: None, tmp_path: Path) -> None
             started = time.monotonic()
             central.compose("up", "-d", "mosquitto", "timescaledb")
             central.wait_healthy(["mosquitto", "timescaledb"])
-            central.compose("up", "-d", "mosquitto", "timescaledb", "archiver", "prometheus")
-            central.wait_healthy(["archiver", "prometheus"])
+            central.compose(
+                "up", "-d", "mosquitto", "timescaledb", "archiver", "alertmanager", "prometheus"
+            )
+            central.wait_healthy(["archiver", "alertmanager", "prometheus"])
             branch.compose("--profile", "simulator", "up", "-d", "mosquitto")
             branch.wait_healthy(["mosquitto"])
-            edge_services = ["simulator", "collector", "analytics", "actuator"]
+            edge_services = ["simulator", "collector", "analytics", "actuator", "alerts", "console"]
             branch.compose("--profile", "simulator", "up", "-d", "mosquitto", *edge_services)
             branch.wait_healthy(edge_services)
             log(f"edge+central: every health check passed {time.monotonic() - started:.0f} s")
