@@ -152,12 +152,11 @@ async def loop_factory(settings: Settings, site_name: str) -> AsyncIterator[Any]
         )
         await lbus.__aenter__()
         stack.append(lbus.close)
-        await lbus.wait_connected(5)
+        await lbus.wait_subscribed(5)
         bus = Bus(settings, service="actuator", site=site_name, client_id=f"{site_name}-a")
         await bus.__aenter__()
         stack.append(bus.close)
         await bus.wait_connected(5)
-        await asyncio.sleep(0.2)  # listener subscriptions in place
         act = Actuator(cfg, bus, ServiceMetrics("actuator", site_name), clock=clock)
         await act.start()
         stack.append(lambda: _close_links(act))

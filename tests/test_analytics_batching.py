@@ -65,7 +65,7 @@ async def test_burst_is_batched_in_order_and_equals_one_at_a_time(
     try:
         pattern = topics.pattern(topics.Kind.METRICS, site_name)
         async with listening(settings, site_name, pattern, Metrics) as inbox:
-            await asyncio.sleep(1.0)  # the service subscribes
+            await shutdown.wait_ready(15)  # the service subscribed
             pub = settings.model_copy(update={"mqtt_client_id": f"{settings.mqtt_client_id}-p"})
             async with Bus(pub, service="test", site=site_name, persistent=False) as bus:
                 await bus.wait_connected(10)

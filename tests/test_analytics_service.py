@@ -70,7 +70,7 @@ async def test_service_publishes_metrics_and_events(settings: Settings, site_nam
             await client.subscribe(topics.pattern(topics.Kind.METRICS, site_name), qos=1)
             await client.subscribe(topics.pattern(topics.Kind.EVENT, site_name), qos=1)
             await client.subscribe(topics.deadletter(site_name, "analytics"), qos=1)
-            await asyncio.sleep(1.0)  # the service subscribes
+            await shutdown.wait_ready(15)  # the service subscribed
             # a garbage payload first: dead-lettered, the service carries on
             await client.publish(topics.reading(site_name, "m1"), b"{not json", qos=1)
             for k in range(8):  # a low-PF magnitude-only meter, one reading per second
