@@ -77,7 +77,10 @@ def run_service(
     name: str, main: ServiceMain, site_file: Path | None, duration: float | None
 ) -> None:
     settings, site = load_config(site_file)
-    setup_logging(settings.log_level, settings.log_format)
+    try:
+        setup_logging(settings.log_level, settings.log_format, settings.log_file)
+    except ConfigError as exc:
+        fail(f"{name}: {exc}")
     try:
         service.run(lambda shutdown: main(settings, site, shutdown), duration=duration)
     except ConfigError as exc:

@@ -14,13 +14,17 @@ says how many were suppressed (``suppressed`` field).
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import sys
 import threading
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import orjson
+
+from shared.errors import ConfigError
 
 _CONTEXT_FIELDS = (
     "service",
@@ -161,12 +165,23 @@ def bounded(handler: logging.Handler, use_json: bool) -> logging.Handler:
     return handler
 
 
-def setup_logging(level: str = "INFO", fmt: str = "auto") -> None:
-    """Configure the root logger once for a process."""
+def setup_logging(level: str = "INFO", fmt: str = "auto", file: Path | None = None) -> None:
+    """Configure the root logger once for a process.
+
+    With ``file``, JSON lines also go to that file (appended; created if missing). The
+    file is reopened when it is moved or removed (logrotate's default ``create`` mode),
+    so no signal is needed after a rotation.
+    """
     use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
-    handler = bounded(_StderrHandler(), use_json)
+    handlers = [bounded(_StderrHandler(), use_json)]
+    if file is not None:
+        try:
+            watched = logging.handlers.WatchedFileHandler(file, encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"PFM_LOG_FILE {file}: cannot open for appending: {exc}") from exc
+        handlers.append(bounded(watched, use_json=True))
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = handlers
     root.setLevel(level)
     # chatty libraries: their warnings are still shown
     for name in ("pymodbus", "asyncio", "amqtt", "transitions", "aiomqtt"):

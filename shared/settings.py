@@ -106,6 +106,10 @@ class Settings(BaseSettings):
     log_format: Literal["auto", "json", "text"] = Field(
         "auto", description="auto = JSON lines unless stderr is a terminal"
     )
+    log_file: Path | None = Field(
+        None,
+        description="also write JSON lines to this file (reopened when logrotate moves it)",
+    )
 
     @field_validator(
         "mqtt_username",
@@ -116,6 +120,7 @@ class Settings(BaseSettings):
         "mqtt_client_id",
         "site_file",
         "metrics_port",
+        "log_file",
         mode="before",
     )
     @classmethod

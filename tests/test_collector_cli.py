@@ -263,3 +263,54 @@ def test_collector_refuses_unknown_profiles_before_starting(tmp_path: Path) -> N
     assert "meters[0].profile: unknown meter profile 'sdm999'" in result.output
     assert "meters[2].profile: unknown meter profile 'acme'" in result.output
     assert "metrics on" not in result.output  # nothing half-started
+
+
+def _raw(port: int, *args: str) -> list[str]:
+    return ["read", "--host", "127.0.0.1", "--port", str(port), *args]
+
+
+def test_read_raw_registers_without_a_profile(sim: tuple[SimSite, int]) -> None:
+    site, port = sim
+    modicon = runner.invoke(app, _raw(port, "-u", "1", "--address", "40079", "-n", "4", "--json"))
+    assert modicon.exit_code == 0, modicon.output
+    out = orjson.loads(modicon.stdout)
+    assert out["table"] == "holding" and out["address"] == 78
+    first = out["registers"][0]
+    assert first["address"] == 78 and first["modicon"] == 40079
+    assert first["hex"] == "0x1388" and first["u16"] == 5000  # the 5000 mV rail
+    assert len(out["registers"]) == 4 and out["registers"][-1]["u32_big"] is None
+    zero_based = runner.invoke(
+        app, _raw(port, "-u", "1", "--table", "holding", "--address", "78", "-n", "4", "--json")
+    )
+    assert zero_based.exit_code == 0, zero_based.output
+    assert orjson.loads(zero_based.stdout)["registers"][0]["hex"] == "0x1388"
+    # sdm630 input 0-1: voltage L1 as f32, high word first
+    unit = next(u for u, m in site.meters.items() if m.profile.name == "sdm630")
+    sdm = runner.invoke(app, _raw(port, "-u", str(unit), "--address", "30001", "-n", "2", "--json"))
+    assert sdm.exit_code == 0, sdm.output
+    pair = orjson.loads(sdm.stdout)["registers"][0]
+    assert 200 < pair["f32_big"] < 260
+    words = [int(r["hex"], 16) for r in orjson.loads(sdm.stdout)["registers"]]
+    assert pair["u32_big"] == (words[0] << 16) | words[1]
+    assert pair["u32_little"] == (words[1] << 16) | words[0]
+    assert pair["s16"] == (words[0] - 0x10000 if words[0] & 0x8000 else words[0])
+    shown = runner.invoke(app, _raw(port, "-u", "1", "--address", "40079", "-n", "2"))
+    assert shown.exit_code == 0, shown.output
+    assert "0x1388" in shown.stdout and "5000" in shown.stdout and "f32_little" in shown.stdout
+
+
+def test_read_raw_errors_are_said_in_words(sim: tuple[SimSite, int]) -> None:
+    _, port = sim
+    r = runner.invoke(app, _raw(port, "-u", "1", "--address", "40301", "-n", "2"))
+    assert r.exit_code == 1
+    assert "0x02" in r.output and "no such register" in r.output and "holding 300+2" in r.output
+    r = runner.invoke(app, _raw(port, "-u", "5", "--address", "30001", "--timeout", "0.3"))
+    assert r.exit_code == 1 and "no answer (timeout)" in r.output
+    r = runner.invoke(app, _raw(port, "-u", "1", "--address", "12345"))
+    assert r.exit_code == 2 and "Modicon notation" in r.output
+    r = runner.invoke(app, _raw(port, "-u", "1", "--address", "40001", "-n", "200"))
+    assert r.exit_code == 2 and "1-125" in r.output
+    r = runner.invoke(app, _raw(port, "-u", "1", "--table", "coils", "--address", "0"))
+    assert r.exit_code == 2 and "holding or input" in r.output
+    r = runner.invoke(app, _raw(port, "--address", "40001"))
+    assert r.exit_code == 2 and "--unit" in r.output

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import io
 import logging
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import orjson
 import pytest
 
+from shared.embedded import free_port
 from shared.logs import JsonFormatter, TextFormatter
 from shared.spool import Spool
 
@@ -72,5 +77,73 @@ def test_setup_logging_picks_json_when_not_a_tty(monkeypatch: pytest.MonkeyPatch
         logs.setup_logging("INFO", "auto")
         logging.getLogger("x").info("hello %d", 5)
         assert orjson.loads(buf.getvalue().splitlines()[-1])["msg"] == "hello 5"
+    finally:
+        root.handlers[:], _ = saved[0], root.setLevel(saved[1])
+
+
+def _lines(path: Path) -> list[dict[str, object]]:
+    if not path.exists():
+        return []
+    return [orjson.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _wait_lines(path: Path, deadline: float) -> list[dict[str, object]]:
+    while time.monotonic() < deadline:
+        found = _lines(path)
+        if found:
+            return found
+        time.sleep(0.1)
+    raise AssertionError(f"no log lines in {path}")
+
+
+def test_a_service_writes_json_lines_to_the_log_file_and_follows_logrotate(
+    tmp_path: Path, mqtt_url: str, site_name: str
+) -> None:
+    """PFM_LOG_FILE: a collector polling a dead port logs each probe (DEBUG); after the
+    file is renamed, as logrotate does, new lines go to a new file of the same name."""
+    site = tmp_path / "site.yaml"
+    site.write_text(
+        f"site: {site_name}\n"
+        f"buses: [{{name: b1, host: 127.0.0.1, port: {free_port()}, timeout_s: 0.2}}]\n"
+        "meters: [{name: m1, bus: b1, unit: 1, profile: pmtr001, interval_s: 0.2}]\n"
+    )
+    log_file = tmp_path / "pfmon.log"
+    env = {
+        **os.environ,
+        "PFM_MQTT_URL": mqtt_url,
+        "PFM_LOG_FILE": str(log_file),
+        "PFM_LOG_LEVEL": "DEBUG",
+        "PFM_LOG_FORMAT": "text",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.cli", "collector", "-s", str(site), "--duration", "30"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        before = _wait_lines(log_file, deadline)
+        assert all({"ts", "level", "logger", "msg"} <= set(line) for line in before)
+        rotated = tmp_path / "pfmon.log.1"
+        log_file.rename(rotated)
+        after = _wait_lines(log_file, deadline)
+        assert after[0]["ts"] >= before[-1]["ts"]  # type: ignore[operator]
+        assert any(line.get("meter") == "m1" for line in after)
+        assert len(_lines(rotated)) >= len(before)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_an_unwritable_log_file_is_a_clear_error(tmp_path: Path) -> None:
+    from shared import logs
+    from shared.errors import ConfigError
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        with pytest.raises(ConfigError, match=r"PFM_LOG_FILE .*missing.*cannot open"):
+            logs.setup_logging("INFO", "auto", tmp_path / "missing" / "pfmon.log")
     finally:
         root.handlers[:], _ = saved[0], root.setLevel(saved[1])

@@ -86,10 +86,103 @@ def _ratio(option: str, text: str) -> float:
         fail(f"{option} {text!r}: {msg}")
 
 
+def _in_words(exc: PeerError) -> str:
+    """The error, with what a Modbus exception usually means at commissioning."""
+    hint = {
+        1: "the device does not support this function for this table",
+        2: "no such register on this device: check the table and address in its manual",
+        3: "the device refuses this count here: try fewer registers",
+    }.get(exc.code or 0)
+    return f"{exc} - {hint}" if hint else str(exc)
+
+
 def _unit(unit: int) -> int:
     if not 1 <= unit <= 247:
         fail(f"--unit {unit}: Modbus unit ids are 1-247 (0 is broadcast, 248-255 reserved)")
     return unit
+
+
+_MODICON = {4: "holding", 3: "input"}
+#: the 32-bit views of a register and the next one, as (column, decoder, word order)
+_VIEWS_32 = [(f"{t}_{o}", t, o) for t in ("u32", "s32", "f32") for o in ("big", "little")]
+
+
+def _raw_address(address: str, table: str | None) -> tuple[str, int]:
+    """(table, 0-based address) from ``--address`` and ``--table``; exit 2 if unclear.
+
+    Without ``--table`` the address is Modicon notation: 40001-49999 or 400001-465536 is
+    holding register 0..., 30001-39999 or 300001-365536 input register 0...
+    """
+    try:
+        number = int(address, 0)
+    except ValueError:
+        fail(f"--address {address!r}: not a number")
+    if table is not None:
+        if table not in ("holding", "input"):
+            fail(f"--table {table!r}: holding or input")
+        if not 0 <= number <= 0xFFFF:
+            fail(f"--address {address}: a 0-based {table} address is 0-65535")
+        return table, number
+    for digits in (5, 6):
+        first_digit, offset = divmod(number, 10 ** (digits - 1))
+        if len(str(number)) == digits and first_digit in _MODICON and 1 <= offset <= 0x10000:
+            return _MODICON[first_digit], offset - 1
+    fail(
+        f"--address {address}: Modicon notation is 4xxxx (holding, 40001 = address 0) or "
+        "3xxxx (input); for a 0-based address say --table holding or --table input"
+    )
+
+
+def _raw_rows(table: str, address: int, words: list[int]) -> list[dict[str, Any]]:
+    """Each register as hex, u16, s16, and with the next one as u32/s32/f32 in both orders."""
+    from services.collector.profiles import DECODERS
+
+    base = 40001 if table == "holding" else 30001
+    rows: list[dict[str, Any]] = []
+    for i, word in enumerate(words):
+        row: dict[str, Any] = {
+            "address": address + i,
+            "modicon": base + address + i if address + i <= 9998 else None,
+            "hex": f"0x{word:04X}",
+            "u16": int(DECODERS["u16"]([word], "big")),
+            "s16": int(DECODERS["s16"]([word], "big")),
+        }
+        pair = words[i : i + 2]
+        for column, type_, order in _VIEWS_32:
+            if len(pair) < 2:
+                row[column] = None
+                continue
+            value = DECODERS[type_](pair, order)
+            row[column] = value if type_ == "f32" else int(value)
+        rows.append(row)
+    return rows
+
+
+def _show_raw(unit: int, table: str, address: int, words: list[int], as_json: bool) -> None:
+    rows = _raw_rows(table, address, words)
+    if as_json:
+        out = {"unit": unit, "table": table, "address": address, "registers": rows}
+        sys.stdout.write(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode() + "\n")
+        return
+    grid = Table(
+        title=f"unit {unit} - {table} {address}..{address + len(words) - 1} "
+        "(32-bit columns: this register and the next; big = high word first)"
+    )
+    for column in ("address", "modicon", "hex", "u16", "s16"):
+        grid.add_column(column, justify="right")
+    for column, _, _ in _VIEWS_32:
+        grid.add_column(column, justify="right")
+    for row in rows:
+        cells = []
+        for key, value in row.items():
+            if value is None:
+                cells.append("-")
+            elif key.startswith("f32"):
+                cells.append(f"{value:.7g}")
+            else:
+                cells.append(str(value))
+        grid.add_row(*cells)
+    console.print(grid)
 
 
 def register(app: typer.Typer) -> None:
@@ -134,6 +227,17 @@ def register(app: typer.Typer) -> None:
         pt_ratio: str | None = typer.Option(
             None, "--pt-ratio", help="Voltage transformer, primary/secondary: 11000/110 or 100."
         ),
+        address: str | None = typer.Option(
+            None,
+            "--address",
+            "-a",
+            help="Raw read without a profile: Modicon 40001 (holding 0) / 30001 (input 0), "
+            "or a 0-based address with --table.",
+        ),
+        count: int = typer.Option(1, "--count", "-n", help="Registers to read raw (1-125)."),
+        table_name: str | None = typer.Option(
+            None, "--table", help="holding or input: --address is then 0-based."
+        ),
     ) -> None:
         """One poll of one meter: decoded values with units (check scale factors); with
         CT/PT ratios the secondary value the meter reports and the primary."""
@@ -168,6 +272,32 @@ def register(app: typer.Typer) -> None:
                 bus = site.bus(mc.bus)
         else:
             bus = _bus(host, port, serial, baud, parity, rtu_over_tcp, timeout)
+        if address is None and table_name is not None:
+            fail("--table goes with --address (a raw read)")
+        if address is not None and profile is None:
+            if unit is None:
+                fail("say which device: --unit")
+            _unit(unit)
+            raw_table, raw_address = _raw_address(address, table_name)
+            if not 1 <= count <= 125:
+                fail(f"--count {count}: one Modbus read takes 1-125 registers")
+            if raw_address + count > 0x10000:
+                fail(f"--address {address} --count {count}: runs past register 65535")
+
+            async def read_raw() -> list[int]:
+                conn = ModbusConnection(bus)
+                try:
+                    return await conn.read(unit, raw_table, raw_address, count)
+                finally:
+                    conn.close()
+
+            try:
+                words = asyncio.run(read_raw())
+            except PeerError as exc:
+                where = bus.serial or f"{bus.host}:{bus.port}"
+                fail(f"unit {unit} at {where}: {_in_words(exc)}", code=1)
+            _show_raw(unit, raw_table, raw_address, words, as_json)
+            return
         if unit is None or profile is None:
             fail("say which meter: --unit and --profile, or --meter NAME with --site-file")
         _unit(unit)
