@@ -17,6 +17,7 @@ commands go to the actuator's request topic (never to the coils)::
 from __future__ import annotations
 
 import re
+import typing
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -37,17 +38,7 @@ Quantity = Literal[
     "frequency",
     "energy",
 ]
-QUANTITIES: tuple[Quantity, ...] = (
-    "pf",
-    "power",
-    "reactive_power",
-    "apparent_power",
-    "voltage",
-    "current",
-    "thd",
-    "frequency",
-    "energy",
-)
+QUANTITIES: tuple[Quantity, ...] = typing.get_args(Quantity)
 _PREFIX = re.compile(r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$")
 
 
