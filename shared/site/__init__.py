@@ -99,15 +99,7 @@ class SiteConfig(BaseModel):
         for i, dev in enumerate(self.devices):
             if dev.bus not in bus_names:
                 problems.append(f"devices[{i}].bus: no bus named {dev.bus!r}")
-        seen_units: dict[tuple[str, int], str] = {}
-        for i, meter in enumerate(self.meters):
-            key = (meter.bus, meter.unit)
-            if key in seen_units:
-                problems.append(
-                    f"meters[{i}].unit: unit {meter.unit} on bus {meter.bus!r} is already "
-                    f"used by {seen_units[key]!r}"
-                )
-            seen_units[key] = meter.name
+        problems += _transport_problems(self.meters, {b.name: b for b in self.buses})
         problems += _topology_problems(self.meters)
         for i, bank in enumerate(self.banks):
             if meter_names and bank.meter not in meter_names:
@@ -163,6 +155,55 @@ class SiteConfig(BaseModel):
             seen.add(meter.name)
             meter = self.meter(meter.parent) if meter.parent else None
         return None
+
+
+def _transport_problems(meters: list[MeterConfig], buses: dict[str, BusConfig]) -> list[str]:
+    """A Modbus meter has a unit id on a Modbus bus, a BACnet meter its ``bacnet`` target on
+    a bus of kind bacnet; neither address is used twice."""
+    problems: list[str] = []
+    seen_units: dict[tuple[str, int], str] = {}
+    seen_devices: dict[tuple[str, int], str] = {}
+    for i, meter in enumerate(meters):
+        bus = buses.get(meter.bus)
+        if bus is None:
+            continue  # reported with the bus
+        where = f"meters[{i}]"
+        if bus.kind == "bacnet":
+            if meter.bacnet is None:
+                problems.append(
+                    f"{where}.bacnet: meter {meter.name!r} is on BACnet bus {bus.name!r} and "
+                    "needs 'bacnet: {address: ..., device_instance: ...}'"
+                )
+            if meter.unit is not None:
+                problems.append(
+                    f"{where}.unit: a BACnet meter has no Modbus unit id (its device is "
+                    "bacnet.device_instance)"
+                )
+            if meter.bacnet is not None:
+                key = (meter.bacnet.address, meter.bacnet.device_instance)
+                if key in seen_devices:
+                    problems.append(
+                        f"{where}.bacnet: device {key[1]} at {key[0]} is already used by "
+                        f"{seen_devices[key]!r}"
+                    )
+                seen_devices[key] = meter.name
+            continue
+        if meter.bacnet is not None:
+            problems.append(
+                f"{where}.bacnet: bus {bus.name!r} is a Modbus bus (kind {bus.kind}), a BACnet "
+                "meter needs a bus of kind bacnet"
+            )
+        if meter.unit is None:
+            problems.append(f"{where}.unit: a Modbus meter needs its unit id (1-247)")
+            continue
+        key = (meter.bus, meter.unit)
+        if key in seen_units:
+            problems.append(
+                f"{where}.unit: unit {meter.unit} on bus {meter.bus!r} is already "
+                f"used by {seen_units[key]!r}"
+            )
+        seen_units[key] = meter.name
+    return problems
 
 
 def _topology_problems(meters: list[MeterConfig]) -> list[str]:
