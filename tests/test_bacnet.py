@@ -412,3 +412,37 @@ def test_collector_refuses_an_unknown_bacnet_profile(settings: Settings) -> None
     assert exc.value.problems == [
         "meters[0].profile: unknown BACnet profile 'sdm630'; known: bacnet_power_meter"
     ]
+
+
+def test_pfmon_read_says_a_bacnet_meter_is_not_for_it(tmp_path: Any) -> None:
+    from typer.testing import CliRunner
+
+    from services.cli import app
+
+    site_file = tmp_path / "site.yaml"
+    site_file.write_text(
+        "site: s\n"
+        "buses: [{name: bn, kind: bacnet, host: 127.0.0.1, port: 47900}]\n"
+        "meters:\n"
+        "  - {name: ahu, bus: bn, profile: bacnet_power_meter,\n"
+        "     bacnet: {address: '127.0.0.1:47809', device_instance: 1201}}\n"
+    )
+    result = CliRunner().invoke(app, ["read", "--site-file", str(site_file), "--meter", "ahu"])
+    assert result.exit_code == 2
+    assert "--meter ahu: a BACnet meter; pfmon read speaks Modbus" in result.output
+
+
+def test_home_assistant_discovery_knows_a_bacnet_meters_profile() -> None:
+    from services.collector import homeassistant as ha
+    from shared.site import HomeAssistantConfig
+
+    site = bacnet_site("s", 47900, 47809)
+    site = site.model_copy(
+        update={"homeassistant": HomeAssistantConfig.model_validate({"alarms": False})}
+    )
+    got = ha.configs(site)
+    names = {t.split("/")[3] for t in got}
+    assert {"ahu_power_factor", "ahu_voltage_l1", "ahu_reactive_power"} <= names
+    one = got["homeassistant/sensor/pfm-s/ahu_voltage_l1/config"]
+    assert one["device"]["model"] == "BACnet/IP power meter"
+    assert one["device"]["sw_version"] == "bacnet_power_meter"

@@ -260,6 +260,11 @@ def register(app: typer.Typer) -> None:
             except KeyError:
                 known = ", ".join(m.name for m in site.meters) or "none"
                 fail(f"--meter {meter}: no meter of that name in {site_file} (meters: {known})")
+            if mc.bacnet is not None:
+                fail(
+                    f"--meter {meter}: a BACnet meter; pfmon read speaks Modbus (pfmon scan "
+                    "--bacnet --host ADDRESS finds the device)"
+                )
             unit = mc.unit if unit is None else unit
             profile = mc.profile if profile is None else profile
             ct = mc.ct_ratio if ct is None else ct
