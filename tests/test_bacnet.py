@@ -446,3 +446,15 @@ def test_home_assistant_discovery_knows_a_bacnet_meters_profile() -> None:
     one = got["homeassistant/sensor/pfm-s/ahu_voltage_l1/config"]
     assert one["device"]["model"] == "BACnet/IP power meter"
     assert one["device"]["sw_version"] == "bacnet_power_meter"
+
+
+def test_a_modbus_only_collector_does_not_load_bacpypes3() -> None:
+    import subprocess
+
+    code = (
+        "import sys, services.collector.service, services.collector.scan, services.cli; "
+        "print('bacpypes3' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"

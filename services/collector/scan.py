@@ -12,13 +12,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from services.collector.bacnet import BacnetLink, Device
 from services.collector.profiles import PROFILES, Profile
 from shared.errors import ConfigError, PeerError
 from shared.measurements import Measurement as M
 from shared.modbus import ModbusConnection
 from shared.site import BusConfig
+
+if TYPE_CHECKING:
+    from services.collector.bacnet import Device
 
 ABSENT = frozenset({"timeout", "exception_0a", "exception_0b", "refused"})
 
@@ -101,6 +104,8 @@ async def scan_bacnet(
     port) within ``timeout``: sent to ``address`` (directed: a device, or a network's
     broadcast address) or as a global broadcast, which needs the bus's host with its
     prefix (``192.168.1.10/24``). Device instances ``low``..``high`` only, if given."""
+    from services.collector.bacnet import BacnetLink
+
     if address is None and "/" not in (bus.host or ""):
         raise ConfigError(
             f"a broadcast Who-Is needs this machine's address with its prefix "

@@ -54,12 +54,11 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from prometheus_client import Counter, Gauge, Histogram
 
-from services.collector import bacnet as bn
 from services.collector.homeassistant import Discovery
 from services.collector.profiles import Block, Profile, Refused, resolve, to_primary
 from services.collector.timesync import CLOCKS, RESYNC_S
@@ -86,6 +85,9 @@ from shared.settings import METRICS_PORTS, Settings
 from shared.site import BusConfig, MeterConfig, SiteConfig
 from shared.site.collector import TYPE_WIDTH
 from shared.spool import Spool
+
+if TYPE_CHECKING:  # imported when a site has BACnet meters (bacpypes3: ~0.4 s, ~9 MB)
+    from services.collector import bacnet as bn
 
 log = logging.getLogger(__name__)
 SERVICE = "collector"
@@ -215,6 +217,8 @@ class Collector:
         problems = []
         for i, mc in enumerate(site.meters):
             if mc.bacnet is not None:
+                from services.collector import bacnet as bn
+
                 try:
                     bprofile = bn.resolve(mc.profile)
                 except ConfigError as exc:
@@ -398,6 +402,8 @@ class Collector:
         """Read every object of BACnet meter ``m`` (one request, transient failures
         retried); SI values. An object that fails or whose units do not fit is left out,
         counted by kind and reported in ``refused``; when none reads, the poll fails."""
+        from services.collector import bacnet as bn
+
         assert m.bacnet is not None and m.config.bacnet is not None
         profile = m.bacnet
         retries = 0 if m.online is False else m.bus.retries
@@ -461,11 +467,11 @@ class Collector:
         refused: list[Refused] = []
         try:
             async with asyncio.timeout(deadline):
-                if isinstance(conn, bn.BacnetLink):
-                    values = await self.read_bacnet(conn, m, refused)
-                else:
+                if isinstance(conn, ModbusConnection):
                     raw = await self.read_meter(conn, m)
                     values = m.profile.decode(raw, refused)
+                else:
+                    values = await self.read_bacnet(conn, m, refused)
             if m.factors:  # primary values: the limits below are the primary side's
                 to_primary(values, m.factors)
         except TimeoutError:
@@ -668,6 +674,8 @@ class Collector:
         spare: ModbusConnection | bn.BacnetLink | None = None
         spare_queue: asyncio.Queue[tuple[MeterState, float] | None] = asyncio.Queue()
         if config.kind == "bacnet":
+            from services.collector import bacnet as bn
+
             # one UDP port for every meter: its workers share it, requests in flight
             # together (the spare worker too, so that a silent device holds no worker
             # the answering ones need)
