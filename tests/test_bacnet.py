@@ -458,3 +458,38 @@ def test_a_modbus_only_collector_does_not_load_bacpypes3() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+async def test_pfmon_simulate_serves_the_plant_meter_as_a_bacnet_device() -> None:
+    from shared.embedded import free_port
+
+    dev_port = udp_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "services.cli",
+        "simulate",
+        "--plant",
+        "--port",
+        str(free_port()),
+        "--bacnet-port",
+        str(dev_port),
+        "--duration",
+        "30",
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert proc.stderr is not None
+        line = b""
+        while b"bacnet" not in line:
+            line = await asyncio.wait_for(proc.stderr.readline(), 20)
+            assert line, "simulate ended before serving BACnet"
+        assert f"bacnet 127.0.0.1:{dev_port}: device 1001 (meter unit 1)".encode() in line
+        async with BacnetLink(bus(udp_port(), timeout=1.0)) as link:
+            target = BacnetTarget(address=f"127.0.0.1:{dev_port}", device_instance=1001)
+            reads = await link.read(target, OBJECTS)
+        pf = reads[list(PROFILE.objects).index(M.POWER_FACTOR)]
+        assert pf.value == pytest.approx(0.78, abs=0.02)  # the plant's incomer, bank out
+    finally:
+        proc.terminate()
+        await asyncio.wait_for(proc.wait(), 15)
