@@ -188,6 +188,9 @@ async def test_pfmon_scan_bacnet_finds_the_device_with_a_directed_who_is() -> No
         none = await pfmon(*args, "--host", f"127.0.0.1:{dev_port}", "--from", "1", "--to", "9")
         assert none[0] == 0, none[2]
         assert "0 BACnet device(s) answering" in none[1]
+        bad_range = await pfmon(*args, "--host", f"127.0.0.1:{dev_port}", "--to", "4194304")
+        assert bad_range[0] == 2
+        assert "--to 4194304: BACnet device instances are 0-4194302" in bad_range[2]
         # a broadcast needs the local address with its prefix: said, not hung
         bad = await pfmon(*args)
         assert bad[0] == 2
@@ -389,10 +392,10 @@ def test_site_file_checks_bacnet_meters_and_buses() -> None:
     ]
     twice = [
         {**m, "bus": "bn", "bacnet": target},
-        {**m, "name": "n", "bus": "bn", "bacnet": target},
+        {**m, "name": "n", "bus": "bn", "bacnet": {**target, "address": "10.0.0.9:47808"}},
     ]
     assert problems([bn], twice) == [
-        "meters[1].bacnet: device 7 at 10.0.0.9 is already used by 'm'"
+        "meters[1].bacnet: device 7 at 10.0.0.9:47808 is already used by 'm'"
     ]
     assert problems([{"name": "bn", "kind": "bacnet"}], []) == [
         "buses[0]: bus 'bn': kind bacnet needs 'host', this gateway's own "

@@ -39,7 +39,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -426,11 +425,10 @@ class BacnetLink:
                     )
                 )
                 continue
-            number = float(value)
-            if not math.isfinite(number):
-                out.append(ObjectRead(spec, number, None))
-                continue
-            out.append(ObjectRead(spec, number, None if isinstance(units, ErrorType) else units))
+            # a NaN or infinite value is refused by the caller's plausibility check
+            out.append(
+                ObjectRead(spec, float(value), None if isinstance(units, ErrorType) else units)
+            )
         return out
 
     async def who_is(

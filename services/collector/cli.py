@@ -444,10 +444,15 @@ def register(app: typer.Typer) -> None:
 
         from services.collector.scan import scan_bacnet
         from shared.site import format_validation_error
-        from shared.site.core import bacnet_address_problem
+        from shared.site.core import BACNET_MAX_INSTANCE, bacnet_address_problem
 
         if not bind:
             fail("--bacnet needs --bind: this machine's BACnet/IP address, e.g. 192.168.1.10/24")
+        for option, value in (("--from", first), ("--to", last)):
+            if value is not None and not 0 <= value <= BACNET_MAX_INSTANCE:
+                fail(f"{option} {value}: BACnet device instances are 0-{BACNET_MAX_INSTANCE}")
+        if first is not None and last is not None and first > last:
+            fail(f"--from {first} is above --to {last}")
         local, _, local_port = bind.partition(":")
         if host is not None and bacnet_address_problem(host):
             fail(f"--host {host!r}: {bacnet_address_problem(host)}")

@@ -101,9 +101,9 @@ async def scan_bacnet(
     timeout: float = 2.0,
 ) -> list[Device]:
     """The BACnet/IP devices that answer a Who-Is from ``bus`` (this machine's BACnet/IP
-    port) within ``timeout``: sent to ``address`` (directed: a device, or a network's
-    broadcast address) or as a global broadcast, which needs the bus's host with its
-    prefix (``192.168.1.10/24``). Device instances ``low``..``high`` only, if given."""
+    port) within ``timeout``: sent to the device at ``address`` (directed) or as a global
+    broadcast, which needs the bus's host with its prefix (``192.168.1.10/24``). Device
+    instances ``low``..``high`` only, if given."""
     from services.collector.bacnet import BacnetLink
 
     if address is None and "/" not in (bus.host or ""):

@@ -23,7 +23,15 @@ from shared.site.analytics import AnalyticsConfig
 from shared.site.archiver import ArchiverConfig
 from shared.site.collector import ProfileSpec
 from shared.site.console import ConsoleConfig
-from shared.site.core import BusConfig, Limit, Limits, MeterConfig, Thresholds, merged_limits
+from shared.site.core import (
+    BACNET_PORT,
+    BusConfig,
+    Limit,
+    Limits,
+    MeterConfig,
+    Thresholds,
+    merged_limits,
+)
 from shared.site.homeassistant import HomeAssistantConfig
 from shared.topics import Slug
 
@@ -180,7 +188,10 @@ def _transport_problems(meters: list[MeterConfig], buses: dict[str, BusConfig]) 
                     "bacnet.device_instance)"
                 )
             if meter.bacnet is not None:
-                key = (meter.bacnet.address, meter.bacnet.device_instance)
+                address = meter.bacnet.address
+                if ":" not in address:
+                    address += f":{BACNET_PORT}"
+                key = (address, meter.bacnet.device_instance)
                 if key in seen_devices:
                     problems.append(
                         f"{where}.bacnet: device {key[1]} at {key[0]} is already used by "
