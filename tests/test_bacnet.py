@@ -496,3 +496,83 @@ async def test_pfmon_simulate_serves_the_plant_meter_as_a_bacnet_device() -> Non
     finally:
         proc.terminate()
         await asyncio.wait_for(proc.wait(), 15)
+
+
+USER_PROFILE = {
+    "description": "Acme BMS meter",
+    "phases": 3,
+    "objects": {
+        "voltage_l1": {"instance": 101},
+        "current_l1": {"instance": 104},
+        "power": {"type": "analog-value", "instance": 7},
+        "power_factor": {"instance": 110, "signed_by": "power"},
+    },
+}
+
+
+async def test_a_user_defined_bacnet_profile_of_the_site_file_is_polled(
+    settings: Settings, site_name: str
+) -> None:
+    from services.collector.bacnet import from_spec
+    from shared.site import BacnetProfileSpec
+
+    sim = plant()
+    dev_port = udp_port()
+    site = bacnet_site(site_name, udp_port(), dev_port, profile="acme_bms")
+    site = site.model_copy(
+        update={"bacnet_profiles": {"acme_bms": BacnetProfileSpec.model_validate(USER_PROFILE)}}
+    )
+    served = from_spec("acme_bms", site.bacnet_profiles["acme_bms"])
+    assert served.objects[M.POWER].ref == "analog-value,7"
+    async with (
+        BacnetMeter(sim, 1, port=dev_port, device_instance=INSTANCE, profile=served),
+        sink_for(settings, site_name) as sink,
+        running(settings, site),
+    ):
+        for _ in range(100):
+            await asyncio.sleep(0.1)
+            if sink.readings["ahu"]:
+                break
+    truth = sim.state().meters["main"]
+    reading = sink.readings["ahu"][0]
+    assert reading.profile == "acme_bms"
+    assert set(reading.values) == {"voltage_l1", "current_l1", "power", "power_factor"}
+    assert reading.values["power"] == pytest.approx(truth.p_w, rel=1e-3)
+    assert reading.values["voltage_l1"] == pytest.approx(truth.values[M.VOLTAGE_L1], rel=1e-4)
+
+
+def test_bacnet_profiles_of_the_site_file_are_checked() -> None:
+    bad = {
+        "objects": {
+            "voltage_l1": {"instance": 1},
+            "voltage_l2": {"instance": 1},
+            "power_factor": {"type": "binary-input", "instance": 5000000, "signed_by": "power"},
+            "volts": {"instance": 2},
+        }
+    }
+    with pytest.raises(ConfigError) as exc:
+        parse_site({"site": "s", "bacnet_profiles": {"acme": bad}})
+    problems = exc.value.problems
+    assert any(
+        p.startswith("bacnet_profiles.acme.objects.power_factor.type: Input should be "
+                     "'analog-input' or 'analog-value'")
+        for p in problems
+    ), problems  # fmt: skip
+    assert any(
+        p.startswith("bacnet_profiles.acme.objects.power_factor.instance: Input should be "
+                     "less than or equal to 4194302")
+        for p in problems
+    ), problems  # fmt: skip
+    assert any(p.startswith("bacnet_profiles.acme.objects.volts.[key]") for p in problems)
+    ok = {"objects": {"voltage_l1": {"instance": 1}, "voltage_l2": {"instance": 1}}}
+    with pytest.raises(ConfigError) as twice:
+        parse_site({"site": "s", "bacnet_profiles": {"acme": ok}})
+    assert twice.value.problems == [
+        "bacnet_profiles.acme: voltage_l2: object analog-input,1 is already voltage_l1"
+    ]
+    sign = {"objects": {"power_factor": {"instance": 1, "signed_by": "power"}}}
+    with pytest.raises(ConfigError) as unsigned:
+        parse_site({"site": "s", "bacnet_profiles": {"acme": sign}})
+    assert unsigned.value.problems == [
+        "bacnet_profiles.acme: power_factor.signed_by: power is not in this profile"
+    ]

@@ -3,10 +3,11 @@
 A BACnet power meter exposes its measurements as objects, most often analog-inputs
 whose ``present-value`` is a REAL and whose ``units`` property says what it is in
 (volts, kilowatts, kilowatt-hours...). A :class:`BacnetProfile` maps each
-:class:`~shared.measurements.Measurement` to one object; the collector reads every
-object's ``present-value`` and ``units`` in one ReadPropertyMultiple request a poll
-(with the device object's name, so that a wrong ``device_instance`` is caught) and
-converts to SI:
+:class:`~shared.measurements.Measurement` to one object (built in here, or a site
+file's ``bacnet_profiles:`` entry, :class:`~shared.site.collector.BacnetProfileSpec`);
+the collector reads every object's ``present-value`` and ``units`` in one
+ReadPropertyMultiple request a poll (with the device object's name, so that a wrong
+``device_instance`` is caught) and converts to SI:
 
 * a known unit of the right quantity is scaled (kilovolts -> V x 1000, kilowatt-hours
   -> Wh x 1000, milliamperes -> A x 0.001, ...: :data:`UNITS`);
@@ -55,6 +56,7 @@ from bacpypes3.primitivedata import ObjectIdentifier
 from services.collector.profiles import Profile
 from shared.errors import ConfigError, PeerError
 from shared.measurements import Measurement as M
+from shared.site.collector import BacnetProfileSpec
 from shared.site.core import BACNET_MAX_INSTANCE, BACNET_PORT, BacnetTarget, BusConfig
 
 log = logging.getLogger(__name__)
@@ -68,6 +70,7 @@ __all__ = [
     "ObjectRead",
     "ObjectSpec",
     "convert",
+    "from_spec",
     "register",
     "resolve",
 ]
@@ -157,13 +160,27 @@ def register(profile: BacnetProfile) -> BacnetProfile:
     return profile
 
 
-def resolve(name: str) -> BacnetProfile:
-    """A built-in BACnet profile by name; :class:`ConfigError` if unknown."""
+def from_spec(name: str, spec: BacnetProfileSpec) -> BacnetProfile:
+    """A site file's ``bacnet_profiles:`` entry as a profile."""
+    return BacnetProfile(
+        name,
+        spec.description,
+        spec.phases,
+        {m: ObjectSpec(o.instance, o.type, o.signed_by) for m, o in spec.objects.items()},
+    )
+
+
+def resolve(
+    name: str, user_profiles: Mapping[str, BacnetProfileSpec] | None = None
+) -> BacnetProfile:
+    """A user-defined (the site file's ``bacnet_profiles:``) or built-in BACnet profile
+    by name; :class:`ConfigError` if unknown."""
+    if user_profiles and name in user_profiles:
+        return from_spec(name, user_profiles[name])
     if name in BACNET_PROFILES:
         return BACNET_PROFILES[name]
-    raise ConfigError(
-        f"unknown BACnet profile {name!r}; known: {', '.join(sorted(BACNET_PROFILES))}"
-    )
+    known = sorted(set(BACNET_PROFILES) | set(user_profiles or {}))
+    raise ConfigError(f"unknown BACnet profile {name!r}; known: {', '.join(known)}")
 
 
 def _ai(instance: int, signed_by: M | None = None) -> ObjectSpec:

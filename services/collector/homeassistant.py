@@ -225,7 +225,7 @@ def configs(site: SiteConfig) -> dict[str, dict[str, Any]]:
         if meter.bacnet is not None:
             from services.collector import bacnet
 
-            bprofile = bacnet.resolve(meter.profile)
+            bprofile = bacnet.resolve(meter.profile, site.bacnet_profiles)
             profile = bprofile.as_profile()
             has = set(bprofile.objects)
         else:

@@ -220,7 +220,7 @@ class Collector:
                 from services.collector import bacnet as bn
 
                 try:
-                    bprofile = bn.resolve(mc.profile)
+                    bprofile = bn.resolve(mc.profile, site.bacnet_profiles)
                 except ConfigError as exc:
                     problems.append(f"meters[{i}].profile: {exc}")
                     continue

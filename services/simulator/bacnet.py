@@ -84,14 +84,14 @@ class BacnetMeter:
         port: int,
         device_instance: int,
         host: str = "127.0.0.1",
-        profile: str = "bacnet_power_meter",
+        profile: str | BacnetProfile = "bacnet_power_meter",
         units: Mapping[M, str] | None = None,
         omit: Iterable[M] = (),
         name: str | None = None,
     ) -> None:
         self.site = site
         self.sim: SimMeter = site.meters[unit]
-        self.profile: BacnetProfile = resolve(profile)
+        self.profile = resolve(profile) if isinstance(profile, str) else profile
         self.host = host
         self.port = port
         self.device_instance = device_instance

@@ -21,7 +21,7 @@ from shared.measurements import Measurement
 from shared.site.actuator import ActuatorConfig, BankConfig, OutputDevice, RelayAction
 from shared.site.analytics import AnalyticsConfig
 from shared.site.archiver import ArchiverConfig
-from shared.site.collector import ProfileSpec
+from shared.site.collector import BacnetProfileSpec, ProfileSpec
 from shared.site.console import ConsoleConfig
 from shared.site.core import (
     BACNET_PORT,
@@ -37,6 +37,7 @@ from shared.topics import Slug
 
 __all__ = [
     "ActuatorConfig",
+    "BacnetProfileSpec",
     "BankConfig",
     "BusConfig",
     "ConsoleConfig",
@@ -68,6 +69,8 @@ class SiteConfig(BaseModel):
     buses: list[BusConfig] = Field(default_factory=list)
     meters: list[MeterConfig] = Field(default_factory=list)
     profiles: dict[str, ProfileSpec] = Field(default_factory=dict)
+    #: user-defined BACnet/IP meter profiles (measurement -> object)
+    bacnet_profiles: dict[str, BacnetProfileSpec] = Field(default_factory=dict)
     devices: list[OutputDevice] = Field(default_factory=list)
     relay_actions: list[RelayAction] = Field(default_factory=list)
     banks: list[BankConfig] = Field(default_factory=list)
