@@ -10,7 +10,8 @@ How it keeps going when things break:
   connection for at most that long and the others keep their schedule. A meter
   still busy when its next poll is due skips that cycle (counted as missed);
 * each failure is classified (Modbus exception 0x01..0x0B, crc, timeout,
-  refused, garbage - see :mod:`shared.modbus`), counted in
+  refused, garbage - see :mod:`shared.modbus`; a BACnet/IP meter's error_*, reject_*,
+  abort_*, units - see :mod:`services.collector.bacnet`), counted in
   ``pfm_collector_poll_errors_total{meter,kind}`` and logged with the device, unit
   and registers; transient kinds are retried at once (``BusConfig.retries``);
 * after ``MeterConfig.offline_after`` failures in a row the meter is offline: a
@@ -445,13 +446,13 @@ class Collector:
                 sign = values.get(spec.signed_by, 1.0)
                 mag = abs(values[measurement])
                 values[measurement] = math.copysign(mag, sign) if sign else mag
-        for _, read in failed:
-            self.poll_errors.labels(m.name, read.kind).inc()
-        if failed and len(failed) == len(reads):
+        if failed and len(failed) == len(reads):  # the poll failed (counted as such)
             first = failed[0][1]
             raise PeerError(
                 f"{m.where}: no object read; {first.spec.ref}: {first.error}", kind=first.kind
             )
+        for _, read in failed:
+            self.poll_errors.labels(m.name, read.kind).inc()
         return values
 
     async def poll_once(
