@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import ipaddress
 import math
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 from shared.measurements import Measurement
 from shared.topics import Slug
@@ -79,12 +88,14 @@ class Thresholds(BaseModel):
 
 
 class BusConfig(BaseModel):
-    """One Modbus bus: TCP, RTU on a serial port, or RTU framed over TCP."""
+    """One bus: Modbus TCP, RTU on a serial port, RTU framed over TCP, or this gateway's
+    BACnet/IP port (``kind: bacnet``: ``host`` is the gateway's own address on the BACnet
+    network, e.g. ``192.168.1.10/24``; ``port`` its UDP port, 47808 by default)."""
 
     model_config = ConfigDict(extra="forbid")
 
     name: Slug
-    kind: Literal["tcp", "rtu", "rtu_over_tcp"] = "tcp"
+    kind: Literal["tcp", "rtu", "rtu_over_tcp", "bacnet"] = "tcp"
     host: str | None = None
     port: int | None = Field(None, ge=1, le=65535)
     serial: str | None = Field(None, description="serial device, e.g. /dev/ttyUSB0")
@@ -116,6 +127,21 @@ class BusConfig(BaseModel):
             raise ValueError(f"bus {self.name!r}: kind rtu needs 'serial' (e.g. /dev/ttyUSB0)")
         if self.kind in ("tcp", "rtu_over_tcp") and self.port is None:
             self.port = 502
+        if self.kind == "bacnet":
+            if not self.host:
+                raise ValueError(
+                    f"bus {self.name!r}: kind bacnet needs 'host', this gateway's own address "
+                    "on the BACnet/IP network (e.g. 192.168.1.10/24)"
+                )
+            problem = bacnet_address_problem(self.host)
+            if problem:
+                raise ValueError(f"bus {self.name!r}: host {self.host!r}: {problem}")
+            if ":" in self.host:
+                raise ValueError(
+                    f"bus {self.name!r}: host {self.host!r}: give the UDP port as 'port'"
+                )
+            if self.port is None:
+                self.port = BACNET_PORT
         if self.kind == "rtu" and self.connections not in (None, 1):
             raise ValueError(f"bus {self.name!r}: a serial line has exactly one connection")
         return self
@@ -126,6 +152,47 @@ class BusConfig(BaseModel):
         if self.kind == "rtu":
             return 1
         return self.connections or 2
+
+
+#: BACnet/IP's UDP port (0xBAC0)
+BACNET_PORT = 47808
+#: the highest device instance (4194303 is the wildcard)
+BACNET_MAX_INSTANCE = 4194302
+
+
+def bacnet_address_problem(text: str) -> str | None:
+    """Why ``text`` is not an IPv4 BACnet/IP address (``a.b.c.d``, ``a.b.c.d/prefix``,
+    ``a.b.c.d:port``), or None."""
+    host, _, port = text.partition(":")
+    host, _, prefix = host.partition("/")
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        return "not an IPv4 address (a.b.c.d, a.b.c.d/24 or a.b.c.d:47808)"
+    if prefix and not (prefix.isdigit() and 0 <= int(prefix) <= 32):
+        return f"prefix /{prefix} is not 0-32"
+    if port and not (port.isdigit() and 1 <= int(port) <= 65535):
+        return f"port {port!r} is not 1-65535"
+    return None
+
+
+class BacnetTarget(BaseModel):
+    """Where a BACnet/IP meter is: its IP address (and UDP port) and device instance."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    address: str = Field(description="the device's IPv4 address, e.g. 192.168.1.50 or :47808")
+    device_instance: int = Field(
+        ge=0, le=BACNET_MAX_INSTANCE, description="the device object's instance number"
+    )
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        problem = bacnet_address_problem(value)
+        if problem or "/" in value:
+            raise ValueError(problem or "no /prefix here: the device's address, e.g. 10.0.0.9")
+        return value
 
 
 def _parse_ratio(value: object) -> float:
@@ -167,8 +234,15 @@ class MeterConfig(BaseModel):
 
     name: Slug
     bus: Slug
-    unit: int = Field(
-        ge=1, le=247, description="Modbus unit id 1-247 (0 is broadcast, 248-255 reserved)"
+    unit: int | None = Field(
+        None,
+        ge=1,
+        le=247,
+        description="Modbus unit id 1-247 (0 is broadcast, 248-255 reserved); "
+        "a BACnet meter has none",
+    )
+    bacnet: BacnetTarget | None = Field(
+        None, description="a BACnet/IP meter (on a bus of kind bacnet): address, device_instance"
     )
     profile: str = Field(min_length=1, description="built-in or user-defined profile name")
     interval_s: float = Field(1.0, ge=0.05, le=3600, description="poll interval")
