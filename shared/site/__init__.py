@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -23,7 +24,16 @@ from shared.site.analytics import AnalyticsConfig
 from shared.site.archiver import ArchiverConfig
 from shared.site.collector import ProfileSpec
 from shared.site.console import ConsoleConfig
-from shared.site.core import BusConfig, Limit, Limits, MeterConfig, Thresholds, merged_limits
+from shared.site.core import (
+    BusConfig,
+    Limit,
+    Limits,
+    MeterConfig,
+    Thresholds,
+    TimeZoneName,
+    merged_limits,
+    zone,
+)
 from shared.site.homeassistant import HomeAssistantConfig
 from shared.topics import Slug
 
@@ -54,6 +64,9 @@ class SiteConfig(BaseModel):
     site: Slug
     gateway: Slug = "gw1"
     description: str = ""
+    #: the site's time zone (IANA name): what ``hour``/``weekday``... mean in relay actions.
+    #: No default on purpose: a rule that reads the clock needs it written down
+    timezone: TimeZoneName | None = None
     thresholds: Thresholds = Field(default_factory=Thresholds)
     #: tighter plausible ranges for every meter of the site (a meter's own win)
     limits: Limits = Field(default_factory=dict)
@@ -125,6 +138,11 @@ class SiteConfig(BaseModel):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    @property
+    def zone(self) -> ZoneInfo:
+        """The site's time zone (UTC when the file gives none)."""
+        return zone(self.timezone)
 
     def meter(self, name: str) -> MeterConfig:
         for m in self.meters:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 import unicodedata
+import zoneinfo
+from functools import cache
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
@@ -111,6 +114,45 @@ def _whole_seconds(value: object) -> int:
 
 #: a duration that must be a whole number of seconds (``15min`` = 900)
 WholeSeconds = Annotated[int, BeforeValidator(_whole_seconds)]
+
+
+# -- time zone ------------------------------------------------------------------------------
+
+
+@cache
+def _zone_names() -> tuple[str, ...]:
+    return tuple(sorted(zoneinfo.available_timezones()))
+
+
+def _zone_name(value: object) -> str:
+    """An IANA time zone name that this machine's (or the tzdata package's) database has."""
+    how = "an IANA time zone name such as Europe/Berlin, America/New_York or UTC"
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{value!r} is not a time zone: write {how}")
+    for i, c in enumerate(value):
+        if not c.isascii() or not c.isprintable():
+            name = unicodedata.name(c, f"U+{ord(c):04X}")
+            raise ValueError(f"{value!r}: character {i + 1} ({name}) is not in a time zone name")
+    if value in ("localtime", "posixrules"):
+        raise ValueError(
+            f"{value!r} is this machine's setting, not a place: write the site's zone ({how})"
+        )
+    names = _zone_names()
+    if value in names:
+        return value
+    same_case = [n for n in names if n.lower() == value.lower()]
+    near = same_case or difflib.get_close_matches(value, names, n=1, cutoff=0.75)
+    hint = f" (did you mean {near[0]!r}?)" if near else ""
+    raise ValueError(f"{value!r} is not a known time zone{hint}: write {how}")
+
+
+#: an IANA time zone name (``Europe/Berlin``), checked against the zoneinfo database
+TimeZoneName = Annotated[str, BeforeValidator(_zone_name)]
+
+
+def zone(name: str | None) -> zoneinfo.ZoneInfo:
+    """The zone of a validated name (UTC for None)."""
+    return zoneinfo.ZoneInfo(name or "UTC")
 
 
 class Limit(BaseModel):
