@@ -59,6 +59,12 @@ def register(app: typer.Typer) -> None:
             "--broker-path",
             help="Where the broker sees the broker/ folder (paths in bridge.conf).",
         ),
+        websockets_port: int | None = typer.Option(
+            None,
+            "--websockets-port",
+            help="Also listen for MQTT over WebSockets + TLS on this port (443: for clients "
+            "behind firewalls that pass only HTTPS; user + password, no client certificate).",
+        ),
         days: int = typer.Option(3650, "--days", min=1, help="Certificate validity."),
         force: bool = typer.Option(False, "--force", help="Rotate: overwrite existing secrets."),
     ) -> None:
@@ -82,6 +88,7 @@ def register(app: typer.Typer) -> None:
                 client_path=client_path,
                 broker_url=broker_url,
                 broker_path=broker_path,
+                websockets_port=websockets_port,
                 days=days,
                 force=force,
             )

@@ -30,6 +30,7 @@ from services.init.broker import (
     bridge_user,
     mosquitto_hash,
     read_passwd,
+    websockets_conf,
     write_passwd,
 )
 from services.init.certs import DEFAULT_HOSTNAMES, CertAuthority, key_pem, server_names
@@ -81,6 +82,8 @@ def init_site(
     central_host: str | None = None,
     central_port: int = 8883,
     broker_path: str = "/mosquitto/secrets",
+    websockets_port: int | None = None,
+    websockets_bind: str | None = None,
     client_path: str = "/run/secrets/mqtt",  # may contain {user}
     broker_url: str | None = None,
     days: int = 3650,
@@ -92,6 +95,8 @@ def init_site(
     ``broker_path`` is where the broker sees ``broker/`` (the container path by
     default), ``client_path`` where a service sees its ``clients/<user>/`` folder;
     ``broker_url`` is what services dial (``mqtts://mosquitto:8883`` in compose).
+    ``websockets_port`` (443) adds a listener for MQTT over WebSockets and TLS
+    (``broker/conf.d/websockets.conf``; ``websockets_bind``: the IP address it binds).
     """
     env_file = env_file if env_file is not None else default_env_file(role)
     problems = [
@@ -99,6 +104,8 @@ def init_site(
         *(_edge_problems(central, central_host) if role == "edge" else []),
         *_overwrite_problems(out, env_file, force),
     ]
+    if websockets_port is not None and not 1 <= websockets_port <= 65535:
+        problems.append(f"--websockets-port: {websockets_port} is not a TCP port (1-65535)")
     homeassistant = None  # a Home Assistant user and its ACL only with the section
     if site_file is not None:
         try:
@@ -129,6 +136,13 @@ def init_site(
             client_dir=client_path.format(user=user),
         )
         write_private(out / "env" / f"{user}.env", env)
+    ws_conf = broker / "conf.d" / "websockets.conf"
+    if websockets_port is not None:
+        conf = websockets_conf(port=websockets_port, secrets_path=broker_path, bind=websockets_bind)
+        write_private(ws_conf, conf)
+        result.written.append(ws_conf)
+    elif ws_conf.exists():
+        ws_conf.unlink()  # a rotation without the option turns the listener off
     write_passwd(broker / "passwd", passwd)
     write_private(broker / "acl", acl_text(role, site, bridge_sites(passwd), homeassistant), 0o600)
     result.written += [broker / "passwd", broker / "acl"]
