@@ -75,6 +75,25 @@ def test_a_misspelt_clock_token_gets_the_nearest_one(text: str, near: str) -> No
     assert f"did you mean {near!r}" in str(info.value) and info.value.column == 1
 
 
+@pytest.mark.parametrize(
+    ("text", "column", "says"),
+    [
+        ("weekday == 0", 12, "weekday is never 0: it is the day of the week, 1 = Monday"),
+        ("hour >= 24 && L1P > 0", 9, "hour is never 24: it is the hour of the day, 0-23"),
+        ("month == 13", 10, "month is never 13"),
+        ("minute > -1", 11, "minute is never -1"),
+        ("60 == minute", 1, "minute is never 60"),
+        ("hour >= 22.5", 9, "hour is a whole number (hour of the day, 0-23)"),
+    ],
+)
+def test_a_clock_token_against_a_number_it_never_takes_is_refused(
+    text: str, column: int, says: str
+) -> None:
+    with pytest.raises(ExprError) as info:
+        parse(text)
+    assert says in info.value.message and info.value.column == column
+
+
 # -- the site file ------------------------------------------------------------------------------
 
 

@@ -457,8 +457,32 @@ class _Parser:
             nxt = self.peek()
             if nxt.kind == "op" and nxt.text in _COMPARE:
                 raise self.error("comparisons do not chain: write (a < b) && (b < c)", nxt.column)
+            self._check_clock(left, right)
+            self._check_clock(right, left)
             return Compare(tok.text, left, right, tok.column)
         return left
+
+    def _check_clock(self, token: Node, other: Node) -> None:
+        """A clock token compared with a number: the number must be one of its values
+        (``weekday == 0`` or ``hour >= 22.5`` would silently never mean what was meant)."""
+        if not isinstance(token, Var) or token.name not in CLOCK_TOKENS:
+            return
+        sign, num = 1.0, other
+        if isinstance(num, Neg):
+            sign, num = -1.0, num.operand
+        if not isinstance(num, Num):
+            return
+        spec, value = CLOCK_TOKENS[token.name], sign * num.value
+        if value != int(value):
+            raise self.error(
+                f"{token.name} is a whole number ({spec.meaning}): compare it with one, "
+                "e.g. hour * 60 + minute >= 22 * 60 + 30 for 22:30",
+                num.column,
+            )
+        if not spec.low <= value <= spec.high:
+            raise self.error(
+                f"{token.name} is never {value:g}: it is the {spec.meaning}", num.column
+            )
 
     def parse_sum(self) -> Node:
         node = self.parse_product()
