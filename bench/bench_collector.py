@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import multiprocessing as mp
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -281,18 +282,32 @@ def register_cost(args: argparse.Namespace) -> int:
     ]
     try:
         wait_simulator(base_port, args.ports)
-        print(f"{per_port * args.ports} simulated PMTR_001 on {args.ports} ports, Modbus TCP")
-        first = 0.0
-        for label, blocks in ways:
-            rate = asyncio.run(
-                baseline(
-                    base_port, args.ports, per_port, args.connections, args.burst_seconds, blocks
+        print(
+            f"{per_port * args.ports} simulated PMTR_001 on {args.ports} ports, Modbus TCP; "
+            f"{args.rounds} rounds of the three ways in turn, median",
+            flush=True,
+        )
+        rates: dict[str, list[float]] = {label: [] for label, _ in ways}
+        for _ in range(args.rounds):
+            for label, blocks in ways:
+                rate = asyncio.run(
+                    baseline(
+                        base_port,
+                        args.ports,
+                        per_port,
+                        args.connections,
+                        args.burst_seconds,
+                        blocks,
+                    )
                 )
-            )
-            first = first or rate
+                rates[label].append(rate)
+        first = statistics.median(rates[ways[0][0]])
+        for label, blocks in ways:
+            rate = statistics.median(rates[label])
+            spread = f"{min(rates[label]):.0f}-{max(rates[label]):.0f}"
             print(
-                f"  {label:20s} {rate:8.0f} polls/s over TCP ({100 * rate / first:3.0f} %); "
-                f"RS-485 9600 baud: {rtu_ms(blocks):5.1f} ms a poll on the wire",
+                f"  {label:20s} {rate:8.0f} polls/s over TCP ({100 * rate / first:3.0f} %, "
+                f"runs {spread}); RS-485 9600 baud: {rtu_ms(blocks):5.1f} ms a poll on the wire",
                 flush=True,
             )
     finally:
@@ -313,6 +328,7 @@ def main() -> int:
         action="store_true",
         help="measure polling the PMTR_001's registers 98-114 too (bare loop only)",
     )
+    ap.add_argument("--rounds", type=int, default=3, help="--register-cost: rounds (median)")
     args = ap.parse_args()
     if args.register_cost:
         return register_cost(args)
