@@ -240,3 +240,14 @@ def test_the_tls_listener_still_wants_a_client_certificate(tmp_path: Path, site_
             timeout=20,
         )
         assert result.returncode != 0
+
+
+def test_the_central_override_publishes_443_to_the_broker() -> None:
+    import yaml
+
+    repo = Path(__file__).resolve().parents[1]
+    base = yaml.safe_load((repo / "deploy/central/compose.yml").read_text())
+    override = yaml.safe_load((repo / "deploy/central/compose.wss.yml").read_text())
+    assert set(override["services"]) == {"mosquitto"} <= set(base["services"])
+    assert override["services"]["mosquitto"]["ports"] == ["443:443"]
+    assert not any("443:" in p for p in base["services"]["mosquitto"]["ports"])

@@ -204,12 +204,6 @@ def init_site(
             f"COMPOSE_PROFILES={profiles}\n"
             f"PFM_CENTRAL_WSS_URL=wss://{central_host}:{central_port}/mqtt\n"
         )
-    if websockets_port is not None:
-        text += (
-            "# MQTT over WebSockets + TLS, published on every interface (pfmon init "
-            "--websockets-port)\n"
-            f"PFM_WSS_PUBLISH=0.0.0.0:{websockets_port}:{websockets_port}\n"
-        )
     write_private(env_file, text)
     result.written.append(env_file)
 
