@@ -98,3 +98,8 @@ def test_read_group_from_the_simulator(sim: tuple[SimSite, int]) -> None:
     code, out = _read(port, "--group", "averages")
     assert code == 2
     assert "--group averages: profile pmtr001 has no such group (groups: device_averages)" in out
+    res = CliRunner().invoke(
+        app, ["read", "--host", "127.0.0.1", "--port", str(port), "--unit", "1",
+              "--address", "40099", "--group", "device_averages"],
+    )  # fmt: skip
+    assert res.exit_code == 2 and "--group goes with a profile's read" in res.output

@@ -281,6 +281,8 @@ def register(app: typer.Typer) -> None:
             bus = _bus(host, port, serial, baud, parity, rtu_over_tcp, timeout)
         if address is None and table_name is not None:
             fail("--table goes with --address (a raw read)")
+        if address is not None and group is not None:
+            fail("--group goes with a profile's read, not with --address (a raw read)")
         if address is not None and profile is None:
             if unit is None:
                 fail("say which device: --unit")
