@@ -239,6 +239,13 @@ def register(app: typer.Typer) -> None:
         table_name: str | None = typer.Option(
             None, "--table", help="holding or input: --address is then 0-based."
         ),
+        group: str | None = typer.Option(
+            None,
+            "--group",
+            "-g",
+            help="Also read a register group the profile does not poll (pmtr001: "
+            "device_averages, the meter's own moving averages).",
+        ),
     ) -> None:
         """One poll of one meter: decoded values with units (check scale factors); with
         CT/PT ratios the secondary value the meter reports and the primary."""
@@ -280,6 +287,8 @@ def register(app: typer.Typer) -> None:
             bus = _bus(host, port, serial, baud, parity, rtu_over_tcp, timeout)
         if address is None and table_name is not None:
             fail("--table goes with --address (a raw read)")
+        if address is not None and group is not None:
+            fail("--group goes with a profile's read, not with --address (a raw read)")
         if address is not None and profile is None:
             if unit is None:
                 fail("say which device: --unit")
@@ -313,6 +322,12 @@ def register(app: typer.Typer) -> None:
         except ConfigError as exc:
             fail(str(exc))
         factors = prof.primary_factors(ct, pt)
+        extra = None
+        if group is not None:
+            extra = prof.groups.get(group)
+            if extra is None:
+                known = ", ".join(prof.groups) or "none"
+                fail(f"--group {group}: profile {prof.name} has no such group (groups: {known})")
         if prof.reports_primary and (ct != 1.0 or pt != 1.0):
             err_console.print(
                 f"[yellow]profile {prof.name} reports primary values (ratios set in the "
@@ -324,7 +339,7 @@ def register(app: typer.Typer) -> None:
             regs: dict[str, dict[int, int]] = {"holding": {}, "input": {}}
             blocks = []
             try:
-                for b in prof.plan():
+                for b in prof.plan() + (extra.plan() if extra else []):
                     got = await conn.read(unit, b.table, b.address, b.count)
                     blocks.append((b.table, b.address, got))
                     regs[b.table].update({b.address + i: v for i, v in enumerate(got)})
@@ -338,10 +353,17 @@ def register(app: typer.Typer) -> None:
             fail(f"unit {unit} at {bus.serial or f'{bus.host}:{bus.port}'}: {exc}", code=1)
         secondary = prof.decode(regs)
         values = to_primary(dict(secondary), factors)
+        grouped: dict[str, float] = {}
+        if extra is not None:
+            for name, gv_value in extra.decode(regs).items():
+                of = extra.values[name].of
+                grouped[name] = gv_value * factors.get(of, 1.0)
         if as_json:
             out: dict[str, Any] = {m.value: v for m, v in values.items()}
-            if raw or factors:
+            if raw or factors or extra is not None:
                 out = {"values": out}
+            if extra is not None:
+                out[extra.name] = grouped
             if factors:
                 out["secondary"] = {m.value: v for m, v in secondary.items()}
                 out["ct_ratio"], out["pt_ratio"] = ct, pt
@@ -370,6 +392,16 @@ def register(app: typer.Typer) -> None:
                 cells = [shown if sec is None else f"{sec:.6g}", shown]
             table.add_row(m.value, *cells, m.unit, f"{spec.table} {spec.address} {spec.type}")
         console.print(table)
+        if extra is not None:
+            gtable = Table(title=f"{extra.name}: {extra.description}")
+            for col in ("name", "value", "unit", "register"):
+                gtable.add_column(col, justify="right" if col == "value" else "left")
+            for name, gv in extra.values.items():
+                v = grouped.get(name)
+                shown = "(missing: device wrote 0)" if v is None else f"{v:.6g}"
+                spec = gv.spec
+                gtable.add_row(name, shown, gv.of.unit, f"{spec.table} {spec.address} {spec.type}")
+            console.print(gtable)
         if raw:
             for t, a, ws in blocks:
                 console.print(f"[bold]{t} {a}..{a + len(ws) - 1}[/]")

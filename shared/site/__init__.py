@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -30,7 +31,9 @@ from shared.site.core import (
     Limits,
     MeterConfig,
     Thresholds,
+    TimeZoneName,
     merged_limits,
+    zone,
 )
 from shared.site.homeassistant import HomeAssistantConfig
 from shared.topics import Slug
@@ -63,6 +66,9 @@ class SiteConfig(BaseModel):
     site: Slug
     gateway: Slug = "gw1"
     description: str = ""
+    #: the site's time zone (IANA name): what ``hour``/``weekday``... mean in relay actions.
+    #: No default on purpose: a rule that reads the clock needs it written down
+    timezone: TimeZoneName | None = None
     thresholds: Thresholds = Field(default_factory=Thresholds)
     #: tighter plausible ranges for every meter of the site (a meter's own win)
     limits: Limits = Field(default_factory=dict)
@@ -128,6 +134,11 @@ class SiteConfig(BaseModel):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    @property
+    def zone(self) -> ZoneInfo:
+        """The site's time zone (UTC when the file gives none)."""
+        return zone(self.timezone)
 
     def meter(self, name: str) -> MeterConfig:
         for m in self.meters:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from shared.site.core import Duration, WholeSeconds
 from shared.topics import Slug
 
 
@@ -21,8 +22,8 @@ class AlarmTiming(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool = True
-    raise_after_s: float = Field(10.0, ge=0, le=86400, description="condition held this long")
-    clear_after_s: float = Field(30.0, ge=0, le=86400, description="clear condition held")
+    raise_after_s: Duration = Field(10.0, ge=0, le=86400, description="condition held this long")
+    clear_after_s: Duration = Field(30.0, ge=0, le=86400, description="clear condition held")
 
 
 class AlarmLimits(BaseModel):
@@ -40,7 +41,7 @@ class AlarmLimits(BaseModel):
     )
     ct_reversed_w: float = Field(20.0, ge=0, description="P below -this (W) counts as reversed")
     pf_erratic_spread: float = Field(0.30, gt=0, le=2, description="max-min PF in the window")
-    pf_erratic_window_s: float = Field(10.0, gt=0, le=3600)
+    pf_erratic_window_s: Duration = Field(10.0, gt=0, le=3600)
     thd_current_pct: float = Field(20.0, gt=0, description="current THD limit (IEEE 519 TDD)")
     thd_voltage_pct: float | None = Field(
         None, gt=0, description="voltage THD limit; default from IEEE 519-2014 by bus voltage"
@@ -101,13 +102,13 @@ class MeterAnalytics(BaseModel):
 class AnalyticsConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    average_slots_s: list[int] = Field(
+    average_slots_s: list[WholeSeconds] = Field(
         default_factory=lambda: [5, 10, 20, 30, 60], description="moving-average windows"
     )
-    demand_window_s: int = Field(900, ge=60, le=3600, description="billing demand window")
-    alarm_slot_s: int = Field(10, description="the averaging slot the alarms look at")
+    demand_window_s: WholeSeconds = Field(900, ge=60, le=3600, description="billing demand window")
+    alarm_slot_s: WholeSeconds = Field(10, description="the averaging slot the alarms look at")
     aggregates: bool = Field(True, description="publish IEC 61000-4-30 3 s / 10 min aggregates")
-    batch_window_s: float = Field(
+    batch_window_s: Duration = Field(
         0.05,
         ge=0,
         le=1,

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import math
+import re
+import unicodedata
+import zoneinfo
+from functools import cache
 from typing import Annotated, Literal
 
 from pydantic import (
@@ -18,6 +23,145 @@ from pydantic import (
 
 from shared.measurements import Measurement
 from shared.topics import Slug
+
+# -- durations ------------------------------------------------------------------------------
+
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
+_UNIT_ORDER = ("d", "h", "min", "s", "ms")  # a compound duration goes from large to small
+_PART = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-z]*)\s*", re.ASCII | re.IGNORECASE)
+_EXPONENT = re.compile(r"[0-9.][eE][+-]?[0-9]", re.ASCII)
+_PLAIN = re.compile(r"\s*[0-9]+(?:\.[0-9]+)?\s*", re.ASCII)
+#: the longest duration a site file may give (anything longer is a typo)
+MAX_DURATION_S = 366 * 86400.0
+_HOW = "write e.g. 15, 1000ms, 15s, 15min, 1h or 1h30min"
+
+
+def _unit_key(unit: str) -> str:
+    return "min" if unit == "m" else unit
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from a number of seconds or a text with units (``1000ms``, ``15s``,
+    ``15min``/``15m``, ``1h``, ``2d``, ``1h30min``); a clear ``ValueError`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f"{value!r} is not a duration ({_HOW})")
+    if isinstance(value, str):
+        seconds = _parse_duration_text(value)
+    else:
+        seconds = float(value)
+        if math.isnan(seconds):
+            raise ValueError(f"{value!r} is not a duration ({_HOW})")
+    if seconds < 0:
+        raise ValueError(f"{value!r} is negative: a duration is 0 or more")
+    if not seconds <= MAX_DURATION_S:  # also inf
+        raise ValueError(
+            f"{value!r} is longer than {MAX_DURATION_S / 86400:g} days: not a plausible duration"
+        )
+    return seconds
+
+
+def _unit_problem(number: str, unit: str) -> str:
+    if not unit:
+        return f"{number} needs a unit ({_HOW})"
+    low = unit.lower()
+    near = (
+        "ms"
+        if low.startswith(("ms", "milli"))
+        else {"s": "s", "m": "min", "h": "h", "d": "d"}.get(low[0], "")
+    )
+    use = f"write {number}{near}" if near else _HOW
+    return f"{unit!r} is not a unit (ms, s, min or m, h, d): {use}"
+
+
+def _parse_duration_text(text: str) -> float:
+    for i, c in enumerate(text):
+        if not c.isascii():
+            name = unicodedata.name(c, f"U+{ord(c):04X}")
+            raise ValueError(
+                f"{text!r}: character {i + 1} {c!r} ({name}) is not allowed; durations are "
+                f"plain ASCII ({_HOW})"
+            )
+    if text.strip().startswith("-"):
+        raise ValueError(f"{text!r} is negative: a duration is 0 or more")
+    if not text.strip():
+        raise ValueError(f"an empty text is not a duration ({_HOW})")
+    if _EXPONENT.search(text):
+        raise ValueError(f"{text!r}: a duration has no exponent ({_HOW})")
+    if _PLAIN.fullmatch(text):
+        return float(text)
+    total, pos, seen = 0.0, 0, -1
+    while pos < len(text):
+        match = _PART.match(text, pos)
+        if match is None or match.end() == pos:
+            raise ValueError(f"{text!r} is not a duration ({_HOW})")
+        number, unit = match.group(1), match.group(2)
+        key = _unit_key(unit)
+        if key not in _UNIT_S:
+            raise ValueError(f"{text!r} is not a duration: {_unit_problem(number, unit)}")
+        rank = _UNIT_ORDER.index(key)
+        if rank <= seen:
+            raise ValueError(
+                f"{text!r} is not a duration: give each unit once, largest first (e.g. 1h30min)"
+            )
+        seen = rank
+        total += float(number) * _UNIT_S[key]
+        pos = match.end()
+    return total
+
+
+#: a duration in seconds: a number (seconds) or a text with units, ``1000ms``, ``15s``,
+#: ``15min``, ``1h``, ``1h30min``; finite, 0 or more, at most a year; fields add their bounds
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+def _whole_seconds(value: object) -> int:
+    seconds = parse_duration(value)
+    if seconds != int(seconds):
+        raise ValueError(f"{value!r} is {seconds:g}s: give a whole number of seconds")
+    return int(seconds)
+
+
+#: a duration that must be a whole number of seconds (``15min`` = 900)
+WholeSeconds = Annotated[int, BeforeValidator(_whole_seconds)]
+
+
+# -- time zone ------------------------------------------------------------------------------
+
+
+@cache
+def _zone_names() -> tuple[str, ...]:
+    return tuple(sorted(zoneinfo.available_timezones()))
+
+
+def _zone_name(value: object) -> str:
+    """An IANA time zone name that this machine's (or the tzdata package's) database has."""
+    how = "an IANA time zone name such as Europe/Berlin, America/New_York or UTC"
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{value!r} is not a time zone: write {how}")
+    for i, c in enumerate(value):
+        if not c.isascii() or not c.isprintable():
+            name = unicodedata.name(c, f"U+{ord(c):04X}")
+            raise ValueError(f"{value!r}: character {i + 1} ({name}) is not in a time zone name")
+    if value in ("localtime", "posixrules"):
+        raise ValueError(
+            f"{value!r} is this machine's setting, not a place: write the site's zone ({how})"
+        )
+    names = _zone_names()
+    if value in names:
+        return value
+    same_case = [n for n in names if n.lower() == value.lower()]
+    near = same_case or difflib.get_close_matches(value, names, n=1, cutoff=0.75)
+    hint = f" (did you mean {near[0]!r}?)" if near else ""
+    raise ValueError(f"{value!r} is not a known time zone{hint}: write {how}")
+
+
+#: an IANA time zone name (``Europe/Berlin``), checked against the zoneinfo database
+TimeZoneName = Annotated[str, BeforeValidator(_zone_name)]
+
+
+def zone(name: str | None) -> zoneinfo.ZoneInfo:
+    """The zone of a validated name (UTC for None)."""
+    return zoneinfo.ZoneInfo(name or "UTC")
 
 
 class Limit(BaseModel):
@@ -103,9 +247,9 @@ class BusConfig(BaseModel):
     parity: Literal["N", "E", "O"] = "N"
     bytesize: Literal[7, 8] = 8
     stopbits: Literal[1, 2] = 1
-    timeout_s: float = Field(1.0, gt=0, le=60)
+    timeout_s: Duration = Field(1.0, gt=0, le=60)
     retries: int = Field(1, ge=0, le=10)
-    inter_frame_delay_s: float = Field(
+    inter_frame_delay_s: Duration = Field(
         0.0, ge=0, le=5, description="pause between requests to different units on this bus"
     )
     connections: int | None = Field(
@@ -115,7 +259,7 @@ class BusConfig(BaseModel):
         description="parallel connections (tcp/rtu_over_tcp; default 2, rtu: always 1) so "
         "that one slow unit never holds up the others",
     )
-    reprobe_max_s: float = Field(
+    reprobe_max_s: Duration = Field(
         60.0, gt=0, le=3600, description="longest wait between probes of an offline device"
     )
 
@@ -245,12 +389,12 @@ class MeterConfig(BaseModel):
         None, description="a BACnet/IP meter (on a bus of kind bacnet): address, device_instance"
     )
     profile: str = Field(min_length=1, description="built-in or user-defined profile name")
-    interval_s: float = Field(1.0, ge=0.05, le=3600, description="poll interval")
+    interval_s: Duration = Field(1.0, ge=0.05, le=3600, description="poll interval")
     wiring: Literal["star", "delta"] = Field(
         "star", description="delta = the meter reports line-to-line voltages (sqrt(3) correction)"
     )
     expect_export: bool = Field(False, description="site may export here (no ct_reversed alarm)")
-    timeout_s: float | None = Field(None, gt=0, le=60, description="overrides the bus timeout")
+    timeout_s: Duration | None = Field(None, gt=0, le=60, description="overrides the bus timeout")
     offline_after: int = Field(3, ge=1, le=100, description="failed polls before offline")
     time_sync: bool = Field(
         True,
