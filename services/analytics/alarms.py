@@ -484,7 +484,6 @@ def _ct_saturation(x: Inputs, L: Limits) -> Condition:
             (c.crest_i < c.crest_v - share * lim.ct_crest_margin)
             & (c.flat_i > share * lim.ct_flat_share)
             & (c.h3_pct > share * lim.ct_third_harmonic_pct)
-            & (c.h3_pct > c.h5_pct)
         )
 
     known = ~np.isnan(c.crest_i) & ~np.isnan(c.crest_v) & (c.irms > lim.min_current_a)
@@ -609,7 +608,7 @@ ALARMS: tuple[AlarmDef, ...] = (
         _voltage_level(False), _voltage_level_evidence(False),
     ),
     AlarmDef(
-        "frequency_deviation", W, False, _timing(0, 10),
+        "frequency_deviation", W, False, _timing(10, 10),
         "\\|f − nominal\\| > `frequency_pct` (1) %; evidence `band` says `extreme` beyond "
         "+`frequency_extreme_high_pct` (4) / −`frequency_extreme_low_pct` (6) % (EN 50160)",
         "< `frequency_pct` − `frequency_hysteresis_pct`", "alarm-slot averages",
@@ -627,7 +626,7 @@ ALARMS: tuple[AlarmDef, ...] = (
         "ct_saturation", C, True, _timing(0, 10),
         "the current clips: crest factor < the voltage's − `ct_crest_margin`, > "
         "`ct_flat_share` of samples on the flat top, 3rd harmonic > "
-        "`ct_third_harmonic_pct` and above the 5th",
+        "`ct_third_harmonic_pct` (a 6-pulse drive's current has none)",
         "not so at half those margins", "waveforms, I > `min_current_a`",
         _ct_saturation, _ct_saturation_evidence,
     ),

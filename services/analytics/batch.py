@@ -488,7 +488,13 @@ class SiteEngine:
         """Analyse one waveform window (raises ``dsp.WaveformError`` before any state
         changes when it cannot be analysed)."""
         mid = self.track(wf.meter)
-        a, samples = analyze_waveform(wf)
+        try:
+            a, samples = analyze_waveform(wf)
+        except dsp.WaveformError:
+            dark = self._dark_window(mid, wf)
+            if dark is None:
+                raise
+            return dark
         x = np.full((1, len(M)), np.nan)
         for key, v in dsp.window_values(a).items():
             x[0, COL[key]] = v
@@ -693,6 +699,25 @@ class SiteEngine:
             got = exc.feed(mid, t[r : r + 1], v[r : r + 1], poll, "registers", prev_t=p)
             if got:
                 self._excursion_events(mid, got, outs[r])
+
+    def _dark_window(self, mid: int, wf: Waveform) -> Output | None:
+        """A window with no voltage on any phase (no fundamental to analyse): no metrics,
+        but the interruption it is part of (Urms(1/2) at the nominal frequency).
+        None when the window is not that."""
+        names = [n for n in ("v1", "v2", "v3") if n in wf.channels]
+        volts = np.array([wf.channels[n] for n in names], dtype=np.float64)
+        f = float(wf.f_nominal_hz)
+        if volts.shape[-1] < math.ceil(2 * wf.fs_hz / f):  # too short: refused as such
+            return None
+        centres, u = quality.half_cycle_rms(volts, wf.fs_hz, f)
+        if not len(u) or not np.isfinite(u).all():
+            return None
+        if (u >= self.excursions.bands.interruption_v).any():
+            return None
+        out = Output([], [])
+        t = wf.ts.timestamp() + centres
+        self._excursion_events(mid, self.excursions.feed(mid, t, u, 0.5 / f, "waveform"), out)
+        return out
 
     def _excursion_events(
         self, mid: int, got: list[tuple[EventState, quality.QualityEvent]], out: Output

@@ -118,10 +118,10 @@ class AlarmLimits(BaseModel):
         0.30, gt=0, lt=1, description="ct_saturation: share of samples on the flat top"
     )
     ct_third_harmonic_pct: float = Field(
-        3.0,
+        5.0,
         gt=0,
         le=100,
-        description="ct_saturation: 3rd current harmonic at least this % (and above the 5th)",
+        description="ct_saturation: 3rd current harmonic above this % of the fundamental",
     )
 
     @model_validator(mode="after")
