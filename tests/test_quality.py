@@ -323,6 +323,27 @@ def test_ct_overload_against_the_rated_primary_with_the_ct_ratio() -> None:
     assert ov[1].ts == T0 + timedelta(seconds=90)
 
 
+def test_an_mv_meter_is_judged_against_its_own_nominal_voltage() -> None:
+    meters = [
+        {"name": "mv", "bus": "b1", "unit": 1, "profile": "sdm630", "pt_ratio": "11000/110"},
+        {"name": "lv", "bus": "b1", "unit": 2, "profile": "pmtr001"},
+    ]
+    eng = SiteEngine(site(meters, meters={"mv": {"nominal_voltage_v": 6351}}))
+    items = [reading("mv", float(k), v, k) for k, v in enumerate([6350.0] * 3 + [5500.0] * 2)]
+    items += [reading("mv", 5.0, 6350.0, 5), reading("lv", 0.0, 230.0, 1)]
+    events = feed(eng, items)
+    dips = pairs(events, "voltage_dip")
+    assert len(dips) == 3 and {e.meter for e, _ in dips} == {"mv"}
+    assert dips[0][1].evidence["residual_pct"] == pytest.approx(86.6, abs=0.1)
+    assert dips[0][1].evidence["nominal_v"] == 6351
+    assert {e.code for e in events} == {"voltage_dip"}  # 6350 V is no swell there
+    # 10-min means too: 6000 V is 5.5 % under the MV nominal, no undervoltage
+    levels = [6000.0, 6000.0]
+    mv = [reading("mv", b * 600.0 + k * 10.0 + 10.0, v, 100 + b * 60 + k)
+          for b, v in enumerate(levels) for k in range(60)]  # fmt: skip
+    assert [e.code for e in feed(eng, mv)] == []
+
+
 def test_limits_are_checked_with_their_names() -> None:
     with pytest.raises(ValueError, match="interruption_pct must be below dip_pct"):
         AlarmLimits(dip_pct=4.0)

@@ -171,6 +171,8 @@ class Inputs:
     #: (n, 3) the 10-min mean voltage of an interval that closed with this input (NaN:
     #: none closed); empty: absent everywhere
     v10: F64 = field(default_factory=lambda: np.zeros(0))
+    #: the meter's nominal voltage (V, line to neutral); empty: the site's
+    v_nominal: F64 = field(default_factory=lambda: np.zeros(0))
     #: the meter's rated CT primary current (A), NaN: not configured
     ct_rating: F64 = field(default_factory=lambda: np.zeros(0))
     #: the meter's CT ratio (evidence: the secondary current)
@@ -185,6 +187,11 @@ class Inputs:
     def phases(self, a: F64) -> F64:
         """``a``, or NaN for each input and phase where the field was not given."""
         return a if len(a) else np.full((len(self.p), 3), np.nan)
+
+    def nominal(self, L: Limits) -> F64:
+        """(n, 1) each input's nominal voltage."""
+        un = self.rows(self.v_nominal)
+        return np.where(np.isnan(un), L.th.nominal_voltage_v, un)[:, None]
 
     def shape(self) -> Clipping:
         return self.clip if self.clip is not None else Clipping.absent(len(self.p))
@@ -397,7 +404,7 @@ def _across_meters(x: Inputs, L: Limits) -> Condition:
 def _voltage_level(over: bool) -> Callable[[Inputs, Limits], Condition]:
     def condition(x: Inputs, L: Limits) -> Condition:
         v10 = x.phases(x.v10)
-        un = L.th.nominal_voltage_v
+        un = x.nominal(L)
         pct = L.lim.overvoltage_pct if over else L.lim.undervoltage_pct
         inside = pct - L.lim.voltage_hysteresis_pct
         if over:
@@ -410,7 +417,7 @@ def _voltage_level(over: bool) -> Callable[[Inputs, Limits], Condition]:
 def _voltage_level_evidence(over: bool) -> Callable[..., Evidence]:
     def evidence(x: Inputs, L: Limits, r: int, k: int) -> Evidence:
         v = float(x.phases(x.v10)[r, k])
-        un = L.th.nominal_voltage_v
+        un = float(x.nominal(L)[r, 0])
         pct = L.lim.overvoltage_pct if over else L.lim.undervoltage_pct
         return {
             "mean_10min_v": _r(v, 2),

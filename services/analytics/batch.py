@@ -194,6 +194,8 @@ class _Meters(RowState):
         self.known = np.zeros((1, len(AVG_COLS)), dtype=bool)
         #: the last metrics seq used
         self.seq = np.zeros(1, dtype=np.int64)
+        #: the nominal voltage (V, line to neutral) of dips, swells, over/undervoltage
+        self.nominal_v = np.zeros(1)
         #: the CTs' rated primary current (NaN: not configured) and ratio
         self.ct_rating = np.zeros(1)
         self.ct_ratio = np.ones(1)
@@ -201,6 +203,7 @@ class _Meters(RowState):
         self.voltage_t = np.zeros(1)
         self._fresh = {
             "voltage_t": _NAN,
+            "nominal_v": _NAN,
             "ct_rating": _NAN,
             "ct_ratio": 1.0,
             "sqrt3": False,
@@ -426,6 +429,10 @@ class SiteEngine:
         m.pf_tolerance[mid] = opts.pf_mismatch_tolerance
         m.three[mid] = -1 if opts.three_phase is None else int(opts.three_phase)
         m.ct_rating[mid] = _NAN if opts.ct_primary_a is None else opts.ct_primary_a
+        nominal = opts.nominal_voltage_v or self.thresholds.nominal_voltage_v
+        m.nominal_v[mid] = nominal
+        if opts.nominal_voltage_v is not None:
+            self.excursions.set_bands(mid, quality.Bands.of(nominal, self.limits))
         m.ct_ratio[mid] = mc.ct_ratio if mc else 1.0
         m.cohort[mid] = 0
         m.crow[mid] = self.cohorts[0].allocate()
@@ -674,6 +681,7 @@ class SiteEngine:
             freq=avg[:, _AVG_FREQ],
             v10=_ten_minute_voltages(rnd, len(m)),
             ct_rating=meters.ct_rating[m],
+            v_nominal=meters.nominal_v[m],
             ct_ratio=meters.ct_ratio[m],
             clip=side.clip,
         )
@@ -688,7 +696,7 @@ class SiteEngine:
         exc = self.excursions
         prev = self.meters.voltage_t[m]
         self.meters.voltage_t[m] = np.where(np.isnan(v).all(axis=1), prev, t)
-        look = ~exc.quiet(v)
+        look = ~exc.quiet(v, self.meters.nominal_v[m] / exc.bands.nominal_v)
         if exc.active:
             look |= np.isin(m, np.fromiter(exc.active, np.intp, len(exc.active)))
         for r in np.flatnonzero(look).tolist():

@@ -149,6 +149,8 @@ class Excursions:
         self.bands = bands
         self.codes = tuple(c for c in CODES if c in enabled)
         self._keys: dict[Hashable, _Key] = {}
+        #: the sources with their own bands (another nominal voltage)
+        self._bands: dict[Hashable, Bands] = {}
         #: the sources with an excursion open
         self.active: set[Hashable] = set()
 
@@ -156,11 +158,17 @@ class Excursions:
         got = self._keys.get(key)
         return list(got.open.values()) if got else []
 
-    def quiet(self, u: F64) -> npt.NDArray[np.bool_]:
-        """Per row of ``u`` (m, P): no excursion can start there."""
+    def set_bands(self, key: Hashable, bands: Bands) -> None:
+        """Source ``key`` has its own nominal voltage."""
+        self._bands[key] = bands
+
+    def quiet(self, u: F64, scale: F64) -> npt.NDArray[np.bool_]:
+        """Per row of ``u`` (m, P): no excursion can start there; ``scale`` (m,) is each
+        row's nominal voltage over the default bands' one."""
         b = self.bands
         with np.errstate(invalid="ignore"):
-            out = ~((u < b.dip_v) | (u > b.swell_v)).any(axis=1)
+            s = scale[:, None]
+            out = ~((u < b.dip_v * s) | (u > b.swell_v * s)).any(axis=1)
         return np.asarray(out, dtype=bool)
 
     def feed(
@@ -176,19 +184,19 @@ class Excursions:
         """``t`` (m,) sample times, ``u`` (m, P) voltages (NaN: absent),
         ``resolution_s`` the spacing the samples are meant to have; ``prev_t`` the
         time of the sample before these (default: the last one fed)."""
+        b = self._bands.get(key, self.bands)
         state = self._keys.get(key)
         if state is None:
-            if not self.codes or self.bands.quiet(u):
+            if not self.codes or b.quiet(u):
                 if len(t):
                     self._keys[key] = _Key(float(t[-1]))
                 return []
             state = self._keys[key] = _Key()
-        elif not state.open and (not self.codes or self.bands.quiet(u)):
+        elif not state.open and (not self.codes or b.quiet(u)):
             if len(t):
                 state.last_t = float(t[-1])
             return []
         out: list[tuple[EventState, QualityEvent]] = []
-        b = self.bands
         if prev_t is not None:
             state.last_t = prev_t
         for tj, row in zip(t.tolist(), u.tolist(), strict=True):

@@ -163,6 +163,14 @@ class MeterAnalytics(BaseModel):
     three_phase: bool | None = Field(
         None, description="broken-neutral/unbalance apply (default: three voltages present)"
     )
+    nominal_voltage_v: float | None = Field(
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="this meter's line-to-neutral nominal voltage (V, primary: an MV meter "
+        "behind PTs), for dips, swells, interruptions and over/undervoltage (default: "
+        "thresholds.nominal_voltage_v)",
+    )
     ct_primary_a: float | None = Field(
         None,
         gt=0,
