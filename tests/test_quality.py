@@ -169,6 +169,26 @@ def test_a_100_ms_dip_to_70_pct_across_two_windows_is_one_event() -> None:
     assert {e.code for e in events} == {"voltage_dip"}  # no swell, no interruption
 
 
+def test_windows_apart_widen_the_resolution_and_time_never_runs_back() -> None:
+    # one 200 ms window a second: a dip to the end of the first window ends somewhere
+    # in the 800 ms nobody saw
+    eng = SiteEngine(site())
+    first, second = windows(1, [(0.1, 0.2, 0.5, None)])[0], windows(1)[0]
+    second = second.model_copy(update={"ts": T0 + timedelta(seconds=1.0), "seq": 2})
+    dips = pairs(feed(eng, [first, second]), "voltage_dip")
+    assert len(dips) == 3
+    ev = dips[0][1].evidence
+    # from the last half cycle seen (centred at ~0.19 s) to the next (1.01 s)
+    assert ev["resolution_s"] == pytest.approx(0.82, abs=0.02)
+    assert ev["duration_s"] == pytest.approx(0.91, abs=0.02)  # to the first sample seen
+    # a reading from before the dip started ends it, with no negative duration
+    tracker = quality.Excursions(quality.Bands.of(230.0, AlarmLimits()))
+    got = tracker.feed("m", np.array([10.0]), np.array([[150.0]]), 1.0, "registers")
+    got += tracker.feed("m", np.array([9.0]), np.array([[230.0]]), 1.0, "registers")
+    assert [s.value for s, _ in got] == ["raised", "cleared"]
+    assert got[1][1].duration_s == 0.0 and got[1][1].end == 10.0
+
+
 def test_swell_and_interruption_carry_their_peak_and_residual() -> None:
     eng = SiteEngine(site())
     dips = [(0.05, 0.11, 1.2, 2), (0.3, 0.6, 0.0, None)]

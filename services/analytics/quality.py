@@ -214,8 +214,8 @@ class Excursions:
                             out.append((EventState.RAISED, ev))
                     elif b.ends(code, uk):
                         del state.open[(k, code)]
-                        ev.end = tj
-                        ev.duration_s = tj - ev.start
+                        ev.end = max(tj, ev.start)  # a sample back in time ends it at once
+                        ev.duration_s = ev.end - ev.start
                         ev.resolution_s = max(ev.resolution_s, res)
                         out.append((EventState.CLEARED, ev))
                     elif (uk > ev.extreme_v) if code == "voltage_swell" else (uk < ev.extreme_v):
@@ -280,8 +280,9 @@ def clipping(v: F64, i: F64, fs: float, a: dsp.Analysis) -> Clipping:
         vr = np.sqrt((vv * vv).mean(axis=-1))
         ir = np.sqrt((ii * ii).mean(axis=-1))
         vp = np.abs(vv).max(axis=-1)
-        ip = np.abs(ii).max(axis=-1)
-        flat = (np.abs(ii) >= FLAT_SHARE * ip[:, None]).mean(axis=-1)
+        mag = np.abs(ii)
+        ip = mag.max(axis=-1)
+        flat = (mag >= FLAT_SHARE * ip[:, None]).mean(axis=-1)
         h = a.harm_i[0]
         fund = h[:, 0]
         out.irms[0, :phases] = ir
