@@ -495,6 +495,21 @@ def test_pfmon_analyze_lists_supply_events_and_ct_saturation(tmp_path: Path) -> 
     assert [e["phase"] for e in sat] == ["L1", "L2", "L3"]
     assert sat[0]["severity"] == "critical" and sat[0]["evidence"]["flat_top_share"] > 0.3
     assert [e for e in clipped["events"] if e["code"] == "voltage_dip"] == []
+    assert [e for e in clipped["events"] if e["code"] == "frequency_deviation"] == []
+
+
+def test_pfmon_analyze_judges_the_captures_frequency(tmp_path: Path) -> None:
+    n = 6400
+    t = np.arange(n) / FS
+    cols = {
+        "v": SQ2 * 230 * np.sin(2 * np.pi * 46.5 * t),
+        "i": SQ2 * 5 * np.sin(2 * np.pi * 46.5 * t),
+    }
+    lines = ["v,i"] + [f"{cols['v'][j]:.6g},{cols['i'][j]:.6g}" for j in range(n)]
+    (tmp_path / "f.csv").write_text("\n".join(lines) + "\n")
+    (fd,) = [e for e in analyze(tmp_path / "f.csv")["events"] if e["code"] == "frequency_deviation"]
+    assert fd["evidence"]["band"] == "extreme"
+    assert fd["evidence"]["frequency_hz"] == pytest.approx(46.5, abs=0.01)
 
 
 # -- the running service -----------------------------------------------------------------

@@ -187,9 +187,12 @@ def analyze_capture(
         score = neutral.score(u0) * neutral.consistency(u0, ratio)
         out["neutral"] = {"score": score, "displacement_v": float(tot["v0"][0])}
     if site is None:
-        site = SiteConfig(site="capture", thresholds=Thresholds(nominal_voltage_v=v_nominal))
+        hz = 60 if f_nominal == 60 else 50
+        th = Thresholds(nominal_voltage_v=v_nominal, nominal_frequency_hz=hz)
+        site = SiteConfig(site="capture", thresholds=th)
     inputs = _alarm_inputs(a, tot, three, score, u0, pf_extremes(v, i, fs, a))
     inputs.clip = quality.clipping(v, i, fs, a)
+    inputs.freq = a.frequency[:1].copy()
     out["events"] = supply_events(v, fs, float(a.frequency[0]), site) + [
         {"code": d.code, "severity": d.severity.value, **({"phase": ph} if ph else {}),
          "evidence": evidence}
