@@ -207,6 +207,16 @@ def test_swell_and_interruption_carry_their_peak_and_residual() -> None:
     assert len(pairs(events, "voltage_dip")) == 3
 
 
+def test_a_blown_l1_fuse_is_an_interruption_on_l1_though_its_windows_have_no_metrics() -> None:
+    eng = SiteEngine(site())
+    outs = [eng.on_waveform(w) for w in windows(5, [(0.2, 0.6, 0.0, 0)])]
+    assert [len(o.metrics) for o in outs] == [1, 0, 0, 1, 1]  # L1 carries the frequency
+    events = [e for o in outs for e in o.events]
+    ((_, cut),) = pairs(events, "interruption")
+    assert cut.phase == "L1" and cut.evidence["duration_s"] == pytest.approx(0.4, abs=0.02)
+    assert {(e.code, e.phase) for e in events} == {("interruption", "L1"), ("voltage_dip", "L1")}
+
+
 def test_a_clipped_ct_raises_ct_saturation_and_a_6_pulse_drive_does_not() -> None:
     eng = SiteEngine(site())
     vfd = [eng.on_waveform(w) for w in windows(4, current="vfd")]

@@ -432,7 +432,9 @@ class SiteEngine:
         nominal = opts.nominal_voltage_v or self.thresholds.nominal_voltage_v
         m.nominal_v[mid] = nominal
         if opts.nominal_voltage_v is not None:
-            self.excursions.set_bands(mid, quality.Bands.of(nominal, self.limits))
+            bands = quality.Bands.of(nominal, self.limits)
+            self.excursions.set_bands(mid, bands)
+            self.excursions.set_bands(_wave_key(mid), bands)
         m.ct_ratio[mid] = mc.ct_ratio if mc else 1.0
         m.cohort[mid] = 0
         m.crow[mid] = self.cohorts[0].allocate()
@@ -535,7 +537,7 @@ class SiteEngine:
         out.metrics[0].harmonics = harmonics
         f = float(a.frequency[0])
         centres, u = quality.half_cycle_rms(volts, wf.fs_hz, f)
-        got = self.excursions.feed(mid, t[0] + centres, u, 0.5 / f, "waveform")
+        got = self.excursions.feed(_wave_key(mid), t[0] + centres, u, 0.5 / f, "waveform")
         self._excursion_events(mid, got, out)
         return out
 
@@ -709,9 +711,9 @@ class SiteEngine:
                 self._excursion_events(mid, got, outs[r])
 
     def _dark_window(self, mid: int, wf: Waveform) -> Output | None:
-        """A window with no voltage on any phase (no fundamental to analyse): no metrics,
-        but the interruption it is part of (Urms(1/2) at the nominal frequency).
-        None when the window is not that."""
+        """A window without voltage on L1 (the phase whose frequency is tracked: nothing
+        to analyse) gives no metrics, but the supply events it is part of on every phase
+        (Urms(1/2) at the nominal frequency). None when the window is not that."""
         names = [n for n in ("v1", "v2", "v3") if n in wf.channels]
         volts = np.array([wf.channels[n] for n in names], dtype=np.float64)
         f = float(wf.f_nominal_hz)
@@ -720,11 +722,13 @@ class SiteEngine:
         centres, u = quality.half_cycle_rms(volts, wf.fs_hz, f)
         if not len(u) or not np.isfinite(u).all():
             return None
-        if (u >= self.excursions.bands.interruption_v).any():
+        dark = self.meters.nominal_v[mid] * self.limits.interruption_pct / 100.0
+        if (u[:, 0] >= dark).any():
             return None
         out = Output([], [])
         t = wf.ts.timestamp() + centres
-        self._excursion_events(mid, self.excursions.feed(mid, t, u, 0.5 / f, "waveform"), out)
+        got = self.excursions.feed(_wave_key(mid), t, u, 0.5 / f, "waveform")
+        self._excursion_events(mid, got, out)
         return out
 
     def _excursion_events(
@@ -955,6 +959,12 @@ def _star_evidence(row: F64) -> Evidence:
         "angle_sum_deg": round(sum(star.angles_deg), 3),
         "consistent": star.consistent,
     }
+
+
+def _wave_key(mid: int) -> int:
+    """The supply-event key of a meter's waveforms (its readings' key is ``mid``: the
+    two sources are followed apart)."""
+    return -1 - mid
 
 
 def _ten_minute_voltages(rnd: _Round, n: int) -> F64:
