@@ -194,16 +194,10 @@ class _Meters(RowState):
         self.known = np.zeros((1, len(AVG_COLS)), dtype=bool)
         #: the last metrics seq used
         self.seq = np.zeros(1, dtype=np.int64)
-        #: the nominal voltage (V, line to neutral) of dips, swells, over/undervoltage
-        self.nominal_v = np.zeros(1)
         #: the CTs' rated primary current (NaN: not configured) and ratio
         self.ct_rating = np.zeros(1)
         self.ct_ratio = np.ones(1)
-        #: the time of the meter's last reading with a voltage (NaN: none yet)
-        self.voltage_t = np.zeros(1)
         self._fresh = {
-            "voltage_t": _NAN,
-            "nominal_v": _NAN,
             "ct_rating": _NAN,
             "ct_ratio": 1.0,
             "sqrt3": False,
@@ -396,8 +390,7 @@ class SiteEngine:
         self.alarms = AlarmStates([timings[d.code] for d, _ in alarms.SLOTS])
         #: dips, swells and interruptions, per meter (``quality.py``)
         on = frozenset(c for c in quality.CODES if timings[c].enabled)
-        bands = quality.Bands.of(site.thresholds.nominal_voltage_v, self.limits)
-        self.excursions = quality.Excursions(bands, on)
+        self.supply = quality.SupplyEvents(site.thresholds.nominal_voltage_v, self.limits, on)
         #: closed intervals whose end no datetime can hold (their message is dropped)
         self.dropped_aggregates = 0
 
@@ -429,13 +422,9 @@ class SiteEngine:
         m.pf_tolerance[mid] = opts.pf_mismatch_tolerance
         m.three[mid] = -1 if opts.three_phase is None else int(opts.three_phase)
         m.ct_rating[mid] = _NAN if opts.ct_primary_a is None else opts.ct_primary_a
-        nominal = opts.nominal_voltage_v or self.thresholds.nominal_voltage_v
-        m.nominal_v[mid] = nominal
-        if opts.nominal_voltage_v is not None:
-            bands = quality.Bands.of(nominal, self.limits)
-            self.excursions.set_bands(mid, bands)
-            self.excursions.set_bands(_wave_key(mid), bands)
         m.ct_ratio[mid] = mc.ct_ratio if mc else 1.0
+        nominal = opts.nominal_voltage_v or self.thresholds.nominal_voltage_v
+        self.supply.add(mid, nominal, mc.interval_s if mc else 0.0)
         m.cohort[mid] = 0
         m.crow[mid] = self.cohorts[0].allocate()
         # seq of the messages published for this meter: contiguous within a run (gaps
@@ -495,15 +484,18 @@ class SiteEngine:
 
     def on_waveform(self, wf: Waveform) -> Output:
         """Analyse one waveform window (raises ``dsp.WaveformError`` before any state
-        changes when it cannot be analysed)."""
+        changes when it cannot be analysed; a window without voltage on L1 gives no
+        metrics but the supply events it is part of)."""
         mid = self.track(wf.meter)
         try:
             a, samples = analyze_waveform(wf)
         except dsp.WaveformError:
-            dark = self._dark_window(mid, wf)
+            volts = np.array([wf.channels[n] for n in ("v1", "v2", "v3") if n in wf.channels])
+            t0, fs = wf.ts.timestamp(), wf.fs_hz
+            dark = self.supply.dark_window(mid, t0, volts, fs, float(wf.f_nominal_hz))
             if dark is None:
                 raise
-            return dark
+            return self._excursion_events(mid, dark, Output([], []))
         x = np.full((1, len(M)), np.nan)
         for key, v in dsp.window_values(a).items():
             x[0, COL[key]] = v
@@ -536,9 +528,7 @@ class SiteEngine:
         out = self._process(np.array([mid]), t, [wf.ts], [wf.seq], "waveform", rnd, side)[0]
         out.metrics[0].harmonics = harmonics
         f = float(a.frequency[0])
-        centres, u = quality.half_cycle_rms(volts, wf.fs_hz, f)
-        got = self.excursions.feed(_wave_key(mid), t[0] + centres, u, 0.5 / f, "waveform")
-        self._excursion_events(mid, got, out)
+        self._excursion_events(mid, self.supply.waveform(mid, t[0], volts, wf.fs_hz, f), out)
         return out
 
     # -- readings ------------------------------------------------------------------------
@@ -683,62 +673,25 @@ class SiteEngine:
             freq=avg[:, _AVG_FREQ],
             v10=_ten_minute_voltages(rnd, len(m)),
             ct_rating=meters.ct_rating[m],
-            v_nominal=meters.nominal_v[m],
+            v_nominal=self.supply.nominal(m),
             ct_ratio=meters.ct_ratio[m],
             clip=side.clip,
         )
         self._alarms(m, t, ts, inputs, outs)
         if source == "reading":
-            self._brownouts(m, t, x, outs)
+            for row, got in self.supply.readings(m, t, x[:, _V_COLS]):
+                self._excursion_events(int(m[row]), got, outs[row])
         return outs
 
-    def _brownouts(self, m: I64, t: F64, x: F64, outs: list[Output]) -> None:
-        """Dips, swells and interruptions seen in readings (their resolution: the polls)."""
-        v = x[:, _V_COLS]
-        exc = self.excursions
-        prev = self.meters.voltage_t[m]
-        self.meters.voltage_t[m] = np.where(np.isnan(v).all(axis=1), prev, t)
-        look = ~exc.quiet(v, self.meters.nominal_v[m] / exc.bands.nominal_v)
-        if exc.active:
-            look |= np.isin(m, np.fromiter(exc.active, np.intp, len(exc.active)))
-        for r in np.flatnonzero(look).tolist():
-            mid = int(m[r])
-            p = float(prev[r])
-            mc = self._configs.get(self.names[mid])
-            poll = mc.interval_s if mc else 0.0
-            got = exc.feed(mid, t[r : r + 1], v[r : r + 1], poll, "registers", prev_t=p)
-            if got:
-                self._excursion_events(mid, got, outs[r])
-
-    def _dark_window(self, mid: int, wf: Waveform) -> Output | None:
-        """A window without voltage on L1 (the phase whose frequency is tracked: nothing
-        to analyse) gives no metrics, but the supply events it is part of on every phase
-        (Urms(1/2) at the nominal frequency). None when the window is not that."""
-        names = [n for n in ("v1", "v2", "v3") if n in wf.channels]
-        volts = np.array([wf.channels[n] for n in names], dtype=np.float64)
-        f = float(wf.f_nominal_hz)
-        if volts.shape[-1] < math.ceil(2 * wf.fs_hz / f):  # too short: refused as such
-            return None
-        centres, u = quality.half_cycle_rms(volts, wf.fs_hz, f)
-        if not len(u) or not np.isfinite(u).all():
-            return None
-        dark = self.meters.nominal_v[mid] * self.limits.interruption_pct / 100.0
-        if (u[:, 0] >= dark).any():
-            return None
-        out = Output([], [])
-        t = wf.ts.timestamp() + centres
-        got = self.excursions.feed(_wave_key(mid), t, u, 0.5 / f, "waveform")
-        self._excursion_events(mid, got, out)
-        return out
-
-    def _excursion_events(
-        self, mid: int, got: list[tuple[EventState, quality.QualityEvent]], out: Output
-    ) -> None:
+    def _excursion_events(self, mid: int, got: quality.Transitions, out: Output) -> Output:
+        """The events of dips, swells and interruptions starting (at their start) and
+        ending (at their end, with the record), added to ``out``."""
         for state, qe in got:
             when = qe.start if state is EventState.RAISED else (qe.end or qe.start)
             ts = datetime.fromtimestamp(when, UTC)
             d = alarms.BY_CODE[qe.code]
             out.events.append(self._event(mid, ts, d, qe.phase, state, qe.evidence()))
+        return out
 
     def _averages(self, m: I64, t: F64, rnd: _Round) -> F64:
         """Moving averages and blocks per cohort; returns the alarm inputs' averages
@@ -959,12 +912,6 @@ def _star_evidence(row: F64) -> Evidence:
         "angle_sum_deg": round(sum(star.angles_deg), 3),
         "consistent": star.consistent,
     }
-
-
-def _wave_key(mid: int) -> int:
-    """The supply-event key of a meter's waveforms (its readings' key is ``mid``: the
-    two sources are followed apart)."""
-    return -1 - mid
 
 
 def _ten_minute_voltages(rnd: _Round, n: int) -> F64:

@@ -46,7 +46,7 @@ import numpy as np
 import numpy.typing as npt
 
 from services.analytics import dsp
-from services.analytics.aggregate import F64
+from services.analytics.aggregate import F64, I64, RowState
 from shared.messages import EventState
 from shared.site.analytics import AlarmLimits
 
@@ -154,10 +154,6 @@ class Excursions:
         #: the sources with an excursion open
         self.active: set[Hashable] = set()
 
-    def open(self, key: Hashable) -> list[QualityEvent]:
-        got = self._keys.get(key)
-        return list(got.open.values()) if got else []
-
     def set_bands(self, key: Hashable, bands: Bands) -> None:
         """Source ``key`` has its own nominal voltage."""
         self._bands[key] = bands
@@ -226,6 +222,93 @@ class Excursions:
         else:
             self.active.discard(key)
         return out
+
+
+Transitions = list[tuple[EventState, QualityEvent]]
+
+
+class _Meters(RowState):
+    """Per meter: its nominal voltage, poll interval and last reading with a voltage."""
+
+    def __init__(self) -> None:
+        self.nominal = np.zeros(1)
+        self.poll = np.zeros(1)
+        self.last_t = np.zeros(1)
+        self._fresh = {"nominal": math.nan, "poll": 0.0, "last_t": math.nan}
+
+
+class SupplyEvents:
+    """The dips, swells and interruptions of a site's meters, as the engine meets them:
+    rows of readings (:meth:`readings`) and waveform windows (:meth:`waveform`,
+    :meth:`dark_window`). A meter's readings and waveforms are followed apart."""
+
+    def __init__(self, nominal_v: float, lim: AlarmLimits, enabled: frozenset[str]):
+        self.lim = lim
+        self.excursions = Excursions(Bands.of(nominal_v, lim), enabled)
+        self.meters = _Meters()
+
+    def add(self, mid: int, nominal_v: float, poll_s: float) -> None:
+        """Meter row ``mid`` (new): its nominal voltage and poll interval."""
+        m = self.meters
+        m.ensure(mid + 1)
+        m.clear(mid)
+        m.nominal[mid], m.poll[mid] = nominal_v, poll_s
+        if nominal_v != self.excursions.bands.nominal_v:
+            bands = Bands.of(nominal_v, self.lim)
+            self.excursions.set_bands(mid, bands)
+            self.excursions.set_bands(_wave_key(mid), bands)
+
+    def readings(self, m: I64, t: F64, v: F64) -> list[tuple[int, Transitions]]:
+        """One reading per meter ``m`` at ``t`` with phase voltages ``v`` (n, 3): the
+        transitions per row (only rows that have some). Rows all inside the bands of
+        meters with nothing open cost a few array operations."""
+        exc, meters = self.excursions, self.meters
+        prev = meters.last_t[m]
+        meters.last_t[m] = np.where(np.isnan(v).all(axis=1), prev, t)
+        look = ~exc.quiet(v, meters.nominal[m] / exc.bands.nominal_v)
+        if exc.active:
+            look |= np.isin(m, np.fromiter(exc.active, np.intp, len(exc.active)))
+        out = []
+        for r in np.flatnonzero(look).tolist():
+            mid = int(m[r])
+            poll = float(meters.poll[mid])
+            got = exc.feed(
+                mid, t[r : r + 1], v[r : r + 1], poll, "registers", prev_t=float(prev[r])
+            )
+            if got:
+                out.append((r, got))
+        return out
+
+    def waveform(self, mid: int, t0: float, volts: F64, fs: float, f: float) -> Transitions:
+        """A window of phase voltages ``volts`` (P, N) starting at ``t0`` (POSIX s),
+        ``f`` its tracked frequency."""
+        centres, u = half_cycle_rms(volts, fs, f)
+        return self.excursions.feed(_wave_key(mid), t0 + centres, u, 0.5 / f, "waveform")
+
+    def dark_window(
+        self, mid: int, t0: float, volts: F64, fs: float, f_nominal: float
+    ) -> Transitions | None:
+        """A window without voltage on L1 (the phase whose frequency is tracked: the
+        analysis refuses it): its transitions on every phase (Urms(1/2) at the nominal
+        frequency). None when the window is not that, or too short to say."""
+        if volts.shape[-1] < math.ceil(2 * fs / f_nominal):
+            return None
+        centres, u = half_cycle_rms(volts, fs, f_nominal)
+        if not len(u) or not np.isfinite(u).all():
+            return None
+        dark = self.meters.nominal[mid] * self.lim.interruption_pct / 100.0
+        if (u[:, 0] >= dark).any():
+            return None
+        return self.excursions.feed(_wave_key(mid), t0 + centres, u, 0.5 / f_nominal, "waveform")
+
+    def nominal(self, m: I64) -> F64:
+        """The meters' nominal voltages."""
+        return self.meters.nominal[m]
+
+
+def _wave_key(mid: int) -> int:
+    """The key of a meter's waveforms (its readings' key is ``mid``)."""
+    return -1 - mid
 
 
 def half_cycle_rms(v: F64, fs: float, f: float) -> tuple[F64, F64]:
