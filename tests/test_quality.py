@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ from services.cli import app
 from services.simulator import SimSite
 from services.simulator.equipment import VFD, Heater
 from shared import topics
+from shared.embedded import free_port
 from shared.errors import ConfigError
 from shared.measurements import Measurement as M
 from shared.messages import Event, Reading, Waveform, decode, encode
@@ -576,3 +579,47 @@ async def test_service_publishes_dip_and_brown_out_events(
     assert sorted(e.phase or "" for e in brown) == ["L1", "L2", "L3"]
     assert all(e.evidence["kind"] == "brown-out" for e in brown)
     assert all(e.evidence["duration_s"] == 2.0 for e in brown)
+
+
+async def test_pfmon_simulate_with_a_clipping_ct_raises_ct_saturation_in_the_service(
+    settings: Settings, site_name: str
+) -> None:
+    """The whole path: ``pfmon simulate --fault 1:ct_saturation:phase=2 --waveform-site``
+    publishes its windows to the broker, the running service raises ct_saturation."""
+    cfg = parse_site({"site": site_name, "analytics": {"meters": {"meter1": {}}}})
+    shutdown = Shutdown()
+    target = parse_mqtt_url(settings.mqtt_url)
+    got: list[Event] = []
+    svc = settings.model_copy(update={"mqtt_client_id": f"{settings.mqtt_client_id}-s"})
+    task = asyncio.create_task(analytics.run(svc, cfg, shutdown))
+    env = {**os.environ, "PFM_MQTT_URL": settings.mqtt_url}
+    env["PFM_MQTT_CLIENT_ID"] = f"{settings.mqtt_client_id}-sim"
+    proc = None
+    try:
+        async with aiomqtt.Client(target.host, target.port) as client:
+            await client.subscribe(topics.pattern(topics.Kind.EVENT, site_name), qos=1)
+            await shutdown.wait_ready(15)
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "services.cli", "simulate", "--port", str(free_port()),
+                "--meters", "1", "--fault", "1:ct_saturation:phase=2",
+                "--waveform-site", site_name, "--waveform-every", "0.2", "--duration", "20",
+                env=env, stderr=asyncio.subprocess.DEVNULL,
+            )  # fmt: skip
+
+            async def collect() -> None:
+                async for msg in client.messages:
+                    got.append(decode(Event, bytes(msg.payload)))  # type: ignore[arg-type]
+                    if any(e.code == "ct_saturation" for e in got):
+                        return
+
+            await asyncio.wait_for(collect(), 20)
+    finally:
+        if proc is not None and proc.returncode is None:
+            proc.terminate()
+            await proc.wait()
+        shutdown.request("test done")
+        await asyncio.wait_for(task, 10)
+    sat = [e for e in got if e.code == "ct_saturation"]
+    assert [(e.meter, e.phase, e.state) for e in sat] == [("meter1", "L2", "raised")]
+    assert sat[0].evidence["flat_top_share"] > 0.3  # type: ignore[operator]
+    assert [e.code for e in got if e.code != "ct_saturation"] == []
