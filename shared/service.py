@@ -30,6 +30,8 @@ class Shutdown:
         self.requested = asyncio.Event()
         self._ready = asyncio.Event()
         self._waiting: set[asyncio.Task[None]] = set()
+        #: the futures :meth:`sleep` waits on, resolved at once by :meth:`request`
+        self._sleepers: set[asyncio.Future[None]] = set()
 
     def ready(self, what: str = "") -> None:
         """The service does its job from now on (said once: to tests and to systemd)."""
@@ -63,14 +65,29 @@ class Shutdown:
         if not self.requested.is_set():
             log.info("shutdown requested%s", f" ({reason})" if reason else "")
             self.requested.set()
+            for fut in self._sleepers:
+                if not fut.done():
+                    fut.set_result(None)
 
     async def wait(self) -> None:
         await self.requested.wait()
 
     async def sleep(self, seconds: float) -> bool:
-        """Sleep, but wake at once on shutdown. Returns True if shutdown was requested."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.requested.wait(), seconds)
+        """Sleep, but wake at once on shutdown. Returns True if shutdown was requested.
+
+        One future and one timer (no task per call): schedulers call this many times
+        a second."""
+        if self.requested.is_set():
+            return True
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        timer = loop.call_later(max(0.0, seconds), _resolve, fut)
+        self._sleepers.add(fut)
+        try:
+            await fut
+        finally:
+            timer.cancel()
+            self._sleepers.discard(fut)
         return self.requested.is_set()
 
     def install_signal_handlers(self) -> None:
@@ -78,6 +95,11 @@ class Shutdown:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.request, sig.name)
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 def sd_notify(state: str) -> bool:
