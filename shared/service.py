@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -118,8 +119,26 @@ def sd_notify(state: str) -> bool:
     return True
 
 
+#: allocations between two collections of the youngest generation in a service process
+#: (CPython's default, 700, has a service that builds a few dicts per message collect
+#: thousands of times a second; only reference cycles wait longer to be freed)
+GC_GEN0_THRESHOLD = 50_000
+
+
+def tune_gc() -> None:
+    """Garbage collection for a long-running service: what exists at start (modules,
+    settings, site) is frozen out of every later collection, and the youngest
+    generation is collected every :data:`GC_GEN0_THRESHOLD` allocations. With a buffer
+    of thousands of validated messages, the default thresholds cost the archiver about
+    a third of its CPU."""
+    gc.freeze()
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
+
+
 def run(main: Callable[[Shutdown], Awaitable[None]], *, duration: float | None = None) -> None:
-    """Run ``main(shutdown)`` until it returns, a signal arrives, or ``duration`` passes."""
+    """Run ``main(shutdown)`` until it returns, a signal arrives, or ``duration`` passes
+    (garbage collection tuned for a long-running process: :func:`tune_gc`)."""
 
     async def _runner() -> None:
         shutdown = Shutdown()
@@ -135,4 +154,5 @@ def run(main: Callable[[Shutdown], Awaitable[None]], *, duration: float | None =
             if timer is not None:
                 timer.cancel()
 
+    tune_gc()
     asyncio.run(_runner())

@@ -119,3 +119,24 @@ async def test_a_shutdown_sleep_ends_at_once_on_request_and_holds_no_task() -> N
     assert await asyncio.wait_for(sleeper, 1) is True
     assert loop.time() - started < 0.5
     assert await shutdown.sleep(30) is True  # already requested: no wait at all
+
+
+def test_a_service_process_collects_garbage_seldom_and_never_its_start_objects() -> None:
+    import gc
+
+    from shared.service import GC_GEN0_THRESHOLD, run
+
+    before = gc.get_threshold()
+    seen: list[tuple[tuple[int, int, int], int]] = []
+
+    async def main(shutdown: object) -> None:
+        seen.append((gc.get_threshold(), gc.get_freeze_count()))
+
+    try:
+        run(main)
+        (threshold, frozen) = seen[0]
+        assert threshold == (GC_GEN0_THRESHOLD, before[1], before[2])
+        assert frozen > 1000  # the modules and objects loaded before the service started
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
