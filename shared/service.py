@@ -66,9 +66,10 @@ class Shutdown:
         if not self.requested.is_set():
             log.info("shutdown requested%s", f" ({reason})" if reason else "")
             self.requested.set()
-            for fut in self._sleepers:
-                if not fut.done():
-                    fut.set_result(None)
+            for fut in list(self._sleepers):
+                # a sleeper of an event loop that has closed meanwhile has no one to wake
+                with contextlib.suppress(RuntimeError):
+                    _resolve(fut)
 
     async def wait(self) -> None:
         await self.requested.wait()
