@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import math
+import os
 import shutil
 import sys
 import tempfile
@@ -28,6 +30,7 @@ from pathlib import Path
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import asyncpg
+import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -39,7 +42,7 @@ from shared.bus import Bus
 from shared.embedded import LocalMosquitto
 from shared.measurements import Measurement as M
 from shared.messages import Metrics, Reading
-from shared.service import Shutdown
+from shared.service import Shutdown, tune_gc
 from shared.settings import Settings, load_settings
 from shared.site import parse_site
 
@@ -84,45 +87,107 @@ def make_messages(site: str, n: int, meters: int) -> list[Metrics]:
                 seq=i // meters,
                 interval_s=1.0,
                 values=values,
+                # as analytics sends them: five moving-average slots of the values
+                averages={slot: dict(values) for slot in ("5s", "10s", "20s", "30s", "60s")},
             )
         )
     return out
 
 
-async def baseline(dsn: str, rows: list[tuple[object, ...]]) -> float:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far (Linux ``/proc``; the database
+    runs on this machine)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+#: (wall seconds, CPU seconds of the PostgreSQL backend)
+Timed = tuple[float, float]
+
+
+async def baseline(dsn: str, rows: list[tuple[object, ...]]) -> Timed:
     conn = await asyncpg.connect(dsn)
     try:
-        started = time.perf_counter()
+        pid = conn.get_server_pid()
+        cpu, started = cpu_seconds(pid), time.perf_counter()
         await conn.copy_records_to_table(
             "pfm_metrics", records=rows, columns=TABLE_COLUMNS["pfm_metrics"]
         )
-        elapsed = time.perf_counter() - started
+        elapsed, cpu = time.perf_counter() - started, cpu_seconds(pid) - cpu
         assert await conn.fetchval("SELECT count(*) FROM pfm_metrics") == len(rows)
         await conn.execute("TRUNCATE pfm_metrics, pfm_rollup_dirty")
-        return elapsed
+        return elapsed, cpu
     finally:
         await conn.close()
 
 
-async def write_path(dsn: str, rows: list[tuple[object, ...]], batch: int) -> float:
-    """The archiver's own database path alone: staging COPY + ON CONFLICT merge + rollup marks."""
+async def write_path(dsn: str, rows: list[tuple[object, ...]], batch: int) -> Timed:
+    """The archiver's own database path alone: COPY (the staging merge when a key refuses
+    it) + rollup marks."""
     conn = await asyncpg.connect(dsn)
     try:
+        pid = conn.get_server_pid()
         staged: set[str] = set()
-        started = time.perf_counter()
+        cpu, started = cpu_seconds(pid), time.perf_counter()
         for i in range(0, len(rows), batch):
             await write_batch(
                 conn, {"pfm_metrics": rows[i : i + batch]}, mark_dirty=True, staged=staged
             )
-        elapsed = time.perf_counter() - started
+        elapsed, cpu = time.perf_counter() - started, cpu_seconds(pid) - cpu
         assert await conn.fetchval("SELECT count(*) FROM pfm_metrics") == len(rows)
         await conn.execute("TRUNCATE pfm_metrics, pfm_rollup_dirty")
-        return elapsed
+        return elapsed, cpu
     finally:
         await conn.close()
 
 
-async def end_to_end(settings: Settings, site_name: str, msgs: list[Metrics], batch: int) -> float:
+async def merge_path(
+    dsn: str, msgs: list[Metrics], rows: list[tuple[object, ...]], batch: int
+) -> Timed:
+    """For comparison: every batch through the staging ``ON CONFLICT`` merge with the
+    messages' moving averages as jsonb (what the archiver wrote before it copied
+    straight into the table and left the averages out)."""
+    cols = (*TABLE_COLUMNS["pfm_metrics"], "averages")
+    full = [
+        (*r, orjson.dumps(m.averages, option=orjson.OPT_NON_STR_KEYS).decode())
+        for r, m in zip(rows, msgs, strict=True)
+    ]
+    collist = ", ".join(cols)
+    conn = await asyncpg.connect(dsn)
+    try:
+        pid = conn.get_server_pid()
+        await conn.execute(
+            "CREATE TEMP TABLE bench_stage (LIKE pfm_metrics INCLUDING DEFAULTS)"
+            " ON COMMIT DELETE ROWS"
+        )
+        cpu, started = cpu_seconds(pid), time.perf_counter()
+        for i in range(0, len(full), batch):
+            async with conn.transaction():
+                await conn.copy_records_to_table(
+                    "bench_stage", records=full[i : i + batch], columns=cols
+                )
+                await conn.execute(
+                    f"INSERT INTO pfm_metrics ({collist}) SELECT {collist} FROM bench_stage"
+                    " ON CONFLICT DO NOTHING"
+                )
+                await conn.execute(
+                    "INSERT INTO pfm_rollup_dirty (site, meter, ts) SELECT DISTINCT site, meter,"
+                    " date_bin('1 minute', ts, TIMESTAMPTZ '2000-01-03 00:00:00+00')"
+                    " FROM bench_stage ORDER BY 1, 2, 3 ON CONFLICT DO NOTHING"
+                )
+        elapsed, cpu = time.perf_counter() - started, cpu_seconds(pid) - cpu
+        assert await conn.fetchval("SELECT count(*) FROM pfm_metrics") == len(rows)
+        await conn.execute("TRUNCATE pfm_metrics, pfm_rollup_dirty")
+        return elapsed, cpu
+    finally:
+        await conn.close()
+
+
+async def end_to_end(
+    settings: Settings, site_name: str, msgs: list[Metrics], batch: int
+) -> tuple[float, float, float]:
+    """Wall seconds, the archiver's CPU seconds (this process) and its PostgreSQL
+    backend's CPU seconds, from its connection to the last commit."""
     site = parse_site(
         {
             "site": site_name,
@@ -165,17 +230,25 @@ async def end_to_end(settings: Settings, site_name: str, msgs: list[Metrics], ba
     # 3. the archiver comes back: clock from its connection to the last commit
     conn = await asyncpg.connect(settings.db_dsn)
     try:
-        started = time.perf_counter()
+        # the benchmark's own messages and rows are not the service's: out of its GC
+        gc.freeze()
+        started, own_cpu = time.perf_counter(), time.process_time()
         arch, task, shutdown = await start()
+        backend, backend_cpu = None, 0.0
         received_at = None
         received = arch.metrics.received.labels("archiver", "metrics")
         while arch.m.rows.labels("pfm_metrics")._value.get() < len(msgs):
             await asyncio.sleep(0.01)
+            if backend is None and arch._conn is not None:
+                backend = arch._conn.get_server_pid()
+                backend_cpu = cpu_seconds(backend)
             if received_at is None and received._value.get() >= len(msgs):
                 received_at = time.perf_counter() - started
             if time.perf_counter() - started > 300:
                 raise SystemExit("archiver did not commit every row in 300 s")
-        elapsed = time.perf_counter() - started
+        elapsed, own_cpu = time.perf_counter() - started, time.process_time() - own_cpu
+        if backend is not None:
+            backend_cpu = cpu_seconds(backend) - backend_cpu
         print(
             f"  (all received after {received_at or elapsed:.2f} s,"
             f" committed after {elapsed:.2f} s,"
@@ -187,7 +260,7 @@ async def end_to_end(settings: Settings, site_name: str, msgs: list[Metrics], ba
         assert n == len(msgs), f"{n} rows for {len(msgs)} messages"
     finally:
         await conn.close()
-    return elapsed
+    return elapsed, own_cpu, backend_cpu
 
 
 async def live(settings: Settings, site_name: str, meters: int, seconds: int) -> None:
@@ -279,6 +352,7 @@ async def main() -> None:
     ap.add_argument("--live-meters", type=int, default=0, help="run the 1 Hz live test instead")
     ap.add_argument("--seconds", type=int, default=20)
     args = ap.parse_args()
+    tune_gc()  # the archiver runs in this process: collect garbage as `pfmon archiver` does
     base = load_settings()
     schema = f"bench_{uuid.uuid4().hex[:8]}"
     site_name = f"bench{uuid.uuid4().hex[:6]}"
@@ -317,21 +391,40 @@ async def main() -> None:
                     "log_level": "WARNING",
                 }
             )
-            copy_s = await baseline(dsn, rows)
-            path_s = await write_path(dsn, rows, args.batch)
-            e2e_s = await end_to_end(settings, site_name, msgs, args.batch)
+            copy_s, copy_cpu = await baseline(dsn, rows)
+            merge_s, merge_cpu = await merge_path(dsn, msgs, rows, args.batch)
+            path_s, path_cpu = await write_path(dsn, rows, args.batch)
+            e2e_s, arch_cpu, db_cpu = await end_to_end(settings, site_name, msgs, args.batch)
         n = len(msgs)
+
+        def us(cpu: float) -> str:
+            return f"PostgreSQL {cpu / n * 1e6:5.1f} us CPU a row"
+
         print(f"archiver benchmark: {n} metrics messages, {args.meters} meters, batch {args.batch}")
-        print(f"  baseline bare copy_records_to_table: {copy_s:.2f} s = {n / copy_s:,.0f} rows/s")
         print(
-            f"  archiver DB path (stage+merge+mark): {path_s:.2f} s = {n / path_s:,.0f} rows/s"
-            f" ({copy_s / path_s:.0%} of the bare COPY)"
+            f"  baseline bare copy_records_to_table: {copy_s:.2f} s = {n / copy_s:,.0f} rows/s"
+            f"  {us(copy_cpu)}"
+        )
+        print(
+            f"  staging merge, averages as jsonb:    {merge_s:.2f} s = {n / merge_s:,.0f} rows/s"
+            f" ({copy_s / merge_s:.0%})  {us(merge_cpu)}"
+        )
+        print(
+            f"  archiver DB path (COPY + marks):     {path_s:.2f} s = {n / path_s:,.0f} rows/s"
+            f" ({copy_s / path_s:.0%})  {us(path_cpu)}"
         )
         print(
             f"  end to end (MQTT in -> committed):   {e2e_s:.2f} s = {n / e2e_s:,.0f} rows/s"
             f" (MQTT {settings.mqtt_protocol})"
         )
         print(f"  ratio: {copy_s / e2e_s:.0%} of the bare COPY (target >= 50 %)")
+        cores = arch_cpu + db_cpu
+        print(
+            f"  CPU end to end: archiver {arch_cpu / n * 1e6:.1f} us a row, its PostgreSQL"
+            f" {db_cpu / n * 1e6:.1f} us: {n / cores:,.0f} rows per core-second"
+            f" (bare COPY: {n / copy_cpu if copy_cpu else math.inf:,.0f} rows per PostgreSQL"
+            " core-second)"
+        )
     finally:
         await admin.execute(f'DROP SCHEMA "{schema}" CASCADE')
         await admin.close()

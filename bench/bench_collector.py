@@ -348,10 +348,16 @@ def main() -> int:
                 f"simulator pid {sim.pid}, private mosquitto {mosq.url}",
                 flush=True,
             )
+            cpu0, t0 = time.process_time(), time.monotonic()
             base = asyncio.run(
                 baseline(base_port, args.ports, per_port, args.connections, args.burst_seconds)
             )
-            print(f"baseline  bare pymodbus loop:        {base:8.0f} requests/s", flush=True)
+            base_us = 1e6 * (time.process_time() - cpu0) / (base * (time.monotonic() - t0))
+            print(
+                f"baseline  bare pymodbus loop:        {base:8.0f} requests/s"
+                f" ({base_us:.0f} us CPU a request)",
+                flush=True,
+            )
             sat_site = site_dict(
                 "benchsat", base_port, args.ports, per_port, args.connections, 0.05
             )
@@ -374,7 +380,8 @@ def main() -> int:
             print(
                 f"  poll jitter p50 {1000 * hz['jitter_p50']:.1f} ms, "
                 f"p99 {1000 * hz['jitter_p99']:.1f} ms; collector CPU "
-                f"{100 * hz['cpu_s'] / hz['elapsed']:.0f} % of a core; "
+                f"{100 * hz['cpu_s'] / hz['elapsed']:.0f} % of a core"
+                f" ({1e6 * hz['cpu_s'] / max(1.0, hz['polls']):.0f} us a poll); "
                 f"peak memory {hz['VmHWM']:.0f} MB (RSS at end {hz['VmRSS']:.0f} MB)",
                 flush=True,
             )

@@ -690,7 +690,7 @@ class Bus:
         self._settle()
         if group is not None:
             # a refusal is final (the broker's ACL or quota): the inputs are acknowledged
-            group._settled(reason.startswith(_mqtt_fast.REFUSED))
+            group._settled(is_refusal(reason))
 
     def _settle(self) -> None:
         self._unconfirmed -= 1
@@ -744,6 +744,12 @@ def _acker(link: _mqtt_fast.Link) -> Callable[[Incoming], None]:
         link.ack(incoming.mid, incoming.qos)
 
     return ack
+
+
+def is_refusal(reason: str) -> bool:
+    """Whether a failed publish's ``reason`` is the broker's refusal (final: its ACL or
+    quota), not a lost connection or a timeout."""
+    return reason.startswith(_mqtt_fast.REFUSED)
 
 
 def _encode(message: BaseModel) -> bytes:

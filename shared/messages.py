@@ -34,7 +34,9 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    TypeAdapter,
     ValidationError,
+    ValidatorFunctionWrapHandler,
     field_serializer,
     field_validator,
     model_validator,
@@ -341,10 +343,13 @@ class Metrics(Message):
     def _upgrade_schema(cls, value: object) -> object:
         return "pfm.metrics/2" if value == "pfm.metrics/1" else value
 
-    @field_validator("averages", mode="before")
+    @field_validator("averages", mode="wrap")
     @classmethod
-    def _expand_averages(cls, value: object) -> object:
-        return expand_averages(value)
+    def _expand_averages(cls, value: object, handler: ValidatorFunctionWrapHandler) -> object:
+        fast = _expand_compact(value)
+        if fast is not None:
+            return fast
+        return handler(expand_averages(value))
 
     @field_serializer("averages", when_used="json")
     def _compact_averages(self, value: dict[str, Values]) -> dict[str, list[Any]]:
@@ -362,6 +367,40 @@ def compact_averages(averages: dict[str, dict[Any, float]]) -> dict[str, list[An
     out: dict[str, list[Any]] = {"keys": [str(k) for k in keys]}
     for slot, vals in averages.items():
         out[slot] = [vals.get(k) for k in keys]
+    return out
+
+
+#: the compact form's parts, checked in pydantic-core (unique keys: the order is the wire's)
+_AVERAGE_KEYS: TypeAdapter[list[Measurement]] = TypeAdapter(list[Measurement])
+_AVERAGE_SLOTS: TypeAdapter[dict[str, list[Finite | None]]] = TypeAdapter(
+    dict[str, list[Finite | None]]
+)
+
+
+def _expand_compact(value: object) -> dict[str, dict[Measurement, float]] | None:
+    """Well-formed compact averages as ``{slot: {quantity: value}}``, every part checked
+    by pydantic-core (quantities, finite numbers) and the rest by C-level builtins; None
+    for anything else (another form, or a fault: :func:`expand_averages` and the
+    model's own schema then say what and where)."""
+    if type(value) is not dict or "keys" not in value:
+        return None
+    slots = dict(value)
+    try:
+        keys = _AVERAGE_KEYS.validate_python(slots.pop("keys"))
+        lists = _AVERAGE_SLOTS.validate_python(slots)
+    except ValidationError:
+        return None
+    n = len(keys)
+    if len(set(keys)) != n:
+        return None
+    out: dict[str, dict[Measurement, float]] = {}
+    for slot, vals in lists.items():
+        if len(vals) != n:
+            return None
+        if None in vals:
+            out[slot] = {k: v for k, v in zip(keys, vals, strict=True) if v is not None}
+        else:
+            out[slot] = dict(zip(keys, vals, strict=True))  # type: ignore[arg-type]
     return out
 
 

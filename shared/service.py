@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -30,6 +31,8 @@ class Shutdown:
         self.requested = asyncio.Event()
         self._ready = asyncio.Event()
         self._waiting: set[asyncio.Task[None]] = set()
+        #: the futures :meth:`sleep` waits on, resolved at once by :meth:`request`
+        self._sleepers: set[asyncio.Future[None]] = set()
 
     def ready(self, what: str = "") -> None:
         """The service does its job from now on (said once: to tests and to systemd)."""
@@ -63,14 +66,30 @@ class Shutdown:
         if not self.requested.is_set():
             log.info("shutdown requested%s", f" ({reason})" if reason else "")
             self.requested.set()
+            for fut in list(self._sleepers):
+                # a sleeper of an event loop that has closed meanwhile has no one to wake
+                with contextlib.suppress(RuntimeError):
+                    _resolve(fut)
 
     async def wait(self) -> None:
         await self.requested.wait()
 
     async def sleep(self, seconds: float) -> bool:
-        """Sleep, but wake at once on shutdown. Returns True if shutdown was requested."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.requested.wait(), seconds)
+        """Sleep, but wake at once on shutdown. Returns True if shutdown was requested.
+
+        One future and one timer (no task per call): schedulers call this many times
+        a second."""
+        if self.requested.is_set():
+            return True
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        timer = loop.call_later(max(0.0, seconds), _resolve, fut)
+        self._sleepers.add(fut)
+        try:
+            await fut
+        finally:
+            timer.cancel()
+            self._sleepers.discard(fut)
         return self.requested.is_set()
 
     def install_signal_handlers(self) -> None:
@@ -78,6 +97,11 @@ class Shutdown:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.request, sig.name)
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 def sd_notify(state: str) -> bool:
@@ -96,8 +120,26 @@ def sd_notify(state: str) -> bool:
     return True
 
 
+#: allocations between two collections of the youngest generation in a service process
+#: (CPython's default, 700, has a service that builds a few dicts per message collect
+#: thousands of times a second; only reference cycles wait longer to be freed)
+GC_GEN0_THRESHOLD = 50_000
+
+
+def tune_gc() -> None:
+    """Garbage collection for a long-running service: what exists at start (modules,
+    settings, site) is frozen out of every later collection, and the youngest
+    generation is collected every :data:`GC_GEN0_THRESHOLD` allocations. With a buffer
+    of thousands of validated messages, the default thresholds cost the archiver about
+    a third of its CPU."""
+    gc.freeze()
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
+
+
 def run(main: Callable[[Shutdown], Awaitable[None]], *, duration: float | None = None) -> None:
-    """Run ``main(shutdown)`` until it returns, a signal arrives, or ``duration`` passes."""
+    """Run ``main(shutdown)`` until it returns, a signal arrives, or ``duration`` passes
+    (garbage collection tuned for a long-running process: :func:`tune_gc`)."""
 
     async def _runner() -> None:
         shutdown = Shutdown()
@@ -113,4 +155,5 @@ def run(main: Callable[[Shutdown], Awaitable[None]], *, duration: float | None =
             if timer is not None:
                 timer.cancel()
 
+    tune_gc()
     asyncio.run(_runner())

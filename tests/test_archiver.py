@@ -7,7 +7,7 @@ import contextlib
 import math
 import shutil
 import subprocess
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -285,14 +285,66 @@ async def test_merge_is_idempotent(db_dsn: str, db_schema: str) -> None:
         staged: set[str] = set()
         first = await write_batch(conn, group_rows(rows), mark_dirty=True, staged=staged)
         assert first.inserted == {"pfm_metrics": 10}
+        assert first.merged == set()  # all new: copied straight into the table
         # the same rows again, plus duplicates inside one batch: nothing new
         again = await write_batch(conn, group_rows(rows + rows[:3]), mark_dirty=True, staged=staged)
         assert again.inserted == {"pfm_metrics": 0} and again.offered == {"pfm_metrics": 13}
+        assert again.merged == {"pfm_metrics"}
         got = await conn.fetch("SELECT seq, power, apparent_power FROM pfm_metrics ORDER BY seq")
         assert [(r["seq"], r["power"], r["apparent_power"]) for r in got] == [
             (i, 1000 + i, 1250 + i) for i in range(10)
         ]
         assert await conn.fetchval("SELECT count(*) FROM pfm_rollup_dirty") == 1
+    finally:
+        await conn.close()
+
+
+async def test_new_rows_and_merged_rows_mark_the_same_buckets(db_dsn: str, db_schema: str) -> None:
+    """A batch of new rows (straight COPY) and one with a re-delivered row (staging
+    merge) mark exactly the 1-minute buckets, per meter, that the database's date_bin
+    gives their rows."""
+    conn = await asyncpg.connect(schema_dsn(db_dsn, db_schema))
+    try:
+        await migrate(conn, ArchiverConfig())
+        builder = RowBuilder(lambda meter: 1.0)
+        start = at(T0, -0.5)  # 11:59:59.5: the batch straddles minutes
+        new = [
+            builder.row(metrics_msg("s", f"m{i % 2}", at(start, 17 * i), i, 1000, 1250))
+            for i in range(10)
+        ]
+        first = await write_batch(conn, group_rows(new), mark_dirty=True, staged=set())
+        assert first.merged == set() and first.inserted == {"pfm_metrics": 10}
+        wanted = await conn.fetch(
+            "SELECT DISTINCT site, meter, date_bin('1 minute', ts,"
+            " TIMESTAMPTZ '2000-01-03 00:00:00+00') AS ts FROM pfm_metrics ORDER BY 1, 2, 3"
+        )
+        marked = await conn.fetch("SELECT site, meter, ts FROM pfm_rollup_dirty ORDER BY 1, 2, 3")
+        assert len(wanted) == 7 and [tuple(r) for r in marked] == [tuple(r) for r in wanted]
+        await conn.execute("DELETE FROM pfm_rollup_dirty")
+        later = builder.row(metrics_msg("s", "m0", at(start, 200), 10, 1000, 1250))
+        second = await write_batch(conn, group_rows([new[0], later]), mark_dirty=True, staged=set())
+        assert second.merged == {"pfm_metrics"} and second.inserted == {"pfm_metrics": 1}
+        marked = await conn.fetch("SELECT site, meter, ts FROM pfm_rollup_dirty ORDER BY 1, 2, 3")
+        assert [tuple(r) for r in marked] == [
+            ("s", "m0", T0 - timedelta(minutes=1)),
+            ("s", "m0", T0 + timedelta(minutes=3)),
+        ]
+    finally:
+        await conn.close()
+
+
+async def test_moving_averages_are_not_archived(db_dsn: str, db_schema: str) -> None:
+    conn = await asyncpg.connect(schema_dsn(db_dsn, db_schema))
+    try:
+        await migrate(conn, ArchiverConfig())
+        msg = metrics_msg("s", "m", T0, 1, 1000, 1250)
+        msg.averages = {"60s": {M.POWER: 990.0}}
+        msg.load = {"total": LoadKind.INDUCTIVE}
+        row = RowBuilder(lambda meter: 1.0).row(msg)
+        await write_batch(conn, group_rows([row]), mark_dirty=True, staged=set())
+        got = await conn.fetchrow("SELECT power, averages, load FROM pfm_metrics")
+        assert got["power"] == 1000 and got["averages"] is None
+        assert got["load"] is not None and "inductive" in got["load"]
     finally:
         await conn.close()
 

@@ -290,3 +290,58 @@ async def test_transient_errors_are_retried_and_offline_meters_probed_with_backo
     # the dead meter is probed with backoff (up to 0.8 s), not 10 times a second
     assert "device_offline" in sink.codes("m2")
     assert 2 <= probes <= 12, probes  # <= 2 requests (one retry) per probe
+
+
+class _CountingShutdown(Shutdown):
+    """A Shutdown that counts the scheduler's sleeps (its wake-ups)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sleeps = 0
+
+    async def sleep(self, seconds: float) -> bool:
+        self.sleeps += 1
+        return await super().sleep(seconds)
+
+
+async def test_meters_due_within_a_tick_are_polled_together(
+    settings: Settings, site_name: str
+) -> None:
+    """60 meters staggered over one second: the scheduler wakes once per tick, not once
+    per meter, and every meter keeps its 1 Hz rate at most a tick late."""
+    n = 60
+    sim = SimSite(seed=3)
+    sim.add_load(Heater("h", kw=20.0))
+    for unit in range(1, n + 1):
+        sim.add_meter(unit, f"m{unit}", profile="pmtr001")
+    port = free_port()
+    site = parse_site(
+        {
+            "site": site_name,
+            "buses": [{"name": "b1", "host": "127.0.0.1", "port": port, "connections": 4}],
+            "meters": [
+                {"name": f"m{u}", "bus": "b1", "unit": u, "profile": "pmtr001"}
+                for u in range(1, n + 1)
+            ],
+        }
+    )
+    shutdown = _CountingShutdown()
+    col = settings.model_copy(update={"mqtt_client_id": f"{settings.mqtt_client_id}-col"})
+    metrics = ServiceMetrics("collector", site_name)
+    async with SimServer(sim, port), sink_for(settings, site_name) as sink:
+        task = asyncio.create_task(collector.run(col, site, shutdown, metrics=metrics))
+        try:
+            await asyncio.sleep(1.5)
+            sleeps, started = shutdown.sleeps, time.monotonic()
+            polls = sample(metrics, "pfm_collector_polls_total", meter="m1")
+            await asyncio.sleep(3.0)
+            rate = (shutdown.sleeps - sleeps) / (time.monotonic() - started)
+            m1 = sample(metrics, "pfm_collector_polls_total", meter="m1") - polls
+        finally:
+            shutdown.request("test done")
+            await asyncio.wait_for(task, 15)
+    # one wake-up a meter would be 60 a second; one a tick is at most 1 / TICK_S
+    assert rate <= 1.2 / collector.TICK_S, rate
+    assert 2 <= m1 <= 4, m1
+    assert all(len(sink.readings[f"m{u}"]) >= 3 for u in range(1, n + 1))
+    assert sample(metrics, "pfm_collector_missed_polls_total", meter="m1") == 0

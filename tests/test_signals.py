@@ -99,3 +99,44 @@ async def test_ready_is_said_once_to_the_caller_and_to_systemd(
         sock.settimeout(0.2)
         with pytest.raises(TimeoutError):
             sock.recv(64)
+
+
+async def test_a_shutdown_sleep_ends_at_once_on_request_and_holds_no_task() -> None:
+    from shared.service import Shutdown
+
+    shutdown = Shutdown()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    assert await shutdown.sleep(0.05) is False  # slept its time, no request
+    assert loop.time() - started >= 0.04
+    before = len(asyncio.all_tasks())
+    sleeper = asyncio.create_task(shutdown.sleep(30))
+    await asyncio.sleep(0.01)
+    # only the sleeper itself: no helper task per sleep (schedulers sleep many times a second)
+    assert len(asyncio.all_tasks()) == before + 1
+    started = loop.time()
+    shutdown.request("test")
+    assert await asyncio.wait_for(sleeper, 1) is True
+    assert loop.time() - started < 0.5
+    assert await shutdown.sleep(30) is True  # already requested: no wait at all
+
+
+def test_a_service_process_collects_garbage_seldom_and_never_its_start_objects() -> None:
+    import gc
+
+    from shared.service import GC_GEN0_THRESHOLD, run
+
+    before = gc.get_threshold()
+    seen: list[tuple[tuple[int, int, int], int]] = []
+
+    async def main(shutdown: object) -> None:
+        seen.append((gc.get_threshold(), gc.get_freeze_count()))
+
+    try:
+        run(main)
+        (threshold, frozen) = seen[0]
+        assert threshold == (GC_GEN0_THRESHOLD, before[1], before[2])
+        assert frozen > 1000  # the modules and objects loaded before the service started
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)

@@ -1,10 +1,17 @@
 """Messages to rows, and idempotent batch writes.
 
-A batch goes in ONE transaction: binary COPY (``copy_records_to_table``) of each
-table's rows into a temporary staging table, then ``INSERT ... SELECT ... ON
-CONFLICT DO NOTHING`` into the real table on its natural key, so a re-delivered
-message never becomes a second row. On plain PostgreSQL the same transaction marks
-the touched 1-minute buckets dirty for the rollup refresher (:mod:`.rollups`).
+A batch goes in ONE transaction. Each table's rows are first copied straight into
+the table (binary ``copy_records_to_table``, in a savepoint): the unique natural keys
+refuse the whole COPY when one of its rows is already stored (or repeats inside the
+batch). Only then do they go the idempotent way: COPY into a temporary staging table
+and ``INSERT ... SELECT ... ON CONFLICT DO NOTHING`` into the real table, so a
+re-delivered message never becomes a second row. On plain PostgreSQL the same
+transaction marks the touched 1-minute buckets dirty for the rollup refresher
+(:mod:`.rollups`).
+
+The moving averages of a metrics message (``averages``) are not archived: each is a
+window over the per-input rows stored at the meter's rate, and as JSON they would
+cost the database several times the rest of the row.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import UTC
 from typing import Any
 
 import asyncpg
@@ -49,7 +57,6 @@ TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
         *ENERGY_COLUMNS,
         "load",
         "quadrant",
-        "averages",
         "harmonics",
     ),
     "pfm_events": (
@@ -255,7 +262,6 @@ class RowBuilder:
             # orjson writes StrEnum keys and values as their strings: no copies needed
             _json_or_none(m.load),
             _json_or_none(m.quadrant),
-            _json_or_none(m.averages),
             _json_or_none(m.harmonics),
         )
 
@@ -264,6 +270,8 @@ class RowBuilder:
 class BatchResult:
     inserted: dict[str, int] = field(default_factory=dict)
     offered: dict[str, int] = field(default_factory=dict)
+    #: tables whose rows went through the staging merge (a key was already stored)
+    merged: set[str] = field(default_factory=set)
 
 
 def group_rows(rows: Iterable[tuple[str, tuple[Any, ...]]]) -> dict[str, list[tuple[Any, ...]]]:
@@ -295,6 +303,13 @@ async def write_batch(
             if not rows:
                 continue
             cols = TABLE_COLUMNS[table]
+            result.offered[table] = len(rows)
+            if await _copy_new(conn, table, rows, cols):
+                result.inserted[table] = len(rows)
+                if table == "pfm_metrics" and mark_dirty:
+                    await _mark_dirty(conn, rows)
+                continue
+            result.merged.add(table)
             stage = _stage(table)
             if stage not in staged:
                 await conn.execute(
@@ -308,7 +323,6 @@ async def write_batch(
                 f"INSERT INTO {table} ({collist}) SELECT {collist} FROM {stage}"
                 " ON CONFLICT DO NOTHING"
             )
-            result.offered[table] = len(rows)
             result.inserted[table] = int(status.rsplit(" ", 1)[-1])
             if table == "pfm_metrics" and mark_dirty:
                 # sorted: concurrent archivers take the same keys in the same order
@@ -320,3 +334,36 @@ async def write_batch(
                 )
     staged |= created
     return result
+
+
+async def _copy_new(
+    conn: asyncpg.Connection, table: str, rows: list[tuple[Any, ...]], cols: tuple[str, ...]
+) -> bool:
+    """COPY ``rows`` straight into ``table``; False, and nothing written, when a unique
+    key refuses one of them (a re-delivered message, or a repeat within the batch)."""
+    try:
+        async with conn.transaction():  # a savepoint: a refused COPY leaves the batch usable
+            await conn.copy_records_to_table(table, records=rows, columns=cols)
+    except asyncpg.UniqueViolationError:
+        return False
+    return True
+
+
+async def _mark_dirty(conn: asyncpg.Connection, rows: list[tuple[Any, ...]]) -> None:
+    """Mark the 1-minute buckets of ``pfm_metrics`` rows (site, meter, ts first) dirty.
+
+    The buckets start on whole UTC minutes (``date_bin('1 minute', ...)`` from a
+    midnight origin), so flooring ``ts`` to its minute names the same bucket.
+    """
+    marks = sorted(
+        {(r[0], r[1], r[2].astimezone(UTC).replace(second=0, microsecond=0)) for r in rows}
+    )
+    # sorted: concurrent archivers take the same keys in the same order
+    await conn.execute(
+        "INSERT INTO pfm_rollup_dirty (site, meter, ts)"
+        " SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[])"
+        " ON CONFLICT DO NOTHING",
+        [m[0] for m in marks],
+        [m[1] for m in marks],
+        [m[2] for m in marks],
+    )

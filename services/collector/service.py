@@ -65,7 +65,7 @@ from services.collector.profiles import Block, Profile, Refused, resolve, to_pri
 from services.collector.timesync import CLOCKS, RESYNC_S
 from shared import __version__, topics
 from shared.backoff import Backoff
-from shared.bus import Bus, BusUnavailable, PublishRefused
+from shared.bus import AckQueue, Bus, BusUnavailable, is_refusal
 from shared.errors import ConfigError, PeerError
 from shared.measurements import Measurement as M
 from shared.measurements import implausible
@@ -97,6 +97,11 @@ SERVICE = "collector"
 BATCH = 64
 #: save the per-meter seq this often (and at shutdown)
 SEQ_SAVE_S = 5.0
+#: how long a batch of records waits for the broker's PUBACKs before they are spooled
+PUBLISH_TIMEOUT_S = 10.0
+#: the scheduler's shortest sleep (at most a quarter of the shortest poll interval of
+#: the bus): meters that fall due within one tick are polled together, at most this late
+TICK_S = 0.05
 #: a restart after a crash resumes seq at least this far past the last save (and past
 #: the clock's seed), so no seq repeats
 SEQ_MARGIN = 100
@@ -715,6 +720,7 @@ class Collector:
                         heapq.heappush(heap, (m.due, m))
 
         start = time.monotonic()
+        tick = min([TICK_S, *(m.config.interval_s / 4 for m in meters)])
         heap: list[tuple[float, MeterState]] = []
         n = len(meters)
         for i, m in enumerate(meters):
@@ -749,8 +755,10 @@ class Collector:
                         if m.online is not False:
                             m.due = self._next_due(m, now)
                             heapq.heappush(heap, (m.due, m))
+                    # at least one tick between rounds: the meters that fell due meanwhile
+                    # go out together (a wake-up per meter costs more than its poll)
                     wait = (heap[0][0] - time.monotonic()) if heap else 0.5
-                    if await shutdown.sleep(max(0.0, min(wait, 0.5))):
+                    if await shutdown.sleep(max(tick, min(wait, 0.5))):
                         break
             finally:
                 for q in (queue, spare_queue):
@@ -779,22 +787,36 @@ class Collector:
         self.spool_depth.set(len(self.spool))
 
     async def _publish_batch(self, bus: Bus, records: list[tuple[str, bytes]]) -> list[bool]:
-        """Per record: done (delivered, or refused for good) or to be sent again."""
-        results = await asyncio.gather(
-            *(bus.publish(t, p) for t, p in records), return_exceptions=True
-        )
-        done = []
-        for r in results:
-            if isinstance(r, PublishRefused):
-                # the broker will refuse it again (its ACL): spooling it would block
-                # every record behind it; the bus counted it in pfm_publish_failures_total
-                log.error("%s: dropped, not spooled (check the broker's ACL)", r)
-                done.append(True)
-                continue
-            if isinstance(r, BaseException) and not isinstance(r, BusUnavailable):
-                log.error("publish failed unexpectedly: %r", r)
-            done.append(not isinstance(r, BaseException))
-        return done
+        """Per record: done (delivered, or refused for good) or to be sent again.
+
+        Handed to the connection without a wait each (the bus's fast path: no future,
+        task or paho message per record), then the batch waits for its PUBACKs; a
+        record not confirmed in :data:`PUBLISH_TIMEOUT_S` (or lost with the
+        connection) is sent again later, so it may arrive twice, never not at all."""
+        pending = AckQueue()
+        groups = []
+        for topic, payload in records:
+            group = pending.group()
+            try:
+                bus.publish_nowait(topic, payload, after=group)
+            except BusUnavailable:
+                group.lose()
+            group.seal()
+            groups.append(group)
+        if not all(g.done for g in groups):
+            with contextlib.suppress(TimeoutError):
+                await bus.drain(PUBLISH_TIMEOUT_S)
+        # a refusal (the broker's ACL) settles as done: the bus has counted and logged
+        # it, and spooling it would block every record behind it
+        return [g.done and not g.lost for g in groups]
+
+    def on_publish_failed(self, topic: str, payload: bytes, reason: str) -> None:
+        """A record the broker did not confirm (the bus has counted it): a refusal is
+        final, so the record is dropped rather than spooled; say so."""
+        if is_refusal(reason):
+            log.error(
+                "publish to %s %s: dropped, not spooled (check the broker's ACL)", topic, reason
+            )
 
     async def _drain_spool(self, bus: Bus, stop: asyncio.Event | None = None) -> bool:
         """Send spooled records in order; False when the broker went away again."""
@@ -899,6 +921,7 @@ async def run(
             settings, service=SERVICE, site=site.site, metrics=metrics, will=will, backoff=backoff
         ) as bus:
             bus.on_connect(announce)
+            bus.on_publish_failed(collector.on_publish_failed)
             discovery = None
             if site.homeassistant is not None:
                 discovery = Discovery(settings, site, SERVICE)

@@ -98,8 +98,10 @@ class ArchiverConfig(BaseModel):
     timescaledb: Literal["auto", "on", "off"] = Field(
         "auto", description="auto: use the extension when installed or installable"
     )
+    #: each refresh recomputes the open minute from all its rows: every 5 s cost the
+    #: database ~28 µs a row, every 30 s ~6 µs (bench/RESULTS.md)
     rollup_interval_s: Duration = Field(
-        5.0, gt=0, le=3600, description="plain PostgreSQL: how often rollups are refreshed"
+        30.0, gt=0, le=3600, description="plain PostgreSQL: how often rollups are refreshed"
     )
     retention: RetentionConfig = Field(default_factory=RetentionConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
