@@ -218,38 +218,44 @@ async def test_node_killed_mid_stream_loses_and_duplicates_nothing(
                 restarted_at = time.monotonic()
                 await asyncio.to_thread(cluster.start, 0)
                 await asyncio.sleep(6)
-                stop.set()
-                await asyncio.gather(*pubs)
-                total = sum(sent.values())
-                expected = {(s, q) for s in edges for q in range(sent[s])}
-                deadline = time.monotonic() + 90
-                while time.monotonic() < deadline and not expected <= set(stored_at):
-                    await asyncio.sleep(0.5)
-                await asyncio.sleep(1.0)  # anything extra would show up now
-                watcher.cancel()
-                count = await conn.fetchval(
-                    "SELECT count(*) FROM pfm_metrics WHERE site = ANY($1)", edges
-                )
-                distinct = await conn.fetchval(
-                    "SELECT count(DISTINCT (site, seq)) FROM pfm_metrics WHERE site = ANY($1)",
-                    edges,
-                )
-                values_ok = await conn.fetchval(
-                    "SELECT bool_and(power = 1 + seq) FROM pfm_metrics WHERE site = ANY($1)",
-                    edges,
-                )
                 shard_buses = [*sa.buses.values(), *sb.buses.values()]
                 moved = [b.connections for b in shard_buses]
                 protocols = {b.protocol for b in [*shard_buses, sa.bus, sb.bus]}
-                reoffered = sum(
-                    a.m.duplicates.labels("pfm_metrics")._value.get() for a in (arch_a, arch_b)
-                )
+                b_shards = set(sb.running)
+                reoffered = arch_b.m.duplicates.labels("pfm_metrics")._value.get()
+                left_at = time.monotonic()
+            # B stops mid-stream (a restart): A takes its shards, their sessions with them
+            await _until(lambda: set(sa.running) == used, 30, "A takes B's shards")
+            taken_s = time.monotonic() - left_at
+            await asyncio.sleep(4)
+            stop.set()
+            await asyncio.gather(*pubs)
+            total = sum(sent.values())
+            expected = {(s, q) for s in edges for q in range(sent[s])}
+            deadline = time.monotonic() + 90
+            while time.monotonic() < deadline and not expected <= set(stored_at):
+                await asyncio.sleep(0.5)
+            await asyncio.sleep(1.0)  # anything extra would show up now
+            watcher.cancel()
+            count = await conn.fetchval(
+                "SELECT count(*) FROM pfm_metrics WHERE site = ANY($1)", edges
+            )
+            distinct = await conn.fetchval(
+                "SELECT count(DISTINCT (site, seq)) FROM pfm_metrics WHERE site = ANY($1)",
+                edges,
+            )
+            values_ok = await conn.fetchval(
+                "SELECT bool_and(power = 1 + seq) FROM pfm_metrics WHERE site = ANY($1)",
+                edges,
+            )
+            reoffered += arch_a.m.duplicates.labels("pfm_metrics")._value.get()
         await conn.close()
         missing = sorted(expected - set(stored_at))
         assert not missing, f"{len(missing)} of {total} lost, first {missing[:5]}"
         assert count == total == distinct, f"{count} rows, {distinct} distinct, {total} sent"
         assert values_ok
         assert protocols == {"3.1.1"}
+        assert b_shards, "B held no shard"
         # every shard session was on node 0 (first in the list) and resumed on another
         assert all(n >= 2 for n in moved), f"connections per shard session: {moved}"
         after = [k for k in published_at if k not in published_before_kill]
@@ -264,7 +270,8 @@ async def test_node_killed_mid_stream_loses_and_duplicates_nothing(
             f"skipped by the natural key); first message published after the kill stored "
             f"{first_after - killed_at:.1f} s after it; publish -> stored p50 "
             f"{delays[len(delays) // 2]:.2f} s, p99 {delays[int(len(delays) * 0.99)]:.2f} s, "
-            f"max {delays[-1]:.1f} s; while node 0 was down max {max(during):.1f} s"
+            f"max {delays[-1]:.1f} s; while node 0 was down max {max(during):.1f} s; "
+            f"B's shards {sorted(b_shards)} taken by A {taken_s:.1f} s after B stopped"
         )
     finally:
         for mosq in mosquittos:
