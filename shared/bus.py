@@ -620,7 +620,23 @@ class Bus:
                 self._link = None
 
     async def _subscribe_one(self, client: aiomqtt.Client, sub: _Subscription[Any]) -> None:
-        await client.subscribe(sub.filter, qos=sub.qos)
+        granted = await client.subscribe(sub.filter, qos=sub.qos)
+        codes = [c if isinstance(c, int) else c.value for c in granted]
+        if any(code >= 0x80 for code in codes):
+            # the broker refused the filter (its ACL, or a limit such as NATS's 65,535
+            # QoS 1 messages in flight per session): nothing would arrive for it, so this
+            # connection is not good; say so and try again with the backoff
+            self.metrics.handler_errors.labels(self.service, "subscribe").inc()
+            log.error(
+                "broker %s refused the subscription %s (SUBACK 0x%02x)",
+                self.node,
+                sub.filter,
+                max(codes),
+                extra={"service": self.service, "topic": sub.filter},
+            )
+            raise aiomqtt.MqttError(
+                f"subscription {sub.filter} refused by the broker (SUBACK 0x{max(codes):02x})"
+            )
         log.debug("subscribed %s", sub.filter, extra={"service": self.service})
 
     async def _receive(self, link: _mqtt_fast.Link) -> None:

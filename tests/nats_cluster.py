@@ -13,6 +13,19 @@ from pathlib import Path
 
 from shared.embedded import free_port, wait_port
 
+#: the centre's NATS configuration (deploy/central/nats/nats-server.conf)
+DEPLOY_CONF = (
+    Path(__file__).resolve().parents[1] / "deploy" / "central" / "nats" / "nats-server.conf"
+)
+
+
+def deploy_mqtt_options() -> str:
+    """The ``mqtt {}`` tuning of the deployed configuration (``max_ack_pending``,
+    ``ack_wait``), so that the tests run what is deployed."""
+    keep = ("max_ack_pending", "ack_wait")
+    lines = [line.split("#")[0].strip() for line in DEPLOY_CONF.read_text().splitlines()]
+    return ", ".join(line for line in lines if line.startswith(keep))
+
 
 def nats_server() -> str | None:
     """The ``nats-server`` binary, or None."""
@@ -24,13 +37,22 @@ def nats_server() -> str | None:
 class NatsCluster:
     """``nodes`` nats-server processes: routes between all, JetStream, MQTT on each."""
 
-    def __init__(self, workdir: Path, nodes: int = 3, *, name: str = "pfm") -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        nodes: int = 3,
+        *,
+        name: str = "pfm",
+        mqtt_options: str | None = None,
+    ) -> None:
         binary = nats_server()
         if binary is None:
             raise RuntimeError("nats-server is not installed")
         self.binary = binary
         self.workdir = Path(workdir)
         self.name = name
+        #: more settings of the ``mqtt {}`` block (default: the deployed configuration's)
+        self.mqtt_options = deploy_mqtt_options() if mqtt_options is None else mqtt_options
         self.client_ports = [free_port() for _ in range(nodes)]
         self.route_ports = [free_port() for _ in range(nodes)]
         self.mqtt_ports = [free_port() for _ in range(nodes)]
@@ -54,8 +76,12 @@ class NatsCluster:
                 f"listen: 127.0.0.1:{self.client_ports[i]}",
                 f"jetstream {{ store_dir: {store!s} }}",
                 f"cluster {{ name: {self.name}, listen: 127.0.0.1:{self.route_ports[i]},"
-                f" routes: [{routes}] }}",
-                f"mqtt {{ listen: 127.0.0.1:{self.mqtt_ports[i]} }}",
+                f" routes: [{routes}] }}"
+                if len(self.procs) > 1
+                else "",  # one node: a plain server
+                f"mqtt {{ listen: 127.0.0.1:{self.mqtt_ports[i]}"
+                + (f", {self.mqtt_options}" if self.mqtt_options else "")
+                + " }",
                 "",
             ]
         )

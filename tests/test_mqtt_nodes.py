@@ -12,7 +12,9 @@ from services.init.bridge import bridge_conf, central_addresses
 from shared.bus import Bus
 from shared.embedded import LocalMosquitto
 from shared.errors import ConfigError
+from shared.messages import DeadLetter
 from shared.settings import Settings, load_settings, parse_mqtt_urls
+from tests.nats_cluster import NatsCluster, nats_server
 
 needs_mosquitto = pytest.mark.skipif(
     not LocalMosquitto.available(), reason="mosquitto is not installed"
@@ -99,3 +101,39 @@ async def test_bus_moves_to_the_next_node_when_one_is_lost(tmp_path: Path) -> No
     finally:
         a.stop()
         b.stop()
+
+
+@pytest.mark.skipif(nats_server() is None, reason="nats-server is not installed")
+@pytest.mark.timeout(60)
+async def test_a_refused_subscription_is_an_error_not_silence(tmp_path: Path) -> None:
+    # NATS refuses a subscription that would take a session past 65,535 QoS 1 messages
+    # in flight (SUBACK 0x80): here the second one of 40,000 each
+    nats = NatsCluster(tmp_path / "nats", nodes=1, mqtt_options="max_ack_pending: 40000")
+    with nats:
+        await asyncio.to_thread(nats.wait_ready)
+        settings = Settings(
+            mqtt_url=nats.mqtt_url,
+            mqtt_protocol="3.1.1",
+            metrics_port=0,
+            mqtt_client_id="pfm-test-refused",
+        )
+
+        async def handler(model: object, incoming: object) -> None:
+            pass
+
+        bus = Bus(settings, service="test", site="ok", persistent=False)
+        bus.subscribe("pfm/v1/a/+/metrics", DeadLetter, handler)
+        bus.subscribe("pfm/v1/b/+/metrics", DeadLetter, handler)
+        async with bus:
+            async with asyncio.timeout(20):
+                while bus.last_error is None:
+                    await asyncio.sleep(0.05)
+            assert not bus.connected
+            assert "pfm/v1/b/+/metrics refused by the broker (SUBACK 0x80)" in bus.last_error
+            refused = bus.metrics.handler_errors.labels("test", "subscribe")._value.get()
+            assert refused >= 1
+        # one such subscription alone is granted
+        ok = Bus(settings, service="test", site="ok", persistent=False)
+        ok.subscribe("pfm/v1/a/+/metrics", DeadLetter, handler)
+        async with ok:
+            await ok.wait_subscribed(20)

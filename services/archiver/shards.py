@@ -171,6 +171,15 @@ class ShardManager:
         self.m = ShardMetrics(metrics)
         self._subscribe = subscribe
         self.by_shard = assign(sites, shards)
+        largest = max((len(v) for v in self.by_shard.values()), default=0)
+        log.info(
+            "%d sites in %d of %d shards, at most %d in one shard session (on NATS, its"
+            " subscriptions x mqtt.max_ack_pending must stay <= 65535)",
+            sum(len(v) for v in self.by_shard.values()),
+            len(self.by_shard),
+            shards,
+            largest,
+        )
         self.member = member or settings.mqtt_client_id or f"pfm-{service}-{site}-{_host()}"
         self.topic = presence_topic(site, self.member)
         self.prefix = f"pfm-{service}-{site}-shard"
