@@ -43,13 +43,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.bench_archiver import make_messages, schema_dsn
 from bench.bench_pipeline import cpu_ticks
 from services.archiver.service import Archiver
+from services.archiver.shards import assign
 from shared import topics
 from shared.bus import Bus
 from shared.embedded import LocalMosquitto
 from shared.service import Shutdown
 from shared.settings import Settings, load_settings
 from shared.site import SiteConfig, parse_site
-from tests.nats_cluster import NatsCluster
+from tests.nats_cluster import NatsCluster, deploy_mqtt_options
 
 APP_NAME = "pfm-bench-central"
 
@@ -132,34 +133,99 @@ async def archivers(
         await asyncio.gather(*(t for _, t, _ in running), return_exceptions=True)
 
 
+def backlog(
+    kind: str, sites: list[str], meters: int, seconds: int
+) -> list[list[tuple[str, bytes]]]:
+    """Per second, every site's ``metrics`` messages as (topic, payload): ``simple`` = 18
+    archived values a meter; ``analytics`` = what the analytics service publishes (per
+    reading, with its averages, plus the 3 s / 10 min aggregates), from its own engine."""
+    per_second: list[list[tuple[str, bytes]]] = [[] for _ in range(seconds)]
+    for s in sites:
+        if kind == "simple":
+            for i, msg in enumerate(make_messages(s, meters * seconds, meters)):
+                payload = orjson.dumps(msg.model_dump(mode="json", by_alias=True))
+                per_second[i // meters].append((topics.metrics(s, msg.meter), payload))
+            continue
+        from bench.bench_analytics import readings
+        from bench.bench_analytics import site as analytics_site
+        from services.analytics.batch import SiteEngine
+        from services.analytics.output import encode_metrics
+        from shared.messages import Reading
+
+        engine = SiteEngine(analytics_site(meters, s))
+        stream = readings(meters * seconds, meters, s)
+        for second in range(seconds):
+            batch = [
+                Reading.model_validate_json(p)
+                for p in stream[second * meters : (second + 1) * meters]
+            ]
+            for out in engine.on_readings(batch):
+                for m in out.metrics:
+                    per_second[second].append((topics.metrics(s, m.meter), encode_metrics(m)))
+    return per_second
+
+
 async def publish_backlog(
-    settings: Settings, sites: list[str], meters: int, seconds: int
+    settings: Settings, messages: list[list[tuple[str, bytes]]]
 ) -> tuple[int, int, float]:
-    """Every site's metrics for ``seconds`` seconds, at QoS 1: (messages, bytes, seconds)."""
+    """Every message at QoS 1, second by second: (messages, bytes, seconds)."""
     pub = settings.model_copy(update={"mqtt_client_id": f"bench-central-pub-{os.getpid()}"})
     count = size = 0
     async with Bus(pub, service="bench", site="centre", persistent=False, max_inflight=500) as bus:
         await bus.wait_connected(30)
-        per_site = {s: make_messages(s, meters * seconds, meters) for s in sites}
         started = time.perf_counter()
-        for second in range(seconds):
-            for s in sites:
-                for msg in per_site[s][second * meters : (second + 1) * meters]:
-                    payload = orjson.dumps(msg.model_dump(mode="json", by_alias=True))
-                    while True:
-                        try:
-                            bus.publish_nowait(topics.metrics(s, msg.meter), payload)
-                            break
-                        except Exception:  # reconnecting: wait and try again
-                            await asyncio.sleep(0.1)
-                    count += 1
-                    size += len(payload)
-                    if bus.unconfirmed >= 2000:
-                        while bus.unconfirmed >= 1000:
-                            await asyncio.sleep(0.005)
+        for second in messages:
+            for topic, payload in second:
+                while True:
+                    try:
+                        bus.publish_nowait(topic, payload)
+                        break
+                    except Exception:  # reconnecting: wait and try again
+                        await asyncio.sleep(0.1)
+                count += 1
+                size += len(payload)
+                if bus.unconfirmed >= 2000:
+                    while bus.unconfirmed >= 1000:
+                        await asyncio.sleep(0.005)
         await bus.drain(300)
         elapsed = time.perf_counter() - started
     return count, size, elapsed
+
+
+def analytics_sizes(meters: int = 10, seconds: int = 700) -> None:
+    """What an edge forwards per meter: the sizes of the analytics service's own
+    ``metrics`` messages (per reading at 1 Hz, 3 s and 10 min aggregates) and the row
+    fields each one fills, from its engine on simulated readings."""
+    from bench.bench_analytics import readings
+    from bench.bench_analytics import site as analytics_site
+    from services.analytics.batch import SiteEngine
+    from services.analytics.output import encode_metrics
+    from services.archiver.ingest import RowBuilder
+    from shared.messages import Metrics, Reading
+
+    engine = SiteEngine(analytics_site(meters))
+    stream = readings(meters * seconds, meters)
+    sizes: dict[str, list[int]] = {}
+    fields: dict[str, int] = {}
+    rows = RowBuilder(lambda meter: 1.0)
+    for i in range(0, len(stream), meters):
+        batch = [Reading.model_validate_json(p) for p in stream[i : i + meters]]
+        for out in engine.on_readings(batch):
+            for m in out.metrics:
+                payload = encode_metrics(m)
+                kind = f"{m.interval_s:g} s aggregate" if m.aggregate else "per reading"
+                sizes.setdefault(kind, []).append(len(payload))
+                if kind not in fields:
+                    row = rows.row(Metrics.model_validate_json(payload))
+                    fields[kind] = sum(1 for v in row[1] if v is not None)
+    print(f"analytics metrics messages ({meters} meters, {seconds} s at 1 Hz):")
+    for kind, values in sizes.items():
+        print(
+            f"  {kind}: {len(values)} messages, mean {sum(values) / len(values):,.0f} bytes,"
+            f" max {max(values):,}; {fields[kind]} row fields filled"
+        )
+    bench_row = rows.row(make_messages("s", 1, 1)[0])
+    print(f"  (this bench's messages fill {sum(1 for v in bench_row[1] if v is not None)})")
 
 
 async def bench(args: argparse.Namespace) -> None:
@@ -173,6 +239,14 @@ async def bench(args: argparse.Namespace) -> None:
     dsn = f"{own_dsn}&application_name={APP_NAME}"
     workdir = Path(tempfile.mkdtemp(prefix="pfm-bench-central-"))
     sites = [f"b{i:04d}" for i in range(args.branches)]
+    largest = max(len(v) for v in assign(sites, args.shards).values())
+    in_flight = args.max_ack_pending or int(deploy_mqtt_options().split(":")[1].split(",")[0])
+    if args.broker == "nats" and largest * 5 * in_flight > 65_535:
+        raise SystemExit(
+            f"{largest} sites in one of {args.shards} shards x 5 subscriptions x"
+            f" max_ack_pending {in_flight} > 65535: NATS would refuse the subscriptions;"
+            " use more --shards or a lower --max-ack-pending"
+        )
     meter_names = [f"m{k}" for k in range(args.meters)]
     site = parse_site(
         {
@@ -205,13 +279,15 @@ async def bench(args: argparse.Namespace) -> None:
                 nodes += f", max_ack_pending {args.max_ack_pending or 'as deployed'}"
             print(
                 f"central tier on {args.broker} ({nodes})"
-                f": {args.branches} branches x {args.meters} meters x {args.seconds} s at 1 Hz,"
+                f": {args.branches} branches x {args.meters} meters x {args.seconds} s at 1 Hz"
+                f" ({args.payload} metrics messages),"
                 f" {args.shards} shards, {args.archivers} archiver(s)"
             )
             async with archivers(settings, site, args.archivers, workdir):
                 pass  # the shard sessions exist now; the archivers are away
             broker_cpu = centre.cpu_s()
-            n, size, pub_s = await publish_backlog(settings, sites, args.meters, args.seconds)
+            messages = backlog(args.payload, sites, args.meters, args.seconds)
+            n, size, pub_s = await publish_backlog(settings, messages)
             broker_cpu, in_cpu = centre.cpu_s(), centre.cpu_s() - broker_cpu
             print(
                 f"  broker ingest at QoS 1: {n} messages, {size / n:.0f} bytes each, in"
@@ -274,7 +350,7 @@ def main() -> None:
     parser.add_argument("--branches", type=int, default=10)
     parser.add_argument("--meters", type=int, default=100, help="meters per branch")
     parser.add_argument("--seconds", type=int, default=10, help="seconds of 1 Hz data")
-    parser.add_argument("--shards", type=int, default=16)
+    parser.add_argument("--shards", type=int, default=128)
     parser.add_argument("--archivers", type=int, default=1)
     parser.add_argument("--batch", type=int, default=2000, help="archiver batch_size")
     parser.add_argument(
@@ -284,9 +360,21 @@ def main() -> None:
         help="NATS: mqtt { max_ack_pending } per subscription (default: the deployed"
         " configuration's, deploy/central/nats/nats-server.conf)",
     )
+    parser.add_argument(
+        "--payload",
+        choices=("simple", "analytics"),
+        default="simple",
+        help="simple: 18 archived values a meter; analytics: the analytics service's messages",
+    )
+    parser.add_argument(
+        "--sizes", action="store_true", help="only the sizes of analytics' metrics messages"
+    )
     args = parser.parse_args()
+    if args.sizes:
+        analytics_sizes()
+        return
     for name, value in vars(args).items():
-        if isinstance(value, int) and value < (0 if name == "max_ack_pending" else 1):
+        if type(value) is int and value < (0 if name == "max_ack_pending" else 1):
             parser.error(f"--{name} must be >= 1, not {value}")
     asyncio.run(bench(args))
 
