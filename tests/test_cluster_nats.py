@@ -17,13 +17,16 @@ import asyncpg
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from services.archiver.shards import assign, owner, site_shard
+from services.archiver.shards import ShardManager, assign, owner, site_shard
 from services.init.bridge import bridge_conf
 from services.init.certs import CertAuthority
 from shared import topics
 from shared.bus import Bus
 from shared.embedded import LocalMosquitto
+from shared.errors import ConfigError
+from shared.metrics import ServiceMetrics
 from shared.settings import Settings
+from shared.site import parse_site
 from tests.nats_cluster import DEPLOY_CONF, NatsCluster, deploy_mqtt_options, nats_server
 from tests.test_archiver_helpers import (
     TEST_NAMES,
@@ -322,3 +325,45 @@ async def _until(predicate: object, timeout: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"not in {timeout:.0f} s: {what}")
         await asyncio.sleep(0.1)
+
+
+def _manager(member: str, heartbeat_s: float = 1.0) -> ShardManager:
+    settings = Settings(mqtt_url="mqtt://127.0.0.1:1", metrics_port=0)
+    sites = [f"s{i}" for i in range(40)]
+    return ShardManager(
+        settings,
+        site="centre",
+        sites=sites,
+        shards=8,
+        heartbeat_s=heartbeat_s,
+        metrics=ServiceMetrics("archiver", "centre"),
+        subscribe=lambda bus, sites: None,
+        member=member,
+    )
+
+
+def test_membership_ttl_offline_and_failover_time() -> None:
+    m = _manager("Arch.One")
+    assert m.topic == "pfm/v1/centre/archiver/arch-one/presence"
+    assert m.client_id(3) == "pfm-archiver-centre-shard-03"
+    now = 10_000.0
+    m._since = now - 100  # connected for a long time
+    m.seen = {"b": (True, now - 5), "c": (False, now), "d": (True, now - 11)}
+    # b heard 5 s ago (TTL 10 heartbeats = 10 s): alive; c said offline; d silent too long
+    assert m.alive(now) == ["Arch.One", "b"]
+    assert m.wanted(now) == {k for k in m.by_shard if owner(k, ["Arch.One", "b"]) == "Arch.One"}
+    # just reconnected after a broker failover: nobody is dropped for our own silence
+    m._since = now - 2
+    assert m.alive(now) == ["Arch.One", "b", "d"]
+    # alone, it wants every shard that has sites
+    m.seen = {}
+    assert m.wanted(now) == set(m.by_shard)
+    assert sum(len(v) for v in m.by_shard.values()) == 40
+
+
+def test_shards_and_share_group_exclude_each_other() -> None:
+    with pytest.raises(ConfigError, match="shards and share_group exclude each other"):
+        parse_site({"site": "centre", "archiver": {"shards": 4, "share_group": "g"}})
+    with pytest.raises(ConfigError, match="heartbeat_s"):
+        parse_site({"site": "centre", "archiver": {"shards": 4, "heartbeat_s": 0}})
+    assert parse_site({"site": "centre", "archiver": {"shards": 4}}).archiver.shards == 4
