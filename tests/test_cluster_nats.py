@@ -95,7 +95,7 @@ def test_the_deployed_nats_configuration_is_valid(tmp_path: Path) -> None:
     env = {
         "PFM_NATS_NAME": "nats1",
         "PFM_ARCHIVER_MQTT_PASSWORD": "a",
-        "PFM_BRIDGE_MQTT_PASSWORD": "b",
+        "PFM_BRIDGE_BRANCH1_MQTT_PASSWORD": "b",
         "PATH": os.environ.get("PATH", ""),
     }
     binary = nats_server()
