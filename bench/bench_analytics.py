@@ -43,7 +43,7 @@ import aiomqtt
 import numpy as np
 import orjson
 
-from services.analytics import dsp
+from services.analytics import alarms, dsp
 from services.analytics.batch import SiteEngine
 from services.analytics.output import encode_metrics
 from shared import topics
@@ -207,7 +207,9 @@ def bench_readings(quick: bool) -> None:
     enc = count / best_time(engine, encoded, 3)
     one = meters * len(singles) / best_time(engine, one_by_one, 3)
     print(f"== reading path in-process, {meters} meters at 1 Hz, one core (validate, derive,")
-    print("   5 averaging slots, demand, 3 s/10 min aggregates, 9 alarm kinds)")
+    kinds = len(alarms.PER_METER)
+    print(f"   5 averaging slots, demand, 3 s/10 min aggregates, {kinds} alarm kinds,")
+    print("   supply events)")
     print(f"  baseline: validation only            {base:10.0f} readings/s")
     print(
         f"  batches of {meters} (one second of the site), JSON encoding excluded"

@@ -13,6 +13,11 @@ mosquitto. Three measurements in the same run, against the same servers:
 
 Usage: ``python bench/bench_collector.py [--meters 1000] [--ports 5] [--seconds 30]``
 Exit code 1 when a target is missed. Not part of the test suite.
+
+``--register-cost`` measures instead what the PMTR_001's own moving averages (registers
+98-114, the profile's ``device_averages`` group) would cost if they were polled: the bare
+loop reading 78-97 (the poll), 78-114 in one read, and 78-97 plus 98-114 in two reads,
+with the time the frames take on an RS-485 line at 9600 baud, 8N1.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import argparse
 import asyncio
 import multiprocessing as mp
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,7 +37,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from services.collector.profiles import PROFILES  # noqa: E402
+from services.collector.profiles import PROFILES, Block  # noqa: E402
 from shared.embedded import LocalMosquitto, free_port, wait_port  # noqa: E402
 
 
@@ -64,12 +70,18 @@ def site_dict(
 
 
 async def baseline(
-    base_port: int, ports: int, per_port: int, connections: int, seconds: float
+    base_port: int,
+    ports: int,
+    per_port: int,
+    connections: int,
+    seconds: float,
+    blocks: list[Block] | None = None,
 ) -> float:
-    """Bare pymodbus loop: every connection reads the PMTR_001 block of its units in turn."""
+    """Bare pymodbus loop: every connection reads the PMTR_001 block(s) of its units in
+    turn; polls (all ``blocks`` of one unit) per second."""
     from pymodbus.client import AsyncModbusTcpClient
 
-    block = PROFILES["pmtr001"].plan()[0]
+    plan = blocks or PROFILES["pmtr001"].plan()
     count = 0
     stop = time.monotonic() + seconds
 
@@ -79,10 +91,13 @@ async def baseline(
         await client.connect()
         i = 0
         while time.monotonic() < stop:
-            rr = await client.read_holding_registers(
-                block.address, count=block.count, device_id=units[i % len(units)]
-            )
-            if not rr.isError():
+            ok = True
+            for block in plan:
+                rr = await client.read_holding_registers(
+                    block.address, count=block.count, device_id=units[i % len(units)]
+                )
+                ok = ok and not rr.isError()
+            if ok:
                 count += 1
             i += 1
         client.close()
@@ -247,6 +262,60 @@ def wait_simulator(base_port: int, ports: int) -> None:
         wait_port("127.0.0.1", base_port + k, timeout=60)
 
 
+def rtu_ms(blocks: list[Block], baud: int = 9600) -> float:
+    """Wire time of one poll on RS-485 (8N1: 10 bits a byte): per read an 8-byte request,
+    a 5 + 2n byte answer and the 3.5-character silence after each frame."""
+    char_ms = 10_000 / baud
+    return sum((8 + 5 + 2 * b.count + 2 * 3.5) * char_ms for b in blocks)
+
+
+def register_cost(args: argparse.Namespace) -> int:
+    per_port = -(-args.meters // args.ports)
+    sim, base_port = start_simulator(per_port * args.ports, args.ports)
+    poll = PROFILES["pmtr001"].plan()
+    group = PROFILES["pmtr001"].groups["device_averages"].plan()
+    one = [Block("holding", poll[0].address, group[0].address + group[0].count - poll[0].address)]
+    ways = [
+        ("78-97 (the poll)", poll),
+        ("78-114 in one read", one),
+        ("78-97 + 98-114", poll + group),
+    ]
+    try:
+        wait_simulator(base_port, args.ports)
+        print(
+            f"{per_port * args.ports} simulated PMTR_001 on {args.ports} ports, Modbus TCP; "
+            f"{args.rounds} rounds of the three ways in turn, median",
+            flush=True,
+        )
+        rates: dict[str, list[float]] = {label: [] for label, _ in ways}
+        for _ in range(args.rounds):
+            for label, blocks in ways:
+                rate = asyncio.run(
+                    baseline(
+                        base_port,
+                        args.ports,
+                        per_port,
+                        args.connections,
+                        args.burst_seconds,
+                        blocks,
+                    )
+                )
+                rates[label].append(rate)
+        first = statistics.median(rates[ways[0][0]])
+        for label, blocks in ways:
+            rate = statistics.median(rates[label])
+            spread = f"{min(rates[label]):.0f}-{max(rates[label]):.0f}"
+            print(
+                f"  {label:20s} {rate:8.0f} polls/s over TCP ({100 * rate / first:3.0f} %, "
+                f"runs {spread}); RS-485 9600 baud: {rtu_ms(blocks):5.1f} ms a poll on the wire",
+                flush=True,
+            )
+    finally:
+        sim.terminate()
+        sim.wait(10)
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--meters", type=int, default=1000)
@@ -254,7 +323,15 @@ def main() -> int:
     ap.add_argument("--connections", type=int, default=4, help="per port (bus)")
     ap.add_argument("--seconds", type=float, default=30.0, help="length of the 1 Hz run")
     ap.add_argument("--burst-seconds", type=float, default=8.0, help="baseline/saturation runs")
+    ap.add_argument(
+        "--register-cost",
+        action="store_true",
+        help="measure polling the PMTR_001's registers 98-114 too (bare loop only)",
+    )
+    ap.add_argument("--rounds", type=int, default=3, help="--register-cost: rounds (median)")
     args = ap.parse_args()
+    if args.register_cost:
+        return register_cost(args)
     per_port = -(-args.meters // args.ports)
     if per_port > 247:
         ap.error(f"{per_port} meters per port: use more --ports (max 247 unit ids)")

@@ -12,6 +12,7 @@ from services.archiver import cli as archiver_cli
 from services.collector import cli as collector_cli
 from services.console import cli as console_cli
 from services.simulator import cli as simulator_cli
+from services.tunnel import cli as tunnel_cli
 
 app = typer.Typer(
     name="pfmon",
@@ -36,6 +37,7 @@ for module in (
     alerts_cli,
     console_cli,
     simulator_cli,
+    tunnel_cli,
     demo,
     init,
 ):

@@ -64,7 +64,10 @@ def test_single_phase_json_at_60_hz_with_time_column(tmp_path: Path) -> None:
     )
     # the site's own limits, not fixed numbers: a site that alerts below 0.65 sees no alarm
     site = tmp_path / "site.yaml"
-    site.write_text("site: s1\nthresholds: {pf_alert: 0.65, pf_penalty: 0.6}\n")
+    site.write_text(
+        "site: s1\nthresholds: {pf_alert: 0.65, pf_penalty: 0.6, nominal_voltage_v: 120, "
+        "nominal_frequency_hz: 60}\n"
+    )
     code, out = run(str(path), "--fs", str(FS), "--json", "--site-file", str(site))
     assert code == 0, out
     assert [e["code"] for e in orjson.loads(out)["events"]] == []

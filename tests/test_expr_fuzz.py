@@ -17,14 +17,15 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from services.actuator.expr import TOKENS, ExprError, parse
+from services.actuator.expr import CLOCK_TOKENS, TOKENS, ExprError, parse
 from services.actuator.rules import check_file
 from services.cli import app
 
 pytestmark = pytest.mark.timeout(120)
 
+_NAMES = [*TOKENS, *CLOCK_TOKENS]
 _PIECES = [
-    *TOKENS,
+    *_NAMES,
     *("253", "0.95", "1e3", ".5", "7.", "1e999", "00", "3e", "1e+"),
     *("and", "or", "not", "(", ")", "&&", "||", "!", "<", "<=", ">", ">=", "==", "!="),
     *("+", "-", "*", "/", "=", "&", "|", "^", "%", "~", ".", ",", "_x", "L1", "LII", "$"),
@@ -38,7 +39,7 @@ _PIECES = [
 def _number(rng: random.Random, depth: int) -> str:
     roll = rng.random()
     if depth > 3 or roll < 0.4:
-        return rng.choice([*TOKENS, "253", "0.9", "1e3", ".5"])
+        return rng.choice([*_NAMES, "253", "0.9", "1e3", ".5", "7", "23"])
     if roll < 0.8:
         op = rng.choice("+-*/")
         return f"{_number(rng, depth + 1)} {op} {_number(rng, depth + 1)}"
@@ -99,7 +100,7 @@ def test_every_expression_parses_or_names_a_column() -> None:
             assert f"column {exc.column}" in exc.render()
         else:
             parsed += 1
-            assert expr.evaluate(dict.fromkeys(TOKENS, 1.0)) in (True, False)
+            assert expr.evaluate(dict.fromkeys(_NAMES, 1.0)) in (True, False)
     # the generator is worth its name: both outcomes occur often
     assert parsed > 100 and refused > 1000, (parsed, refused)
 

@@ -11,7 +11,9 @@ Grammar (loosest first)::
     product    := unary (("*" | "/") unary)*
     unary      := ("-" | "+") unary | NUMBER | TOKEN | "(" expr ")"
 
-Tokens name measurements in SI units (``L1U`` volts, ``L2I`` amperes, ``L1e`` kWh ...).
+Tokens name measurements in SI units (``L1U`` volts, ``L2I`` amperes, ``L1e`` kWh ...),
+or the time of the message in the site's time zone (``hour``, ``minute``, ``weekday``,
+``month``: :data:`CLOCK_TOKENS`).
 The parser also checks types: ``&&``/``||``/``!`` take conditions, arithmetic and
 comparisons take numbers, and the whole expression must be a condition. A parsed
 expression is compiled once into nested closures; evaluation reads a mapping
@@ -33,6 +35,7 @@ from typing import Literal
 from shared.measurements import Measurement
 
 __all__ = [
+    "CLOCK_TOKENS",
     "TOKENS",
     "BinOp",
     "Compare",
@@ -92,8 +95,26 @@ def _token_table() -> dict[str, TokenSpec]:
     return table
 
 
-#: every token of the language and what it reads
+#: every measurement token of the language and what it reads
 TOKENS: dict[str, TokenSpec] = _token_table()
+
+
+@dataclass(frozen=True, slots=True)
+class ClockSpec:
+    """A clock token: a part of the message's acquisition time in the site's time zone."""
+
+    low: int
+    high: int
+    meaning: str
+
+
+#: the clock tokens: read from the message's ``ts`` converted to the site's ``timezone``
+CLOCK_TOKENS: dict[str, ClockSpec] = {
+    "hour": ClockSpec(0, 23, "hour of the day, 0-23"),
+    "minute": ClockSpec(0, 59, "minute of the hour, 0-59"),
+    "weekday": ClockSpec(1, 7, "day of the week, 1 = Monday ... 7 = Sunday (ISO 8601)"),
+    "month": ClockSpec(1, 12, "month, 1 = January ... 12 = December"),
+}
 _KEYWORDS = {"and": "&&", "or": "||", "not": "!"}
 
 
@@ -184,7 +205,7 @@ def tokenize(source: str) -> list[Tok]:
             word = name.group(0)
             if word in _KEYWORDS:
                 out.append(Tok("op", _KEYWORDS[word], col))
-            elif word in TOKENS:
+            elif word in TOKENS or word in CLOCK_TOKENS:
                 out.append(Tok("name", word, col))
             else:
                 raise ExprError(f"unknown token {word!r}{_did_you_mean(word)}", col, source)
@@ -241,7 +262,7 @@ def _distance(a: str, b: str) -> float:
 
 def suggest(word: str) -> str | None:
     """The nearest token to ``word`` (None when nothing is close)."""
-    candidates = list(TOKENS) + list(_KEYWORDS)
+    candidates = list(TOKENS) + list(CLOCK_TOKENS) + list(_KEYWORDS)
     best = min(candidates, key=lambda t: (_distance(word, t), t))
     limit = max(1.0, len(word) / 2)
     return best if _distance(word, best) <= limit else None
@@ -436,8 +457,32 @@ class _Parser:
             nxt = self.peek()
             if nxt.kind == "op" and nxt.text in _COMPARE:
                 raise self.error("comparisons do not chain: write (a < b) && (b < c)", nxt.column)
+            self._check_clock(left, right)
+            self._check_clock(right, left)
             return Compare(tok.text, left, right, tok.column)
         return left
+
+    def _check_clock(self, token: Node, other: Node) -> None:
+        """A clock token compared with a number: the number must be one of its values
+        (``weekday == 0`` or ``hour >= 22.5`` would silently never mean what was meant)."""
+        if not isinstance(token, Var) or token.name not in CLOCK_TOKENS:
+            return
+        sign, num = 1.0, other
+        if isinstance(num, Neg):
+            sign, num = -1.0, num.operand
+        if not isinstance(num, Num):
+            return
+        spec, value = CLOCK_TOKENS[token.name], sign * num.value
+        if value != int(value):
+            raise self.error(
+                f"{token.name} is a whole number ({spec.meaning}): compare it with one, "
+                "e.g. hour * 60 + minute >= 22 * 60 + 30 for 22:30",
+                num.column,
+            )
+        if not spec.low <= value <= spec.high:
+            raise self.error(
+                f"{token.name} is never {value:g}: it is the {spec.meaning}", num.column
+            )
 
     def parse_sum(self) -> Node:
         node = self.parse_product()
@@ -590,6 +635,11 @@ class Expression:
     tree: Node
     names: tuple[str, ...]
     _fn: Callable[[Env], float]
+
+    @property
+    def clock_names(self) -> tuple[str, ...]:
+        """The clock tokens it reads (``hour`` ...): it needs the site's time zone."""
+        return tuple(n for n in self.names if n in CLOCK_TOKENS)
 
     def evaluate(self, env: Env) -> bool:
         """True/False for ``env`` (token -> SI value). Missing tokens raise ``KeyError``."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from services.actuator.expr import (
+    CLOCK_TOKENS,
     BinOp,
     Compare,
     Logic,
@@ -153,6 +154,17 @@ def _compare(node: Compare) -> str:
     raise UploadError(_arith(node))
 
 
+def _clock_vars(node: Node) -> list[Var]:
+    """The clock tokens (``hour`` ...) anywhere in ``node``, in order."""
+    if isinstance(node, Var):
+        return [node] if node.name in CLOCK_TOKENS else []
+    if isinstance(node, Neg | Not):
+        return _clock_vars(node.operand)
+    if isinstance(node, BinOp | Compare | Logic):
+        return _clock_vars(node.left) + _clock_vars(node.right)
+    return []
+
+
 def _arith(node: Compare) -> str:
     return (
         f"column {node.column}: the firmware compares raw integers; only 'token OP number' "
@@ -179,10 +191,20 @@ def encode(action: RelayAction, slot: int) -> Upload:
     if recovery != int(recovery) or not 0 <= recovery <= 65535:
         problems.append(f"recovery {recovery:g}s: the firmware counts whole seconds 0-65535")
     formula = ""
-    try:
-        formula, _ = _convert(parse(action.when).tree)
-    except UploadError as exc:
-        problems.append(f"when: {exc}")
+    tree = parse(action.when).tree
+    clock = _clock_vars(tree)
+    if clock:
+        names = ", ".join(dict.fromkeys(v.name for v in clock))
+        problems.append(
+            f"when: column {clock[0].column}: the PMTR_001 firmware has no clock tokens "
+            f"({names}): an action that reads the time cannot run on the meter; let the "
+            "gateway drive a coil device instead"
+        )
+    else:
+        try:
+            formula, _ = _convert(tree)
+        except UploadError as exc:
+            problems.append(f"when: {exc}")
     if len(formula) > FORMULA_MAX:
         problems.append(
             f"when: converted to raw units the formula is {len(formula)} characters "

@@ -18,12 +18,13 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import UTC, tzinfo
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from services.actuator.expr import TOKENS, ExprError, Expression, parse
+from services.actuator.expr import CLOCK_TOKENS, TOKENS, ExprError, Expression, parse
 from shared.errors import ConfigError
 from shared.messages import Event, EventState, Metrics, Severity
 from shared.site import SiteConfig, parse_site
@@ -76,9 +77,15 @@ def check_site(site: SiteConfig) -> list[str]:
                 f"relay_actions[{names[action.name]}]"
             )
         names.setdefault(action.name, i)
-        problem, _ = _expr_problem(i, action.when)
+        problem, expr = _expr_problem(i, action.when)
         if problem:
             problems.append(problem)
+        if expr is not None and expr.clock_names and site.timezone is None:
+            problems.append(
+                f"relay_actions[{i}].when: reads the clock ({', '.join(expr.clock_names)}) "
+                "but the site file has no timezone: - add one at the top level (an IANA "
+                "name, e.g. timezone: Europe/Berlin, or timezone: UTC)"
+            )
         if action.meter not in meters:
             problems.append(
                 f"relay_actions[{i}].meter: no meter named {action.meter!r} "
@@ -284,14 +291,32 @@ class EngineResult:
     stale_meters: list[str] = field(default_factory=list)
 
 
+def clock_values(m: Metrics, zone: tzinfo) -> dict[str, float]:
+    """The clock tokens for ``m``: its acquisition time (``ts``) in the site's ``zone``
+    (never the process's clock, so that a replay decides as the live run did)."""
+    local = m.ts.astimezone(zone)
+    return {
+        "hour": float(local.hour),
+        "minute": float(local.minute),
+        "weekday": float(local.isoweekday()),
+        "month": float(local.month),
+    }
+
+
 def env_for(
-    expr: Expression, m: Metrics, average: str | None
+    expr: Expression, m: Metrics, average: str | None, zone: tzinfo = UTC
 ) -> tuple[dict[str, float], list[str]]:
-    """Token values of ``m`` for ``expr`` (SI), and the tokens the message lacks."""
+    """Token values of ``m`` for ``expr`` (SI; clock tokens in ``zone``), and the tokens
+    the message lacks."""
     env: dict[str, float] = {}
     missing: list[str] = []
     avg = m.averages.get(average) if average is not None else None
+    if expr.clock_names:
+        clock = clock_values(m, zone)
+        env.update((name, clock[name]) for name in expr.clock_names)
     for name in expr.names:
+        if name in CLOCK_TOKENS:
+            continue
         spec = TOKENS[name]
         src = m.values if (average is None or not spec.averaged) else avg
         value = src.get(spec.measurement) if src is not None else None
@@ -303,7 +328,8 @@ def env_for(
 
 
 class RelayEngine:
-    """Evaluates relay actions; returns intents and events. ``clock`` = wall seconds."""
+    """Evaluates relay actions; returns intents and events. ``clock`` = wall seconds (for
+    staleness only); ``zone`` = the site's time zone, for the clock tokens."""
 
     def __init__(
         self,
@@ -312,8 +338,10 @@ class RelayEngine:
         *,
         stale_after_s: float,
         clock: Clock = time.time,
+        zone: tzinfo = UTC,
     ) -> None:
         self.site = site
+        self.zone = zone
         self.actions = actions
         self.stale_after_s = stale_after_s
         self.clock = clock
@@ -402,7 +430,7 @@ class RelayEngine:
                         )
                     )
                 continue
-            env, missing = env_for(action.expr, m, cfg.average)
+            env, missing = env_for(action.expr, m, cfg.average, self.zone)
             if missing:
                 if st.blocked != "missing":
                     st.blocked = "missing"

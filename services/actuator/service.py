@@ -106,7 +106,11 @@ class Actuator:
         self.am = ActuatorMetrics(self.metrics)
         actions = load_actions(self.site)  # ConfigError listing every problem
         self.engine = RelayEngine(
-            self.site.site, actions, stale_after_s=self.site.actuator.stale_after, clock=self.clock
+            self.site.site,
+            actions,
+            stale_after_s=self.site.actuator.stale_after,
+            clock=self.clock,
+            zone=self.site.zone,
         )
         links: dict[str, ModbusConnection] = {}  # one connection per bus, shared by its devices
         for dev in self.site.devices:

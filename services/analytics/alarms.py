@@ -31,6 +31,7 @@ import numpy as np
 import numpy.typing as npt
 
 from services.analytics.aggregate import F64, I64, Bools, RowState
+from services.analytics.quality import Clipping
 from shared.errors import ConfigError
 from shared.messages import EventState, Severity
 from shared.site import SiteConfig
@@ -165,6 +166,35 @@ class Inputs:
     current_ratio: F64 = field(default_factory=lambda: np.zeros(0))
     #: evidence only: the star-point shift of input ``r`` (built on a transition)
     neutral: Callable[[int], Evidence] = lambda r: {}
+    #: frequency, alarm-slot average (Hz); empty: absent everywhere
+    freq: F64 = field(default_factory=lambda: np.zeros(0))
+    #: (n, 3) the 10-min mean voltage of an interval that closed with this input (NaN:
+    #: none closed); empty: absent everywhere
+    v10: F64 = field(default_factory=lambda: np.zeros(0))
+    #: the meter's nominal voltage (V, line to neutral); empty: the site's
+    v_nominal: F64 = field(default_factory=lambda: np.zeros(0))
+    #: the meter's rated CT primary current (A), NaN: not configured
+    ct_rating: F64 = field(default_factory=lambda: np.zeros(0))
+    #: the meter's CT ratio (evidence: the secondary current)
+    ct_ratio: F64 = field(default_factory=lambda: np.zeros(0))
+    #: the current's shape per phase (waveforms); None: not known
+    clip: Clipping | None = None
+
+    def rows(self, a: F64) -> F64:
+        """``a``, or NaN for each input where the field was not given."""
+        return a if len(a) else np.full(len(self.p), np.nan)
+
+    def phases(self, a: F64) -> F64:
+        """``a``, or NaN for each input and phase where the field was not given."""
+        return a if len(a) else np.full((len(self.p), 3), np.nan)
+
+    def nominal(self, L: Limits) -> F64:
+        """(n, 1) each input's nominal voltage."""
+        un = self.rows(self.v_nominal)
+        return np.where(np.isnan(un), L.th.nominal_voltage_v, un)[:, None]
+
+    def shape(self) -> Clipping:
+        return self.clip if self.clip is not None else Clipping.absent(len(self.p))
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,7 +235,9 @@ class AlarmDef:
     #: ``meter``: judged on each input of one meter by the engine (``condition`` over
     #: :class:`Inputs`); ``parent``: judged on a parent meter against its child meters
     #: (``services/analytics/balance.py``, with :func:`energy_balance` below)
-    scope: Literal["meter", "parent"] = "meter"
+    #: ``event``: a supply event with a start and a duration (dips, swells,
+    #: interruptions), followed sample by sample by ``services/analytics/quality.py``
+    scope: Literal["meter", "parent", "event"] = "meter"
 
 
 def _r(x: float, digits: int = 3) -> float | None:
@@ -369,6 +401,114 @@ def _across_meters(x: Inputs, L: Limits) -> Condition:
     return none, none, none
 
 
+def _voltage_level(over: bool) -> Callable[[Inputs, Limits], Condition]:
+    def condition(x: Inputs, L: Limits) -> Condition:
+        v10 = x.phases(x.v10)
+        un = x.nominal(L)
+        pct = L.lim.overvoltage_pct if over else L.lim.undervoltage_pct
+        inside = pct - L.lim.voltage_hysteresis_pct
+        if over:
+            return ~np.isnan(v10), v10 > un * (1 + pct / 100), v10 <= un * (1 + inside / 100)
+        return ~np.isnan(v10), v10 < un * (1 - pct / 100), v10 >= un * (1 - inside / 100)
+
+    return condition
+
+
+def _voltage_level_evidence(over: bool) -> Callable[..., Evidence]:
+    def evidence(x: Inputs, L: Limits, r: int, k: int) -> Evidence:
+        v = float(x.phases(x.v10)[r, k])
+        un = float(x.nominal(L)[r, 0])
+        pct = L.lim.overvoltage_pct if over else L.lim.undervoltage_pct
+        return {
+            "mean_10min_v": _r(v, 2),
+            "deviation_pct": _r(100.0 * (v - un) / un, 2),
+            "nominal_v": un,
+            "limit_v": round(un * (1 + (pct if over else -pct) / 100), 2),
+            "hysteresis_pct": L.lim.voltage_hysteresis_pct,
+        }
+
+    return evidence
+
+
+def _frequency(x: Inputs, L: Limits) -> Condition:
+    fn = float(L.th.nominal_frequency_hz)
+    dev = np.abs(x.rows(x.freq) - fn) / fn * 100.0
+    lim = L.lim
+    return (
+        ~np.isnan(dev),
+        dev > lim.frequency_pct,
+        dev < lim.frequency_pct - (lim.frequency_hysteresis_pct),
+    )
+
+
+def _frequency_evidence(x: Inputs, L: Limits, r: int, k: int) -> Evidence:
+    fn = float(L.th.nominal_frequency_hz)
+    f = float(x.rows(x.freq)[r])
+    dev = 100.0 * (f - fn) / fn
+    lim = L.lim
+    extreme = dev > lim.frequency_extreme_high_pct or dev < -lim.frequency_extreme_low_pct
+    return {
+        "frequency_hz": _r(f, 4),
+        "deviation_pct": _r(dev, 3),
+        "band": "extreme" if extreme else "normal",
+        "limit_pct": lim.frequency_pct,
+        "extreme_high_pct": lim.frequency_extreme_high_pct,
+        "extreme_low_pct": lim.frequency_extreme_low_pct,
+        "hysteresis_pct": lim.frequency_hysteresis_pct,
+    }
+
+
+def _ct_overload(x: Inputs, L: Limits) -> Condition:
+    rating = x.rows(x.ct_rating)[:, None]
+    lim = L.lim
+    return (
+        ~np.isnan(rating) & ~np.isnan(x.i),
+        x.i > rating * lim.ct_overload_pct / 100.0,
+        x.i <= rating * (lim.ct_overload_pct - lim.ct_overload_hysteresis_pct) / 100.0,
+    )
+
+
+def _ct_overload_evidence(x: Inputs, L: Limits, r: int, k: int) -> Evidence:
+    i = float(x.i[r, k])
+    rating = float(x.rows(x.ct_rating)[r])
+    ratio = float(x.rows(x.ct_ratio)[r])
+    return {
+        "current_a": round(i, 3),
+        "ct_primary_a": rating,
+        "load_pct": round(100.0 * i / rating, 1),
+        "ct_ratio": _r(ratio, 4),
+        "secondary_a": _r(i / ratio, 4) if ratio == ratio and ratio > 0 else None,
+        "limit_pct": L.lim.ct_overload_pct,
+    }
+
+
+def _ct_saturation(x: Inputs, L: Limits) -> Condition:
+    c = x.shape()
+    lim = L.lim
+
+    def clipped(share: float) -> Bools:
+        return (
+            (c.crest_i < c.crest_v - share * lim.ct_crest_margin)
+            & (c.flat_i > share * lim.ct_flat_share)
+            & (c.h3_pct > share * lim.ct_third_harmonic_pct)
+        )
+
+    known = ~np.isnan(c.crest_i) & ~np.isnan(c.crest_v) & (c.irms > lim.min_current_a)
+    return known, clipped(1.0), ~clipped(0.5)
+
+
+def _ct_saturation_evidence(x: Inputs, L: Limits, r: int, k: int) -> Evidence:
+    c = x.shape()
+    return {
+        "current_a": _r(float(c.irms[r, k])),
+        "crest_factor_i": _r(float(c.crest_i[r, k])),
+        "crest_factor_v": _r(float(c.crest_v[r, k])),
+        "flat_top_share": _r(float(c.flat_i[r, k])),
+        "h3_pct": _r(float(c.h3_pct[r, k]), 2),
+        "h5_pct": _r(float(c.h5_pct[r, k]), 2),
+    }
+
+
 def _timing(raise_s: float, clear_s: float) -> AlarmTiming:
     return AlarmTiming(raise_after_s=raise_s, clear_after_s=clear_s)
 
@@ -439,6 +579,63 @@ ALARMS: tuple[AlarmDef, ...] = (
         "on the parent: the mean P of the last `alarm_slot_s` of it and of every child, "
         "\\|parent P\\| ≥ `energy_balance_min_parent_w`",
         _across_meters, lambda x, L, r, k: {}, scope="parent",
+    ),
+    AlarmDef(
+        "voltage_dip", W, True, _timing(0, 0),
+        "Urms(1/2) (waveforms) or a reading's phase voltage (brown-out) < `dip_pct` (90) "
+        "% of nominal",
+        "≥ `dip_pct` + `quality_hysteresis_pct` (2) %",
+        "each half cycle of a waveform, each reading; the cleared event carries start, "
+        "duration, residual voltage and the resolution",
+        _across_meters, lambda x, L, r, k: {}, scope="event",
+    ),
+    AlarmDef(
+        "voltage_swell", W, True, _timing(0, 0),
+        "as `voltage_dip`, > `swell_pct` (110) % of nominal",
+        "≤ `swell_pct` − `quality_hysteresis_pct`", "same; with the peak voltage",
+        _across_meters, lambda x, L, r, k: {}, scope="event",
+    ),
+    AlarmDef(
+        "interruption", C, True, _timing(0, 0),
+        "as `voltage_dip`, < `interruption_pct` (5) % of nominal (black-out from readings)",
+        "≥ `interruption_pct` + `quality_hysteresis_pct`", "same",
+        _across_meters, lambda x, L, r, k: {}, scope="event",
+    ),
+    AlarmDef(
+        "overvoltage", W, True, _timing(0, 0),
+        "10-min mean voltage > nominal + `overvoltage_pct` (10) % (EN 50160)",
+        "≤ nominal + (`overvoltage_pct` − `voltage_hysteresis_pct`) %",
+        "each closed 10-min interval",
+        _voltage_level(True), _voltage_level_evidence(True),
+    ),
+    AlarmDef(
+        "undervoltage", W, True, _timing(0, 0),
+        "10-min mean voltage < nominal − `undervoltage_pct` (10) % (EN 50160)",
+        "≥ nominal − (`undervoltage_pct` − `voltage_hysteresis_pct`) %", "same",
+        _voltage_level(False), _voltage_level_evidence(False),
+    ),
+    AlarmDef(
+        "frequency_deviation", W, False, _timing(10, 10),
+        "\\|f − nominal\\| > `frequency_pct` (1) %; evidence `band` says `extreme` beyond "
+        "+`frequency_extreme_high_pct` (4) / −`frequency_extreme_low_pct` (6) % (EN 50160)",
+        "< `frequency_pct` − `frequency_hysteresis_pct`", "alarm-slot averages",
+        _frequency, _frequency_evidence,
+    ),
+    AlarmDef(
+        "ct_overload", W, True, _timing(10, 30),
+        "I > `ct_overload_pct` (100) % of the meter's `ct_primary_a`",
+        "≤ (`ct_overload_pct` − `ct_overload_hysteresis_pct`) % of it",
+        "each input of a meter with `ct_primary_a` (evidence: the secondary current by "
+        "`ct_ratio`)",
+        _ct_overload, _ct_overload_evidence,
+    ),
+    AlarmDef(
+        "ct_saturation", C, True, _timing(0, 10),
+        "the current clips: crest factor < the voltage's − `ct_crest_margin`, > "
+        "`ct_flat_share` of samples on the flat top, 3rd harmonic > "
+        "`ct_third_harmonic_pct` (a 6-pulse drive's current has none)",
+        "not so at half those margins", "waveforms, I > `min_current_a`",
+        _ct_saturation, _ct_saturation_evidence,
     ),
 )  # fmt: skip
 

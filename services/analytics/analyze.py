@@ -19,7 +19,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from services.analytics import alarms, dsp, neutral
+from services.analytics import alarms, dsp, neutral, quality
 from shared.errors import ConfigError
 from shared.site import SiteConfig
 from shared.site.core import Thresholds
@@ -187,13 +187,40 @@ def analyze_capture(
         score = neutral.score(u0) * neutral.consistency(u0, ratio)
         out["neutral"] = {"score": score, "displacement_v": float(tot["v0"][0])}
     if site is None:
-        site = SiteConfig(site="capture", thresholds=Thresholds(nominal_voltage_v=v_nominal))
+        hz = 60 if f_nominal == 60 else 50
+        th = Thresholds(nominal_voltage_v=v_nominal, nominal_frequency_hz=hz)
+        site = SiteConfig(site="capture", thresholds=th)
     inputs = _alarm_inputs(a, tot, three, score, u0, pf_extremes(v, i, fs, a))
-    out["events"] = [
+    inputs.clip = quality.clipping(v, i, fs, a)
+    inputs.freq = a.frequency[:1].copy()
+    out["events"] = supply_events(v, fs, float(a.frequency[0]), site) + [
         {"code": d.code, "severity": d.severity.value, **({"phase": ph} if ph else {}),
          "evidence": evidence}
         for d, ph, evidence in alarms.present(inputs, alarms.Limits.of(site))
     ]  # fmt: skip
+    return out
+
+
+def supply_events(v: np.ndarray, fs: float, f: float, site: SiteConfig) -> list[dict[str, Any]]:
+    """The dips, swells and interruptions in a capture (Urms(1/2)), in the order they
+    started; times in seconds from the first sample. One still going at the end of the
+    capture has ``duration_s`` null and ``ongoing`` true."""
+    timings = alarms.timings(site)
+    on = frozenset(c for c in quality.CODES if timings[c].enabled)
+    bands = quality.Bands.of(site.thresholds.nominal_voltage_v, site.analytics.limits)
+    tracker = quality.Excursions(bands, on)
+    centres, u = quality.half_cycle_rms(v, fs, f)
+    got = tracker.feed("capture", centres, u, 0.5 / f, "capture")
+    found = [qe for state, qe in got if state == "raised"]
+    out = []
+    for qe in found:
+        d = alarms.BY_CODE[qe.code]
+        ev = qe.evidence()
+        if qe.duration_s is None:
+            ev["ongoing"] = True
+        out.append(
+            {"code": d.code, "severity": d.severity.value, "phase": qe.phase, "evidence": ev}
+        )
     return out
 
 

@@ -52,7 +52,7 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 
-from services.analytics import alarms, dsp, neutral, registers
+from services.analytics import alarms, dsp, neutral, quality, registers
 from services.analytics.aggregate import (
     F64,
     I64,
@@ -93,7 +93,9 @@ _ALARM_INPUTS: tuple[M, ...] = (
     M.NEUTRAL_SCORE,
     M.ZERO_SEQ_UNBALANCE,
     *(m for keys in _PHASE_KEYS for m in (keys[2], keys[3], keys[4], keys[5])),
+    M.FREQUENCY,
 )
+_AVG_FREQ = len(_ALARM_INPUTS) - 1
 #: the per-phase averaged alarm inputs (columns of the alarm-slot averages)
 _AVG_P, _AVG_S, _AVG_THD_V, _AVG_THD_I = (
     np.array([6 + 4 * k + j for k in range(3)]) for j in range(4)
@@ -192,7 +194,12 @@ class _Meters(RowState):
         self.known = np.zeros((1, len(AVG_COLS)), dtype=bool)
         #: the last metrics seq used
         self.seq = np.zeros(1, dtype=np.int64)
+        #: the CTs' rated primary current (NaN: not configured) and ratio
+        self.ct_rating = np.zeros(1)
+        self.ct_ratio = np.ones(1)
         self._fresh = {
+            "ct_rating": _NAN,
+            "ct_ratio": 1.0,
             "sqrt3": False,
             "expect_export": False,
             "pf_tolerance": 0.0,
@@ -216,6 +223,8 @@ class _Side:
     current_ratio: F64  # (n,) |ΣI|/Σ|I|, NaN where unknown
     #: evidence on the star point: per input, built when a broken_neutral alarm changes
     neutral: Callable[[int], Evidence]
+    #: the current's shape per phase (waveforms: ct_saturation)
+    clip: quality.Clipping | None = None
 
 
 @dataclass(slots=True)
@@ -379,6 +388,9 @@ class SiteEngine:
         self.pf_window = BucketExtremes(window, max(bucket, window / 64))
         timings = alarms.timings(site)
         self.alarms = AlarmStates([timings[d.code] for d, _ in alarms.SLOTS])
+        #: dips, swells and interruptions, per meter (``quality.py``)
+        on = frozenset(c for c in quality.CODES if timings[c].enabled)
+        self.supply = quality.SupplyEvents(site.thresholds.nominal_voltage_v, self.limits, on)
         #: closed intervals whose end no datetime can hold (their message is dropped)
         self.dropped_aggregates = 0
 
@@ -409,6 +421,10 @@ class SiteEngine:
         m.sqrt3[mid] = opts.sqrt3_correction if opts.sqrt3_correction is not None else delta
         m.pf_tolerance[mid] = opts.pf_mismatch_tolerance
         m.three[mid] = -1 if opts.three_phase is None else int(opts.three_phase)
+        m.ct_rating[mid] = _NAN if opts.ct_primary_a is None else opts.ct_primary_a
+        m.ct_ratio[mid] = mc.ct_ratio if mc else 1.0
+        nominal = opts.nominal_voltage_v or self.thresholds.nominal_voltage_v
+        self.supply.add(mid, nominal, mc.interval_s if mc else 0.0)
         m.cohort[mid] = 0
         m.crow[mid] = self.cohorts[0].allocate()
         # seq of the messages published for this meter: contiguous within a run (gaps
@@ -468,9 +484,18 @@ class SiteEngine:
 
     def on_waveform(self, wf: Waveform) -> Output:
         """Analyse one waveform window (raises ``dsp.WaveformError`` before any state
-        changes when it cannot be analysed)."""
+        changes when it cannot be analysed; a window without voltage on L1 gives no
+        metrics but the supply events it is part of)."""
         mid = self.track(wf.meter)
-        a = analyze_waveform(wf)
+        try:
+            a, samples = analyze_waveform(wf)
+        except dsp.WaveformError:
+            volts = np.array([wf.channels[n] for n in ("v1", "v2", "v3") if n in wf.channels])
+            t0, fs = wf.ts.timestamp(), wf.fs_hz
+            dark = self.supply.dark_window(mid, t0, volts, fs, float(wf.f_nominal_hz))
+            if dark is None:
+                raise
+            return self._excursion_events(mid, dark, Output([], []))
         x = np.full((1, len(M)), np.nan)
         for key, v in dsp.window_values(a).items():
             x[0, COL[key]] = v
@@ -495,11 +520,15 @@ class SiteEngine:
             order[0, k], pct[0, k] = o, p
         no_pf = np.zeros((1, 3))
         side = _Side(no_pf, no_pf, no_pf > 0, order, pct, np.array([ratio]), lambda _: evidence)
+        volts, amps = samples[: a.phases], samples[a.phases : 2 * a.phases]
+        side.clip = quality.clipping(volts, amps, wf.fs_hz, a)
         rnd = _Round(x, self.slot_names, 1)
         rnd.eager = (load, quad)
         t = np.array([wf.ts.timestamp()])
         out = self._process(np.array([mid]), t, [wf.ts], [wf.seq], "waveform", rnd, side)[0]
         out.metrics[0].harmonics = harmonics
+        f = float(a.frequency[0])
+        self._excursion_events(mid, self.supply.waveform(mid, t[0], volts, wf.fs_hz, f), out)
         return out
 
     # -- readings ------------------------------------------------------------------------
@@ -641,9 +670,28 @@ class SiteEngine:
             score_fit=fit,
             current_ratio=side.current_ratio,
             neutral=side.neutral,
+            freq=avg[:, _AVG_FREQ],
+            v10=_ten_minute_voltages(rnd, len(m)),
+            ct_rating=meters.ct_rating[m],
+            v_nominal=self.supply.nominal(m),
+            ct_ratio=meters.ct_ratio[m],
+            clip=side.clip,
         )
         self._alarms(m, t, ts, inputs, outs)
+        if source == "reading":
+            for row, got in self.supply.readings(m, t, x[:, _V_COLS]):
+                self._excursion_events(int(m[row]), got, outs[row])
         return outs
+
+    def _excursion_events(self, mid: int, got: quality.Transitions, out: Output) -> Output:
+        """The events of dips, swells and interruptions starting (at their start) and
+        ending (at their end, with the record), added to ``out``."""
+        for state, qe in got:
+            when = qe.start if state is EventState.RAISED else (qe.end or qe.start)
+            ts = datetime.fromtimestamp(when, UTC)
+            d = alarms.BY_CODE[qe.code]
+            out.events.append(self._event(mid, ts, d, qe.phase, state, qe.evidence()))
+        return out
 
     def _averages(self, m: I64, t: F64, rnd: _Round) -> F64:
         """Moving averages and blocks per cohort; returns the alarm inputs' averages
@@ -866,7 +914,26 @@ def _star_evidence(row: F64) -> Evidence:
     }
 
 
-def analyze_waveform(wf: Waveform) -> dsp.Analysis:
+def _ten_minute_voltages(rnd: _Round, n: int) -> F64:
+    """(n, 3) the phase voltages of the 10-min intervals that closed with each input of
+    the round (NaN: none closed, or no voltage)."""
+    out = np.full((n, 3), _NAN)
+    for g in rnd.groups:
+        blocks = g.cohort.blocks
+        if g.closed is None or blocks is None or not len(g.closed.pos):
+            continue
+        ten = blocks.intervals[g.closed.interval] == 600.0
+        if not ten.any():
+            continue
+        keys = g.cohort.keys
+        for k, ph in enumerate(_PHASE_KEYS):
+            if ph[0] in keys:
+                col = keys.index(ph[0])
+                out[g.pos[g.closed.pos[ten]], k] = g.closed.values[ten, col]
+    return out
+
+
+def analyze_waveform(wf: Waveform) -> tuple[dsp.Analysis, F64]:
     ch = wf.channels
     three = all(k in ch for k in ("v2", "v3", "i2", "i3"))
     names = ["v1", "v2", "v3", "i1", "i2", "i3"] if three else ["v1", "i1"]
@@ -877,7 +944,8 @@ def analyze_waveform(wf: Waveform) -> dsp.Analysis:
     if not np.isfinite(x).all():
         bad = [n for k, n in enumerate(names) if not np.isfinite(x[0, k]).all()]
         raise dsp.WaveformError(f"non-finite samples in channel(s) {', '.join(bad)}")
-    return dsp.analyze_stacked(x, 3 if three else 1, wf.fs_hz, float(wf.f_nominal_hz), has_in)
+    a = dsp.analyze_stacked(x, 3 if three else 1, wf.fs_hz, float(wf.f_nominal_hz), has_in)
+    return a, x[0]
 
 
 def _worst_harmonics(a: dsp.Analysis) -> dict[int, tuple[int, float]]:

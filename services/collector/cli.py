@@ -4,7 +4,8 @@
   registers in hex as read; ``--json``: the values as JSON; ``--ct-ratio``/``--pt-ratio``:
   the secondary value the meter reports beside the primary value; ``--meter NAME
   --site-file FILE``: a meter of the site file with its bus, unit, profile and ratios);
-* ``pfmon scan``     which unit ids answer on a bus, and which profile fits;
+* ``pfmon scan``     which unit ids answer on a bus, and which profile fits (``--bacnet``:
+  which BACnet/IP devices answer a Who-Is);
 * ``pfmon timesync`` push the gateway's clock to a meter that keeps its own time.
 """
 
@@ -238,6 +239,13 @@ def register(app: typer.Typer) -> None:
         table_name: str | None = typer.Option(
             None, "--table", help="holding or input: --address is then 0-based."
         ),
+        group: str | None = typer.Option(
+            None,
+            "--group",
+            "-g",
+            help="Also read a register group the profile does not poll (pmtr001: "
+            "device_averages, the meter's own moving averages).",
+        ),
     ) -> None:
         """One poll of one meter: decoded values with units (check scale factors); with
         CT/PT ratios the secondary value the meter reports and the primary."""
@@ -259,6 +267,11 @@ def register(app: typer.Typer) -> None:
             except KeyError:
                 known = ", ".join(m.name for m in site.meters) or "none"
                 fail(f"--meter {meter}: no meter of that name in {site_file} (meters: {known})")
+            if mc.bacnet is not None:
+                fail(
+                    f"--meter {meter}: a BACnet meter; pfmon read speaks Modbus (pfmon scan "
+                    "--bacnet --host ADDRESS finds the device)"
+                )
             unit = mc.unit if unit is None else unit
             profile = mc.profile if profile is None else profile
             ct = mc.ct_ratio if ct is None else ct
@@ -274,6 +287,8 @@ def register(app: typer.Typer) -> None:
             bus = _bus(host, port, serial, baud, parity, rtu_over_tcp, timeout)
         if address is None and table_name is not None:
             fail("--table goes with --address (a raw read)")
+        if address is not None and group is not None:
+            fail("--group goes with a profile's read, not with --address (a raw read)")
         if address is not None and profile is None:
             if unit is None:
                 fail("say which device: --unit")
@@ -307,6 +322,12 @@ def register(app: typer.Typer) -> None:
         except ConfigError as exc:
             fail(str(exc))
         factors = prof.primary_factors(ct, pt)
+        extra = None
+        if group is not None:
+            extra = prof.groups.get(group)
+            if extra is None:
+                known = ", ".join(prof.groups) or "none"
+                fail(f"--group {group}: profile {prof.name} has no such group (groups: {known})")
         if prof.reports_primary and (ct != 1.0 or pt != 1.0):
             err_console.print(
                 f"[yellow]profile {prof.name} reports primary values (ratios set in the "
@@ -318,7 +339,7 @@ def register(app: typer.Typer) -> None:
             regs: dict[str, dict[int, int]] = {"holding": {}, "input": {}}
             blocks = []
             try:
-                for b in prof.plan():
+                for b in prof.plan() + (extra.plan() if extra else []):
                     got = await conn.read(unit, b.table, b.address, b.count)
                     blocks.append((b.table, b.address, got))
                     regs[b.table].update({b.address + i: v for i, v in enumerate(got)})
@@ -332,10 +353,17 @@ def register(app: typer.Typer) -> None:
             fail(f"unit {unit} at {bus.serial or f'{bus.host}:{bus.port}'}: {exc}", code=1)
         secondary = prof.decode(regs)
         values = to_primary(dict(secondary), factors)
+        grouped: dict[str, float] = {}
+        if extra is not None:
+            for name, gv_value in extra.decode(regs).items():
+                of = extra.values[name].of
+                grouped[name] = gv_value * factors.get(of, 1.0)
         if as_json:
             out: dict[str, Any] = {m.value: v for m, v in values.items()}
-            if raw or factors:
+            if raw or factors or extra is not None:
                 out = {"values": out}
+            if extra is not None:
+                out[extra.name] = grouped
             if factors:
                 out["secondary"] = {m.value: v for m, v in secondary.items()}
                 out["ct_ratio"], out["pt_ratio"] = ct, pt
@@ -364,6 +392,16 @@ def register(app: typer.Typer) -> None:
                 cells = [shown if sec is None else f"{sec:.6g}", shown]
             table.add_row(m.value, *cells, m.unit, f"{spec.table} {spec.address} {spec.type}")
         console.print(table)
+        if extra is not None:
+            gtable = Table(title=f"{extra.name}: {extra.description}")
+            for col in ("name", "value", "unit", "register"):
+                gtable.add_column(col, justify="right" if col == "value" else "left")
+            for name, gv in extra.values.items():
+                v = grouped.get(name)
+                shown = "(missing: device wrote 0)" if v is None else f"{v:.6g}"
+                spec = gv.spec
+                gtable.add_row(name, shown, gv.of.unit, f"{spec.table} {spec.address} {spec.type}")
+            console.print(gtable)
         if raw:
             for t, a, ws in blocks:
                 console.print(f"[bold]{t} {a}..{a + len(ws) - 1}[/]")
@@ -379,17 +417,38 @@ def register(app: typer.Typer) -> None:
         baud: int = BAUD,
         parity: str = PARITY,
         rtu_over_tcp: bool = RTU_TCP,
-        timeout: float = typer.Option(0.3, "--timeout", help="Seconds to wait per unit."),
-        first: int = typer.Option(1, "--from", help="First unit id."),
-        last: int = typer.Option(247, "--to", help="Last unit id."),
+        timeout: float | None = typer.Option(
+            None, "--timeout", help="Seconds to wait per unit (0.3), or for I-Ams (--bacnet, 2)."
+        ),
+        first: int | None = typer.Option(
+            None, "--from", help="First unit id (1), or device instance (--bacnet)."
+        ),
+        last: int | None = typer.Option(
+            None, "--to", help="Last unit id (247), or device instance (--bacnet)."
+        ),
         as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+        bacnet: bool = typer.Option(
+            False,
+            "--bacnet",
+            help="BACnet/IP Who-Is instead: to --host (a device, directed) or broadcast.",
+        ),
+        bind: str | None = typer.Option(
+            None,
+            "--bind",
+            help="With --bacnet: this machine's BACnet/IP address, e.g. 192.168.1.10/24 "
+            "(the /prefix is needed for a broadcast) or 127.0.0.1:47900.",
+        ),
     ) -> None:
-        """Find which unit ids (1-247) answer on a bus and the profile that fits."""
+        """Find which unit ids (1-247) answer on a bus and the profile that fits
+        (--bacnet: which BACnet/IP devices answer a Who-Is)."""
         from services.collector.scan import scan
 
-        bus = _bus(host, port, serial, baud, parity, rtu_over_tcp, timeout)
-        _unit(first)
-        _unit(last)
+        if bacnet:
+            _scan_bacnet(host, bind, timeout or 2.0, first, last, as_json)
+            return
+        bus = _bus(host, port, serial, baud, parity, rtu_over_tcp, timeout or 0.3)
+        first = _unit(1 if first is None else first)
+        last = _unit(247 if last is None else last)
         units = list(range(first, last + 1))
         with Progress(console=err_console, transient=True, disable=as_json) as progress:
             task = progress.add_task(f"scanning {len(units)} unit ids", total=len(units))
@@ -403,6 +462,58 @@ def register(app: typer.Typer) -> None:
         table.add_column("evidence")
         for f in found:
             table.add_row(str(f.unit), f.profile or "-", f.evidence)
+        console.print(table)
+
+    def _scan_bacnet(
+        host: str | None,
+        bind: str | None,
+        timeout: float,
+        first: int | None,
+        last: int | None,
+        as_json: bool,
+    ) -> None:
+        from pydantic import ValidationError
+
+        from services.collector.scan import scan_bacnet
+        from shared.site import format_validation_error
+        from shared.site.core import BACNET_MAX_INSTANCE, bacnet_address_problem
+
+        if not bind:
+            fail("--bacnet needs --bind: this machine's BACnet/IP address, e.g. 192.168.1.10/24")
+        for option, value in (("--from", first), ("--to", last)):
+            if value is not None and not 0 <= value <= BACNET_MAX_INSTANCE:
+                fail(f"{option} {value}: BACnet device instances are 0-{BACNET_MAX_INSTANCE}")
+        if first is not None and last is not None and first > last:
+            fail(f"--from {first} is above --to {last}")
+        local, _, local_port = bind.partition(":")
+        if host is not None and bacnet_address_problem(host):
+            fail(f"--host {host!r}: {bacnet_address_problem(host)}")
+        try:
+            bus = BusConfig.model_validate(
+                {
+                    "name": "cli",
+                    "kind": "bacnet",
+                    "host": local,
+                    "port": int(local_port) if local_port.isdigit() else local_port or None,
+                    "timeout_s": min(timeout, 60.0),
+                }
+            )
+        except ValidationError as exc:
+            fail("--bind: " + "; ".join(format_validation_error(exc)))
+        try:
+            found = asyncio.run(scan_bacnet(bus, host, first, last, timeout))
+        except (PeerError, ConfigError) as exc:
+            fail(str(exc))
+        if as_json:
+            sys.stdout.write(orjson.dumps([d.as_dict() for d in found]).decode() + "\n")
+            return
+        table = Table(title=f"{len(found)} BACnet device(s) answering")
+        table.add_column("device instance", justify="right")
+        table.add_column("address")
+        table.add_column("vendor id", justify="right")
+        table.add_column("name")
+        for d in found:
+            table.add_row(str(d.instance), d.address, str(d.vendor_id), d.name or "-")
         console.print(table)
 
     @app.command("timesync")

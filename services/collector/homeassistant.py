@@ -222,7 +222,15 @@ def configs(site: SiteConfig) -> dict[str, dict[str, Any]]:
     wanted = set(ha.quantities)
     chosen = [m for m in site.meters if ha.meters is None or m.name in ha.meters]
     for meter in chosen:
-        profile = resolve(meter.profile, site.profiles)
+        if meter.bacnet is not None:
+            from services.collector import bacnet
+
+            bprofile = bacnet.resolve(meter.profile, site.bacnet_profiles)
+            profile = bprofile.as_profile()
+            has = set(bprofile.objects)
+        else:
+            profile = resolve(meter.profile, site.profiles)
+            has = set(profile.registers)
         phases = profile.phases
         device = {
             "identifiers": [f"{node}-{meter.name}"],
@@ -232,7 +240,6 @@ def configs(site: SiteConfig) -> dict[str, dict[str, Any]]:
             "sw_version": profile.name,
         }
         state = topics.metrics(site.site, meter.name)
-        has = set(profile.registers)
         for s in _SENSORS:
             if s.quantity not in wanted or not _available(s.measurement, has, phases):
                 continue

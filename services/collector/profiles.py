@@ -14,7 +14,9 @@ Built in, as their vendors/firmware define them:
   (negative = inductive); we publish P/S signed by P (IEC), so PF takes the sign
   of the phase power (``signed_by``).
 * ``pmtr001`` - the PMTR_001 (``../shared/reference/pmtr001-modbus-map.json``):
-  u16 holding registers (FC03) 78-114, magnitudes only. Firmware quirks: a failed
+  u16 holding registers (FC03) 78-97 polled, magnitudes only; the device's own moving
+  averages (98-114) are the register group ``device_averages``, read on demand
+  (``pfmon read --group``), not polled (see docs/pmtr001.md). Firmware quirks: a failed
   sensor read is stored as 0 (so a 0 V / 0 Hz / 0 mV rail is dropped, not
   published), the moving-average PF of L2/L3 sits at 112/114 (111/113 never
   written), the time-sync epoch at 146 is a u64 least-significant word first.
@@ -26,7 +28,7 @@ import functools
 import math
 import struct
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from shared.errors import ConfigError
 from shared.measurements import Measurement as M
@@ -126,6 +128,85 @@ class Block:
     count: int
 
 
+def _plan(specs: list[RegisterSpec], max_gap: int) -> list[Block]:
+    """Coalesce adjacent registers into as few reads as the Modbus limit allows."""
+    blocks: list[Block] = []
+    by_table: dict[str, list[tuple[int, int]]] = {}
+    for spec in specs:
+        by_table.setdefault(spec.table, []).append((spec.address, _WIDTH[spec.type]))
+    for table, spans in sorted(by_table.items()):
+        spans.sort()
+        start, end = spans[0][0], spans[0][0] + spans[0][1]
+        for addr, width in spans[1:]:
+            new_end = max(end, addr + width)
+            if addr - end <= max_gap and new_end - start <= MAX_REGISTERS_PER_READ:
+                end = new_end
+            else:
+                blocks.append(Block(table, start, end - start))
+                start, end = addr, addr + width
+        blocks.append(Block(table, start, end - start))
+    return blocks
+
+
+def _decode_one(
+    of: M,
+    spec: RegisterSpec,
+    raw: Mapping[str, Mapping[int, int]],
+    refused: list[Refused] | None,
+) -> float | None:
+    width = _WIDTH[spec.type]
+    table = raw[spec.table]
+    regs = [table[spec.address + i] for i in range(width)]
+    if spec.zero_is_missing and not any(regs):
+        return None
+    value = DECODERS[spec.type](regs, spec.word_order) * spec.scale
+    lo, hi = of.bounds
+    if lo <= value <= hi:  # False for NaN
+        return value
+    if refused is not None:
+        why = implausible(of, value) or "implausible"
+        refused.append(Refused(of, value, why, spec.table, spec.address, regs))
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class GroupValue:
+    """One named value of a register group: the measurement it is a variant of (its unit,
+    its physical bounds and the CT/PT ratio that applies) and where it lives."""
+
+    of: M
+    spec: RegisterSpec
+    description: str
+
+
+@dataclass(frozen=True)
+class RegisterGroup:
+    """Registers of a model outside its polled table, read on demand (``pfmon read
+    --group``): named values that are not in the measurement vocabulary."""
+
+    name: str
+    description: str
+    values: Mapping[str, GroupValue]
+    #: registers that may be read across although nothing is mapped there
+    max_gap: int = 0
+
+    def plan(self) -> list[Block]:
+        return _plan([v.spec for v in self.values.values()], self.max_gap)
+
+    def decode(
+        self, raw: Mapping[str, Mapping[int, int]], refused: list[Refused] | None = None
+    ) -> dict[str, float]:
+        """SI values by name (as the device reports them: secondary side); a value the
+        device marks missing or that is implausible is left out (and added to
+        ``refused``, when given, with the reason)."""
+        out: dict[str, float] = {}
+        for name, v in self.values.items():
+            value = _decode_one(v.of, v.spec, raw, refused)
+            if value is not None:
+                out[name] = value
+        return out
+
+
 @dataclass(frozen=True)
 class Profile:
     name: str
@@ -140,25 +221,12 @@ class Profile:
     #: who makes the device and its model (Home Assistant's device card)
     manufacturer: str = ""
     model: str = ""
+    #: named register groups read on demand, never polled (``pfmon read --group``)
+    groups: Mapping[str, RegisterGroup] = field(default_factory=dict)
 
     def plan(self) -> list[Block]:
         """Coalesce adjacent registers into as few reads as the Modbus limit allows."""
-        blocks: list[Block] = []
-        by_table: dict[str, list[tuple[int, int]]] = {}
-        for spec in self.registers.values():
-            by_table.setdefault(spec.table, []).append((spec.address, _WIDTH[spec.type]))
-        for table, spans in sorted(by_table.items()):
-            spans.sort()
-            start, end = spans[0][0], spans[0][0] + spans[0][1]
-            for addr, width in spans[1:]:
-                new_end = max(end, addr + width)
-                if addr - end <= self.max_gap and new_end - start <= MAX_REGISTERS_PER_READ:
-                    end = new_end
-                else:
-                    blocks.append(Block(table, start, end - start))
-                    start, end = addr, addr + width
-            blocks.append(Block(table, start, end - start))
-        return blocks
+        return _plan(list(self.registers.values()), self.max_gap)
 
     @functools.cached_property
     def _steps(
@@ -280,6 +348,43 @@ def _hr(address: int, scale: float = 1.0, unit: str = "", missing: bool = False)
     return _reg("holding", address, "u16", scale, unit=unit, zero_is_missing=missing)
 
 
+#: the PMTR_001's moving averages, outside the measurement table
+PMTR001_AVG_BASE = 98  # avg V 98-100, avg I 101-103, avg P 104-106, avg f 107-109
+PMTR001_AVG_PF = (110, 112, 114)  # firmware stride-2 bug: 111 and 113 are never written
+
+
+def _pmtr001_averages() -> RegisterGroup:
+    """Registers 98-114: the device's own moving averages (its 5 s window), the values its
+    uploaded relay actions evaluate on."""
+    values: dict[str, GroupValue] = {}
+    kinds = (
+        ("voltage", 0, 0.1, "0.1 V", True),
+        ("current", 3, 0.01, "0.01 A", False),
+        ("power", 6, 1.0, "W", False),
+        ("frequency", 9, 0.1, "0.1 Hz", True),
+    )
+    for stem, offset, scale, unit, missing in kinds:
+        for ph in (1, 2, 3):
+            address = PMTR001_AVG_BASE + offset + ph - 1
+            values[f"avg_{stem}_l{ph}"] = GroupValue(
+                M.per_phase(stem, ph),
+                _hr(address, scale, unit, missing=missing),
+                f"moving average of {stem} L{ph}",
+            )
+    for ph, address in enumerate(PMTR001_AVG_PF, 1):
+        values[f"avg_power_factor_l{ph}"] = GroupValue(
+            M.per_phase("power_factor", ph),
+            _hr(address, 0.01, "0.01"),
+            f"moving average of power factor L{ph} (magnitude)",
+        )
+    return RegisterGroup(
+        name="device_averages",
+        description="the PMTR_001's own moving averages (5 s window), registers 98-114",
+        values=values,
+        max_gap=1,  # 111 and 113 are read across, never decoded
+    )
+
+
 # PMTR_001 (../shared/reference/pmtr001-modbus-map.json): all u16 holding registers,
 # big-endian bytes. kWh counters (0.1 kWh) are scaled to Wh, mV rails to V. A failed
 # sensor read is stored as 0: a 0 V, 0 Hz or 0 mV reading is impossible on a live
@@ -292,6 +397,7 @@ register(
         model="PMTR_001",
         phases=3,
         max_gap=2,
+        groups={"device_averages": _pmtr001_averages()},
         registers={
             M.SUPPLY_5V: _hr(78, 0.001, "mV", missing=True),
             M.SUPPLY_12V: _hr(79, 0.001, "mV", missing=True),
@@ -318,8 +424,6 @@ register(
 )
 
 #: PMTR_001 registers outside the measurement table (tools and the simulator)
-PMTR001_AVG_BASE = 98  # avg V 98-100, avg I 101-103, avg P 104-106, avg f 107-109
-PMTR001_AVG_PF = (110, 112, 114)  # firmware stride-2 bug: 111 and 113 are never written
 PMTR001_SYNC_COIL = 0
 PMTR001_SYNC_EPOCH = 146  # u64, least significant word first
 PMTR001_SYNC_MILLIS = 150

@@ -1,4 +1,5 @@
-"""``pfmon scan``: which unit ids answer on a bus, and which built-in profile fits.
+"""``pfmon scan``: which unit ids answer on a bus, and which built-in profile fits;
+``pfmon scan --bacnet``: which BACnet/IP devices answer a Who-Is (:func:`scan_bacnet`).
 
 A unit is present when it answers at all (even with an exception such as 0x02:
 the device is there, the register map is not its own). Silence, 0x0A and 0x0B
@@ -11,12 +12,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from services.collector.profiles import PROFILES, Profile
-from shared.errors import PeerError
+from shared.errors import ConfigError, PeerError
 from shared.measurements import Measurement as M
 from shared.modbus import ModbusConnection
 from shared.site import BusConfig
+
+if TYPE_CHECKING:
+    from services.collector.bacnet import Device
 
 ABSENT = frozenset({"timeout", "exception_0a", "exception_0b", "refused"})
 
@@ -86,3 +91,25 @@ async def scan(
     finally:
         conn.close()
     return found
+
+
+async def scan_bacnet(
+    bus: BusConfig,
+    address: str | None = None,
+    low: int | None = None,
+    high: int | None = None,
+    timeout: float = 2.0,
+) -> list[Device]:
+    """The BACnet/IP devices that answer a Who-Is from ``bus`` (this machine's BACnet/IP
+    port) within ``timeout``: sent to the device at ``address`` (directed) or as a global
+    broadcast, which needs the bus's host with its prefix (``192.168.1.10/24``). Device
+    instances ``low``..``high`` only, if given."""
+    from services.collector.bacnet import BacnetLink
+
+    if address is None and "/" not in (bus.host or ""):
+        raise ConfigError(
+            f"a broadcast Who-Is needs this machine's address with its prefix "
+            f"(e.g. {bus.host}/24), or a device's address to ask it directly"
+        )
+    async with BacnetLink(bus) as link:
+        return await link.who_is(address, low, high, timeout)

@@ -10,7 +10,8 @@ How it keeps going when things break:
   connection for at most that long and the others keep their schedule. A meter
   still busy when its next poll is due skips that cycle (counted as missed);
 * each failure is classified (Modbus exception 0x01..0x0B, crc, timeout,
-  refused, garbage - see :mod:`shared.modbus`), counted in
+  refused, garbage - see :mod:`shared.modbus`; a BACnet/IP meter's error_*, reject_*,
+  abort_*, units - see :mod:`services.collector.bacnet`), counted in
   ``pfm_collector_poll_errors_total{meter,kind}`` and logged with the device, unit
   and registers; transient kinds are retried at once (``BusConfig.retries``);
 * after ``MeterConfig.offline_after`` failures in a row the meter is offline: a
@@ -54,7 +55,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from prometheus_client import Counter, Gauge, Histogram
@@ -86,6 +87,9 @@ from shared.site import BusConfig, MeterConfig, SiteConfig
 from shared.site.collector import TYPE_WIDTH
 from shared.spool import Spool
 
+if TYPE_CHECKING:  # imported when a site has BACnet meters (bacpypes3: ~0.4 s, ~9 MB)
+    from services.collector import bacnet as bn
+
 log = logging.getLogger(__name__)
 SERVICE = "collector"
 
@@ -102,6 +106,12 @@ PROBE_MAX_S = 2.0
 #: on a serial line a probe of a silent unit holds the line for its timeout: wait at
 #: least this many timeouts between probes (at most 1/10 of the line's time)
 SERIAL_PROBE_TIMEOUTS = 10.0
+
+
+def _object(spec: bn.ObjectSpec) -> tuple[str, int, list[int]]:
+    """Where a BACnet value came from, as a refusal's table (object type) and address
+    (instance); there are no registers."""
+    return spec.object_type, spec.instance, []
 
 
 def clock_seq() -> int:
@@ -142,6 +152,16 @@ class MeterState:
     limits: dict[M, tuple[float, float]] = field(default_factory=dict)
     #: per implausible measurement: when it was last reported, and refusals since
     reported: dict[M, tuple[float, int]] = field(default_factory=dict)
+    #: a BACnet/IP meter: its profile (``profile`` is then its name and model only)
+    bacnet: bn.BacnetProfile | None = None
+
+    @property
+    def where(self) -> str:
+        """The device in messages: ``unit 3 on b1`` or ``device 1201 at 10.0.0.5``."""
+        if self.config.bacnet is not None:
+            target = self.config.bacnet
+            return f"device {target.device_instance} at {target.address} on {self.bus.name}"
+        return f"unit {self.config.unit} on {self.bus.name}"
 
     @property
     def name(self) -> str:
@@ -197,6 +217,25 @@ class Collector:
         self.meters: list[MeterState] = []
         problems = []
         for i, mc in enumerate(site.meters):
+            if mc.bacnet is not None:
+                from services.collector import bacnet as bn
+
+                try:
+                    bprofile = bn.resolve(mc.profile, site.bacnet_profiles)
+                except ConfigError as exc:
+                    problems.append(f"meters[{i}].profile: {exc}")
+                    continue
+                state = MeterState(
+                    mc,
+                    site.bus(mc.bus),
+                    bprofile.as_profile(),
+                    [],
+                    bprofile.primary_factors(mc.ct_ratio, mc.pt_ratio),
+                    bacnet=bprofile,
+                )
+                state.limits = site.limits_of(mc.name)
+                self.meters.append(state)
+                continue
             try:
                 profile = resolve(mc.profile, site.profiles)
             except ConfigError as exc:
@@ -245,7 +284,8 @@ class Collector:
         )
         self.poll_errors = Counter(
             "pfm_collector_poll_errors_total",
-            "Failed meter requests by kind (exception_0x, crc, timeout, refused, garbage)",
+            "Failed meter requests by kind (exception_0x, crc, timeout, refused, garbage; "
+            "BACnet: error_*, reject_*, abort_*, units)",
             ["meter", "kind"],
             registry=r,
         )
@@ -340,7 +380,7 @@ class Collector:
             while True:
                 try:
                     regs = await conn.read(
-                        m.config.unit, block.table, block.address, block.count, m.timeout
+                        m.config.unit or 0, block.table, block.address, block.count, m.timeout
                     )
                     break
                 except PeerError as exc:
@@ -357,24 +397,88 @@ class Collector:
                 table[block.address + i] = value
         return raw
 
-    async def poll_once(self, conn: ModbusConnection, m: MeterState, due: float) -> None:
+    async def read_bacnet(
+        self, link: bn.BacnetLink, m: MeterState, refused: list[Refused]
+    ) -> dict[M, float]:
+        """Read every object of BACnet meter ``m`` (one request, transient failures
+        retried); SI values. An object that fails or whose units do not fit is left out,
+        counted by kind and reported in ``refused``; when none reads, the poll fails."""
+        from services.collector import bacnet as bn
+
+        assert m.bacnet is not None and m.config.bacnet is not None
+        profile = m.bacnet
+        retries = 0 if m.online is False else m.bus.retries
+        attempt = 0
+        while True:
+            try:
+                reads = await link.read(m.config.bacnet, list(profile.objects.values()), m.timeout)
+                break
+            except PeerError as exc:
+                if exc.kind not in bn.TRANSIENT or attempt >= retries:
+                    raise
+                attempt += 1
+                self.poll_errors.labels(m.name, exc.kind).inc()
+                log.info("retrying %s after %s", m.name, exc, extra={"meter": m.name})
+        values: dict[M, float] = {}
+        failed: list[tuple[M, bn.ObjectRead]] = []
+        for measurement, read in zip(profile.objects, reads, strict=True):
+            ref = read.spec.ref
+            if read.kind:
+                failed.append((measurement, read))
+                reason = f"object {ref}: {read.error} [{read.kind}]"
+                refused.append(Refused(measurement, math.nan, reason, *_object(read.spec)))
+                continue
+            assert read.value is not None
+            value, why = bn.convert(measurement, read.value, read.units)
+            if value is None:
+                self.poll_errors.labels(m.name, "units").inc()
+                why = f"object {ref}: {why}"
+                refused.append(Refused(measurement, read.value, why, *_object(read.spec)))
+                continue
+            lo, hi = measurement.bounds
+            if lo <= value <= hi:  # False for NaN
+                values[measurement] = value
+            else:
+                why = f"object {ref}: {implausible(measurement, value) or 'implausible'}"
+                refused.append(Refused(measurement, value, why, *_object(read.spec)))
+        for measurement, spec in profile.objects.items():
+            if spec.signed_by is not None and measurement in values:
+                sign = values.get(spec.signed_by, 1.0)
+                mag = abs(values[measurement])
+                values[measurement] = math.copysign(mag, sign) if sign else mag
+        if failed and len(failed) == len(reads):  # the poll failed (counted as such)
+            first = failed[0][1]
+            raise PeerError(
+                f"{m.where}: no object read; {first.spec.ref}: {first.error}", kind=first.kind
+            )
+        for _, read in failed:
+            self.poll_errors.labels(m.name, read.kind).inc()
+        return values
+
+    async def poll_once(
+        self, conn: ModbusConnection | bn.BacnetLink, m: MeterState, due: float
+    ) -> None:
         started = time.monotonic()
         self.jitter.observe(max(0.0, started - due))
         ts = utcnow()
         retries = 0 if m.online is False else m.bus.retries
-        worst = m.timeout * (1 + retries) * len(m.blocks)
+        worst = m.timeout * (1 + retries) * max(1, len(m.blocks))
         deadline = max(m.timeout + 0.05, min(m.config.interval_s, worst))
+        raw: dict[str, dict[int, int]] = {}
+        refused: list[Refused] = []
         try:
             async with asyncio.timeout(deadline):
-                raw = await self.read_meter(conn, m)
-            refused: list[Refused] = []
-            values = m.profile.decode(raw, refused)
+                if isinstance(conn, ModbusConnection):
+                    raw = await self.read_meter(conn, m)
+                    values = m.profile.decode(raw, refused)
+                else:
+                    values = await self.read_bacnet(conn, m, refused)
             if m.factors:  # primary values: the limits below are the primary side's
                 to_primary(values, m.factors)
         except TimeoutError:
             block = m.current
-            where = f"{block.table} {block.address}+{block.count}" if block else "?"
-            msg = f"unit {m.config.unit}: poll deadline {deadline:g} s passed reading {where}"
+            where = f"{block.table} {block.address}+{block.count}" if block else "its objects"
+            msg = f"{m.where}: poll deadline {deadline:g} s passed reading {where}"
             self._failed(m, PeerError(msg, kind="timeout"))
             return
         except PeerError as exc:
@@ -401,7 +505,7 @@ class Collector:
         )
         self.outbox.put(topics.reading(self.site.site, m.name), encode(reading))
         self._succeeded(m)
-        if m.config.time_sync and m.profile.name in CLOCKS:
+        if m.config.time_sync and m.profile.name in CLOCKS and isinstance(conn, ModbusConnection):
             now = time.monotonic()
             if m.synced_at is None or now - m.synced_at > RESYNC_S:
                 await self.sync_clock(conn, m, utcnow())
@@ -419,9 +523,14 @@ class Collector:
             if value is None or lo <= value <= hi:
                 continue
             del values[measurement]
+            why = implausible(measurement, value, m.limits) or "outside the configured limits"
+            if m.bacnet is not None:
+                spec_b = m.bacnet.objects[measurement]
+                why = f"object {spec_b.ref}: {why}"
+                refused.append(Refused(measurement, value, why, *_object(spec_b)))
+                continue
             spec = m.profile.registers[measurement]
             regs = [raw[spec.table][spec.address + i] for i in range(TYPE_WIDTH[spec.type])]
-            why = implausible(measurement, value, m.limits) or "outside the configured limits"
             refused.append(Refused(measurement, value, why, spec.table, spec.address, regs))
 
     def _refused(self, m: MeterState, refused: list[Refused]) -> None:
@@ -463,7 +572,7 @@ class Collector:
     async def sync_clock(self, conn: ModbusConnection, m: MeterState, now: datetime) -> None:
         m.synced_at = time.monotonic()
         try:
-            result = await CLOCKS[m.profile.name](conn, m.config.unit, now)
+            result = await CLOCKS[m.profile.name](conn, m.config.unit or 0, now)
         except PeerError as exc:
             log.warning("time sync of %s failed: %s", m.name, exc, extra={"meter": m.name})
             return
@@ -488,7 +597,7 @@ class Collector:
                     m,
                     "device_online",
                     EventState.CLEARED,
-                    f"{m.name} (unit {m.config.unit} on {m.bus.name}) answers again",
+                    f"{m.name} ({m.where}) answers again",
                     unit=m.config.unit,
                     bus=m.bus.name,
                 )
@@ -508,10 +617,9 @@ class Collector:
         }
         if m.online is not False:
             log.warning(
-                "poll of %s (unit %d on %s) failed [%s]: %s",
+                "poll of %s (%s) failed [%s]: %s",
                 m.name,
-                m.config.unit,
-                m.bus.name,
+                m.where,
                 exc.kind,
                 exc,
                 extra=extra,
@@ -533,7 +641,7 @@ class Collector:
                 m,
                 "device_offline",
                 EventState.RAISED,
-                f"{m.name} (unit {m.config.unit} on {m.bus.name}) stopped answering: {exc}",
+                f"{m.name} ({m.where}) stopped answering: {exc}",
                 unit=m.config.unit,
                 bus=m.bus.name,
                 kind=exc.kind,
@@ -560,20 +668,32 @@ class Collector:
     async def run_bus(
         self, config: BusConfig, meters: list[MeterState], shutdown: Shutdown
     ) -> None:
-        conns = [ModbusConnection(config, i) for i in range(config.pool_size)]
+        conns: list[ModbusConnection | bn.BacnetLink]
         queue: asyncio.Queue[tuple[MeterState, float] | None] = asyncio.Queue()
         # a TCP bus has one more connection for failing and offline meters, so
         # that their timeouts never hold a connection the healthy meters need
-        spare: ModbusConnection | None = None
+        spare: ModbusConnection | bn.BacnetLink | None = None
         spare_queue: asyncio.Queue[tuple[MeterState, float] | None] = asyncio.Queue()
-        if config.kind != "rtu":
-            spare = ModbusConnection(config, config.pool_size)
+        if config.kind == "bacnet":
+            from services.collector import bacnet as bn
+
+            # one UDP port for every meter: its workers share it, requests in flight
+            # together (the spare worker too, so that a silent device holds no worker
+            # the answering ones need)
+            link = bn.BacnetLink(config, timeout_s=max(m.timeout for m in meters))
+            conns = [link] * config.pool_size
+            spare = link
+        else:
+            conns = [ModbusConnection(config, i) for i in range(config.pool_size)]
+            if config.kind != "rtu":
+                spare = ModbusConnection(config, config.pool_size)
 
         def queue_for(m: MeterState) -> asyncio.Queue[tuple[MeterState, float] | None]:
             return spare_queue if spare is not None and m.troubled else queue
 
         async def worker(
-            conn: ModbusConnection, queue: asyncio.Queue[tuple[MeterState, float] | None]
+            conn: ModbusConnection | bn.BacnetLink,
+            queue: asyncio.Queue[tuple[MeterState, float] | None],
         ) -> None:
             while True:
                 item = await queue.get()
@@ -603,13 +723,13 @@ class Collector:
         heapq.heapify(heap)
         async with asyncio.TaskGroup() as tg:
             tasks = [
-                tg.create_task(worker(c, queue), name=f"poll-{config.name}-{c.index}")
-                for c in conns
+                tg.create_task(worker(c, queue), name=f"poll-{config.name}-{i}")
+                for i, c in enumerate(conns)
             ]
             if spare is not None:
                 tasks.append(
                     tg.create_task(
-                        worker(spare, spare_queue), name=f"poll-{config.name}-{spare.index}-spare"
+                        worker(spare, spare_queue), name=f"poll-{config.name}-{len(conns)}-spare"
                     )
                 )
             try:

@@ -38,6 +38,7 @@ from services.init.broker import (
     mosquitto_hash,
     read_passwd,
     render_broker_conf,
+    websockets_conf,
     write_passwd,
 )
 from services.init.certs import CertAuthority, server_names
@@ -63,5 +64,6 @@ __all__ = [
     "register_bridge",
     "render_broker_conf",
     "server_names",
+    "websockets_conf",
     "write_passwd",
 ]

@@ -47,7 +47,17 @@ def register(app: typer.Typer) -> None:
             help="Edge only: central broker host the bridge dials; the nodes of a clustered"
             " centre separated by commas (host or host:port).",
         ),
-        central_port: int = typer.Option(8883, "--central-port", help="Central broker TLS port."),
+        central_port: int | None = typer.Option(
+            None,
+            "--central-port",
+            help="Central broker port: 8883 (MQTT + TLS), 443 with --central-tunnel.",
+        ),
+        central_tunnel: str | None = typer.Option(
+            None,
+            "--central-tunnel",
+            help="Edge only: reach the centre over WebSockets + TLS (its --websockets-port) "
+            "through pfmon wss-tunnel at this HOST:PORT (compose: wss-tunnel:8884).",
+        ),
         client_path: str = typer.Option(
             "/run/secrets/mqtt",
             "--client-path",
@@ -61,6 +71,12 @@ def register(app: typer.Typer) -> None:
             "/mosquitto/secrets",
             "--broker-path",
             help="Where the broker sees the broker/ folder (paths in bridge.conf).",
+        ),
+        websockets_port: int | None = typer.Option(
+            None,
+            "--websockets-port",
+            help="Also listen for MQTT over WebSockets + TLS on this port (443: for clients "
+            "behind firewalls that pass only HTTPS; user + password, no client certificate).",
         ),
         days: int = typer.Option(3650, "--days", min=1, help="Certificate validity."),
         force: bool = typer.Option(False, "--force", help="Rotate: overwrite existing secrets."),
@@ -81,10 +97,12 @@ def register(app: typer.Typer) -> None:
                 hostnames=hostname,
                 central=central,
                 central_host=central_host,
-                central_port=central_port,
+                central_port=central_port or (443 if central_tunnel else 8883),
+                central_tunnel=central_tunnel,
                 client_path=client_path,
                 broker_url=broker_url,
                 broker_path=broker_path,
+                websockets_port=websockets_port,
                 days=days,
                 force=force,
             )

@@ -30,6 +30,7 @@ from services.init.broker import (
     bridge_user,
     mosquitto_hash,
     read_passwd,
+    websockets_conf,
     write_passwd,
 )
 from services.init.certs import DEFAULT_HOSTNAMES, CertAuthority, key_pem, server_names
@@ -81,6 +82,9 @@ def init_site(
     central_host: str | None = None,
     central_port: int = 8883,
     broker_path: str = "/mosquitto/secrets",
+    websockets_port: int | None = None,
+    websockets_bind: str | None = None,
+    central_tunnel: str | None = None,
     client_path: str = "/run/secrets/mqtt",  # may contain {user}
     broker_url: str | None = None,
     days: int = 3650,
@@ -92,6 +96,10 @@ def init_site(
     ``broker_path`` is where the broker sees ``broker/`` (the container path by
     default), ``client_path`` where a service sees its ``clients/<user>/`` folder;
     ``broker_url`` is what services dial (``mqtts://mosquitto:8883`` in compose).
+    ``websockets_port`` (443) adds a listener for MQTT over WebSockets and TLS
+    (``broker/conf.d/websockets.conf``; ``websockets_bind``: the IP address it binds).
+    ``central_tunnel`` (edge): the HOST:PORT of the edge's ``pfmon wss-tunnel``, when the
+    bridge reaches the centre's websockets listener (``central_port``, 443) through it.
     """
     env_file = env_file if env_file is not None else default_env_file(role)
     problems = [
@@ -99,6 +107,16 @@ def init_site(
         *(_edge_problems(central, central_host) if role == "edge" else []),
         *_overwrite_problems(out, env_file, force),
     ]
+    if central_tunnel is not None:
+        host, _, port = central_tunnel.rpartition(":")
+        if role != "edge":
+            problems.append("--central-tunnel: only an edge's bridge dials the centre")
+        elif not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            problems.append(
+                f"--central-tunnel: {central_tunnel!r} is not HOST:PORT (e.g. wss-tunnel:8884)"
+            )
+    if websockets_port is not None and not 1 <= websockets_port <= 65535:
+        problems.append(f"--websockets-port: {websockets_port} is not a TCP port (1-65535)")
     homeassistant = None  # a Home Assistant user and its ACL only with the section
     if site_file is not None:
         try:
@@ -129,6 +147,13 @@ def init_site(
             client_dir=client_path.format(user=user),
         )
         write_private(out / "env" / f"{user}.env", env)
+    ws_conf = broker / "conf.d" / "websockets.conf"
+    if websockets_port is not None:
+        conf = websockets_conf(port=websockets_port, secrets_path=broker_path, bind=websockets_bind)
+        write_private(ws_conf, conf)
+        result.written.append(ws_conf)
+    elif ws_conf.exists():
+        ws_conf.unlink()  # a rotation without the option turns the listener off
     write_passwd(broker / "passwd", passwd)
     write_private(broker / "acl", acl_text(role, site, bridge_sites(passwd), homeassistant), 0o600)
     result.written += [broker / "passwd", broker / "acl"]
@@ -136,8 +161,23 @@ def init_site(
     if role == "edge":
         assert central is not None and central_host is not None
         _write_edge_bridge(
-            result, ca, central, central_host, central_port, gateway, broker_path, days
+            result,
+            ca,
+            central,
+            central_host,
+            central_port,
+            gateway,
+            broker_path,
+            days,
+            central_tunnel,
         )
+        if central_tunnel is not None:
+            result.notes.append(
+                f"the bridge dials pfmon wss-tunnel at {central_tunnel}; run it with "
+                f"--url wss://{central_host}:{central_port}/mqtt --ca-file ca.crt "
+                "(deploy/edge/compose.yml: --profile wss), and give the centre "
+                "pfmon init --websockets-port"
+            )
         result.notes.append(
             f"registered {bridge_user(site)} at the centre ({central}/broker/passwd, acl): "
             "reload the central broker (docker compose kill -s HUP mosquitto)"
@@ -156,6 +196,14 @@ def init_site(
         users=users,
         passwords=result.passwords,
     )
+    if role == "edge" and central_tunnel is not None:
+        profiles = "simulator,wss" if "COMPOSE_PROFILES=simulator" in text else "wss"
+        text = text.replace("COMPOSE_PROFILES=simulator\n", "")
+        text += (
+            "# the bridge goes through pfmon wss-tunnel (compose profile wss)\n"
+            f"COMPOSE_PROFILES={profiles}\n"
+            f"PFM_CENTRAL_WSS_URL=wss://{central_host}:{central_port}/mqtt\n"
+        )
     write_private(env_file, text)
     result.written.append(env_file)
 
@@ -279,6 +327,7 @@ def _write_edge_bridge(
     gateway: str,
     broker_path: str,
     days: int,
+    tunnel: str | None = None,
 ) -> None:
     """The edge broker's bridge certificate and ``conf.d/bridge.conf``; its user at the centre."""
     site, broker = result.site, result.out / "broker"
@@ -293,6 +342,7 @@ def _write_edge_bridge(
         central_port=central_port,
         password=password,
         secrets_path=broker_path,
+        tunnel=tunnel,
     )
     write_private(broker / "conf.d" / "bridge.conf", conf)
     register_bridge(central, site, password)

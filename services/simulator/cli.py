@@ -49,6 +49,14 @@ def register(app: typer.Typer) -> None:
             None, "--waveform-site", help="Also publish waveform windows to MQTT as this site."
         ),
         waveform_every: float = typer.Option(1.0, "--waveform-every", min=0.1),
+        bacnet_port: int | None = typer.Option(
+            None,
+            "--bacnet-port",
+            min=1,
+            max=65535,
+            help="Also serve each meter as a BACnet/IP device (profile bacnet_power_meter): "
+            "the k-th meter on UDP port BACNET_PORT+k, device instance 1000+unit.",
+        ),
         duration: float | None = DURATION_OPTION,
     ) -> None:
         """Serve simulated meters (and a capacitor bank + relays) over Modbus TCP."""
@@ -75,6 +83,8 @@ def register(app: typer.Typer) -> None:
                     sites.append(fleet_site(n, seed=seed + k, profile=profile, name_prefix=prefix))
             for spec in fault:
                 _apply_fault(sites[0], spec, FAULTS)
+            if bacnet_port is not None and bacnet_port + len(sites[0].meters) - 1 > 65535:
+                fail(f"--bacnet-port {bacnet_port}: {len(sites[0].meters)} meters run past 65535")
         except (ValueError, KeyError) as exc:
             fail(str(exc))
 
@@ -84,6 +94,18 @@ def register(app: typer.Typer) -> None:
             servers = [SimServer(s, port + k, host, framer=framer) for k, s in enumerate(sites)]
             for srv in servers:
                 await srv.start()
+            devices: list[Any] = []
+            if bacnet_port is not None:
+                from services.simulator.bacnet import BacnetMeter
+
+                for k, unit in enumerate(sorted(sites[0].meters)):
+                    dev = BacnetMeter(
+                        sites[0], unit, host=host, port=bacnet_port + k, device_instance=1000 + unit
+                    )
+                    devices.append(await dev.start())
+                    err_console.print(
+                        f"bacnet {host}:{bacnet_port + k}: device {1000 + unit} (meter unit {unit})"
+                    )
             for k, s in enumerate(sites):
                 units = sorted(s.meters)
                 extra = ""
@@ -100,6 +122,8 @@ def register(app: typer.Typer) -> None:
                 else:
                     await shutdown.wait()
             finally:
+                for dev in devices:
+                    dev.stop()
                 for srv in servers:
                     await srv.stop()
 

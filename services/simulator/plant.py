@@ -37,6 +37,11 @@ FAULTS = {
     "exception": "the device answers every read with Modbus exception `code`",
     "sensor_fail": "PMTR_001 firmware: a failed sensor read is stored as 0",
     "flaky": "every `every`-th request (default 3) is answered with exception 0x0B",
+    "supply_voltage": "the supply at the meter is at `level_pct` % of its voltage (70: a dip, "
+    "120: a swell, 0: an interruption) on `phase` (default all); waveform windows show it "
+    "from the sample where it starts to the one where its `duration_s` ends",
+    "ct_saturation": "the CT of `phase` (default all) clips the secondary current at "
+    "`clip_pct` (default 70) % of its peak: flat tops in waveforms, a lower RMS in readings",
 }
 
 _PHASE_SHIFT = (0.0, -2 * math.pi / 3, 2 * math.pi / 3)
@@ -100,6 +105,8 @@ class SimMeter:
     clock_epoch: int | None = None
     sync_regs: dict[int, int] = field(default_factory=dict)
     sync_coil: bool = False
+    #: per fault, the model times it holds (waveform windows apply it sample by sample)
+    fault_span: dict[str, tuple[float, float]] = field(default_factory=dict)
     #: register reads answered with values / every request received
     reads: int = 0
     requests: int = 0
@@ -128,7 +135,41 @@ class SimMeter:
         return v
 
 
+def _phases_of(params: Mapping[str, Any]) -> tuple[int, ...]:
+    ph = params.get("phase")
+    return (1, 2, 3) if ph is None else (int(ph),)
+
+
+def clipped_rms(clip: float) -> float:
+    """RMS of a unit-RMS sine clipped at ``clip`` times its peak."""
+    if clip >= 1.0:
+        return 1.0
+    th = math.asin(max(clip, 0.0))
+    mean_sq = (2 / math.pi) * (th / 2 - math.sin(2 * th) / 4 + clip * clip * (math.pi / 2 - th))
+    return math.sqrt(2.0 * mean_sq)
+
+
 def _apply_faults(v: dict[M, float], faults: Mapping[str, Mapping[str, Any]]) -> None:
+    if "supply_voltage" in faults:
+        # the loads draw the same current (their power follows the voltage)
+        k = float(faults["supply_voltage"].get("level_pct", 70.0)) / 100.0
+        for ph in _phases_of(faults["supply_voltage"]):
+            for stem in ("voltage", "power", "reactive_power", "apparent_power"):
+                key = M.per_phase(stem, ph)
+                if key in v:
+                    v[key] *= k
+            if k == 0.0:
+                for stem in ("current", "power_factor"):
+                    v[M.per_phase(stem, ph)] = 0.0
+        retotal(v)
+    if "ct_saturation" in faults:
+        k = clipped_rms(float(faults["ct_saturation"].get("clip_pct", 70.0)) / 100.0)
+        for ph in _phases_of(faults["ct_saturation"]):
+            for stem in ("current", "power", "reactive_power", "apparent_power"):
+                key = M.per_phase(stem, ph)
+                if key in v:
+                    v[key] *= k
+        retotal(v)
     if "blown_fuse" in faults:
         ph = int(faults["blown_fuse"].get("phase", 1))
         for stem in ("voltage", "current", "power", "reactive_power", "apparent_power"):
@@ -301,6 +342,8 @@ class SimSite:
             raise ValueError(f"unknown fault {fault!r}; known: {', '.join(FAULTS)}")
         meter = self.meters[unit]
         meter.faults[fault] = dict(params)
+        now = self.now()
+        meter.fault_span[fault] = (now, math.inf if duration_s is None else now + duration_s)
         if duration_s is not None:
             self.schedule.append((self.now() + duration_s, "", unit, {"clear": fault}, None))
         log.info("fault %s on unit %d %s", fault, unit, params)
@@ -464,8 +507,11 @@ class SimSite:
         supply's THD as a 5th harmonic.
         """
         meter = self.meters[unit]
-        v = meter.source.sample(self, self.now(), meter.rng)
-        _apply_faults(v, meter.faults)
+        t0 = self.now()
+        v = meter.source.sample(self, t0, meter.rng)
+        # the supply and CT faults are drawn on the samples below, at their times
+        shaped = {k: p for k, p in meter.faults.items() if k in _SAMPLED}
+        _apply_faults(v, {k: p for k, p in meter.faults.items() if k not in _SAMPLED})
         f = self.supply.frequency_hz
         n = round(fs_hz / f * cycles)
         spectrum = self._spectrum(getattr(meter.source, "loads", None))
@@ -491,6 +537,7 @@ class SimSite:
                 vs.append(round(vv, 3))
                 cs.append(round(ii, 4))
                 i_n[j] += ii
+            _shape(vs, cs, i_n, k, shaped, meter.fault_span, t0, fs_hz)
             chans[f"v{k}"] = vs
             chans[f"i{k}"] = cs
         chans["in"] = [round(x, 4) for x in i_n]
@@ -515,6 +562,40 @@ class SimSite:
                 acc[order] = acc.get(order, 0.0) + rel * load.kw
         norm = math.sqrt(sum(a * a for a in acc.values()))
         return {o: a / norm for o, a in acc.items()} if norm else {}
+
+
+#: faults a waveform window draws sample by sample
+_SAMPLED = ("supply_voltage", "ct_saturation")
+
+
+def _shape(
+    vs: list[float],
+    cs: list[float],
+    i_n: list[float],
+    k: int,
+    faults: Mapping[str, Mapping[str, Any]],
+    spans: Mapping[str, tuple[float, float]],
+    t0: float,
+    fs_hz: float,
+) -> None:
+    """Phase ``k``'s samples under the supply and CT faults (in place)."""
+    sag = faults.get("supply_voltage")
+    if sag is not None and k in _phases_of(sag):
+        level = float(sag.get("level_pct", 70.0)) / 100.0
+        start, end = spans.get("supply_voltage", (-math.inf, math.inf))
+        for j in range(len(vs)):
+            if start <= t0 + j / fs_hz < end:
+                vs[j] = round(vs[j] * level, 3)
+                old = cs[j]
+                cs[j] = round(old * (level > 0), 4)
+                i_n[j] += cs[j] - old
+    sat = faults.get("ct_saturation")
+    if sat is not None and k in _phases_of(sat):
+        peak = max((abs(c) for c in cs), default=0.0)
+        top = peak * float(sat.get("clip_pct", 70.0)) / 100.0
+        for j, old in enumerate(cs):
+            cs[j] = max(-top, min(top, old))
+            i_n[j] += cs[j] - old
 
 
 class _Quiet:

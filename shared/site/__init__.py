@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -21,14 +22,25 @@ from shared.measurements import Measurement
 from shared.site.actuator import ActuatorConfig, BankConfig, OutputDevice, RelayAction
 from shared.site.analytics import AnalyticsConfig
 from shared.site.archiver import ArchiverConfig
-from shared.site.collector import ProfileSpec
+from shared.site.collector import BacnetProfileSpec, ProfileSpec
 from shared.site.console import ConsoleConfig
-from shared.site.core import BusConfig, Limit, Limits, MeterConfig, Thresholds, merged_limits
+from shared.site.core import (
+    BACNET_PORT,
+    BusConfig,
+    Limit,
+    Limits,
+    MeterConfig,
+    Thresholds,
+    TimeZoneName,
+    merged_limits,
+    zone,
+)
 from shared.site.homeassistant import HomeAssistantConfig
 from shared.topics import Slug
 
 __all__ = [
     "ActuatorConfig",
+    "BacnetProfileSpec",
     "BankConfig",
     "BusConfig",
     "ConsoleConfig",
@@ -54,12 +66,17 @@ class SiteConfig(BaseModel):
     site: Slug
     gateway: Slug = "gw1"
     description: str = ""
+    #: the site's time zone (IANA name): what ``hour``/``weekday``... mean in relay actions.
+    #: No default on purpose: a rule that reads the clock needs it written down
+    timezone: TimeZoneName | None = None
     thresholds: Thresholds = Field(default_factory=Thresholds)
     #: tighter plausible ranges for every meter of the site (a meter's own win)
     limits: Limits = Field(default_factory=dict)
     buses: list[BusConfig] = Field(default_factory=list)
     meters: list[MeterConfig] = Field(default_factory=list)
     profiles: dict[str, ProfileSpec] = Field(default_factory=dict)
+    #: user-defined BACnet/IP meter profiles (measurement -> object)
+    bacnet_profiles: dict[str, BacnetProfileSpec] = Field(default_factory=dict)
     devices: list[OutputDevice] = Field(default_factory=list)
     relay_actions: list[RelayAction] = Field(default_factory=list)
     banks: list[BankConfig] = Field(default_factory=list)
@@ -99,15 +116,7 @@ class SiteConfig(BaseModel):
         for i, dev in enumerate(self.devices):
             if dev.bus not in bus_names:
                 problems.append(f"devices[{i}].bus: no bus named {dev.bus!r}")
-        seen_units: dict[tuple[str, int], str] = {}
-        for i, meter in enumerate(self.meters):
-            key = (meter.bus, meter.unit)
-            if key in seen_units:
-                problems.append(
-                    f"meters[{i}].unit: unit {meter.unit} on bus {meter.bus!r} is already "
-                    f"used by {seen_units[key]!r}"
-                )
-            seen_units[key] = meter.name
+        problems += _transport_problems(self.meters, {b.name: b for b in self.buses})
         problems += _topology_problems(self.meters)
         for i, bank in enumerate(self.banks):
             if meter_names and bank.meter not in meter_names:
@@ -125,6 +134,11 @@ class SiteConfig(BaseModel):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    @property
+    def zone(self) -> ZoneInfo:
+        """The site's time zone (UTC when the file gives none)."""
+        return zone(self.timezone)
 
     def meter(self, name: str) -> MeterConfig:
         for m in self.meters:
@@ -163,6 +177,58 @@ class SiteConfig(BaseModel):
             seen.add(meter.name)
             meter = self.meter(meter.parent) if meter.parent else None
         return None
+
+
+def _transport_problems(meters: list[MeterConfig], buses: dict[str, BusConfig]) -> list[str]:
+    """A Modbus meter has a unit id on a Modbus bus, a BACnet meter its ``bacnet`` target on
+    a bus of kind bacnet; neither address is used twice."""
+    problems: list[str] = []
+    seen_units: dict[tuple[str, int], str] = {}
+    seen_devices: dict[tuple[str, int], str] = {}
+    for i, meter in enumerate(meters):
+        bus = buses.get(meter.bus)
+        if bus is None:
+            continue  # reported with the bus
+        where = f"meters[{i}]"
+        if bus.kind == "bacnet":
+            if meter.bacnet is None:
+                problems.append(
+                    f"{where}.bacnet: meter {meter.name!r} is on BACnet bus {bus.name!r} and "
+                    "needs 'bacnet: {address: ..., device_instance: ...}'"
+                )
+            if meter.unit is not None:
+                problems.append(
+                    f"{where}.unit: a BACnet meter has no Modbus unit id (its device is "
+                    "bacnet.device_instance)"
+                )
+            if meter.bacnet is not None:
+                address = meter.bacnet.address
+                if ":" not in address:
+                    address += f":{BACNET_PORT}"
+                key = (address, meter.bacnet.device_instance)
+                if key in seen_devices:
+                    problems.append(
+                        f"{where}.bacnet: device {key[1]} at {key[0]} is already used by "
+                        f"{seen_devices[key]!r}"
+                    )
+                seen_devices[key] = meter.name
+            continue
+        if meter.bacnet is not None:
+            problems.append(
+                f"{where}.bacnet: bus {bus.name!r} is a Modbus bus (kind {bus.kind}), a BACnet "
+                "meter needs a bus of kind bacnet"
+            )
+        if meter.unit is None:
+            problems.append(f"{where}.unit: a Modbus meter needs its unit id (1-247)")
+            continue
+        key = (meter.bus, meter.unit)
+        if key in seen_units:
+            problems.append(
+                f"{where}.unit: unit {meter.unit} on bus {meter.bus!r} is already "
+                f"used by {seen_units[key]!r}"
+            )
+        seen_units[key] = meter.name
+    return problems
 
 
 def _topology_problems(meters: list[MeterConfig]) -> list[str]:

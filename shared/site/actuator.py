@@ -13,29 +13,20 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
+from shared.site.core import Duration, parse_duration
 from shared.topics import Slug
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|min|h)?\s*$")
-_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, None: 1.0}
-
-
-def parse_duration(value: object) -> float:
-    """``"300s"``, ``"5m"``, ``"1h"``, ``"250ms"`` or a number of seconds -> seconds."""
-    if isinstance(value, bool):
-        raise ValueError(f"{value!r} is not a duration (use e.g. 300s, 5m, 1h)")
-    if isinstance(value, int | float):
-        if value < 0:
-            raise ValueError(f"{value!r} is negative; a duration is >= 0")
-        return float(value)
-    if isinstance(value, str):
-        match = _DURATION.match(value)
-        if match:
-            return float(match.group(1)) * _UNIT_S[match.group(2)]
-    raise ValueError(f"{value!r} is not a duration (use e.g. 300s, 5m, 1h, 250ms)")
-
-
-#: a duration in seconds, written ``300s``/``5m``/``1h``/``250ms`` or as a number
-Duration = Annotated[float, BeforeValidator(parse_duration)]
+__all__ = [
+    "ActuatorConfig",
+    "AverageSlot",
+    "BankConfig",
+    "Duration",
+    "Output",
+    "OutputDevice",
+    "OutputRef",
+    "RelayAction",
+    "parse_duration",
+]
 
 _OUTPUT = re.compile(r"^([a-z0-9_-]+):(coil|pin):(\d{1,5})$")
 
@@ -99,7 +90,7 @@ class OutputDevice(BaseModel):
     kind: Literal["relay", "capbank", "pmtr001"] = "relay"
     coils: int = Field(16, ge=1, le=2000, description="number of coils the device has")
     write_retries: int = Field(2, ge=0, le=10, description="retries of a failed/unverified write")
-    poll_s: float = Field(10.0, gt=0, le=3600, description="read-back period of the coils")
+    poll_s: Duration = Field(10.0, gt=0, le=3600, description="read-back period of the coils")
 
 
 class RelayAction(BaseModel):

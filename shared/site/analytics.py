@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from shared.site.core import Duration, WholeSeconds
 from shared.topics import Slug
 
 
@@ -21,8 +22,8 @@ class AlarmTiming(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool = True
-    raise_after_s: float = Field(10.0, ge=0, le=86400, description="condition held this long")
-    clear_after_s: float = Field(30.0, ge=0, le=86400, description="clear condition held")
+    raise_after_s: Duration = Field(10.0, ge=0, le=86400, description="condition held this long")
+    clear_after_s: Duration = Field(30.0, ge=0, le=86400, description="clear condition held")
 
 
 class AlarmLimits(BaseModel):
@@ -40,7 +41,7 @@ class AlarmLimits(BaseModel):
     )
     ct_reversed_w: float = Field(20.0, ge=0, description="P below -this (W) counts as reversed")
     pf_erratic_spread: float = Field(0.30, gt=0, le=2, description="max-min PF in the window")
-    pf_erratic_window_s: float = Field(10.0, gt=0, le=3600)
+    pf_erratic_window_s: Duration = Field(10.0, gt=0, le=3600)
     thd_current_pct: float = Field(20.0, gt=0, description="current THD limit (IEEE 519 TDD)")
     thd_voltage_pct: float | None = Field(
         None, gt=0, description="voltage THD limit; default from IEEE 519-2014 by bus voltage"
@@ -66,9 +67,76 @@ class AlarmLimits(BaseModel):
     energy_balance_min_parent_w: float = Field(
         1000.0, ge=0, description="energy_balance is not evaluated while |parent P| is below"
     )
+    dip_pct: float = Field(
+        90.0, gt=0, lt=100, description="voltage_dip: a phase below this % of nominal"
+    )
+    swell_pct: float = Field(
+        110.0, gt=100, le=200, description="voltage_swell: a phase above this % of nominal"
+    )
+    interruption_pct: float = Field(
+        5.0, gt=0, lt=100, description="interruption: a phase below this % of nominal"
+    )
+    quality_hysteresis_pct: float = Field(
+        2.0,
+        ge=0,
+        le=10,
+        description="a dip, swell or interruption ends this % of nominal inside its threshold",
+    )
+    overvoltage_pct: float = Field(
+        10.0, gt=0, le=50, description="overvoltage: 10-min mean above nominal + this %"
+    )
+    undervoltage_pct: float = Field(
+        10.0, gt=0, le=50, description="undervoltage: 10-min mean below nominal - this %"
+    )
+    voltage_hysteresis_pct: float = Field(
+        1.0, ge=0, le=10, description="over/undervoltage clear this % of nominal inside"
+    )
+    frequency_pct: float = Field(
+        1.0, gt=0, le=10, description="frequency_deviation: alarm-slot mean off nominal by more"
+    )
+    frequency_extreme_high_pct: float = Field(
+        4.0, gt=0, le=20, description="above nominal + this % the deviation is extreme"
+    )
+    frequency_extreme_low_pct: float = Field(
+        6.0, gt=0, le=20, description="below nominal - this % the deviation is extreme"
+    )
+    frequency_hysteresis_pct: float = Field(
+        0.2, ge=0, le=5, description="frequency_deviation clears this % inside its band"
+    )
+    ct_overload_pct: float = Field(
+        100.0, gt=0, le=1000, description="ct_overload: current above this % of ct_primary_a"
+    )
+    ct_overload_hysteresis_pct: float = Field(
+        5.0, ge=0, le=50, description="ct_overload clears this % (of the rating) below"
+    )
+    ct_crest_margin: float = Field(
+        0.08,
+        gt=0,
+        le=1,
+        description="ct_saturation: the current's crest factor this much below the voltage's",
+    )
+    ct_flat_share: float = Field(
+        0.30, gt=0, lt=1, description="ct_saturation: share of samples on the flat top"
+    )
+    ct_third_harmonic_pct: float = Field(
+        5.0,
+        gt=0,
+        le=100,
+        description="ct_saturation: 3rd current harmonic above this % of the fundamental",
+    )
 
     @model_validator(mode="after")
     def _order(self) -> AlarmLimits:
+        if self.interruption_pct >= self.dip_pct:
+            raise ValueError("interruption_pct must be below dip_pct")
+        if self.dip_pct + self.quality_hysteresis_pct >= self.swell_pct:
+            raise ValueError("dip_pct + quality_hysteresis_pct must be below swell_pct")
+        if self.frequency_hysteresis_pct >= self.frequency_pct:
+            raise ValueError("frequency_hysteresis_pct must be below frequency_pct")
+        if self.frequency_extreme_high_pct < self.frequency_pct or (
+            self.frequency_extreme_low_pct < self.frequency_pct
+        ):
+            raise ValueError("the extreme frequency bands must lie beyond frequency_pct")
         if self.neutral_clear_score >= self.neutral_raise_score:
             raise ValueError("neutral_clear_score must be below neutral_raise_score")
         if self.neutral_u0_high_pct <= self.neutral_u0_low_pct:
@@ -96,18 +164,33 @@ class MeterAnalytics(BaseModel):
     three_phase: bool | None = Field(
         None, description="broken-neutral/unbalance apply (default: three voltages present)"
     )
+    nominal_voltage_v: float | None = Field(
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="this meter's line-to-neutral nominal voltage (V, primary: an MV meter "
+        "behind PTs), for dips, swells, interruptions and over/undervoltage (default: "
+        "thresholds.nominal_voltage_v)",
+    )
+    ct_primary_a: float | None = Field(
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="the CTs' rated primary current (A): ct_overload above it (default: "
+        "no ct_overload)",
+    )
 
 
 class AnalyticsConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    average_slots_s: list[int] = Field(
+    average_slots_s: list[WholeSeconds] = Field(
         default_factory=lambda: [5, 10, 20, 30, 60], description="moving-average windows"
     )
-    demand_window_s: int = Field(900, ge=60, le=3600, description="billing demand window")
-    alarm_slot_s: int = Field(10, description="the averaging slot the alarms look at")
+    demand_window_s: WholeSeconds = Field(900, ge=60, le=3600, description="billing demand window")
+    alarm_slot_s: WholeSeconds = Field(10, description="the averaging slot the alarms look at")
     aggregates: bool = Field(True, description="publish IEC 61000-4-30 3 s / 10 min aggregates")
-    batch_window_s: float = Field(
+    batch_window_s: Duration = Field(
         0.05,
         ge=0,
         le=1,

@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from shared.site.core import Duration
 from shared.topics import Slug
 
 
@@ -63,7 +64,7 @@ class ReportConfig(BaseModel):
     resonance_margin: float = Field(
         0.10, gt=0, le=0.5, description="warn when the resonance order is within this fraction"
     )
-    max_gap_s: float = Field(
+    max_gap_s: Duration = Field(
         300, gt=0, description="rows further apart than this are not bridged (energy, hours)"
     )
     worst_meters: int = Field(5, ge=1, le=100)
@@ -73,12 +74,12 @@ class ArchiverConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     batch_size: int = Field(500, ge=1, le=100_000)
-    flush_interval_s: float = Field(1.0, gt=0, le=60)
+    flush_interval_s: Duration = Field(1.0, gt=0, le=60)
     #: messages held in memory (not yet acknowledged) before they spill to disk
     buffer_max_records: int = Field(20_000, ge=1, le=10_000_000)
     #: spill file bound; when full the oldest records are dropped and counted
     spill_max_records: int = Field(5_000_000, ge=1000)
-    retry_max_s: float = Field(10.0, gt=0, le=600, description="longest wait between DB retries")
+    retry_max_s: Duration = Field(10.0, gt=0, le=600, description="longest wait between DB retries")
     keep_readings: bool = Field(True, description="store raw readings in pfm_readings")
     #: own = this site's topics; all = every site on the broker (the central store,
     #: fed by the edge gateways' bridges); a list of site slugs = those sites only (to
@@ -103,7 +104,7 @@ class ArchiverConfig(BaseModel):
     timescaledb: Literal["auto", "on", "off"] = Field(
         "auto", description="auto: use the extension when installed or installable"
     )
-    rollup_interval_s: float = Field(
+    rollup_interval_s: Duration = Field(
         5.0, gt=0, le=3600, description="plain PostgreSQL: how often rollups are refreshed"
     )
     retention: RetentionConfig = Field(default_factory=RetentionConfig)

@@ -1,4 +1,5 @@
-"""Site-file section owned by the collector: user-defined meter profiles.
+"""Site-file sections owned by the collector: user-defined meter profiles (Modbus
+``profiles:`` and BACnet/IP ``bacnet_profiles:``).
 
 A ``profiles:`` entry uses exactly the fields of the built-in tables in
 ``services/collector/profiles.py``::
@@ -13,6 +14,18 @@ A ``profiles:`` entry uses exactly the fields of the built-in tables in
           voltage_l1: {table: input, address: 0, type: f32}
           current_l1: {table: input, address: 6, type: u32, word_order: little, scale: 0.001}
           power_factor_l1: {table: input, address: 30, type: f32, signed_by: power_l1}
+
+A ``bacnet_profiles:`` entry maps measurements to BACnet objects (present-value and
+units are read; the units are checked and scaled to SI by the collector)::
+
+    bacnet_profiles:
+      acme_bms_meter:
+        description: "Acme BMS meter"
+        phases: 3
+        objects:
+          voltage_l1: {instance: 101}                  # analog-input by default
+          power: {type: analog-value, instance: 7}
+          power_factor: {instance: 110, signed_by: power}
 """
 
 from __future__ import annotations
@@ -82,4 +95,49 @@ class ProfileSpec(BaseModel):
         ]
         if bad:
             raise ValueError("; ".join(bad))
+        return self
+
+
+#: the BACnet object types a profile may map (a REAL present-value with units)
+BacnetObjectType = Literal["analog-input", "analog-value"]
+
+
+class BacnetObjectSpec(BaseModel):
+    """One BACnet object of a meter: its type and instance."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: BacnetObjectType = "analog-input"
+    instance: int = Field(ge=0, le=4194302, description="the object's instance number")
+    signed_by: Measurement | None = Field(
+        None, description="magnitude from this object, sign from that measurement (a PF)"
+    )
+
+
+class BacnetProfileSpec(BaseModel):
+    """A user-defined BACnet meter profile: measurement -> object."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    description: str = ""
+    phases: Literal[1, 3] = 3
+    objects: dict[Measurement, BacnetObjectSpec] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> BacnetProfileSpec:
+        problems = [
+            f"{m.value}.signed_by: {spec.signed_by.value} is not in this profile"
+            for m, spec in self.objects.items()
+            if spec.signed_by is not None and spec.signed_by not in self.objects
+        ]
+        seen: dict[tuple[str, int], Measurement] = {}
+        for m, spec in self.objects.items():
+            key = (spec.type, spec.instance)
+            if key in seen:
+                problems.append(
+                    f"{m.value}: object {spec.type},{spec.instance} is already {seen[key].value}"
+                )
+            seen[key] = m
+        if problems:
+            raise ValueError(", ".join(problems))
         return self

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from shared.site.actuator import Duration
+from shared.site.core import Duration
 
 
 class ConsoleConfig(BaseModel):

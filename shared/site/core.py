@@ -2,13 +2,166 @@
 
 from __future__ import annotations
 
+import difflib
+import ipaddress
 import math
+import re
+import unicodedata
+import zoneinfo
+from functools import cache
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 from shared.measurements import Measurement
 from shared.topics import Slug
+
+# -- durations ------------------------------------------------------------------------------
+
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
+_UNIT_ORDER = ("d", "h", "min", "s", "ms")  # a compound duration goes from large to small
+_PART = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-z]*)\s*", re.ASCII | re.IGNORECASE)
+_EXPONENT = re.compile(r"[0-9.][eE][+-]?[0-9]", re.ASCII)
+_PLAIN = re.compile(r"\s*[0-9]+(?:\.[0-9]+)?\s*", re.ASCII)
+#: the longest duration a site file may give (anything longer is a typo)
+MAX_DURATION_S = 366 * 86400.0
+_HOW = "write e.g. 15, 1000ms, 15s, 15min, 1h or 1h30min"
+
+
+def _unit_key(unit: str) -> str:
+    return "min" if unit == "m" else unit
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from a number of seconds or a text with units (``1000ms``, ``15s``,
+    ``15min``/``15m``, ``1h``, ``2d``, ``1h30min``); a clear ``ValueError`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f"{value!r} is not a duration ({_HOW})")
+    if isinstance(value, str):
+        seconds = _parse_duration_text(value)
+    else:
+        seconds = float(value)
+        if math.isnan(seconds):
+            raise ValueError(f"{value!r} is not a duration ({_HOW})")
+    if seconds < 0:
+        raise ValueError(f"{value!r} is negative: a duration is 0 or more")
+    if not seconds <= MAX_DURATION_S:  # also inf
+        raise ValueError(
+            f"{value!r} is longer than {MAX_DURATION_S / 86400:g} days: not a plausible duration"
+        )
+    return seconds
+
+
+def _unit_problem(number: str, unit: str) -> str:
+    if not unit:
+        return f"{number} needs a unit ({_HOW})"
+    low = unit.lower()
+    near = (
+        "ms"
+        if low.startswith(("ms", "milli"))
+        else {"s": "s", "m": "min", "h": "h", "d": "d"}.get(low[0], "")
+    )
+    use = f"write {number}{near}" if near else _HOW
+    return f"{unit!r} is not a unit (ms, s, min or m, h, d): {use}"
+
+
+def _parse_duration_text(text: str) -> float:
+    for i, c in enumerate(text):
+        if not c.isascii():
+            name = unicodedata.name(c, f"U+{ord(c):04X}")
+            raise ValueError(
+                f"{text!r}: character {i + 1} {c!r} ({name}) is not allowed; durations are "
+                f"plain ASCII ({_HOW})"
+            )
+    if text.strip().startswith("-"):
+        raise ValueError(f"{text!r} is negative: a duration is 0 or more")
+    if not text.strip():
+        raise ValueError(f"an empty text is not a duration ({_HOW})")
+    if _EXPONENT.search(text):
+        raise ValueError(f"{text!r}: a duration has no exponent ({_HOW})")
+    if _PLAIN.fullmatch(text):
+        return float(text)
+    total, pos, seen = 0.0, 0, -1
+    while pos < len(text):
+        match = _PART.match(text, pos)
+        if match is None or match.end() == pos:
+            raise ValueError(f"{text!r} is not a duration ({_HOW})")
+        number, unit = match.group(1), match.group(2)
+        key = _unit_key(unit)
+        if key not in _UNIT_S:
+            raise ValueError(f"{text!r} is not a duration: {_unit_problem(number, unit)}")
+        rank = _UNIT_ORDER.index(key)
+        if rank <= seen:
+            raise ValueError(
+                f"{text!r} is not a duration: give each unit once, largest first (e.g. 1h30min)"
+            )
+        seen = rank
+        total += float(number) * _UNIT_S[key]
+        pos = match.end()
+    return total
+
+
+#: a duration in seconds: a number (seconds) or a text with units, ``1000ms``, ``15s``,
+#: ``15min``, ``1h``, ``1h30min``; finite, 0 or more, at most a year; fields add their bounds
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+def _whole_seconds(value: object) -> int:
+    seconds = parse_duration(value)
+    if seconds != int(seconds):
+        raise ValueError(f"{value!r} is {seconds:g}s: give a whole number of seconds")
+    return int(seconds)
+
+
+#: a duration that must be a whole number of seconds (``15min`` = 900)
+WholeSeconds = Annotated[int, BeforeValidator(_whole_seconds)]
+
+
+# -- time zone ------------------------------------------------------------------------------
+
+
+@cache
+def _zone_names() -> tuple[str, ...]:
+    return tuple(sorted(zoneinfo.available_timezones()))
+
+
+def _zone_name(value: object) -> str:
+    """An IANA time zone name that this machine's (or the tzdata package's) database has."""
+    how = "an IANA time zone name such as Europe/Berlin, America/New_York or UTC"
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{value!r} is not a time zone: write {how}")
+    for i, c in enumerate(value):
+        if not c.isascii() or not c.isprintable():
+            name = unicodedata.name(c, f"U+{ord(c):04X}")
+            raise ValueError(f"{value!r}: character {i + 1} ({name}) is not in a time zone name")
+    if value in ("localtime", "posixrules"):
+        raise ValueError(
+            f"{value!r} is this machine's setting, not a place: write the site's zone ({how})"
+        )
+    names = _zone_names()
+    if value in names:
+        return value
+    same_case = [n for n in names if n.lower() == value.lower()]
+    near = same_case or difflib.get_close_matches(value, names, n=1, cutoff=0.75)
+    hint = f" (did you mean {near[0]!r}?)" if near else ""
+    raise ValueError(f"{value!r} is not a known time zone{hint}: write {how}")
+
+
+#: an IANA time zone name (``Europe/Berlin``), checked against the zoneinfo database
+TimeZoneName = Annotated[str, BeforeValidator(_zone_name)]
+
+
+def zone(name: str | None) -> zoneinfo.ZoneInfo:
+    """The zone of a validated name (UTC for None)."""
+    return zoneinfo.ZoneInfo(name or "UTC")
 
 
 class Limit(BaseModel):
@@ -79,12 +232,14 @@ class Thresholds(BaseModel):
 
 
 class BusConfig(BaseModel):
-    """One Modbus bus: TCP, RTU on a serial port, or RTU framed over TCP."""
+    """One bus: Modbus TCP, RTU on a serial port, RTU framed over TCP, or this gateway's
+    BACnet/IP port (``kind: bacnet``: ``host`` is the gateway's own address on the BACnet
+    network, e.g. ``192.168.1.10/24``; ``port`` its UDP port, 47808 by default)."""
 
     model_config = ConfigDict(extra="forbid")
 
     name: Slug
-    kind: Literal["tcp", "rtu", "rtu_over_tcp"] = "tcp"
+    kind: Literal["tcp", "rtu", "rtu_over_tcp", "bacnet"] = "tcp"
     host: str | None = None
     port: int | None = Field(None, ge=1, le=65535)
     serial: str | None = Field(None, description="serial device, e.g. /dev/ttyUSB0")
@@ -92,9 +247,9 @@ class BusConfig(BaseModel):
     parity: Literal["N", "E", "O"] = "N"
     bytesize: Literal[7, 8] = 8
     stopbits: Literal[1, 2] = 1
-    timeout_s: float = Field(1.0, gt=0, le=60)
+    timeout_s: Duration = Field(1.0, gt=0, le=60)
     retries: int = Field(1, ge=0, le=10)
-    inter_frame_delay_s: float = Field(
+    inter_frame_delay_s: Duration = Field(
         0.0, ge=0, le=5, description="pause between requests to different units on this bus"
     )
     connections: int | None = Field(
@@ -104,7 +259,7 @@ class BusConfig(BaseModel):
         description="parallel connections (tcp/rtu_over_tcp; default 2, rtu: always 1) so "
         "that one slow unit never holds up the others",
     )
-    reprobe_max_s: float = Field(
+    reprobe_max_s: Duration = Field(
         60.0, gt=0, le=3600, description="longest wait between probes of an offline device"
     )
 
@@ -116,6 +271,21 @@ class BusConfig(BaseModel):
             raise ValueError(f"bus {self.name!r}: kind rtu needs 'serial' (e.g. /dev/ttyUSB0)")
         if self.kind in ("tcp", "rtu_over_tcp") and self.port is None:
             self.port = 502
+        if self.kind == "bacnet":
+            if not self.host:
+                raise ValueError(
+                    f"bus {self.name!r}: kind bacnet needs 'host', this gateway's own address "
+                    "on the BACnet/IP network (e.g. 192.168.1.10/24)"
+                )
+            problem = bacnet_address_problem(self.host)
+            if problem:
+                raise ValueError(f"bus {self.name!r}: host {self.host!r}: {problem}")
+            if ":" in self.host:
+                raise ValueError(
+                    f"bus {self.name!r}: host {self.host!r}: give the UDP port as 'port'"
+                )
+            if self.port is None:
+                self.port = BACNET_PORT
         if self.kind == "rtu" and self.connections not in (None, 1):
             raise ValueError(f"bus {self.name!r}: a serial line has exactly one connection")
         return self
@@ -126,6 +296,47 @@ class BusConfig(BaseModel):
         if self.kind == "rtu":
             return 1
         return self.connections or 2
+
+
+#: BACnet/IP's UDP port (0xBAC0)
+BACNET_PORT = 47808
+#: the highest device instance (4194303 is the wildcard)
+BACNET_MAX_INSTANCE = 4194302
+
+
+def bacnet_address_problem(text: str) -> str | None:
+    """Why ``text`` is not an IPv4 BACnet/IP address (``a.b.c.d``, ``a.b.c.d/prefix``,
+    ``a.b.c.d:port``), or None."""
+    host, _, port = text.partition(":")
+    host, _, prefix = host.partition("/")
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        return "not an IPv4 address (a.b.c.d, a.b.c.d/24 or a.b.c.d:47808)"
+    if prefix and not (prefix.isdigit() and 0 <= int(prefix) <= 32):
+        return f"prefix /{prefix} is not 0-32"
+    if port and not (port.isdigit() and 1 <= int(port) <= 65535):
+        return f"port {port!r} is not 1-65535"
+    return None
+
+
+class BacnetTarget(BaseModel):
+    """Where a BACnet/IP meter is: its IP address (and UDP port) and device instance."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    address: str = Field(description="the device's IPv4 address, e.g. 192.168.1.50 or :47808")
+    device_instance: int = Field(
+        ge=0, le=BACNET_MAX_INSTANCE, description="the device object's instance number"
+    )
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        problem = bacnet_address_problem(value)
+        if problem or "/" in value:
+            raise ValueError(problem or "no /prefix here: the device's address, e.g. 10.0.0.9")
+        return value
 
 
 def _parse_ratio(value: object) -> float:
@@ -167,16 +378,23 @@ class MeterConfig(BaseModel):
 
     name: Slug
     bus: Slug
-    unit: int = Field(
-        ge=1, le=247, description="Modbus unit id 1-247 (0 is broadcast, 248-255 reserved)"
+    unit: int | None = Field(
+        None,
+        ge=1,
+        le=247,
+        description="Modbus unit id 1-247 (0 is broadcast, 248-255 reserved); "
+        "a BACnet meter has none",
+    )
+    bacnet: BacnetTarget | None = Field(
+        None, description="a BACnet/IP meter (on a bus of kind bacnet): address, device_instance"
     )
     profile: str = Field(min_length=1, description="built-in or user-defined profile name")
-    interval_s: float = Field(1.0, ge=0.05, le=3600, description="poll interval")
+    interval_s: Duration = Field(1.0, ge=0.05, le=3600, description="poll interval")
     wiring: Literal["star", "delta"] = Field(
         "star", description="delta = the meter reports line-to-line voltages (sqrt(3) correction)"
     )
     expect_export: bool = Field(False, description="site may export here (no ct_reversed alarm)")
-    timeout_s: float | None = Field(None, gt=0, le=60, description="overrides the bus timeout")
+    timeout_s: Duration | None = Field(None, gt=0, le=60, description="overrides the bus timeout")
     offline_after: int = Field(3, ge=1, le=100, description="failed polls before offline")
     time_sync: bool = Field(
         True,

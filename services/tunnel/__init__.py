@@ -1,0 +1,1 @@
+"""``pfmon wss-tunnel``: carries an edge broker's MQTT bridge over WebSockets + TLS."""
