@@ -73,6 +73,16 @@ def test_central_addresses() -> None:
         password="pw",
         secrets_path="/s",
     )
+    with pytest.raises(ConfigError, match="reaches one central host"):
+        bridge_conf(
+            site="plant",
+            gateway="gw1",
+            central_host="c1,c2",
+            central_port=443,
+            password="pw",
+            secrets_path="/s",
+            tunnel="wss-tunnel:8884",
+        )
     lines = conf.splitlines()
     assert "address c1:8883 c2:8883 c3:9883" in lines
     assert "round_robin false" in lines
@@ -137,3 +147,27 @@ async def test_a_refused_subscription_is_an_error_not_silence(tmp_path: Path) ->
         ok.subscribe("pfm/v1/a/+/metrics", DeadLetter, handler)
         async with ok:
             await ok.wait_subscribed(20)
+
+
+def test_init_lists_every_bad_central_host(tmp_path: Path) -> None:
+    from services.init.site import init_site
+
+    with pytest.raises(ConfigError) as err:
+        init_site(
+            site="plant",
+            role="edge",
+            central_host="c1,,c2",
+            out=tmp_path / "x",
+            env_file=tmp_path / "x.env",
+        )
+    assert "--central-host 'c1,,c2', entry 2: '' is not a host" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        init_site(
+            site="plant",
+            role="edge",
+            central_host="c1,c2",
+            central_tunnel="wss-tunnel:8884",
+            out=tmp_path / "y",
+            env_file=tmp_path / "y.env",
+        )
+    assert "reaches one central host; 'c1,c2' lists several" in str(err.value)

@@ -115,6 +115,11 @@ def init_site(
             problems.append(
                 f"--central-tunnel: {central_tunnel!r} is not HOST:PORT (e.g. wss-tunnel:8884)"
             )
+        if central_host and "," in central_host:
+            problems.append(
+                "--central-host: a bridge through --central-tunnel reaches one central host;"
+                f" {central_host!r} lists several (list the nodes without a tunnel)"
+            )
     if websockets_port is not None and not 1 <= websockets_port <= 65535:
         problems.append(f"--websockets-port: {websockets_port} is not a TCP port (1-65535)")
     homeassistant = None  # a Home Assistant user and its ACL only with the section
