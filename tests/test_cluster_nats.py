@@ -234,6 +234,8 @@ async def test_node_killed_mid_stream_loses_and_duplicates_nothing(
                 for k in used:
                     holder = sa if k in sa.running else sb
                     assert holder.member == owner(k, [member_a, member_b])
+                # A let go of B's shards: its health gauge still says connected
+                assert arch_a.metrics.bus_connected.labels("archiver")._value.get() == 1
                 # every shard session subscribed before the traffic starts
                 await _until(
                     lambda: (
@@ -367,3 +369,48 @@ def test_shards_and_share_group_exclude_each_other() -> None:
     with pytest.raises(ConfigError, match="heartbeat_s"):
         parse_site({"site": "centre", "archiver": {"shards": 4, "heartbeat_s": 0}})
     assert parse_site({"site": "centre", "archiver": {"shards": 4}}).archiver.shards == 4
+
+
+@pytest.mark.timeout(60)
+async def test_members_split_the_shards_and_keep_their_health_gauge(
+    mqtt_url: str, site_name: str
+) -> None:
+    """On the machine's broker: a second member takes its shards from the first, which
+    lets them go (their sessions closed) and still reports itself connected."""
+    settings = Settings(mqtt_url=mqtt_url, metrics_port=0)
+    sites = [f"s{i}" for i in range(6)]  # fixed: the split is the same every run
+
+    names = _members_that_split(site_name, sites)  # each of the two gets a shard
+
+    def member(name: str) -> ShardManager:
+        return ShardManager(
+            settings,
+            site=site_name,
+            sites=sites,
+            shards=SHARDS,
+            heartbeat_s=0.5,
+            metrics=ServiceMetrics("archiver", site_name),
+            subscribe=lambda bus, only: None,
+            member=name,
+        )
+
+    a = member(names[0])
+    used = set(a.by_shard)
+    async with a:
+        await _until(lambda: set(a.running) == used, 20, "A holds every shard")
+        b = member(names[1])
+        async with b:
+            await _until(
+                lambda: (
+                    set(a.running) | set(b.running) == used
+                    and not set(a.running) & set(b.running)
+                    and bool(b.running)
+                ),
+                20,
+                "B takes its shards",
+            )
+            await _until(lambda: len(b.buses) == len(b.running), 20, "B's sessions open")
+            assert a.m.moves.labels("released")._value.get() >= 1
+            assert a.metrics.bus_connected.labels("archiver")._value.get() == 1
+        # B stops cleanly (announces offline): A takes everything back at once
+        await _until(lambda: set(a.running) == used, 20, "A takes B's shards back")

@@ -279,6 +279,9 @@ class ShardManager:
             )
         finally:
             self.buses.pop(shard, None)
+            # a closed shard session zeroes the service's pfm_bus_connected, which health
+            # checks read: it says the member's own (presence) connection again
+            self.metrics.bus_connected.labels(self.service).set(1 if self.bus.connected else 0)
 
     def _start(self, shard: int) -> None:
         log.info(
