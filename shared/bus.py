@@ -8,6 +8,8 @@
   goes to the handler, the dead letter names what was refused);
 * connects in the background and reconnects with exponential backoff and jitter,
   resubscribing every pattern; a broker that is down at start is retried, never fatal;
+  with several nodes in ``PFM_MQTT_URL`` (a clustered broker) every failed or lost
+  connection moves on to the next node, and the persistent session resumes there;
 * MQTT v5 where the broker speaks it, 3.1.1 otherwise (``PFM_MQTT_PROTOCOL=auto``);
 * persistent sessions (stable client id, clean start off) so QoS 1 messages that
   arrive while a service is away are delivered when it is back;
@@ -298,6 +300,9 @@ class Bus:
         self._idle = asyncio.Event()
         self._idle.set()
         self._dl_seq = 0
+        self._nodes = len(settings.mqtt_targets())
+        #: index of the node of ``PFM_MQTT_URL`` this bus connects to (next one after a loss)
+        self._node = 0
         self._protocol: aiomqtt.ProtocolVersion | None = {
             "5": aiomqtt.ProtocolVersion.V5,
             "3.1.1": aiomqtt.ProtocolVersion.V311,
@@ -313,6 +318,12 @@ class Bus:
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
+
+    @property
+    def node(self) -> str:
+        """``host:port`` of the broker node this bus is connected (or connecting) to."""
+        target = self.settings.mqtt(self._node)
+        return f"{target.host}:{target.port}"
 
     @property
     def protocol(self) -> str | None:
@@ -385,7 +396,7 @@ class Bus:
         """
         link = self._link
         if link is None or not self.connected:
-            raise BusUnavailable(f"not connected to {self.settings.mqtt_url}", kind="disconnected")
+            raise BusUnavailable(f"not connected to {self.node}", kind="disconnected")
         payload = message if isinstance(message, bytes) else _encode(message)
         try:
             await link.publish(topic, payload, qos, retain, timeout)
@@ -413,7 +424,7 @@ class Bus:
         """
         link = self._link
         if link is None or not self.connected:
-            raise BusUnavailable(f"not connected to {self.settings.mqtt_url}", kind="disconnected")
+            raise BusUnavailable(f"not connected to {self.node}", kind="disconnected")
         payload = message if isinstance(message, bytes) else _encode(message)
         self._unconfirmed += 1
         self._idle.clear()
@@ -469,7 +480,7 @@ class Bus:
     # -- internals -----------------------------------------------------------------
 
     def _make_client(self, protocol: aiomqtt.ProtocolVersion) -> aiomqtt.Client:
-        target = self.settings.mqtt()
+        target = self.settings.mqtt(self._node)
         tls_params = None
         if target.tls or self.settings.mqtt_ca_file:
             tls_params = aiomqtt.TLSParameters(
@@ -541,7 +552,7 @@ class Bus:
                     self.metrics.bus_connected.labels(self.service).set(1)
                     log.info(
                         "connected to %s (MQTT %s)",
-                        self.settings.mqtt_url,
+                        self.node,
                         self.protocol,
                         extra={"service": self.service},
                     )
@@ -583,13 +594,22 @@ class Bus:
                 if self.connections == 0 and tried_v311 and not was_connected:
                     self._protocol = None  # keep trying both until one works
                     tried_v311 = False
+                lost = self.node
+                if self._nodes > 1:
+                    # a clustered broker: the next node has the same session
+                    self._node = (self._node + 1) % self._nodes
+                    if was_connected:
+                        attempt = 0
                 delay = self._backoff.delay(attempt)
-                attempt += 1
+                # a full round of the nodes failed before the backoff grows
+                if self._node == 0 or self._nodes == 1:
+                    attempt += 1
                 log.warning(
-                    "broker %s %s: %s; retrying in %.1f s",
-                    self.settings.mqtt_url,
+                    "broker %s %s: %s; retrying%s in %.1f s",
+                    lost,
                     "lost" if was_connected else "unreachable",
                     exc,
+                    f" on {self.node}" if self._nodes > 1 else "",
                     delay,
                     extra={"service": self.service},
                 )
@@ -600,7 +620,23 @@ class Bus:
                 self._link = None
 
     async def _subscribe_one(self, client: aiomqtt.Client, sub: _Subscription[Any]) -> None:
-        await client.subscribe(sub.filter, qos=sub.qos)
+        granted = await client.subscribe(sub.filter, qos=sub.qos)
+        codes = [c if isinstance(c, int) else c.value for c in granted]
+        if any(code >= 0x80 for code in codes):
+            # the broker refused the filter (its ACL, or a limit such as NATS's 65,535
+            # QoS 1 messages in flight per session): nothing would arrive for it, so this
+            # connection is not good; say so and try again with the backoff
+            self.metrics.handler_errors.labels(self.service, "subscribe").inc()
+            log.error(
+                "broker %s refused the subscription %s (SUBACK 0x%02x)",
+                self.node,
+                sub.filter,
+                max(codes),
+                extra={"service": self.service, "topic": sub.filter},
+            )
+            raise aiomqtt.MqttError(
+                f"subscription {sub.filter} refused by the broker (SUBACK 0x{max(codes):02x})"
+            )
         log.debug("subscribed %s", sub.filter, extra={"service": self.service})
 
     async def _receive(self, link: _mqtt_fast.Link) -> None:

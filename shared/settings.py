@@ -52,6 +52,38 @@ def parse_mqtt_url(url: str) -> MqttTarget:
     )
 
 
+def parse_mqtt_urls(value: str) -> list[MqttTarget]:
+    """``PFM_MQTT_URL``: one broker, or several nodes of one clustered broker separated by
+    commas (``mqtt://node1:1883,mqtt://node2:1883``). Every entry is checked; an empty
+    entry, a repeated one or a mix of ``mqtt://`` and ``mqtts://`` is a :class:`ConfigError`
+    naming the entry by its position."""
+    entries = [entry.strip() for entry in value.split(",")]
+    targets: list[MqttTarget] = []
+    seen: dict[tuple[str, int], int] = {}
+    for n, entry in enumerate(entries, 1):
+        where = f"entry {n} of {len(entries)}" if len(entries) > 1 else "the URL"
+        if not entry:
+            raise ConfigError(f"PFM_MQTT_URL {value!r}: {where} is empty (a stray comma?)")
+        try:
+            target = parse_mqtt_url(entry)
+        except ConfigError as exc:
+            raise ConfigError(f"{exc} ({where})") from exc
+        key = (target.host, target.port)
+        if key in seen:
+            raise ConfigError(
+                f"PFM_MQTT_URL {value!r}: {where} repeats entry {seen[key]} "
+                f"({target.host}:{target.port})"
+            )
+        seen[key] = n
+        if targets and target.tls != targets[0].tls:
+            raise ConfigError(
+                f"PFM_MQTT_URL {value!r}: {where} {entry!r} mixes mqtts:// and mqtt:// nodes "
+                "(the TLS settings apply to every node)"
+            )
+        targets.append(target)
+    return targets
+
+
 class Settings(BaseSettings):
     """Every setting has an environment variable ``PFM_<NAME>``."""
 
@@ -59,7 +91,11 @@ class Settings(BaseSettings):
         env_prefix="PFM_", env_file=None, extra="ignore", case_sensitive=False
     )
 
-    mqtt_url: str = Field(DEFAULT_MQTT_URL, description="broker, mqtt://host:port or mqtts://")
+    mqtt_url: str = Field(
+        DEFAULT_MQTT_URL,
+        description="broker, mqtt://host:port or mqtts://; the nodes of a clustered broker"
+        " separated by commas (the bus moves to the next when one is lost)",
+    )
     mqtt_username: str | None = Field(None, description="broker user (overrides the URL's)")
     mqtt_password: SecretStr | None = Field(None, description="broker password")
     mqtt_ca_file: Path | None = Field(None, description="CA bundle that signed the broker cert")
@@ -132,13 +168,21 @@ class Settings(BaseSettings):
     def _upper(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
 
-    def mqtt(self) -> MqttTarget:
-        target = parse_mqtt_url(self.mqtt_url)
-        if self.mqtt_username is not None:
-            target.username = self.mqtt_username
-        if self.mqtt_password is not None:
-            target.password = self.mqtt_password.get_secret_value()
-        return target
+    def mqtt(self, node: int = 0) -> MqttTarget:
+        """The broker (the ``node``-th of ``PFM_MQTT_URL``'s list, wrapping around), with
+        ``PFM_MQTT_USERNAME`` / ``PFM_MQTT_PASSWORD`` applied."""
+        targets = self.mqtt_targets()
+        return targets[node % len(targets)]
+
+    def mqtt_targets(self) -> list[MqttTarget]:
+        """Every node of ``PFM_MQTT_URL``, in order, credentials applied."""
+        targets = parse_mqtt_urls(self.mqtt_url)
+        for target in targets:
+            if self.mqtt_username is not None:
+                target.username = self.mqtt_username
+            if self.mqtt_password is not None:
+                target.password = self.mqtt_password.get_secret_value()
+        return targets
 
 
 #: default /metrics port per service

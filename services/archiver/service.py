@@ -38,6 +38,7 @@ from services.archiver.ingest import (
     write_batch,
 )
 from services.archiver.migrate import PLAIN, MigrationResult, migrate
+from services.archiver.shards import ShardManager
 from shared import topics
 from shared.bus import Backoff, Bus, BusUnavailable, Incoming
 from shared.errors import ConfigError
@@ -230,6 +231,8 @@ class Archiver:
         self.newest_ts: datetime | None = None
         self.db_up = False
         self.bus: Bus | None = None
+        #: shard mode (``archiver.shards``): the shards this member holds
+        self.shards: ShardManager | None = None
         #: commit latencies in seconds, kept only when a benchmark sets this to a list
         self.latencies: list[float] | None = None
         self._backoff = Backoff(initial_s=0.25, max_s=self.cfg.retry_max_s)
@@ -246,7 +249,8 @@ class Archiver:
 
     # -- the bus side ------------------------------------------------------------------
 
-    def subscribe(self, bus: Bus) -> None:
+    def subscribe(self, bus: Bus, only: list[str] | None = None) -> None:
+        """Subscribe the archived topics of this archiver's sites (or of ``only``)."""
         kinds = [topics.Kind.METRICS, topics.Kind.EVENT, topics.Kind.COMMAND]
         kinds += [topics.Kind.STATE, topics.Kind.STATUS]
         if self.cfg.keep_readings:
@@ -256,7 +260,7 @@ class Archiver:
             sites = [self.site.site]
         elif sites == "all":
             sites = ["+"]
-        for site in sites:
+        for site in sites if only is None else only:
             for kind in kinds:
                 model, _table = KINDS[kind]
                 bus.subscribe(
@@ -615,11 +619,35 @@ class Archiver:
         finally:
             await self.close()
 
+    def shard_sites(self) -> list[str]:
+        """The sites split into shards: the list, or every known site for ``all``."""
+        sites = self.cfg.sites
+        if sites == "own":
+            return [self.site.site]
+        if sites == "all":
+            return sorted(self.authority.known)
+        return list(sites)
+
     async def _consume(self) -> None:
         """Bus, flusher and rollups until shutdown; then the flusher drains."""
         async with asyncio.TaskGroup() as tg:
             flusher = tg.create_task(self.flusher(), name="archiver-flusher")
             tg.create_task(self.rollup_loop(), name="archiver-rollups")
+            if self.cfg.shards:  # a clustered broker: this member holds some shards
+                async with ShardManager(
+                    self.settings,
+                    site=self.site.site,
+                    sites=self.shard_sites(),
+                    shards=self.cfg.shards,
+                    heartbeat_s=self.cfg.heartbeat_s,
+                    metrics=self.metrics,
+                    subscribe=self.subscribe,
+                ) as shards:
+                    self.bus, self.shards = shards.bus, shards
+                    self.shutdown.ready_after(shards.bus.wait_subscribed(), "subscribed")
+                    await self.shutdown.wait()
+                await flusher
+                return
             async with Bus(
                 self.settings,
                 service=SERVICE,

@@ -26,9 +26,32 @@ from services.init.broker import (
     write_passwd,
 )
 from services.init.files import write_private
+from shared.errors import ConfigError
 
 #: the topics an edge forwards to the centre (direction ``out`` only: nothing comes back)
 BRIDGED_TOPICS = ("+/metrics", "+/event", "actuator/+/state", "gateway/+/status")
+
+
+def central_addresses(central_host: str, central_port: int) -> list[tuple[str, int]]:
+    """``--central-host``: one host, or the nodes of a clustered central broker separated
+    by commas, each ``host`` (at ``central_port``) or ``host:port``. A bad entry is a
+    :class:`ConfigError` naming it."""
+    out: list[tuple[str, int]] = []
+    entries = [e.strip() for e in central_host.split(",")]
+    for n, entry in enumerate(entries, 1):
+        where = f"--central-host {central_host!r}, entry {n}"
+        host, sep, port_text = entry.rpartition(":")
+        if not sep:
+            host, port_text = entry, str(central_port)
+        if not host or any(c.isspace() for c in host) or "/" in host:
+            raise ConfigError(f"{where}: {entry!r} is not a host or host:port")
+        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise ConfigError(f"{where}: port {port_text!r} is not 1-65535")
+        address = (host, int(port_text))
+        if address in out:
+            raise ConfigError(f"{where}: {host}:{port_text} is listed twice")
+        out.append(address)
+    return out
 
 
 def bridge_conf(
@@ -41,12 +64,19 @@ def bridge_conf(
     secrets_path: str,
     tunnel: str | None = None,
 ) -> str:
-    """The ``conf.d/bridge.conf`` of an edge broker (through ``tunnel`` HOST:PORT, the
-    edge's ``pfmon wss-tunnel``, when the centre is reached over WebSockets)."""
+    """The ``conf.d/bridge.conf`` of an edge broker. ``central_host`` may list the nodes
+    of a clustered centre (:func:`central_addresses`): the bridge dials the first that
+    answers and moves to the next when it is lost. Through ``tunnel`` HOST:PORT (the
+    edge's ``pfmon wss-tunnel``, when the centre is reached over WebSockets) it dials the
+    tunnel, which reaches one central host."""
     topics_lines = [f"topic {ROOT}/{site}/{t} out 1" for t in BRIDGED_TOPICS]
     if tunnel is None:
+        addresses = " ".join(f"{h}:{p}" for h, p in central_addresses(central_host, central_port))
         link = [
-            f"address {central_host}:{central_port}",
+            f"address {addresses}",
+            "# several addresses: the first that answers; after a loss the next one, and back",
+            "# to the first when it answers again",
+            "round_robin false",
             "bridge_protocol_version mqttv311",
         ]
         tls = [
@@ -56,6 +86,11 @@ def bridge_conf(
             "bridge_insecure false",
         ]
     else:
+        if "," in central_host:
+            raise ConfigError(
+                f"--central-host {central_host!r}: a bridge through pfmon wss-tunnel reaches"
+                " one central host; list several nodes without --central-tunnel"
+            )
         link = [
             f"# through pfmon wss-tunnel ({tunnel}) to wss://{central_host}:{central_port}/mqtt:",
             "# plain MQTT on the edge's own network, TLS from the tunnel to the centre",
@@ -80,7 +115,9 @@ def bridge_conf(
             "restart_timeout 2 60",
             "keepalive_interval 30",
             "notifications false",
-            "try_private true",
+            "# out only, so there is no loop to detect; a clustered centre (NATS) refuses the",
+            "# bridge's private protocol flag",
+            "try_private false",
             *topics_lines,
             "",
         ]

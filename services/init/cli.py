@@ -42,7 +42,10 @@ def register(app: typer.Typer) -> None:
             None, "--central", help="Edge only: the centre's secrets folder (CA, passwd, acl)."
         ),
         central_host: str | None = typer.Option(
-            None, "--central-host", help="Edge only: central broker host the bridge dials."
+            None,
+            "--central-host",
+            help="Edge only: central broker host the bridge dials; the nodes of a clustered"
+            " centre separated by commas (host or host:port).",
         ),
         central_port: int | None = typer.Option(
             None,

@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.init.bridge import bridge_conf, register_bridge
+from services.init.bridge import bridge_conf, central_addresses, register_bridge
 from services.init.broker import (
     HOMEASSISTANT_USER,
     MOSQUITTO_UID,
@@ -114,6 +114,11 @@ def init_site(
         elif not host or not port.isdigit() or not 1 <= int(port) <= 65535:
             problems.append(
                 f"--central-tunnel: {central_tunnel!r} is not HOST:PORT (e.g. wss-tunnel:8884)"
+            )
+        if central_host and "," in central_host:
+            problems.append(
+                "--central-host: a bridge through --central-tunnel reaches one central host;"
+                f" {central_host!r} lists several (list the nodes without a tunnel)"
             )
     if websockets_port is not None and not 1 <= websockets_port <= 65535:
         problems.append(f"--websockets-port: {websockets_port} is not a TCP port (1-65535)")
@@ -238,15 +243,22 @@ def _edge_problems(central: Path | None, central_host: str | None) -> list[str]:
         problems.append(f"--central: {central}/ca.key not found (run pfmon init --role central)")
     if not central_host:
         problems.append("--central-host: the address the edge's bridge dials")
-    elif central is not None and (central / "broker" / "server.crt").exists():
-        names = server_names(central / "broker" / "server.crt")
-        if central_host not in names:
-            problems.append(
-                f"--central-host: the central broker's certificate does not name "
-                f"{central_host!r} (it names {', '.join(sorted(names))}); the bridge "
-                f"would fail TLS verification. Re-run the centre's init with "
-                f"--hostname {central_host} --force, or use one of those names"
-            )
+    else:
+        try:
+            hosts = [host for host, _ in central_addresses(central_host, 8883)]
+        except ConfigError as exc:
+            problems.append(str(exc))
+            hosts = []
+        crt = central / "broker" / "server.crt" if central is not None else None
+        names = server_names(crt) if crt is not None and crt.exists() else set()
+        for host in hosts if names else ():
+            if host not in names:
+                problems.append(
+                    f"--central-host: the central broker's certificate does not name "
+                    f"{host!r} (it names {', '.join(sorted(names))}); the bridge "
+                    f"would fail TLS verification. Re-run the centre's init with "
+                    f"--hostname {host} --force, or use one of those names"
+                )
     return problems
 
 

@@ -89,6 +89,12 @@ class ArchiverConfig(BaseModel):
     #: subscriptions. Lossless only while the broker keeps the group's sessions: see
     #: docs/archiver.md before setting it.
     share_group: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]+$")
+    #: on a clustered broker without shared subscriptions (NATS, RabbitMQ): the sites are
+    #: hashed into this many shards, one persistent session each, and the archivers that
+    #: run take the shards among themselves (0 = off; docs/deployment.md)
+    shards: int = Field(0, ge=0, le=1024)
+    #: shard mode: how often an archiver announces itself; one silent for 3 is gone
+    heartbeat_s: float = Field(2.0, ge=0.2, le=60)
     #: names (meters, devices, gateways) a site's topics may carry beyond those its site
     #: file lists, by site; for a central archiver, the sites and names it accepts
     known: dict[Slug, list[Slug]] = Field(default_factory=dict)
@@ -110,6 +116,11 @@ class ArchiverConfig(BaseModel):
     def _buffer(self) -> ArchiverConfig:
         if isinstance(self.sites, list) and not self.sites:
             raise ValueError("sites: an empty list archives nothing (use own, all or slugs)")
+        if self.shards and self.share_group is not None:
+            raise ValueError(
+                "shards and share_group exclude each other: shards split the sites where the"
+                " broker has no shared subscriptions"
+            )
         if self.buffer_max_records < self.batch_size:
             raise ValueError(
                 f"buffer_max_records ({self.buffer_max_records}) must be at least "
