@@ -94,7 +94,7 @@ class ArchiverConfig(BaseModel):
     #: run take the shards among themselves (0 = off; docs/deployment.md)
     shards: int = Field(0, ge=0, le=1024)
     #: shard mode: how often an archiver announces itself; one silent for 3 is gone
-    heartbeat_s: float = Field(2.0, ge=0.2, le=60)
+    heartbeat_s: Duration = Field(2.0, ge=0.2, le=60)
     #: names (meters, devices, gateways) a site's topics may carry beyond those its site
     #: file lists, by site; for a central archiver, the sites and names it accepts
     known: dict[Slug, list[Slug]] = Field(default_factory=dict)
