@@ -6,8 +6,10 @@ in a batch of a thousand, ~0.7 ms for a batch of one): a reading waits at most
 ``analytics.batch_window_s`` (default 50 ms) for others, or until ``batch_max``
 are waiting. A waveform first flushes the waiting readings, so each meter's inputs
 are analysed in the order they arrived. Every input gives one instantaneous
-``Metrics`` message (``interval_s = 0``), plus the 3 s / 10 min aggregates when an
-interval closes, and alarm ``Event`` messages on transitions.
+``Metrics`` message (``interval_s = 0``) on the meter's ``metrics`` topic, plus the
+3 s / 10 min aggregates when an interval closes, each on its own level below it
+(``metrics/3s``, ``metrics/600s``: a bridge can forward only those), and alarm
+``Event`` messages on transitions.
 
 Results go out with :meth:`~shared.bus.Bus.publish_nowait`: the receive loop never
 waits for a PUBACK (the bus keeps a bounded in-flight window, in order). Inputs are
@@ -146,6 +148,8 @@ class Analytics:
         self.children: dict[str, tuple[Any, Any, Any, Any]] = {}
         #: per meter, looked up once (bounded like the engine's meters)
         self._metrics_topics: dict[str, str] = {}
+        #: per meter and aggregate interval, the aggregate's topic
+        self._aggregate_topics: dict[tuple[str, float], str] = {}
 
     def _children(self, meter: str) -> tuple[Any, Any, Any, Any]:
         """Labelled Prometheus children per meter, looked up once."""
@@ -400,7 +404,10 @@ class Analytics:
             except Exception as exc:  # e.g. an integer beyond 64 bits (refused at entry)
                 self._failed_output(meter, f"metrics seq {m.seq}", exc)
                 continue
-            self._publish(topic, payload, "metrics", group)
+            if m.aggregate:
+                self._publish(self._aggregate_topic(meter, m.interval_s), payload, "metrics", group)
+            else:
+                self._publish(topic, payload, "metrics", group)
         for ev in out.events:
             try:
                 payload = encode(ev)
@@ -421,6 +428,14 @@ class Analytics:
             score = first.value(M.NEUTRAL_SCORE)
             if score is not None:
                 neutral_gauge.set(score)
+
+    def _aggregate_topic(self, meter: str, interval_s: float) -> str:
+        """An aggregate's own topic (``.../metrics/3s``), built once per meter and interval."""
+        key = (meter, interval_s)
+        got = self._aggregate_topics.get(key)
+        if got is None:
+            got = self._aggregate_topics[key] = topics.aggregate(self.site.site, meter, interval_s)
+        return got
 
     def _failed_output(self, meter: str, what: str, exc: Exception) -> None:
         """A result that could not be encoded or published: counted; logged the first

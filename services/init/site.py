@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.init.bridge import bridge_conf, central_addresses, register_bridge
+from services.init.bridge import bridge_conf, bridged_topics, central_addresses, register_bridge
 from services.init.broker import (
     HOMEASSISTANT_USER,
     MOSQUITTO_UID,
@@ -85,6 +85,7 @@ def init_site(
     websockets_port: int | None = None,
     websockets_bind: str | None = None,
     central_tunnel: str | None = None,
+    bridge_metrics: str = "all",
     client_path: str = "/run/secrets/mqtt",  # may contain {user}
     broker_url: str | None = None,
     days: int = 3650,
@@ -100,6 +101,8 @@ def init_site(
     (``broker/conf.d/websockets.conf``; ``websockets_bind``: the IP address it binds).
     ``central_tunnel`` (edge): the HOST:PORT of the edge's ``pfmon wss-tunnel``, when the
     bridge reaches the centre's websockets listener (``central_port``, 443) through it.
+    ``bridge_metrics`` (edge): which metrics the bridge forwards (``all``, ``aggregates``
+    or one interval such as ``600s``).
     """
     env_file = env_file if env_file is not None else default_env_file(role)
     problems = [
@@ -120,6 +123,13 @@ def init_site(
                 "--central-host: a bridge through --central-tunnel reaches one central host;"
                 f" {central_host!r} lists several (list the nodes without a tunnel)"
             )
+    if bridge_metrics != "all":
+        try:
+            bridged_topics(bridge_metrics)
+        except ConfigError as exc:
+            problems.append(str(exc))
+        if role != "edge":
+            problems.append("--bridge-metrics: only an edge's bridge forwards metrics")
     if websockets_port is not None and not 1 <= websockets_port <= 65535:
         problems.append(f"--websockets-port: {websockets_port} is not a TCP port (1-65535)")
     homeassistant = None  # a Home Assistant user and its ACL only with the section
@@ -175,6 +185,7 @@ def init_site(
             broker_path,
             days,
             central_tunnel,
+            bridge_metrics,
         )
         if central_tunnel is not None:
             result.notes.append(
@@ -333,6 +344,7 @@ def _write_edge_bridge(
     broker_path: str,
     days: int,
     tunnel: str | None = None,
+    metrics: str = "all",
 ) -> None:
     """The edge broker's bridge certificate and ``conf.d/bridge.conf``; its user at the centre."""
     site, broker = result.site, result.out / "broker"
@@ -348,6 +360,7 @@ def _write_edge_bridge(
         password=password,
         secrets_path=broker_path,
         tunnel=tunnel,
+        metrics=metrics,
     )
     write_private(broker / "conf.d" / "bridge.conf", conf)
     register_bridge(central, site, password)
