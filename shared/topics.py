@@ -51,6 +51,7 @@ class Kind(StrEnum):
     STATE = "state"
     STATUS = "status"
     DEADLETTER = "deadletter"
+    ARCHIVE = "archive"
 
 
 def reading(site: str, meter: str) -> str:
@@ -115,6 +116,12 @@ def deadletter(site: str, service: str) -> str:
     return f"{ROOT}/{check_slug(site, 'site')}/deadletter/{check_slug(service, 'service')}"
 
 
+def archive(site: str, service: str) -> str:
+    """A service's archive batches (``ArchiveBatch``: many metrics messages of the site
+    for its archiver, also published one by one on their meters' topics)."""
+    return f"{ROOT}/{check_slug(site, 'site')}/archive/{check_slug(service, 'service')}"
+
+
 def pattern(kind: Kind, site: str = "+", name: str = "+") -> str:
     """Subscription filter, e.g. ``pattern(Kind.READING)`` -> ``pfm/v1/+/+/reading``.
     ``Kind.METRICS`` gives ``.../metrics/#``: the per-input metrics and the aggregates
@@ -127,6 +134,8 @@ def pattern(kind: Kind, site: str = "+", name: str = "+") -> str:
         return f"{ROOT}/{site}/gateway/{name}/status"
     if kind is Kind.DEADLETTER:
         return f"{ROOT}/{site}/deadletter/{name}"
+    if kind is Kind.ARCHIVE:
+        return f"{ROOT}/{site}/archive/{name}"
     return f"{ROOT}/{site}/{name}/{kind.value}"
 
 
@@ -140,6 +149,8 @@ def kind_of(topic: str) -> str:
         last in ("#", "+") or (last[-1:] == "s" and last[:-1].isdigit())
     ):
         return "metrics"
+    if head.endswith("/archive"):
+        return "archive"
     return last
 
 
@@ -166,6 +177,8 @@ def parse(topic: str) -> TopicParts:
         return TopicParts(site, check_slug(rest[1], "gateway"), Kind.STATUS)
     if len(rest) == 2 and rest[0] == "deadletter":
         return TopicParts(site, check_slug(rest[1], "service"), Kind.DEADLETTER)
+    if len(rest) == 2 and rest[0] == "archive":
+        return TopicParts(site, check_slug(rest[1], "service"), Kind.ARCHIVE)
     if len(rest) == 2 and rest[1] in (
         Kind.READING,
         Kind.WAVEFORM,

@@ -133,6 +133,7 @@ def acl_text(
             [
                 f"topic read {s}/#",
                 f"topic write {s}/+/metrics/#",
+                f"topic write {s}/archive/analytics",
                 f"topic write {s}/+/event",
                 f"topic write {s}/deadletter/analytics",
             ],
