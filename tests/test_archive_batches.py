@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from datetime import UTC, datetime
+from typing import Any
 
 import asyncpg
 import pytest
@@ -202,3 +203,25 @@ async def test_broker_and_archiver_restarts_with_batches_lose_and_duplicate_noth
     assert batches and max(len(b.messages) for b in batches) == 7
     inner = [Metrics.model_validate_json(text) for b in batches for _, text in b.messages]
     assert all(m.site == site_name for m in inner)
+
+
+async def test_a_shard_subscribes_the_batches_of_its_own_sites_only(
+    settings: Settings, site_name: str
+) -> None:
+    """Shards hand ``subscribe(bus, sites)`` the sites they hold: with archive batches
+    each site's batch topic replaces its metrics topics (a batch is one site's)."""
+    site = archiver_site(site_name, archive_batches=True, sites=["edge-a", "edge-b"])
+    arch = Archiver(settings, site, Shutdown())
+    filters: list[str] = []
+
+    class Recorder(Bus):
+        def subscribe(self, pattern: str, *args: Any, **kwargs: Any) -> None:
+            filters.append(pattern)
+            super().subscribe(pattern, *args, **kwargs)
+
+    arch.subscribe(
+        Recorder(named(settings, "subs"), service="archiver", site=site_name), ["edge-b"]
+    )
+    assert "pfm/v1/edge-b/archive/+" in filters
+    assert not [f for f in filters if "/metrics" in f or "edge-a" in f]
+    assert "pfm/v1/edge-b/+/event" in filters
