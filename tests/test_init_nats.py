@@ -1,0 +1,378 @@
+"""``pfmon init --role central --engine nats``: the NATS centre's node configurations and
+users, checked by ``nats-server -t`` and enforced by a real three-node cluster started from
+the generated files (TLS routes and MQTT, bcrypt passwords, per-user permissions)."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from services.init import init_site
+from services.init.broker import acl_text
+from services.init.nats import NODES, SECRETS_PATH, STORE_DIR, permissions, subject
+from shared.embedded import free_port, wait_port
+from shared.errors import ConfigError
+from tests.nats_cluster import nats_server
+
+needs_nats = pytest.mark.skipif(nats_server() is None, reason="nats-server is not installed")
+CENTRE = "central"
+EDGES = ("branch1", "branch2")
+
+
+@dataclass
+class Centre:
+    out: Path
+    passwords: dict[str, str]  # user -> password (services and bridges)
+    certs: dict[str, tuple[Path, Path]]  # user -> (certificate, key)
+
+
+def make_centre(tmp: Path) -> Centre:
+    """A NATS centre and two edges registered at it, as an operator makes them."""
+    out = tmp / "secrets"
+    result = init_site(
+        site=CENTRE, role="central", engine="nats", out=out, env_file=tmp / ".env", chown=False
+    )
+    passwords = {u: p for u, p in result.passwords.items() if not u.startswith("PFM_")}
+    certs = {
+        u: (out / "clients" / u / "client.crt", out / "clients" / u / "client.key")
+        for u in passwords
+    }
+    for edge in EDGES:
+        bundle = tmp / edge
+        edge_result = init_site(
+            site=edge,
+            role="edge",
+            out=bundle / "secrets",
+            env_file=bundle / ".env",
+            central=out,
+            central_host=",".join(NODES),
+            chown=False,
+        )
+        user = f"bridge-{edge}"
+        passwords[user] = edge_result.passwords[user]
+        broker = bundle / "secrets" / "broker"
+        certs[user] = (broker / "bridge.crt", broker / "bridge.key")
+    return Centre(out, passwords, certs)
+
+
+# -- the files -------------------------------------------------------------------------------
+
+
+def test_subjects_follow_the_mqtt_gateway_mapping() -> None:
+    assert subject("pfm/v1/branch1/m1/metrics") == "pfm.v1.branch1.m1.metrics"
+    assert subject("pfm/v1/+/deadletter/archiver") == "pfm.v1.*.deadletter.archiver"
+    assert subject("pfm/v1/#") == "pfm.v1.>"
+    with pytest.raises(ConfigError, match=r"'a\.b'"):
+        subject("pfm/v1/a.b/metrics")
+
+
+def test_permissions_are_the_mosquitto_acl() -> None:
+    acl = acl_text("central", CENTRE, ["branch1", "branch2"])
+    perms = permissions(acl)
+    assert set(perms) == {"archiver", "monitor", "bridge-branch1", "bridge-branch2"}
+    publish, subscribe = perms["bridge-branch1"]
+    assert publish == [
+        "pfm.v1.branch1.*.metrics",
+        "pfm.v1.branch1.*.event",
+        "pfm.v1.branch1.actuator.*.state",
+        "pfm.v1.branch1.gateway.*.status",
+    ]
+    assert subscribe == []  # reads nothing, so not even the delivery subjects
+    publish, subscribe = perms["archiver"]
+    assert subscribe == ["pfm.v1", "pfm.v1.>", "$MQTT.sub.>"]
+    assert "pfm.v1.central.archiver.*.presence" in publish
+    assert perms["monitor"] == ([], ["pfm.v1", "pfm.v1.>", "$MQTT.sub.>"])  # $SYS left out
+
+
+def test_init_writes_every_node_and_registers_edges(tmp_path: Path) -> None:
+    centre = make_centre(tmp_path)
+    nats = centre.out / "nats"
+    for node in NODES:
+        conf = (nats / f"{node}.conf").read_text()
+        assert f"server_name: {node}" in conf
+        assert all(f"nats-route://{n}:6222" in conf for n in NODES)
+        assert "include users.conf" in conf
+    users = (nats / "users.conf").read_text()
+    for user, password in centre.passwords.items():
+        assert f'user: "{user}"' in users
+        assert password not in users  # hashed
+    assert users.count('password: "$2b$11$') == len(centre.passwords)
+    assert (centre.out / "env" / "archiver.env").read_text().count("mqtts://nats") == 3
+    # a rotation of the centre keeps the edges' bridges
+    init_site(
+        site=CENTRE,
+        role="central",
+        engine="nats",
+        out=centre.out,
+        env_file=tmp_path / ".env",
+        force=True,
+        chown=False,
+    )
+    assert 'user: "bridge-branch2"' in (nats / "users.conf").read_text()
+
+
+def test_init_refuses_bad_engine_options(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        init_site(
+            site="s1",
+            role="site",
+            engine="nats",
+            nats_nodes=["a", "a", "B_1"],
+            out=tmp_path / "s",
+            env_file=tmp_path / ".env",
+            chown=False,
+        )
+    text = str(err.value) + " ".join(getattr(err.value, "problems", []) or [])
+    assert "only the centre runs on NATS" in text
+    assert "'B_1' is not a host name" in text
+    assert "a listed twice" in text
+    with pytest.raises(ConfigError, match=r"2 node\(s\).*needs three or more"):
+        init_site(
+            site="c",
+            role="central",
+            engine="nats",
+            nats_nodes=["n1", "n2"],
+            out=tmp_path / "s",
+            env_file=tmp_path / ".env",
+            chown=False,
+        )
+    with pytest.raises(ConfigError) as err:
+        init_site(
+            site="c",
+            role="central",
+            engine="rabbit",  # type: ignore[arg-type]
+            out=tmp_path / "s",
+            env_file=tmp_path / ".env",
+            chown=False,
+        )
+    assert "'rabbit' is not one of mosquitto, nats" in str(err.value) + str(
+        getattr(err.value, "problems", "")
+    )
+    assert not (tmp_path / "s").exists()  # nothing half-written
+
+
+def for_this_host(
+    conf: str, out: Path, store: Path, ports: dict[str, int], routes: dict[str, int]
+) -> str:
+    """A generated node configuration with this host's paths and free loopback ports."""
+    conf = conf.replace(f"{SECRETS_PATH}/", f"{out}/").replace(STORE_DIR, str(store))
+    conf = conf.replace("listen: 127.0.0.1:4222", f"listen: 127.0.0.1:{ports['client']}")
+    conf = conf.replace("http: 127.0.0.1:8222", f"http: 127.0.0.1:{ports['http']}")
+    conf = conf.replace("listen: 0.0.0.0:6222", f"listen: 127.0.0.1:{ports['route']}")
+    conf = conf.replace("listen: 0.0.0.0:8883", f"listen: 127.0.0.1:{ports['mqtt']}")
+    conf = re.sub(
+        r"nats-route://(\w+):6222", lambda m: f"nats-route://127.0.0.1:{routes[m.group(1)]}", conf
+    )
+    assert re.search(r":(4222|8222|6222|8883)\b", conf) is None, conf
+    assert f" {SECRETS_PATH}/" not in conf, conf
+    return conf
+
+
+@needs_nats
+def test_nats_server_accepts_each_generated_node(tmp_path: Path) -> None:
+    centre = make_centre(tmp_path)
+    for node in NODES:
+        conf = (centre.out / "nats" / f"{node}.conf").read_text()
+        # only the paths change: nats-server -t loads the certificates and users
+        local = conf.replace(f"{SECRETS_PATH}/", f"{centre.out}/")
+        local = local.replace(STORE_DIR, str(tmp_path / node))
+        path = centre.out / "nats" / f"{node}.local.conf"
+        path.write_text(local)
+        done = subprocess.run(
+            [nats_server() or "nats-server", "-t", "-c", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+
+
+# -- the cluster -----------------------------------------------------------------------------
+
+
+class Running:
+    def __init__(self, centre: Centre, mqtt_ports: list[int]) -> None:
+        self.centre = centre
+        self.mqtt_ports = mqtt_ports
+
+    def client(
+        self,
+        user: str,
+        node: int,
+        *,
+        password: str | None = None,
+        client_id: str | None = None,
+        cert: bool = True,
+    ) -> tuple[mqtt.Client, int]:
+        """A connected MQTT 3.1.1 client (persistent session) and the CONNACK code."""
+        c = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id or f"t-{user}-{time.monotonic_ns()}",
+            clean_session=False,
+            protocol=mqtt.MQTTv311,
+        )
+        crt, key = self.centre.certs[user]
+        ca = str(self.centre.out / "ca.crt")
+        if cert:
+            c.tls_set(ca_certs=ca, certfile=str(crt), keyfile=str(key))
+        else:
+            c.tls_set(ca_certs=ca)
+        c.username_pw_set(user, password if password is not None else self.centre.passwords[user])
+        connected = threading.Event()
+        code: list[int] = []
+
+        def on_connect(_c, _u, _f, reason, _p) -> None:  # type: ignore[no-untyped-def]
+            code.append(reason.value if hasattr(reason, "value") else int(reason))
+            connected.set()
+
+        c.on_connect = on_connect
+        c.on_disconnect = lambda *_a: connected.set()  # refused before any CONNACK
+        c.connect("127.0.0.1", self.mqtt_ports[node], keepalive=30)
+        c.loop_start()
+        connected.wait(15)
+        return c, code[0] if code else -1
+
+    def publish(self, user: str, node: int, topic: str) -> None:
+        """Publish one QoS 1 message as ``user`` on a connection of its own."""
+        c, code = self.client(user, node)
+        assert code == 0, f"{user} could not connect: {code}"
+        info = c.publish(topic, b"x", qos=1)
+        # a refused publish may end the connection: what arrives is what counts
+        with contextlib.suppress(RuntimeError, ValueError):
+            info.wait_for_publish(5)
+        c.disconnect()
+        c.loop_stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
+    binary = nats_server()
+    if binary is None:
+        pytest.skip("nats-server is not installed")
+    tmp = tmp_path_factory.mktemp("natscentre")
+    centre = make_centre(tmp)
+    ports = {n: {k: free_port() for k in ("client", "http", "route", "mqtt")} for n in NODES}
+    routes = {n: ports[n]["route"] for n in NODES}
+    procs = []
+    try:
+        for node in NODES:
+            conf = (centre.out / "nats" / f"{node}.conf").read_text()
+            path = centre.out / "nats" / f"{node}.local.conf"
+            path.write_text(for_this_host(conf, centre.out, tmp / node, ports[node], routes))
+            log = (tmp / f"{node}.log").open("ab")
+            procs.append(
+                subprocess.Popen([binary, "-c", str(path)], stdout=log, stderr=subprocess.STDOUT)
+            )
+        for node in NODES:
+            wait_port("127.0.0.1", ports[node]["mqtt"], timeout=20)
+        running = Running(centre, [ports[n]["mqtt"] for n in NODES])
+        deadline = time.monotonic() + 60
+        for n in range(len(NODES)):  # JetStream up: a persistent session is accepted
+            while True:
+                c, code = running.client("archiver", n, client_id=f"ready-{n}")
+                c.disconnect()
+                c.loop_stop()
+                if code == 0:
+                    break
+                assert time.monotonic() < deadline, f"node {n} not ready: {code}"
+                time.sleep(0.5)
+        yield running
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(10)
+
+
+@needs_nats
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_cluster_enforces_the_centres_users(cluster: Running) -> None:
+    got: list[str] = []
+    archiver, code = cluster.client("archiver", 0, client_id="archiver-all")
+    assert code == 0
+    archiver.on_message = lambda _c, _u, msg: got.append(msg.topic)
+    subscribed = threading.Event()
+    archiver.on_subscribe = lambda *_a: subscribed.set()
+    archiver.subscribe("pfm/v1/#", qos=1)
+    assert subscribed.wait(10)
+
+    # bridges publish on other nodes than the archiver's: routes carry it (TLS both ways)
+    allowed = "pfm/v1/branch1/m1/metrics"
+    cluster.publish("bridge-branch1", 1, allowed)
+    refused = [
+        ("bridge-branch1", "pfm/v1/branch2/m1/metrics"),  # another site's
+        ("bridge-branch1", "pfm/v1/branch1/actuator/bank1/command"),  # a command
+        ("bridge-branch1", "pfm/v1/branch1/m1/reading"),  # not a summary
+        ("monitor", "pfm/v1/branch1/m2/metrics"),  # read-only
+    ]
+    for user, topic in refused:
+        cluster.publish(user, 2, topic)
+    sentinel = "pfm/v1/branch2/gateway/gw1/status"
+    cluster.publish("bridge-branch2", 2, sentinel)
+    deadline = time.monotonic() + 20
+    while not {allowed, sentinel} <= set(got) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)
+    archiver.disconnect()
+    archiver.loop_stop()
+    assert {allowed, sentinel} <= set(got), got  # the archiver reads every site
+    assert not [t for _u, t in refused if t in got], got
+
+
+@needs_nats
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_cluster_refuses_wrong_passwords_and_missing_certificates(cluster: Running) -> None:
+    c, code = cluster.client("archiver", 1, password="not-" + cluster.centre.passwords["archiver"])
+    c.loop_stop()
+    assert code in (134, 135), code  # bad user name or password / not authorised
+    # another user's password is wrong too
+    c, code = cluster.client(
+        "bridge-branch1", 1, password=cluster.centre.passwords["bridge-branch2"]
+    )
+    c.loop_stop()
+    assert code in (134, 135), code
+    # TLS: a client certificate is required (with TLS 1.3 the server says so after the
+    # client's handshake: the connection ends without a CONNACK)
+    try:
+        c, code = cluster.client("archiver", 1, cert=False)
+        c.loop_stop()
+    except OSError:
+        code = -1
+    assert code == -1, code
+    c, code = cluster.client("archiver", 1)
+    c.disconnect()
+    c.loop_stop()
+    assert code == 0
+
+
+@needs_nats
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_cluster_bridge_user_reads_nothing(cluster: Running) -> None:
+    c, code = cluster.client("bridge-branch1", 0)
+    assert code == 0
+    granted: list[int] = []
+    done = threading.Event()
+
+    def on_subscribe(_c, _u, _mid, reasons, _p) -> None:  # type: ignore[no-untyped-def]
+        granted.extend(r.value for r in reasons)
+        done.set()
+
+    c.on_subscribe = on_subscribe
+    c.subscribe("pfm/v1/branch1/#", qos=1)
+    assert done.wait(10)
+    c.disconnect()
+    c.loop_stop()
+    assert granted == [0x80], granted  # SUBACK failure
