@@ -22,7 +22,7 @@ from services.init.broker import acl_text
 from services.init.nats import NODES, SECRETS_PATH, STORE_DIR, permissions, subject
 from shared.embedded import free_port, wait_port
 from shared.errors import ConfigError
-from tests.nats_cluster import nats_server
+from tests.nats_cluster import deploy_mqtt_options, nats_server
 
 needs_nats = pytest.mark.skipif(nats_server() is None, reason="nats-server is not installed")
 CENTRE = "central"
@@ -195,6 +195,17 @@ def test_nats_server_accepts_each_generated_node(tmp_path: Path) -> None:
             timeout=30,
         )
         assert done.returncode == 0, done.stdout + done.stderr
+    # a broken file is refused: the check can fail
+    path.write_text(local.replace("mqtt {", "mqtt {{", 1))
+    bad = subprocess.run(
+        [nats_server() or "nats-server", "-t", "-c", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert bad.returncode != 0
+    # the tests' clusters (tests/nats_cluster.py) run the generated tuning
+    assert "max_ack_pending: 4096" in deploy_mqtt_options()
 
 
 # -- the cluster -----------------------------------------------------------------------------
