@@ -60,6 +60,7 @@ def make_centre(tmp: Path) -> Centre:
         )
         user = f"bridge-{edge}"
         passwords[user] = edge_result.passwords[user]
+        assert any("reload every NATS node" in note for note in edge_result.notes)
         broker = bundle / "secrets" / "broker"
         certs[user] = (broker / "bridge.crt", broker / "bridge.key")
     return Centre(out, passwords, certs)

@@ -219,10 +219,17 @@ def init_site(
                 "(deploy/edge/compose.yml: --profile wss), and give the centre "
                 "pfmon init --websockets-port"
             )
-        result.notes.append(
-            f"registered {bridge_user(site)} at the centre ({central}/broker/passwd, acl): "
-            "reload the central broker (docker compose kill -s HUP mosquitto)"
-        )
+        if (central / "nats" / "passwd").exists():
+            result.notes.append(
+                f"registered {bridge_user(site)} at the centre ({central}/nats/users.conf, "
+                "and broker/passwd, acl): reload every NATS node (compose.nats.yml: docker "
+                "compose kill -s HUP nats1 nats2 nats3)"
+            )
+        else:
+            result.notes.append(
+                f"registered {bridge_user(site)} at the centre ({central}/broker/passwd, acl): "
+                "reload the central broker (docker compose kill -s HUP mosquitto)"
+            )
 
     if role in ("site", "central"):
         for name in DATABASE_PASSWORDS:
