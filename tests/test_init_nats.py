@@ -388,3 +388,55 @@ def test_cluster_bridge_user_reads_nothing(cluster: Running) -> None:
     c.disconnect()
     c.loop_stop()
     assert granted == [0x80], granted  # SUBACK failure
+
+
+@needs_nats
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_cluster_keeps_retained_messages_and_wills_within_permissions(cluster: Running) -> None:
+    """What the services do besides plain QoS 1: a bridge's retained gateway status and an
+    archiver's retained presence with its last will, each read on another node."""
+    status = "pfm/v1/branch1/gateway/gw1/status"
+    bridge, code = cluster.client("bridge-branch1", 0)
+    assert code == 0
+    bridge.publish(status, b"online", qos=1, retain=True).wait_for_publish(5)
+    bridge.disconnect()
+    bridge.loop_stop()
+
+    presence = f"pfm/v1/{CENTRE}/archiver/member-a/presence"
+    member = mqtt.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id="member-a",
+        clean_session=True,
+        protocol=mqtt.MQTTv311,
+    )
+    crt, key = cluster.centre.certs["archiver"]
+    member.tls_set(ca_certs=str(cluster.centre.out / "ca.crt"), certfile=str(crt), keyfile=str(key))
+    member.username_pw_set("archiver", cluster.centre.passwords["archiver"])
+    member.will_set(presence, b"offline", qos=1, retain=True)
+    member.connect("127.0.0.1", cluster.mqtt_ports[1], keepalive=5)
+    member.loop_start()
+    member.publish(presence, b"online", qos=1, retain=True).wait_for_publish(10)
+
+    def retained(topic: str, node: int) -> bytes | None:
+        got: list[bytes] = []
+        c, code = cluster.client("monitor", node)
+        assert code == 0
+        c.on_message = lambda _c, _u, msg: got.append(msg.payload)
+        c.subscribe(topic, qos=1)
+        deadline = time.monotonic() + 10
+        while not got and time.monotonic() < deadline:
+            time.sleep(0.05)
+        c.disconnect()
+        c.loop_stop()
+        return got[-1] if got else None
+
+    assert retained(status, 2) == b"online"
+    assert retained(presence, 2) == b"online"
+    # the member dies without a DISCONNECT: its will (retained) says so
+    member.loop_stop()
+    member.socket().close()  # type: ignore[union-attr]
+    deadline = time.monotonic() + 20
+    while retained(presence, 0) != b"offline":
+        assert time.monotonic() < deadline, "the last will was not published"
+        time.sleep(0.5)
