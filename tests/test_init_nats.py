@@ -4,6 +4,7 @@ the generated files (TLS routes and MQTT, bcrypt passwords, per-user permissions
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
 import subprocess
@@ -11,18 +12,33 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
+import asyncpg
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from services.archiver.shards import assign
 from services.init import init_site
 from services.init.broker import acl_text
 from services.init.nats import NODES, SECRETS_PATH, STORE_DIR, permissions, subject
+from shared import topics
+from shared.bus import Bus
 from shared.embedded import free_port, wait_port
 from shared.errors import ConfigError
+from shared.settings import Settings
 from tests.nats_cluster import deploy_mqtt_options, nats_server
+from tests.test_archiver_helpers import (
+    TEST_NAMES,
+    archiver_site,
+    at,
+    metrics_msg,
+    running_archiver,
+    schema_dsn,
+)
 
 needs_nats = pytest.mark.skipif(nats_server() is None, reason="nats-server is not installed")
 CENTRE = "central"
@@ -440,3 +456,78 @@ def test_cluster_keeps_retained_messages_and_wills_within_permissions(cluster: R
     while retained(presence, 0) != b"offline":
         assert time.monotonic() < deadline, "the last will was not published"
         time.sleep(0.5)
+
+
+def _pfmon_settings(cluster: Running, user: str, client_id: str, **more: Any) -> Settings:
+    """How a pfmon service reaches the generated cluster: every node, TLS, its user."""
+    crt, key = cluster.centre.certs[user]
+    return Settings(
+        mqtt_url=",".join(f"mqtts://127.0.0.1:{p}" for p in cluster.mqtt_ports),
+        mqtt_protocol="3.1.1",
+        mqtt_username=user,
+        mqtt_password=cluster.centre.passwords[user],  # type: ignore[arg-type]
+        mqtt_ca_file=cluster.centre.out / "ca.crt",
+        mqtt_cert_file=crt,
+        mqtt_key_file=key,
+        mqtt_client_id=client_id,
+        metrics_port=0,
+        log_format="text",
+        **more,
+    )
+
+
+@needs_nats
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+async def test_sharded_archiver_stores_through_the_generated_permissions(
+    cluster: Running, tmp_path: Path, db_dsn: str, db_schema: str
+) -> None:
+    """pfmon's own archiver (shards: presence, shard sessions) logged in as ``archiver``
+    stores what ``bridge-branch1`` publishes for its site, and nothing it publishes for
+    branch2."""
+    sites = [CENTRE, *EDGES]
+    site_cfg = archiver_site(
+        CENTRE,
+        sites="all",
+        shards=4,
+        heartbeat_s=1.0,
+        keep_readings=False,
+        batch_size=50,
+        flush_interval_s=0.2,
+        known=dict.fromkeys(sites, TEST_NAMES),
+    )
+    dsn = schema_dsn(db_dsn, db_schema)
+    settings = _pfmon_settings(
+        cluster, "archiver", f"arch-{db_schema}", db_dsn=dsn, data_dir=tmp_path / "arch"
+    )
+    base = datetime.now(UTC).replace(microsecond=0)
+    async with running_archiver(settings, site_cfg) as arch:
+        shards = arch.shards
+        assert shards is not None
+        used = set(assign(sites, 4))
+        deadline = time.monotonic() + 30
+        while not (set(shards.running) == used and all(b.connected for b in shards.buses.values())):
+            assert time.monotonic() < deadline, "the archiver did not take its shards"
+            await asyncio.sleep(0.1)
+        for bus in shards.buses.values():
+            await bus.wait_subscribed(30)
+        bridge = _pfmon_settings(cluster, "bridge-branch1", f"bridge-{db_schema}")
+        async with Bus(bridge, service="testpub", site="branch1", persistent=False) as bus:
+            await bus.wait_connected(15)
+            for seq in range(20):
+                for site in EDGES:  # branch2's are another site's: refused
+                    msg = metrics_msg(site, "m1", at(base, seq), seq, 1.0 + seq, 2.0)
+                    await bus.publish(topics.metrics(site, "m1"), msg)
+        conn = await asyncpg.connect(dsn)
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                rows = await conn.fetch("SELECT site, seq FROM pfm_metrics")
+                if len(rows) >= 20 or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.2)
+            await asyncio.sleep(1.0)
+            rows = await conn.fetch("SELECT site, seq FROM pfm_metrics ORDER BY seq")
+        finally:
+            await conn.close()
+    assert [(r["site"], r["seq"]) for r in rows] == [("branch1", s) for s in range(20)]
