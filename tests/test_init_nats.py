@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import signal
 import subprocess
 import threading
 import time
@@ -27,7 +28,7 @@ from services.init.broker import acl_text
 from services.init.nats import NODES, SECRETS_PATH, STORE_DIR, permissions, subject
 from shared import topics
 from shared.bus import Bus
-from shared.embedded import free_port, wait_port
+from shared.embedded import LocalMosquitto, free_port, wait_port
 from shared.errors import ConfigError
 from shared.settings import Settings
 from tests.nats_cluster import deploy_mqtt_options, nats_server
@@ -229,9 +230,17 @@ def test_nats_server_accepts_each_generated_node(tmp_path: Path) -> None:
 
 
 class Running:
-    def __init__(self, centre: Centre, mqtt_ports: list[int]) -> None:
+    def __init__(
+        self, centre: Centre, mqtt_ports: list[int], procs: list[subprocess.Popen[bytes]]
+    ) -> None:
         self.centre = centre
         self.mqtt_ports = mqtt_ports
+        self.procs = procs
+
+    def reload(self) -> None:
+        """SIGHUP every node (what ``docker compose kill -s SIGHUP`` does)."""
+        for proc in self.procs:
+            proc.send_signal(signal.SIGHUP)
 
     def client(
         self,
@@ -303,7 +312,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
             )
         for node in NODES:
             wait_port("127.0.0.1", ports[node]["mqtt"], timeout=20)
-        running = Running(centre, [ports[n]["mqtt"] for n in NODES])
+        running = Running(centre, [ports[n]["mqtt"] for n in NODES], procs)
         deadline = time.monotonic() + 60
         for n in range(len(NODES)):  # JetStream up: a persistent session is accepted
             while True:
@@ -531,3 +540,51 @@ async def test_sharded_archiver_stores_through_the_generated_permissions(
         finally:
             await conn.close()
     assert [(r["site"], r["seq"]) for r in rows] == [("branch1", s) for s in range(20)]
+
+
+@needs_nats
+@pytest.mark.skipif(not LocalMosquitto.available(), reason="mosquitto is not installed")
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_an_edge_registered_later_bridges_in_after_a_reload(
+    cluster: Running, tmp_path: Path
+) -> None:
+    """The operator's steps for a new branch: init the edge at the centre (its bridge user
+    goes into users.conf), reload the nodes, start the edge broker with the generated
+    bridge.conf (TLS, client certificate, every node listed): its summaries arrive."""
+    bundle = tmp_path / "branch3" / "secrets"
+    init_site(
+        site="branch3",
+        role="edge",
+        out=bundle,
+        env_file=tmp_path / "branch3" / ".env",
+        central=cluster.centre.out,
+        central_host=",".join(f"127.0.0.1:{p}" for p in cluster.mqtt_ports),
+        broker_path=str(bundle / "broker"),  # where this edge broker finds its files
+        chown=False,
+    )
+    assert 'user: "bridge-branch3"' in (cluster.centre.out / "nats" / "users.conf").read_text()
+    cluster.reload()
+    got: list[str] = []
+    reader, code = cluster.client("monitor", 2)
+    assert code == 0
+    reader.on_message = lambda _c, _u, msg: got.append(msg.topic)
+    subscribed = threading.Event()
+    reader.on_subscribe = lambda *_a: subscribed.set()
+    reader.subscribe("pfm/v1/branch3/#", qos=1)
+    assert subscribed.wait(10)
+    conf = (bundle / "broker" / "conf.d" / "bridge.conf").read_text()
+    topic = "pfm/v1/branch3/m1/metrics"
+    with LocalMosquitto(tmp_path / "edge", extra_config=conf) as edge:
+        local = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="edge-pub")
+        local.connect("127.0.0.1", edge.port)
+        local.loop_start()
+        deadline = time.monotonic() + 30
+        while topic not in got:  # the bridge connects within restart_timeout
+            assert time.monotonic() < deadline, "the edge's summaries did not arrive"
+            local.publish(topic, b"x", qos=1).wait_for_publish(5)
+            time.sleep(1.0)
+        local.disconnect()
+        local.loop_stop()
+    reader.disconnect()
+    reader.loop_stop()
