@@ -176,7 +176,34 @@ def test_init_refuses_bad_engine_options(tmp_path: Path) -> None:
     assert "'rabbit' is not one of mosquitto, nats" in str(err.value) + str(
         getattr(err.value, "problems", "")
     )
+    with pytest.raises(ConfigError, match="--nats-node: only with --engine nats"):
+        init_site(
+            site="c",
+            role="central",
+            nats_nodes=["n1", "n2", "n3"],
+            out=tmp_path / "s",
+            env_file=tmp_path / ".env",
+            chown=False,
+        )
     assert not (tmp_path / "s").exists()  # nothing half-written
+    # a NATS centre is not rotated into a Mosquitto one by forgetting --engine
+    init_site(
+        site="c",
+        role="central",
+        engine="nats",
+        out=tmp_path / "s",
+        env_file=tmp_path / ".env",
+        chown=False,
+    )
+    with pytest.raises(ConfigError, match="this centre runs on NATS"):
+        init_site(
+            site="c",
+            role="central",
+            out=tmp_path / "s",
+            env_file=tmp_path / ".env",
+            force=True,
+            chown=False,
+        )
 
 
 def for_this_host(

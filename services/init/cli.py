@@ -6,7 +6,6 @@ from pathlib import Path
 
 import typer
 
-from services.init.nats import NODES as NATS_NODES
 from services.init.site import init_site
 from shared.errors import ConfigError
 
@@ -122,7 +121,7 @@ def register(app: typer.Typer) -> None:
                 days=days,
                 force=force,
                 engine=engine,  # type: ignore[arg-type]
-                nats_nodes=nats_node or NATS_NODES,
+                nats_nodes=nats_node or None,
             )
         except ConfigError as exc:
             fail(str(exc))

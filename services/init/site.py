@@ -99,7 +99,7 @@ def init_site(
     force: bool = False,
     chown: bool | None = None,
     engine: Engine = "mosquitto",
-    nats_nodes: Sequence[str] = NATS_NODES,
+    nats_nodes: Sequence[str] | None = None,
 ) -> InitResult:
     """Generate every secret of one site. Raises :class:`ConfigError` listing all problems.
 
@@ -111,7 +111,8 @@ def init_site(
     ``central_tunnel`` (edge): the HOST:PORT of the edge's ``pfmon wss-tunnel``, when the
     bridge reaches the centre's websockets listener (``central_port``, 443) through it.
     ``engine`` ``nats`` (centre only) also writes the NATS JetStream nodes' configurations
-    and users (``nats/``, :mod:`services.init.nats`) for the nodes ``nats_nodes``; their
+    and users (``nats/``, :mod:`services.init.nats`) for the nodes ``nats_nodes`` (default
+    ``nats1``-``nats3``); their
     names go into the broker certificate, and services dial every node.
     """
     env_file = env_file if env_file is not None else default_env_file(role)
@@ -140,7 +141,14 @@ def init_site(
             problems.append(
                 f"--engine nats: only the centre runs on NATS (--role central), not {role!r}"
             )
-        problems += node_problems(list(nats_nodes))
+        problems += node_problems(list(nats_nodes or NATS_NODES))
+    if engine != "nats" and nats_nodes is not None:
+        problems.append("--nats-node: only with --engine nats")
+    if role == "central" and engine == "mosquitto" and (out / "nats" / "passwd").exists():
+        problems.append(
+            f"--engine: this centre runs on NATS ({out}/nats): pass --engine nats to rotate "
+            "its secrets, or remove that folder to go back to one Mosquitto"
+        )
     if websockets_port is not None and not 1 <= websockets_port <= 65535:
         problems.append(f"--websockets-port: {websockets_port} is not a TCP port (1-65535)")
     homeassistant = None  # a Home Assistant user and its ACL only with the section
@@ -156,6 +164,7 @@ def init_site(
     ca = _write_ca(result, central if role == "edge" else None, days)
     broker = out / "broker"
     nats = engine == "nats"
+    nats_nodes = list(nats_nodes or NATS_NODES)
     names = [*hostnames, *(nats_nodes if nats else ())]
     _write_server_cert(ca, broker, site, names, days, also_client=nats)
     if nats and broker_url is None:
