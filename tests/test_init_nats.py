@@ -572,7 +572,7 @@ async def test_sharded_archiver_stores_through_the_generated_permissions(
 @needs_nats
 @pytest.mark.skipif(not LocalMosquitto.available(), reason="mosquitto is not installed")
 @pytest.mark.slow
-@pytest.mark.timeout(90)
+@pytest.mark.timeout(150)
 def test_an_edge_registered_later_bridges_in_after_a_reload(
     cluster: Running, tmp_path: Path
 ) -> None:
@@ -580,7 +580,7 @@ def test_an_edge_registered_later_bridges_in_after_a_reload(
     goes into users.conf), reload the nodes, start the edge broker with the generated
     bridge.conf (TLS, client certificate, every node listed): its summaries arrive."""
     bundle = tmp_path / "branch3" / "secrets"
-    init_site(
+    edge_result = init_site(
         site="branch3",
         role="edge",
         out=bundle,
@@ -592,6 +592,24 @@ def test_an_edge_registered_later_bridges_in_after_a_reload(
     )
     assert 'user: "bridge-branch3"' in (cluster.centre.out / "nats" / "users.conf").read_text()
     cluster.reload()
+    # the nodes know the new user once they have re-read users.conf (before that, a
+    # refused bridge would back off for up to restart_timeout's 60 s)
+    user = "bridge-branch3"
+    cluster.centre.passwords[user] = edge_result.passwords[user]
+    cluster.centre.certs[user] = (
+        bundle / "broker" / "bridge.crt",
+        bundle / "broker" / "bridge.key",
+    )
+    deadline = time.monotonic() + 30
+    for node in range(len(cluster.mqtt_ports)):
+        while True:
+            c, code = cluster.client(user, node, client_id=f"reloaded-{node}")
+            c.disconnect()
+            c.loop_stop()
+            if code == 0:
+                break
+            assert time.monotonic() < deadline, f"node {node} did not reload users.conf"
+            time.sleep(0.5)
     got: list[str] = []
     reader, code = cluster.client("monitor", 2)
     assert code == 0
@@ -606,7 +624,7 @@ def test_an_edge_registered_later_bridges_in_after_a_reload(
         local = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="edge-pub")
         local.connect("127.0.0.1", edge.port)
         local.loop_start()
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 45
         while topic not in got:  # the bridge connects within restart_timeout
             assert time.monotonic() < deadline, "the edge's summaries did not arrive"
             local.publish(topic, b"x", qos=1).wait_for_publish(5)
