@@ -358,7 +358,7 @@ def main() -> None:
         type=int,
         default=0,
         help="NATS: mqtt { max_ack_pending } per subscription (default: the deployed"
-        " configuration's, deploy/central/nats/nats-server.conf)",
+        " configuration's, as pfmon init --engine nats writes it)",
     )
     parser.add_argument(
         "--payload",

@@ -11,19 +11,17 @@ import subprocess
 import time
 from pathlib import Path
 
+from services.init.nats import NODES, node_conf
 from shared.embedded import free_port, wait_port
-
-#: the centre's NATS configuration (deploy/central/nats/nats-server.conf)
-DEPLOY_CONF = (
-    Path(__file__).resolve().parents[1] / "deploy" / "central" / "nats" / "nats-server.conf"
-)
 
 
 def deploy_mqtt_options() -> str:
-    """The ``mqtt {}`` tuning of the deployed configuration (``max_ack_pending``,
-    ``ack_wait``), so that the tests run what is deployed."""
+    """The ``mqtt {}`` tuning of the configuration ``pfmon init --engine nats`` writes for
+    the centre's nodes (``max_ack_pending``, ``ack_wait``), so that the tests run what is
+    deployed."""
     keep = ("max_ack_pending", "ack_wait")
-    lines = [line.split("#")[0].strip() for line in DEPLOY_CONF.read_text().splitlines()]
+    text = node_conf(NODES[0], NODES)
+    lines = [line.split("#")[0].strip() for line in text.splitlines()]
     return ", ".join(line for line in lines if line.startswith(keep))
 
 

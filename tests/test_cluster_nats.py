@@ -7,19 +7,15 @@ stored twice, and the time to recover is printed."""
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 import asyncpg
 import pytest
-from cryptography.hazmat.primitives import serialization
 
 from services.archiver.shards import ShardManager, assign, owner, site_shard
 from services.init.bridge import bridge_conf
-from services.init.certs import CertAuthority
 from shared import topics
 from shared.bus import Bus
 from shared.embedded import LocalMosquitto
@@ -27,7 +23,7 @@ from shared.errors import ConfigError
 from shared.metrics import ServiceMetrics
 from shared.settings import Settings
 from shared.site import parse_site
-from tests.nats_cluster import DEPLOY_CONF, NatsCluster, deploy_mqtt_options, nats_server
+from tests.nats_cluster import NatsCluster, nats_server
 from tests.test_archiver_helpers import (
     TEST_NAMES,
     archiver_site,
@@ -79,39 +75,6 @@ def test_rendezvous_moves_only_what_it_must() -> None:
             assert gone[k] == before[k]
     assert owner(3, []) is None
     assert assign(["b", "a", "a"], 1) == {0: ["a", "b"]}
-
-
-@needs_nats
-def test_the_deployed_nats_configuration_is_valid(tmp_path: Path) -> None:
-    ca = CertAuthority.create("pfm-test-ca", days=1)
-    crt, key = ca.issue("nats1", server=True, sans=["nats1"], days=1)
-    (tmp_path / "server.crt").write_bytes(crt)
-    (tmp_path / "server.key").write_bytes(key)
-    (tmp_path / "ca.crt").write_bytes(ca.cert.public_bytes(serialization.Encoding.PEM))
-    text = DEPLOY_CONF.read_text().replace("/secrets/", f"{tmp_path}/")
-    text = text.replace("/data/jetstream", str(tmp_path / "js"))
-    conf = tmp_path / "nats-server.conf"
-    conf.write_text(text)
-    env = {
-        "PFM_NATS_NAME": "nats1",
-        "PFM_ARCHIVER_MQTT_PASSWORD": "a",
-        "PFM_BRIDGE_BRANCH1_MQTT_PASSWORD": "b",
-        "PATH": os.environ.get("PATH", ""),
-    }
-    binary = nats_server()
-    assert binary is not None
-    result = subprocess.run(
-        [binary, "-t", "-c", str(conf)], env=env, capture_output=True, text=True, timeout=30
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    # a broken file is refused: the check can fail
-    conf.write_text(text.replace("mqtt {", "mqtt {{", 1))
-    bad = subprocess.run(
-        [binary, "-t", "-c", str(conf)], env=env, capture_output=True, text=True, timeout=30
-    )
-    assert bad.returncode != 0
-    # the tests' clusters run the deployed tuning
-    assert "max_ack_pending: 4096" in deploy_mqtt_options()
 
 
 def _members_that_split(central: str, sites: list[str]) -> tuple[str, str]:

@@ -40,6 +40,7 @@ COMPOSE = {
     "site": REPO / "docker-compose.yml",
     "edge": REPO / "deploy" / "edge" / "compose.yml",
     "central": REPO / "deploy" / "central" / "compose.yml",
+    "central-nats": REPO / "deploy" / "central" / "compose.nats.yml",
 }
 PFMON_IMAGE = "${PFM_IMAGE:-pfmon:local}"
 SETTINGS_VARS = {f"PFM_{name.upper()}" for name in Settings.model_fields}
@@ -112,6 +113,16 @@ def generated(tmp_path_factory: pytest.TempPathFactory) -> dict[str, InitResult]
             chown=False,
         ),
         "central": central,
+        "central-nats": init_site(
+            site="centre",
+            role="central",
+            engine="nats",
+            out=tmp / "central-nats",
+            env_file=tmp / "central-nats.env",
+            site_file=REPO / "deploy" / "central" / "site.nats.yaml",
+            hostnames=["central.example.com"],
+            chown=False,
+        ),
         "edge": init_site(
             site="plant-north",
             role="edge",
@@ -147,7 +158,7 @@ def resolve_source(role: str, source: str, generated: dict[str, InitResult]) -> 
     return path
 
 
-@pytest.mark.parametrize("role", ["site", "edge", "central"])
+@pytest.mark.parametrize("role", ["site", "edge", "central", "central-nats"])
 def test_compose_file_resolves(role: str, generated: dict[str, InitResult]) -> None:
     try:
         compose = load_compose(role, generated)
@@ -756,3 +767,52 @@ def test_init_points_compose_at_the_site_file(tmp_path: Path) -> None:
     )
     value = read_env(outside.env_file)["PFM_SITE_FILE_HOST"]
     assert Path(value).is_absolute() and Path(value).exists()
+
+
+def test_nats_centre_compose(generated: dict[str, InitResult]) -> None:
+    """compose.nats.yml: three nodes on the configurations init generates, archivers that
+    dial every node and share the sites by shards; the rest as in compose.yml."""
+    compose = load_compose("central-nats", generated)
+    services = compose["services"]
+    out = generated["central-nats"].out
+    nodes = ["nats1", "nats2", "nats3"]
+    assert "mosquitto" not in services
+    for node in nodes:
+        svc = services[node]
+        assert svc["image"].startswith("nats:2.") and svc["command"][:2] == ["nats-server", "-c"]
+        conf_path = svc["command"][2]
+        # container folder -> host folder, of the bind mounts
+        mounts = {v.split(":")[1]: v.split(":")[0] for v in svc["volumes"] if v.startswith(".")}
+        host_dir = mounts[str(Path(conf_path).parent)]  # the generated nats/ folder
+        conf = resolve_source("central-nats", host_dir, generated) / Path(conf_path).name
+        text = conf.read_text()
+        assert f"server_name: {node}" in text
+        # routes reach the other nodes by their service names, certificates where mounted
+        assert all(f"nats-route://{n}:6222" in text for n in nodes)
+        for path in re.findall(r"(?:cert|key|ca)_file: (\S+)", text):
+            folder, name = path.rsplit("/", 1)
+            assert folder in mounts, f"{node}: {path} is not mounted"
+            assert (resolve_source("central-nats", mounts[folder], generated) / name).exists()
+        store = re.search(r"store_dir: (\S+)", text)
+        assert store and any(
+            v.endswith(":/data") and not v.startswith(".") for v in svc["volumes"]
+        ), "JetStream's store is not on a named volume"
+        assert store.group(1).startswith("/data/")
+        assert "js-enabled-only" in " ".join(svc["healthcheck"]["test"])
+    assert (out / "nats" / "users.conf").exists()
+    archivers = {n: s for n, s in services.items() if s.get("command") == ["archiver"]}
+    assert len(archivers) >= 2
+    ids = [s["environment"]["PFM_MQTT_CLIENT_ID"] for s in archivers.values()]
+    assert len(set(ids)) == len(ids), ids  # one member id each
+    for name, svc in archivers.items():
+        env = svc["environment"]
+        assert env["PFM_MQTT_URL"].split(",") == [f"mqtts://{n}:8883" for n in nodes], name
+        assert env["PFM_MQTT_PROTOCOL"] == "3.1.1"
+        assert set(svc["depends_on"]) >= set(nodes)
+        assert "archiver" in svc["networks"]["default"]["aliases"]  # Prometheus's DNS name
+    assert load_site(site_file_of(generated["central-nats"])).archiver.shards > 0
+    # the services that do not depend on the broker are compose.yml's, unchanged
+    raw = yaml.safe_load(COMPOSE["central-nats"].read_text())["services"]
+    central = yaml.safe_load(COMPOSE["central"].read_text())["services"]
+    for name in ("timescaledb", "alertmanager", "prometheus", "grafana"):
+        assert raw[name] == central[name], name

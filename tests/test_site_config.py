@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
@@ -236,3 +237,50 @@ def test_console_section_defaults_and_tls_pair() -> None:
         parse_site({"site": "s1", "console": {"port": 70000, "open": True}})
     text = "\n".join(info.value.problems)
     assert "console.port" in text and "console.open" in text
+
+
+def _site_models(model: type, seen: set[type] | None = None) -> set[type]:
+    """Every pydantic model reachable from ``model``'s fields (lists, dicts, unions)."""
+    from pydantic import BaseModel
+
+    seen = set() if seen is None else seen
+    seen.add(model)
+    stack = [info.annotation for info in model.model_fields.values()]  # type: ignore[attr-defined]
+    while stack:
+        tp = stack.pop()
+        stack += list(typing.get_args(tp))
+        if isinstance(tp, type) and issubclass(tp, BaseModel) and tp not in seen:
+            _site_models(tp, seen)
+    return seen
+
+
+def test_no_number_in_the_site_file_may_be_infinite_or_nan() -> None:
+    from shared.site import SiteConfig
+
+    models = _site_models(SiteConfig)
+    assert len(models) >= 15, models
+    lax = sorted(m.__name__ for m in models if m.model_config.get("allow_inf_nan") is not False)
+    assert lax == [], f"site-file models that take inf/nan: {lax}"
+
+
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [
+        (("thresholds", "nominal_voltage_v"), ".inf"),
+        (("thresholds", "voltage_unbalance_pct"), ".nan"),
+        (("thresholds", "nominal_voltage_v"), "1e308"),
+    ],
+)
+def test_infinite_huge_or_nan_numbers_are_refused_with_their_path(
+    tmp_path: Path, path: tuple[str, str], value: str
+) -> None:
+    site = tmp_path / "site.yaml"
+    site.write_text(
+        "site: plant1\n"
+        "buses: [{name: b1, kind: tcp, host: 10.0.0.5}]\n"
+        "meters: [{name: main, bus: b1, unit: 1, profile: pmtr001}]\n"
+        f"{path[0]}: {{{path[1]}: {value}}}\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_site(site)
+    assert ".".join(path) in str(info.value)

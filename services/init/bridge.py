@@ -27,6 +27,7 @@ from services.init.broker import (
     write_passwd,
 )
 from services.init.files import write_private
+from services.init.nats import register_nats_bridge
 from shared.errors import ConfigError
 
 #: the topics an edge forwards to the centre (direction ``out`` only: nothing comes back);
@@ -149,13 +150,16 @@ def bridge_conf(
 
 
 def register_bridge(central: Path, site: str, password: str) -> None:
-    """Add (or replace) an edge's bridge user in the centre's passwd and ACL."""
+    """Add (or replace) an edge's bridge user in the centre's passwd and ACL, and in its
+    NATS users when the centre runs on NATS (``nats/``)."""
     broker = central / "broker"
     passwd = read_passwd(broker / "passwd")
     passwd[bridge_user(site)] = mosquitto_hash(password)
     write_passwd(broker / "passwd", passwd)
     central_site = _central_site(broker / "acl")
-    write_private(broker / "acl", acl_text("central", central_site, bridge_sites(passwd)))
+    acl = acl_text("central", central_site, bridge_sites(passwd))
+    write_private(broker / "acl", acl)
+    register_nats_bridge(central, bridge_user(site), password, acl)
 
 
 def _central_site(acl: Path) -> str:

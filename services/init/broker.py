@@ -195,8 +195,13 @@ def acl_text(
     else:
         block(
             "archiver",
-            "archiver: every site's data, read-only (shared subscription $share/archiver/...)",
-            [f"topic read {ROOT}/#", f"topic write {every_site}/deadletter/archiver"],
+            "archiver: every site's data, read-only (shared subscription $share/archiver/...),"
+            " and the archivers' presence (archive shards)",
+            [
+                f"topic read {ROOT}/#",
+                f"topic write {every_site}/deadletter/archiver",
+                f"topic write {s}/archiver/+/presence",
+            ],
         )
         block(
             "monitor",

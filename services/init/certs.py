@@ -83,14 +83,22 @@ class CertAuthority:
         return cls(cert, key)
 
     def issue(
-        self, common_name: str, *, server: bool, sans: Iterable[str] = (), days: int
+        self,
+        common_name: str,
+        *,
+        server: bool,
+        sans: Iterable[str] = (),
+        days: int,
+        also_client: bool = False,
     ) -> tuple[bytes, bytes]:
-        """A leaf certificate and its key, PEM."""
+        """A leaf certificate and its key, PEM. ``also_client``: a server certificate that
+        is also a client's (a NATS node dials its peers' routes with it)."""
         if self.key is None:
             raise ConfigError("the CA key is needed to issue certificates")
         key = ec.generate_private_key(ec.SECP256R1())
         now = dt.datetime.now(dt.UTC)
         usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
+        usages = [usage, ExtendedKeyUsageOID.CLIENT_AUTH] if server and also_client else [usage]
         builder = (
             x509.CertificateBuilder()
             .subject_name(
@@ -107,7 +115,7 @@ class CertAuthority:
             .not_valid_before(now - dt.timedelta(minutes=5))
             .not_valid_after(now + dt.timedelta(days=days))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), False
             )

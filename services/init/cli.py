@@ -70,8 +70,11 @@ def register(app: typer.Typer) -> None:
             help="Where a service finds its clients/<user>/ files, for env/<user>.env "
             "({user} is replaced, e.g. /etc/pfmon/secrets/clients/{user}).",
         ),
-        broker_url: str = typer.Option(
-            "mqtts://mosquitto:8883", "--broker-url", help="URL services dial (env/<user>.env)."
+        broker_url: str | None = typer.Option(
+            None,
+            "--broker-url",
+            help="URL services dial (env/<user>.env); default mqtts://mosquitto:8883, with "
+            "--engine nats every node's mqtts://NODE:8883.",
         ),
         broker_path: str = typer.Option(
             "/mosquitto/secrets",
@@ -83,6 +86,18 @@ def register(app: typer.Typer) -> None:
             "--websockets-port",
             help="Also listen for MQTT over WebSockets + TLS on this port (443: for clients "
             "behind firewalls that pass only HTTPS; user + password, no client certificate).",
+        ),
+        engine: str = typer.Option(
+            "mosquitto",
+            "--engine",
+            help="Central only: mosquitto (one broker) or nats (a NATS JetStream cluster: "
+            "also writes its nodes' configurations and users in OUT/nats).",
+        ),
+        nats_node: list[str] = typer.Option(
+            [],
+            "--nats-node",
+            help="With --engine nats: a node's host name (repeat; default nats1, nats2, "
+            "nats3, the compose services). Named in the broker certificate.",
         ),
         days: int = typer.Option(3650, "--days", min=1, help="Certificate validity."),
         force: bool = typer.Option(False, "--force", help="Rotate: overwrite existing secrets."),
@@ -112,6 +127,8 @@ def register(app: typer.Typer) -> None:
                 websockets_port=websockets_port,
                 days=days,
                 force=force,
+                engine=engine,  # type: ignore[arg-type]
+                nats_nodes=nats_node or None,
             )
         except ConfigError as exc:
             fail(str(exc))

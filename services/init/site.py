@@ -15,9 +15,10 @@ from __future__ import annotations
 import os
 import secrets
 import socket
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from services.init.bridge import bridge_conf, bridged_topics, central_addresses, register_bridge
 from services.init.broker import (
@@ -42,11 +43,18 @@ from services.init.envfile import (
     service_env,
 )
 from services.init.files import chown_tree, write_private
+from services.init.nats import NODES as NATS_NODES
+from services.init.nats import broker_url as nats_broker_url
+from services.init.nats import nats_hash, node_problems, write_nats_centre
 from shared import topics
 from shared.errors import ConfigError
 from shared.site import load_site
 
-__all__ = ["PFMON_UID", "InitResult", "init_site", "new_password"]
+__all__ = ["ENGINES", "PFMON_UID", "InitResult", "init_site", "new_password"]
+
+#: the centre's broker: one Mosquitto, or a NATS JetStream cluster
+ENGINES = ("mosquitto", "nats")
+Engine = Literal["mosquitto", "nats"]
 
 #: uid of the ``pfmon`` user in the Dockerfile (the services read clients/<user>/)
 PFMON_UID = 10001
@@ -91,6 +99,8 @@ def init_site(
     days: int = 3650,
     force: bool = False,
     chown: bool | None = None,
+    engine: Engine = "mosquitto",
+    nats_nodes: Sequence[str] | None = None,
 ) -> InitResult:
     """Generate every secret of one site. Raises :class:`ConfigError` listing all problems.
 
@@ -103,6 +113,10 @@ def init_site(
     bridge reaches the centre's websockets listener (``central_port``, 443) through it.
     ``bridge_metrics`` (edge): which metrics the bridge forwards (``all``, ``aggregates``
     or one interval such as ``600s``).
+    ``engine`` ``nats`` (centre only) also writes the NATS JetStream nodes' configurations
+    and users (``nats/``, :mod:`services.init.nats`) for the nodes ``nats_nodes`` (default
+    ``nats1``-``nats3``); their
+    names go into the broker certificate, and services dial every node.
     """
     env_file = env_file if env_file is not None else default_env_file(role)
     problems = [
@@ -130,6 +144,21 @@ def init_site(
             problems.append(str(exc))
         if role != "edge":
             problems.append("--bridge-metrics: only an edge's bridge forwards metrics")
+    if engine not in ENGINES:
+        problems.append(f"--engine: {engine!r} is not one of {', '.join(ENGINES)}")
+    elif engine == "nats":
+        if role != "central":
+            problems.append(
+                f"--engine nats: only the centre runs on NATS (--role central), not {role!r}"
+            )
+        problems += node_problems(list(nats_nodes or NATS_NODES))
+    if engine != "nats" and nats_nodes is not None:
+        problems.append("--nats-node: only with --engine nats")
+    if role == "central" and engine == "mosquitto" and (out / "nats" / "passwd").exists():
+        problems.append(
+            f"--engine: this centre runs on NATS ({out}/nats): pass --engine nats to rotate "
+            "its secrets, or remove that folder to go back to one Mosquitto"
+        )
     if websockets_port is not None and not 1 <= websockets_port <= 65535:
         problems.append(f"--websockets-port: {websockets_port} is not a TCP port (1-65535)")
     homeassistant = None  # a Home Assistant user and its ACL only with the section
@@ -144,15 +173,23 @@ def init_site(
     result = InitResult(out=out, env_file=env_file, role=role, site=site)
     ca = _write_ca(result, central if role == "edge" else None, days)
     broker = out / "broker"
-    _write_server_cert(ca, broker, site, hostnames, days)
+    nats = engine == "nats"
+    nats_nodes = list(nats_nodes or NATS_NODES)
+    names = [*hostnames, *(nats_nodes if nats else ())]
+    _write_server_cert(ca, broker, site, names, days, also_client=nats)
+    if nats and broker_url is None:
+        broker_url = nats_broker_url(nats_nodes)
 
     users = ROLE_USERS[role]
     if homeassistant is not None and role != "central":
         users = (*users, HOMEASSISTANT_USER)
     passwd = _bridges_kept(broker) if role == "central" else {}
+    nats_hashes = _bridges_kept(out / "nats") if nats else {}
     for user in users:
         password = result.passwords[user] = new_password()
         passwd[user] = mosquitto_hash(password)
+        if nats:
+            nats_hashes[user] = nats_hash(password)
         _write_client(ca, out, user, password, days)
         env = service_env(
             site=site,
@@ -170,8 +207,16 @@ def init_site(
     elif ws_conf.exists():
         ws_conf.unlink()  # a rotation without the option turns the listener off
     write_passwd(broker / "passwd", passwd)
-    write_private(broker / "acl", acl_text(role, site, bridge_sites(passwd), homeassistant), 0o600)
+    acl = acl_text(role, site, bridge_sites(passwd), homeassistant)
+    write_private(broker / "acl", acl, 0o600)
     result.written += [broker / "passwd", broker / "acl"]
+    if nats:
+        result.written += write_nats_centre(out / "nats", nats_nodes, nats_hashes, acl)
+        result.notes.append(
+            f"NATS nodes {', '.join(nats_nodes)}: {out}/nats/<node>.conf and users.conf "
+            "(an edge registered later rewrites users.conf: reload every node, docker "
+            "compose kill -s HUP " + " ".join(nats_nodes) + ")"
+        )
 
     if role == "edge":
         assert central is not None and central_host is not None
@@ -194,10 +239,17 @@ def init_site(
                 "(deploy/edge/compose.yml: --profile wss), and give the centre "
                 "pfmon init --websockets-port"
             )
-        result.notes.append(
-            f"registered {bridge_user(site)} at the centre ({central}/broker/passwd, acl): "
-            "reload the central broker (docker compose kill -s HUP mosquitto)"
-        )
+        if (central / "nats" / "passwd").exists():
+            result.notes.append(
+                f"registered {bridge_user(site)} at the centre ({central}/nats/users.conf, "
+                "and broker/passwd, acl): reload every NATS node (compose.nats.yml: docker "
+                "compose kill -s HUP nats1 nats2 nats3)"
+            )
+        else:
+            result.notes.append(
+                f"registered {bridge_user(site)} at the centre ({central}/broker/passwd, acl): "
+                "reload the central broker (docker compose kill -s HUP mosquitto)"
+            )
 
     if role in ("site", "central"):
         for name in DATABASE_PASSWORDS:
@@ -304,11 +356,20 @@ def _write_ca(result: InitResult, central: Path | None, days: int) -> CertAuthor
 
 
 def _write_server_cert(
-    ca: CertAuthority, broker: Path, site: str, hostnames: Iterable[str], days: int
+    ca: CertAuthority,
+    broker: Path,
+    site: str,
+    hostnames: Iterable[str],
+    days: int,
+    *,
+    also_client: bool = False,
 ) -> None:
-    """``broker/``: the CA, the broker's certificate for every name it answers to."""
+    """``broker/``: the CA, the broker's certificate for every name it answers to (and,
+    ``also_client``, a client certificate: NATS nodes present it on their routes)."""
     sans = [*DEFAULT_HOSTNAMES, socket.gethostname(), *hostnames]
-    crt, key = ca.issue(f"pfmon broker {site}", server=True, sans=sans, days=days)
+    crt, key = ca.issue(
+        f"pfmon broker {site}", server=True, sans=sans, days=days, also_client=also_client
+    )
     write_private(broker / "ca.crt", ca.cert_pem, 0o644)
     write_private(broker / "server.crt", crt, 0o644)
     write_private(broker / "server.key", key)
@@ -329,9 +390,10 @@ def _write_client(ca: CertAuthority, out: Path, user: str, password: str, days: 
 # -- 5-6. broker users and the bridge -------------------------------------------------------
 
 
-def _bridges_kept(broker: Path) -> dict[str, str]:
-    """The centre keeps the bridges of edges registered earlier (rotation re-registers)."""
-    return {u: h for u, h in read_passwd(broker / "passwd").items() if u.startswith("bridge-")}
+def _bridges_kept(folder: Path) -> dict[str, str]:
+    """The centre keeps the bridges of edges registered earlier (rotation re-registers):
+    their hashes in ``folder/passwd`` (the Mosquitto broker's, or the NATS nodes')."""
+    return {u: h for u, h in read_passwd(folder / "passwd").items() if u.startswith("bridge-")}
 
 
 def _write_edge_bridge(

@@ -61,7 +61,7 @@ __all__ = [
 class SiteConfig(BaseModel):
     """Root of the site YAML file."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     site: Slug
     gateway: Slug = "gw1"

@@ -34,7 +34,7 @@ _OUTPUT = re.compile(r"^([a-z0-9_-]+):(coil|pin):(\d{1,5})$")
 class OutputRef(BaseModel):
     """One output: ``device:table:address`` (``io1:coil:0``; ``pin`` on a PMTR_001)."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, allow_inf_nan=False)
 
     device: str
     table: Literal["coil", "pin"]
@@ -82,7 +82,7 @@ AverageSlot = Annotated[str | None, BeforeValidator(_parse_average)]
 class OutputDevice(BaseModel):
     """A relay I/O module or capacitor-bank controller reached over Modbus (coils)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     name: Slug
     bus: Slug
@@ -96,7 +96,7 @@ class OutputDevice(BaseModel):
 class RelayAction(BaseModel):
     """A relay action: exactly the keys of the PMTR_001 semantics (issue 5)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     name: Slug
     meter: Slug
@@ -111,7 +111,7 @@ class RelayAction(BaseModel):
 class BankConfig(BaseModel):
     """A capacitor bank regulated by the PF controller."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     name: Slug
     meter: Slug
@@ -190,7 +190,7 @@ class BankConfig(BaseModel):
 class ActuatorConfig(BaseModel):
     """Site-wide actuator settings (``actuator:`` in the site file)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     #: metrics older than this are stale: relay actions do not switch, an event is raised
     stale_after: Duration = 15.0

@@ -19,7 +19,7 @@ class AlarmTiming(BaseModel):
     """How long a condition must hold before an alarm is raised or cleared. In the site
     file only what differs from the alarm's defaults is given; the rest is kept."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     enabled: bool = True
     raise_after_s: Duration = Field(10.0, ge=0, le=86400, description="condition held this long")
@@ -29,7 +29,7 @@ class AlarmTiming(BaseModel):
 class AlarmLimits(BaseModel):
     """Alarm limits beyond the shared ``thresholds`` (PF levels, u2 limit)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     pf_hysteresis: float = Field(0.02, ge=0, le=0.5, description="PF must exceed limit + this")
     min_apparent_power_va: float = Field(
@@ -151,7 +151,7 @@ class AlarmLimits(BaseModel):
 class MeterAnalytics(BaseModel):
     """Per-meter options (key: meter name)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     sqrt3_correction: bool | None = Field(
         None,
@@ -167,6 +167,7 @@ class MeterAnalytics(BaseModel):
     nominal_voltage_v: float | None = Field(
         None,
         gt=0,
+        le=1_000_000,
         allow_inf_nan=False,
         description="this meter's line-to-neutral nominal voltage (V, primary: an MV meter "
         "behind PTs), for dips, swells, interruptions and over/undervoltage (default: "
@@ -175,6 +176,7 @@ class MeterAnalytics(BaseModel):
     ct_primary_a: float | None = Field(
         None,
         gt=0,
+        le=1_000_000,
         allow_inf_nan=False,
         description="the CTs' rated primary current (A): ct_overload above it (default: "
         "no ct_overload)",
@@ -182,7 +184,7 @@ class MeterAnalytics(BaseModel):
 
 
 class AnalyticsConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     average_slots_s: list[WholeSeconds] = Field(
         default_factory=lambda: [5, 10, 20, 30, 60], description="moving-average windows"

@@ -14,7 +14,7 @@ from shared.topics import Slug
 class RetentionConfig(BaseModel):
     """How long each kind of data is kept (TimescaleDB retention policies; days)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     readings_days: float = Field(7, gt=0, description="raw readings (short)")
     metrics_days: float = Field(730, gt=0, description="per-interval metrics (long)")
@@ -27,7 +27,7 @@ class RetentionConfig(BaseModel):
 class TariffConfig(BaseModel):
     """A utility's reactive-energy tariff; every component can be switched off with null."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     currency: str = "EUR"
     #: reactive energy above tan_phi_limit * kWh is billed per kvarh (e.g. 0.4 ~ PF 0.928)
@@ -46,7 +46,7 @@ class TariffConfig(BaseModel):
 class ReportConfig(BaseModel):
     """``pfmon report`` settings."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     tariff: TariffConfig = Field(default_factory=TariffConfig)
     target_pf: float | None = Field(
@@ -71,7 +71,7 @@ class ReportConfig(BaseModel):
 
 
 class ArchiverConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     batch_size: int = Field(500, ge=1, le=100_000)
     flush_interval_s: Duration = Field(1.0, gt=0, le=60)

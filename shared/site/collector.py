@@ -45,7 +45,7 @@ TYPE_WIDTH: dict[str, int] = {"u16": 1, "s16": 1, "u32": 2, "s32": 2, "f32": 2, 
 class RegisterSpec(BaseModel):
     """Where one measurement lives on the device and how to decode it."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
 
     table: Literal["holding", "input"] = "holding"
     address: int = Field(ge=0, le=65535, description="0-based register address (PDU)")
@@ -74,7 +74,7 @@ class RegisterSpec(BaseModel):
 class ProfileSpec(BaseModel):
     """A user-defined meter profile: measurement -> register spec."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     description: str = ""
     phases: Literal[1, 3] = 3
@@ -105,7 +105,7 @@ BacnetObjectType = Literal["analog-input", "analog-value"]
 class BacnetObjectSpec(BaseModel):
     """One BACnet object of a meter: its type and instance."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
 
     type: BacnetObjectType = "analog-input"
     instance: int = Field(ge=0, le=4194302, description="the object's instance number")
@@ -117,7 +117,7 @@ class BacnetObjectSpec(BaseModel):
 class BacnetProfileSpec(BaseModel):
     """A user-defined BACnet meter profile: measurement -> object."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     description: str = ""
     phases: Literal[1, 3] = 3

@@ -18,7 +18,7 @@ from shared.site.core import Duration
 class ConsoleConfig(BaseModel):
     """``console:`` of the site file."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     listen: str = Field("127.0.0.1", min_length=1, description="address the web page binds")
     port: int = Field(8080, ge=0, le=65535, description="port of the web page (0 = any free)")

@@ -167,7 +167,7 @@ def zone(name: str | None) -> zoneinfo.ZoneInfo:
 class Limit(BaseModel):
     """A tighter plausible range for one measurement (either end may be left out)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     min: float | None = Field(None, allow_inf_nan=False)
     max: float | None = Field(None, allow_inf_nan=False)
@@ -214,12 +214,14 @@ def merged_limits(*layers: dict[Measurement, Limit]) -> dict[Measurement, tuple[
 class Thresholds(BaseModel):
     """Power-factor thresholds of the site (used by analytics, actuator and reports)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     pf_alert: float = Field(0.97, gt=0, le=1, description="internal alert below this PF")
     pf_penalty: float = Field(0.90, gt=0, le=1, description="utility penalty below this PF")
-    voltage_unbalance_pct: float = Field(2.0, gt=0, description="u2 alarm threshold")
-    nominal_voltage_v: float = Field(230.0, gt=0, description="line-to-neutral nominal")
+    voltage_unbalance_pct: float = Field(2.0, gt=0, le=100, description="u2 alarm threshold")
+    nominal_voltage_v: float = Field(
+        230.0, gt=0, le=1_000_000, description="line-to-neutral nominal"
+    )
     nominal_frequency_hz: Literal[50, 60] = 50
 
     @model_validator(mode="after")
@@ -236,7 +238,7 @@ class BusConfig(BaseModel):
     BACnet/IP port (``kind: bacnet``: ``host`` is the gateway's own address on the BACnet
     network, e.g. ``192.168.1.10/24``; ``port`` its UDP port, 47808 by default)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     name: Slug
     kind: Literal["tcp", "rtu", "rtu_over_tcp", "bacnet"] = "tcp"
@@ -323,7 +325,7 @@ def bacnet_address_problem(text: str) -> str | None:
 class BacnetTarget(BaseModel):
     """Where a BACnet/IP meter is: its IP address (and UDP port) and device instance."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     address: str = Field(description="the device's IPv4 address, e.g. 192.168.1.50 or :47808")
     device_instance: int = Field(
@@ -374,7 +376,7 @@ Role = Literal["billing", "feeder", "generation"]
 class MeterConfig(BaseModel):
     """One meter: where it is and which profile decodes it."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     name: Slug
     bus: Slug

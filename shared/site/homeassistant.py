@@ -45,7 +45,7 @@ _PREFIX = re.compile(r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$")
 class HomeAssistantConfig(BaseModel):
     """Home Assistant MQTT discovery for the site's meters (and, if allowed, its banks)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     enabled: bool = Field(True, description="publish discovery configs (false: clear them)")
     prefix: str = Field("homeassistant", description="Home Assistant's discovery prefix")
