@@ -235,7 +235,7 @@ class _View:
 
 async def _watch(settings: Settings, site: SiteConfig, shutdown: Shutdown, view: _View) -> None:
     async with Bus(settings, service="demo", site=site.site, persistent=False) as bus:
-        bus.subscribe(topics.pattern(topics.Kind.METRICS, site.site), Metrics, view.on_metrics)
+        bus.subscribe(topics.instant_pattern(site.site), Metrics, view.on_metrics)
         bus.subscribe(topics.pattern(topics.Kind.STATE, site.site), ActuatorState, view.on_state)
         bus.subscribe(topics.pattern(topics.Kind.COMMAND, site.site), Command, view.on_command)
         await shutdown.wait()

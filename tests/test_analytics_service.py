@@ -61,6 +61,7 @@ async def test_service_publishes_metrics_and_events(settings: Settings, site_nam
     shutdown = Shutdown()
     target = parse_mqtt_url(settings.mqtt_url)
     got_metrics: list[Metrics] = []
+    metrics_topics: list[str] = []
     got_events: list[Event] = []
     dead: list[DeadLetter] = []
     svc_settings = settings.model_copy(update={"mqtt_client_id": f"{settings.mqtt_client_id}-a"})
@@ -98,8 +99,9 @@ async def test_service_publishes_metrics_and_events(settings: Settings, site_nam
                     payload = bytes(msg.payload)  # type: ignore[arg-type]
                     if "/deadletter/" in msg.topic.value:
                         dead.append(decode(DeadLetter, payload))
-                    elif msg.topic.value.endswith("/metrics"):
+                    elif "/metrics" in msg.topic.value:
                         got_metrics.append(decode(Metrics, payload))
+                        metrics_topics.append(msg.topic.value)
                     else:
                         got_events.append(decode(Event, payload))
                     inst = [m for m in got_metrics if m.interval_s == 0]
@@ -113,6 +115,17 @@ async def test_service_publishes_metrics_and_events(settings: Settings, site_nam
         shutdown.request("test done")
         await asyncio.wait_for(task, 10)
     assert dead[0].payload() == b"{not json" and "JSON" in dead[0].reason
+    # per-input metrics on the meter's metrics topic, aggregates a level below it
+    aggregates = [(m, t) for m, t in zip(got_metrics, metrics_topics, strict=True) if m.aggregate]
+    assert aggregates, "8 readings a second apart close 3 s aggregates"
+    for m, t in aggregates:
+        assert (
+            t
+            == topics.aggregate(site_name, m.meter, m.interval_s)
+            == (f"pfm/v1/{site_name}/{m.meter}/metrics/{int(m.interval_s)}s")
+        )
+    for m, t in zip(got_metrics, metrics_topics, strict=True):
+        assert m.aggregate or t == topics.metrics(site_name, m.meter)
     readings = [m for m in got_metrics if m.meter == "m1" and m.interval_s == 0]
     assert [m.source_seq for m in readings] == list(range(100, 108))
     last = readings[-1]

@@ -88,6 +88,16 @@ async def test_the_topic_is_the_authority_and_a_seq_names_one_message(
         source_seq=7,
     )
     again = analysed.model_copy(update={"seq": 2000})
+    # aggregates on their own level: stored; a level that the payload contradicts is refused
+    three_s = topics.aggregate(site_name, "meter6", 3.0)
+    aggregate = metrics_msg(site_name, "meter6", at(now, 60), 3000, 1.0, 2.0).model_copy(
+        update={"aggregate": True, "interval_s": 3.0}
+    )
+    aggregates = [
+        (three_s, aggregate),
+        (three_s, aggregate.model_copy(update={"seq": 3001, "interval_s": 600.0})),
+        (three_s, metrics_msg(site_name, "meter6", at(now, 61), 3002, 1.0, 2.0)),
+    ]
 
     letters: list[DeadLetter] = []
 
@@ -112,13 +122,14 @@ async def test_the_topic_is_the_authority_and_a_seq_names_one_message(
             await bus.publish(on_topic, other_site)
             await bus.publish(on_topic, other_meter)
             await publish_all(bus, unknown)
+            await publish_all(bus, aggregates)
             reading_topic = topics.reading(site_name, "meter6")
             await publish_all(bus, [(reading_topic, first), (on_topic, analysed)])
 
             async def stored() -> bool:
                 n = await conn.fetchval("SELECT count(*) FROM pfm_metrics")
                 r = await conn.fetchval("SELECT count(*) FROM pfm_readings")
-                return bool(n == 6 and r == 1)
+                return bool(n == 7 and r == 1)
 
             await wait_for(stored, timeout=30)
             await publish_all(bus, [(reading_topic, reused), (on_topic, again)])
@@ -126,7 +137,7 @@ async def test_the_topic_is_the_authority_and_a_seq_names_one_message(
             async def refused() -> bool:
                 dup = arch.m.duplicates.labels("pfm_readings")._value.get()
                 dup += arch.m.duplicates.labels("pfm_metrics")._value.get()
-                return len(letters) == 302 and dup == 2
+                return len(letters) == 304 and dup == 2
 
             await wait_for(refused, timeout=30)
             assert arch.authority.known == known_before  # nothing learnt from the traffic
@@ -137,15 +148,18 @@ async def test_the_topic_is_the_authority_and_a_seq_names_one_message(
             "unknown_site": 0,
             "unknown_name": 300,
             "bad_topic": 0,
+            "interval_mismatch": 2,
         }
-        assert arch.metrics.deadletters.labels("archiver", "metrics")._value.get() == 302
+        assert arch.metrics.deadletters.labels("archiver", "metrics")._value.get() == 304
         reasons = [dl.reason for dl in letters]
         assert any("'othersite'" in r and repr(site_name) in r for r in reasons)
         assert any("'meter99'" in r and "'meter6'" in r for r in reasons)
         assert sum("is not a meter, device or gateway" in r for r in reasons) == 300
         assert {dl.site for dl in letters} == {site_name}
         rows = await conn.fetch("SELECT site, meter, count(*) FROM pfm_metrics GROUP BY 1, 2")
-        assert [tuple(r) for r in rows] == [(site_name, "meter6", 6)]
+        assert [tuple(r) for r in rows] == [(site_name, "meter6", 7)]
+        assert any("an aggregate of 600.0 s on topic" in r and "of 3s" in r for r in reasons)
+        assert any("not an aggregate on topic" in r for r in reasons)
         assert await conn.fetchval("SELECT seq FROM pfm_metrics WHERE source_seq = 7") == 1000
         reading = await conn.fetchrow("SELECT ts, seq FROM pfm_readings")
         assert reading["seq"] == 7 and reading["ts"] == now

@@ -101,6 +101,7 @@ def test_permissions_are_the_mosquitto_acl() -> None:
     publish, subscribe = perms["bridge-branch1"]
     assert publish == [
         "pfm.v1.branch1.*.metrics",
+        "pfm.v1.branch1.*.metrics.>",  # the aggregates' level (metrics/3s, metrics/600s)
         "pfm.v1.branch1.*.event",
         "pfm.v1.branch1.actuator.*.state",
         "pfm.v1.branch1.gateway.*.status",

@@ -156,6 +156,29 @@ def test_topics_build_and_parse() -> None:
     assert topics.pattern(topics.Kind.READING) == "pfm/v1/+/+/reading"
 
 
+def test_aggregates_have_their_own_level_below_metrics() -> None:
+    assert topics.aggregate("p", "m1", 3.0) == "pfm/v1/p/m1/metrics/3s"
+    assert topics.aggregate("p", "m1", 600) == "pfm/v1/p/m1/metrics/600s"
+    with pytest.raises(ConfigError, match="whole number of seconds"):
+        topics.aggregate("p", "m1", 0.5)
+    parts = topics.parse("pfm/v1/p/m1/metrics/600s")
+    assert parts == topics.TopicParts("p", "m1", topics.Kind.METRICS, "600s")
+    assert topics.parse("pfm/v1/p/m1/metrics").interval is None
+    for bad in ("pfm/v1/p/m1/metrics/3", "pfm/v1/p/m1/metrics/0s", "pfm/v1/p/m1/reading/3s"):
+        with pytest.raises(ConfigError, match="unknown layout"):
+            topics.parse(bad)
+    # the labels of services' counters: an aggregate counts as metrics
+    assert topics.kind_of("pfm/v1/p/m1/metrics/3s") == "metrics"
+    assert topics.kind_of("pfm/v1/p/m1/metrics") == "metrics"
+    assert topics.kind_of("pfm/v1/p/deadletter/analytics") == "analytics"
+    assert topics.kind_of(topics.pattern(topics.Kind.METRICS)) == "metrics"
+    assert topics.kind_of(topics.aggregates_pattern()) == "metrics"
+    assert topics.kind_of("pfm/v1/p/#") == "#"
+    assert topics.pattern(topics.Kind.METRICS, "p") == "pfm/v1/p/+/metrics/#"
+    assert topics.instant_pattern("p") == "pfm/v1/p/+/metrics"
+    assert topics.aggregates_pattern("p", interval="600s") == "pfm/v1/p/+/metrics/600s"
+
+
 @pytest.mark.parametrize("bad", ["Main", "main board", "mäin", "a/b", "", "x+"])
 def test_non_slug_names_are_refused_not_rewritten(bad: str) -> None:
     with pytest.raises(ConfigError, match="not a slug"):

@@ -32,6 +32,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from services.init import (
     BRIDGED_TOPICS,
     InitResult,
+    bridged_topics,
     init_site,
     mosquitto_hash,
     read_passwd,
@@ -634,8 +635,11 @@ def test_only_the_actuator_publishes_commands(
     analytics = probe(result, broker, "analytics")
     assert analytics.connect()
     assert analytics.publish(topics.metrics(site_name, "m1")).value == 0  # type: ignore[union-attr]
+    assert analytics.publish(topics.aggregate(site_name, "m1", 600)).value == 0  # type: ignore[union-attr]
     other_site = topics.metrics("someone-else", "m1")
     assert analytics.publish(other_site).value == 0x87  # type: ignore[union-attr]
+    other_aggregate = topics.aggregate("someone-else", "m1", 3)
+    assert analytics.publish(other_aggregate).value == 0x87  # type: ignore[union-attr]
     analytics.close()
     watcher.close()
 
@@ -696,7 +700,9 @@ def test_edge_bridge_forwards_summaries_and_queues_while_centre_is_down(
         actuator.publish(topics.state(site_name, "bank1"), b'{"state": 1}')
         collector.publish(topics.reading(site_name, "m1"), b'{"reading": 1}')
         analytics.publish(topics.event(site_name, "m1"), b'{"event": 1}')
+        analytics.publish(topics.aggregate(site_name, "m1", 3), b'{"aggregate": 1}')
         wait_for(lambda: watcher.received(topics.event(site_name, "m1")), "the event")
+        wait_for(lambda: watcher.received(topics.aggregate(site_name, "m1", 3)), "an aggregate")
         wait_for(lambda: watcher.received(topics.state(site_name, "bank1")), "the state")
         time.sleep(0.3)
         assert watcher.received(topics.command(site_name, "bank1")) == [], "a command crossed"
@@ -742,6 +748,72 @@ def test_edge_bridge_forwards_summaries_and_queues_while_centre_is_down(
     finally:
         edge_broker.stop()
         centre.stop()
+
+
+def test_an_edge_can_forward_only_its_aggregates(tmp_path: Path, site_name: str) -> None:
+    """``--bridge-metrics 600s``: the 10 min aggregates cross, per-input metrics and
+    the 3 s aggregates stay at the edge; events still cross."""
+    central_port = free_port()
+    central = init(tmp_path / "central", "centre", role="central")
+    edge = init(
+        tmp_path / "edge",
+        site_name,
+        role="edge",
+        central=central.out,
+        central_host="127.0.0.1",
+        central_port=central_port,
+        broker_path=str(tmp_path / "edge" / "secrets" / "broker"),
+        bridge_metrics="600s",
+    )
+    conf = (edge.out / "broker" / "conf.d" / "bridge.conf").read_text()
+    assert f"topic pfm/v1/{site_name}/+/metrics/600s out 1" in conf
+    assert "metrics/#" not in conf
+    centre = Broker(tmp_path / "central-broker", central.out, port=central_port).start()
+    edge_broker = Broker(tmp_path / "edge-broker", edge.out).start()
+    try:
+        watcher = Probe(central_port, central.out, "monitor", central.passwords["monitor"])
+        assert watcher.connect(), watcher.error
+        watcher.subscribe(f"pfm/v1/{site_name}/#")
+        analytics = Probe(edge_broker.port, edge.out, "analytics", edge.passwords["analytics"])
+        assert analytics.connect(), analytics.error
+        ten_min = topics.aggregate(site_name, "m1", 600)
+        deadline = time.monotonic() + 15
+        while not watcher.received(ten_min) and time.monotonic() < deadline:
+            analytics.publish(ten_min, b'{"n": 0}')
+            time.sleep(0.3)
+        assert watcher.received(ten_min), f"bridge never forwarded: {edge_broker.log()}"
+        analytics.publish(topics.metrics(site_name, "m1"), b'{"per": "input"}')
+        analytics.publish(topics.aggregate(site_name, "m1", 3), b'{"three": "s"}')
+        analytics.publish(topics.event(site_name, "m1"), b'{"event": 1}')
+        analytics.publish(ten_min, b'{"n": "last"}')
+        wait_for(lambda: b'{"n": "last"}' in watcher.received(ten_min), "the last aggregate")
+        wait_for(lambda: watcher.received(topics.event(site_name, "m1")), "the event")
+        assert watcher.received(topics.metrics(site_name, "m1")) == []
+        assert watcher.received(topics.aggregate(site_name, "m1", 3)) == []
+        analytics.close()
+        watcher.close()
+    finally:
+        edge_broker.stop()
+        centre.stop()
+
+
+def test_bridge_metrics_choice_is_checked(tmp_path: Path, site_name: str) -> None:
+    assert bridged_topics("aggregates")[0] == "+/metrics/+"
+    assert bridged_topics()[0] == "+/metrics/#"
+    with pytest.raises(ConfigError) as err:
+        init(
+            tmp_path / "edge",
+            site_name,
+            role="edge",
+            central=tmp_path / "nowhere",
+            central_host="127.0.0.1",
+            bridge_metrics="10min",
+        )
+    assert "--bridge-metrics '10min': expected all, aggregates or one aggregate interval" in str(
+        err.value
+    )
+    with pytest.raises(ConfigError, match="only an edge's bridge forwards metrics"):
+        init(tmp_path / "site", site_name, bridge_metrics="aggregates")
 
 
 def test_compose_broker_healthcheck_logs_in_as_monitor(
@@ -925,5 +997,5 @@ def test_rotating_the_centre_keeps_its_bridges(tmp_path: Path, site_name: str) -
     assert after[bridge] == before[bridge], "the edge's bridge user was lost"
     assert after["archiver"] != before["archiver"], "the centre's own users were not rotated"
     acl = (rotated.out / "broker" / "acl").read_text()
-    assert f"user {bridge}\ntopic write pfm/v1/{site_name}/+/metrics" in acl
+    assert f"user {bridge}\ntopic write pfm/v1/{site_name}/+/metrics/#\n" in acl
     assert acl.splitlines()[0] == "# pfmon broker ACL, role central, site centre"

@@ -479,7 +479,7 @@ async def run(settings: Settings, site: SiteConfig, shutdown: Shutdown) -> None:
         async def on_metrics(m: Metrics, incoming: Incoming) -> None:
             await act.on_metrics(m)
 
-        bus.subscribe(topics.pattern(topics.Kind.METRICS, site.site), Metrics, on_metrics)
+        bus.subscribe(topics.instant_pattern(site.site), Metrics, on_metrics)
 
         async def on_request(req: Request, incoming: Incoming) -> None:
             named = topics.parse(incoming.topic).name

@@ -6,8 +6,10 @@ in a batch of a thousand, ~0.7 ms for a batch of one): a reading waits at most
 ``analytics.batch_window_s`` (default 50 ms) for others, or until ``batch_max``
 are waiting. A waveform first flushes the waiting readings, so each meter's inputs
 are analysed in the order they arrived. Every input gives one instantaneous
-``Metrics`` message (``interval_s = 0``), plus the 3 s / 10 min aggregates when an
-interval closes, and alarm ``Event`` messages on transitions.
+``Metrics`` message (``interval_s = 0``) on the meter's ``metrics`` topic, plus the
+3 s / 10 min aggregates when an interval closes, each on its own level below it
+(``metrics/3s``, ``metrics/600s``: a bridge can forward only those), and alarm
+``Event`` messages on transitions.
 
 Results go out with :meth:`~shared.bus.Bus.publish_nowait`: the receive loop never
 waits for a PUBACK (the bus keeps a bounded in-flight window, in order). Inputs are
@@ -32,6 +34,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -39,12 +42,20 @@ from prometheus_client import Counter, Gauge, Histogram
 from services.analytics.balance import EnergyBalance
 from services.analytics.batch import MAX_METERS, SiteEngine, TooManyMeters
 from services.analytics.dsp import WaveformError
-from services.analytics.output import SERVICE, Output, encode_metrics
+from services.analytics.output import SERVICE, Output, encode_metrics, seq_seed
 from shared import topics
 from shared.bus import AckGroup, AckQueue, Bus, BusUnavailable, Incoming
 from shared.errors import ConfigError
 from shared.measurements import Measurement as M
-from shared.messages import Event, EventState, Reading, Severity, Waveform, encode
+from shared.messages import (
+    Event,
+    EventState,
+    Reading,
+    Severity,
+    Waveform,
+    encode,
+    encode_archive_batch,
+)
 from shared.metrics import ServiceMetrics
 from shared.service import Shutdown
 from shared.settings import METRICS_PORTS, Settings
@@ -146,6 +157,15 @@ class Analytics:
         self.children: dict[str, tuple[Any, Any, Any, Any]] = {}
         #: per meter, looked up once (bounded like the engine's meters)
         self._metrics_topics: dict[str, str] = {}
+        #: per meter and aggregate interval, the aggregate's topic
+        self._aggregate_topics: dict[tuple[str, float], str] = {}
+        #: ``analytics.archive_batches``: the metrics of the batch being emitted, also
+        #: published together on the archive topic (under the batch's ack group)
+        self.archive = site.analytics.archive_batches
+        self.archive_max = site.analytics.archive_batch_max
+        self._archived: list[tuple[str, bytes]] = []
+        self._archive_topic = topics.archive(site.site, SERVICE)
+        self.archive_seq = seq_seed()
 
     def _children(self, meter: str) -> tuple[Any, Any, Any, Any]:
         """Labelled Prometheus children per meter, looked up once."""
@@ -263,6 +283,7 @@ class Analytics:
         try:
             self._analyse(batch, group)
         finally:
+            self._archive_out(group)
             group.seal()
 
     def _analyse(self, batch: list[Reading], group: AckGroup) -> None:
@@ -314,6 +335,7 @@ class Analytics:
         try:
             self._waveform(wf, incoming, group)
         finally:
+            self._archive_out(group)
             group.seal()
 
     def _waveform(self, wf: Waveform, incoming: Incoming | None, group: AckGroup) -> None:
@@ -400,7 +422,10 @@ class Analytics:
             except Exception as exc:  # e.g. an integer beyond 64 bits (refused at entry)
                 self._failed_output(meter, f"metrics seq {m.seq}", exc)
                 continue
-            self._publish(topic, payload, "metrics", group)
+            on = self._aggregate_topic(meter, m.interval_s) if m.aggregate else topic
+            self._publish(on, payload, "metrics", group)
+            if self.archive:
+                self._archived.append((on, payload))
         for ev in out.events:
             try:
                 payload = encode(ev)
@@ -421,6 +446,32 @@ class Analytics:
             score = first.value(M.NEUTRAL_SCORE)
             if score is not None:
                 neutral_gauge.set(score)
+
+    def _archive_out(self, group: AckGroup) -> None:
+        """Publish the metrics emitted under ``group`` as archive batches (at most
+        ``archive_batch_max`` messages each), under the same group: its inputs are
+        acknowledged only once the batches are confirmed too."""
+        items, self._archived = self._archived, []
+        for start in range(0, len(items), self.archive_max):
+            chunk = items[start : start + self.archive_max]
+            self.archive_seq += 1
+            try:
+                payload = encode_archive_batch(
+                    self.site.site, datetime.now(UTC), self.archive_seq, SERVICE, chunk
+                )
+            except Exception as exc:  # our bug: the inputs stay unacknowledged
+                group.lose()
+                self._failed_output("_archive", f"archive batch seq {self.archive_seq}", exc)
+                continue
+            self._publish(self._archive_topic, payload, "archive", group)
+
+    def _aggregate_topic(self, meter: str, interval_s: float) -> str:
+        """An aggregate's own topic (``.../metrics/3s``), built once per meter and interval."""
+        key = (meter, interval_s)
+        got = self._aggregate_topics.get(key)
+        if got is None:
+            got = self._aggregate_topics[key] = topics.aggregate(self.site.site, meter, interval_s)
+        return got
 
     def _failed_output(self, meter: str, what: str, exc: Exception) -> None:
         """A result that could not be encoded or published: counted; logged the first

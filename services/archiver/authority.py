@@ -24,7 +24,14 @@ from shared.messages import ActuatorState, Command, GatewayStatus
 from shared.site import SiteConfig, load_site
 
 #: the ``reason`` label of the refusal counter (a fixed set)
-REASONS = ("site_mismatch", "name_mismatch", "unknown_site", "unknown_name", "bad_topic")
+REASONS = (
+    "site_mismatch",
+    "name_mismatch",
+    "unknown_site",
+    "unknown_name",
+    "bad_topic",
+    "interval_mismatch",
+)
 
 #: parsed topics remembered (the cache is emptied when full: bounded memory)
 _MAX_TOPICS = 20_000
@@ -92,6 +99,10 @@ class Authority:
             return Refusal(
                 "name_mismatch", f"payload names {name!r} on topic {topic!r} of {parts.name!r}"
             )
+        if parts.interval is not None:
+            refusal = _check_interval(topic, parts.interval, model)
+            if refusal is not None:
+                return refusal
         names = self.known.get(parts.site)
         if names is None:
             return Refusal("unknown_site", f"site {parts.site!r} of topic {topic!r} is not known")
@@ -102,6 +113,20 @@ class Authority:
                 f" {parts.site!r}",
             )
         return None
+
+
+def _check_interval(topic: str, level: str, model: BaseModel) -> Refusal | None:
+    """On an aggregate's level (``metrics/3s``) only an aggregate of that interval.
+    (An aggregate on the per-input ``metrics`` topic, as an older edge sends it, is kept.)"""
+    interval_s = getattr(model, "interval_s", None)
+    if getattr(model, "aggregate", False) and interval_s == int(level[:-1]):
+        return None
+    what = (
+        f"an aggregate of {interval_s!r} s"
+        if getattr(model, "aggregate", False)
+        else ("not an aggregate")
+    )
+    return Refusal("interval_mismatch", f"payload is {what} on topic {topic!r} of {level}")
 
 
 def load_site_dir(folder: Path) -> list[SiteConfig]:

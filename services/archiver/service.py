@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 
 import asyncpg
 from prometheus_client import Counter, Gauge, Histogram
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from services.archiver import rollups
 from services.archiver.authority import Authority, Refusal, load_site_dir
@@ -42,7 +42,7 @@ from services.archiver.shards import ShardManager
 from shared import topics
 from shared.bus import Backoff, Bus, BusUnavailable, Incoming
 from shared.errors import ConfigError
-from shared.messages import DeadLetter, Metrics, decode
+from shared.messages import ArchiveBatch, DeadLetter, Metrics, decode, describe_error
 from shared.metrics import ServiceMetrics
 from shared.service import Shutdown
 from shared.settings import METRICS_PORTS, Settings
@@ -114,12 +114,45 @@ def latency_kind(model: BaseModel) -> str:
     return _LATENCY_KIND[type(model)]
 
 
+class _Batch:
+    """A received archive batch: acknowledged once each of its messages is (stored,
+    spilled or dead-lettered)."""
+
+    __slots__ = ("incoming", "left")
+
+    def __init__(self, incoming: Incoming, left: int) -> None:
+        self.incoming = incoming
+        self.left = left
+
+    def done(self) -> None:
+        self.left -= 1
+        if self.left == 0:
+            self.incoming.ack()
+
+
+class Part:
+    """One message of an archive batch, received as if alone on its own topic."""
+
+    __slots__ = ("_batch", "_done", "payload", "topic")
+
+    def __init__(self, topic: str, payload: bytes, batch: _Batch) -> None:
+        self.topic = topic
+        self.payload = payload
+        self._batch = batch
+        self._done = False
+
+    def ack(self) -> None:
+        if not self._done:
+            self._done = True
+            self._batch.done()
+
+
 @dataclass(slots=True)
 class Pending:
     topic: str
     payload: bytes
     model: BaseModel
-    incoming: Incoming | None = None
+    incoming: Incoming | Part | None = None
 
 
 class ArchiverMetrics:
@@ -251,8 +284,9 @@ class Archiver:
 
     def subscribe(self, bus: Bus, only: list[str] | None = None) -> None:
         """Subscribe the archived topics of this archiver's sites (or of ``only``)."""
-        kinds = [topics.Kind.METRICS, topics.Kind.EVENT, topics.Kind.COMMAND]
-        kinds += [topics.Kind.STATE, topics.Kind.STATUS]
+        batches = self.cfg.archive_batches
+        kinds = [] if batches else [topics.Kind.METRICS]
+        kinds += [topics.Kind.EVENT, topics.Kind.COMMAND, topics.Kind.STATE, topics.Kind.STATUS]
         if self.cfg.keep_readings:
             kinds.append(topics.Kind.READING)
         sites = self.cfg.sites
@@ -269,8 +303,51 @@ class Archiver:
                     self.on_message,
                     share_group=self.cfg.share_group,
                 )
+            if batches:
+                bus.subscribe(
+                    topics.pattern(topics.Kind.ARCHIVE, site),
+                    ArchiveBatch,
+                    self.on_batch,
+                    share_group=self.cfg.share_group,
+                )
+
+    async def on_batch(self, batch: ArchiveBatch, incoming: Incoming) -> None:
+        """An archive batch: each message checked and validated as if received alone on
+        its own topic (a bad one is dead-lettered naming its topic, the others are kept);
+        the batch is acknowledged once every message of it is stored (or spilled, or
+        dead-lettered)."""
+        site = topics.parse(incoming.topic).site
+        if batch.site != site:
+            text = f"payload site {batch.site!r} on topic {incoming.topic!r} of site {site!r}"
+            self.refuse(incoming, Refusal("site_mismatch", text))
+            return
+        if not batch.messages:
+            incoming.ack()
+            return
+        held = _Batch(incoming, len(batch.messages))
+        for topic, text in batch.messages:
+            part = Part(topic, text.encode(), held)
+            if not topic.startswith(f"{topics.ROOT}/{site}/") or topics.kind_of(topic) != "metrics":
+                reason = f"archive batch {incoming.topic!r} carries {topic!r}: not a metrics topic"
+                self.refuse(part, Refusal("bad_topic", f"{reason} of site {site!r}"))
+                continue
+            try:
+                model = Metrics.model_validate_json(part.payload)
+            except ValidationError as exc:
+                self.invalid(part, describe_error(exc), site)
+                continue
+            self.accept(part, model)
+
+    def invalid(self, part: Part, reason: str, site: str) -> None:
+        """A message of a batch that fails validation: dead letter, counted, acknowledged
+        (what the bus does for a message received alone)."""
+        self.metrics.deadletters.labels(SERVICE, "metrics").inc()
+        self._letter(part, reason, "invalid", site)
 
     async def on_message(self, model: BaseModel, incoming: Incoming) -> None:
+        self.accept(incoming, model)
+
+    def accept(self, incoming: Incoming | Part, model: BaseModel) -> None:
         refusal = self.authority.check(incoming.topic, model)
         if refusal is not None:
             self.refuse(incoming, refusal)
@@ -283,37 +360,43 @@ class Archiver:
         elif len(self.buffer) >= self.cfg.batch_size:
             self._wake.set()
 
-    def refuse(self, incoming: Incoming, refusal: Refusal) -> None:
+    def refuse(self, incoming: Incoming | Part, refusal: Refusal) -> None:
         """A message its topic does not vouch for: dead letter (on the topic's site),
         counted by reason, acknowledged; logged at most once per reason every 10 s."""
         kind = topics.kind_of(incoming.topic)
         self.m.refused.labels(refusal.reason).inc()
         self.metrics.deadletters.labels(SERVICE, kind).inc()
+        site = (
+            self.site.site if refusal.reason == "bad_topic" else topics.parse(incoming.topic).site
+        )
+        self._letter(incoming, refusal.text, refusal.reason, site)
+
+    def _letter(self, incoming: Incoming | Part, text: str, reason: str, site: str) -> None:
+        """Dead-letter ``incoming`` on ``site`` and acknowledge it; the log says it at most
+        once per ``reason`` every 10 s."""
+        kind = topics.kind_of(incoming.topic)
         now = time.monotonic()
-        last, quiet = self._refusal_log.get(refusal.reason, (0.0, 0))
+        last, quiet = self._refusal_log.get(reason, (0.0, 0))
         if now - last >= 10.0:
             more = f" ({quiet} more refused for this reason since the last line)" if quiet else ""
             log.warning(
                 "refused a %s message: %s%s",
                 kind,
-                refusal.text,
+                text,
                 more,
                 extra={"topic": incoming.topic},
             )
-            self._refusal_log[refusal.reason] = (now, 0)
+            self._refusal_log[reason] = (now, 0)
         else:
-            self._refusal_log[refusal.reason] = (last, quiet + 1)
+            self._refusal_log[reason] = (last, quiet + 1)
         bus = self.bus
-        site = (
-            self.site.site if refusal.reason == "bad_topic" else topics.parse(incoming.topic).site
-        )
         if bus is not None:
             self._dl_seq += 1
             letter = DeadLetter.of(
                 site=site,
                 service=SERVICE,
                 topic=incoming.topic,
-                reason=refusal.text,
+                reason=text,
                 payload=incoming.payload,
                 seq=self._dl_seq,
             )

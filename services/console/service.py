@@ -155,7 +155,7 @@ async def run(settings: Settings, site: SiteConfig, shutdown: Shutdown) -> None:
                 live.on_status(st)
 
             s = site.site
-            bus.subscribe(topics.pattern(topics.Kind.METRICS, s), Metrics, on_metrics)
+            bus.subscribe(topics.instant_pattern(s), Metrics, on_metrics)
             bus.subscribe(topics.pattern(topics.Kind.EVENT, s), Event, on_event)
             bus.subscribe(topics.pattern(topics.Kind.STATE, s), ActuatorState, on_state)
             bus.subscribe(topics.pattern(topics.Kind.COMMAND, s), Command, on_command)

@@ -28,7 +28,7 @@ service and compose env files), :mod:`~services.init.cli` (the command).
 
 from __future__ import annotations
 
-from services.init.bridge import BRIDGED_TOPICS, bridge_conf, register_bridge
+from services.init.bridge import BRIDGED_TOPICS, bridge_conf, bridged_topics, register_bridge
 from services.init.broker import (
     MOSQUITTO_UID,
     ROLE_USERS,
@@ -56,6 +56,7 @@ __all__ = [
     "acl_text",
     "bridge_conf",
     "bridge_user",
+    "bridged_topics",
     "init_site",
     "mosquitto_hash",
     "new_password",

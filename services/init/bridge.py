@@ -14,6 +14,7 @@ websockets listener asks for no client certificate).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from services.init.broker import (
@@ -29,8 +30,29 @@ from services.init.files import write_private
 from services.init.nats import register_nats_bridge
 from shared.errors import ConfigError
 
-#: the topics an edge forwards to the centre (direction ``out`` only: nothing comes back)
-BRIDGED_TOPICS = ("+/metrics", "+/event", "actuator/+/state", "gateway/+/status")
+#: the topics an edge forwards to the centre (direction ``out`` only: nothing comes back);
+#: ``+/metrics/#`` is every metrics message: per input and the aggregates below it
+BRIDGED_TOPICS = ("+/metrics/#", "+/event", "actuator/+/state", "gateway/+/status")
+#: ``--bridge-metrics``: which metrics an edge forwards (an aggregate interval level such
+#: as ``600s`` forwards that interval only)
+BRIDGE_METRICS = {"all": "+/metrics/#", "aggregates": "+/metrics/+"}
+_INTERVAL = re.compile(r"^[1-9][0-9]*s$")
+
+
+def bridged_topics(metrics: str = "all") -> tuple[str, ...]:
+    """The topics (below the site) an edge forwards: ``metrics`` is ``all`` (per-input
+    metrics and aggregates), ``aggregates`` (the 3 s and 10 min aggregates only) or one
+    aggregate interval (``600s``). Anything else is a :class:`ConfigError`."""
+    if metrics in BRIDGE_METRICS:
+        chosen = BRIDGE_METRICS[metrics]
+    elif _INTERVAL.fullmatch(metrics):
+        chosen = f"+/metrics/{metrics}"
+    else:
+        raise ConfigError(
+            f"--bridge-metrics {metrics!r}: expected all, aggregates or one aggregate interval"
+            " in whole seconds (3s, 600s)"
+        )
+    return (chosen, *BRIDGED_TOPICS[1:])
 
 
 def central_addresses(central_host: str, central_port: int) -> list[tuple[str, int]]:
@@ -64,13 +86,15 @@ def bridge_conf(
     password: str,
     secrets_path: str,
     tunnel: str | None = None,
+    metrics: str = "all",
 ) -> str:
     """The ``conf.d/bridge.conf`` of an edge broker. ``central_host`` may list the nodes
     of a clustered centre (:func:`central_addresses`): the bridge dials the first that
     answers and moves to the next when it is lost. Through ``tunnel`` HOST:PORT (the
     edge's ``pfmon wss-tunnel``, when the centre is reached over WebSockets) it dials the
-    tunnel, which reaches one central host."""
-    topics_lines = [f"topic {ROOT}/{site}/{t} out 1" for t in BRIDGED_TOPICS]
+    tunnel, which reaches one central host. ``metrics``: which metrics messages it forwards
+    (:func:`bridged_topics`)."""
+    topics_lines = [f"topic {ROOT}/{site}/{t} out 1" for t in bridged_topics(metrics)]
     if tunnel is None:
         addresses = " ".join(f"{h}:{p}" for h, p in central_addresses(central_host, central_port))
         link = [

@@ -132,7 +132,8 @@ def acl_text(
             "analytics: metrics and alarm events",
             [
                 f"topic read {s}/#",
-                f"topic write {s}/+/metrics",
+                f"topic write {s}/+/metrics/#",
+                f"topic write {s}/archive/analytics",
                 f"topic write {s}/+/event",
                 f"topic write {s}/deadletter/analytics",
             ],
@@ -213,7 +214,7 @@ def acl_text(
                 bridge_user(edge),
                 f"bridge from edge site {edge}: its summaries only, never a command",
                 [
-                    f"topic write {e}/+/metrics",
+                    f"topic write {e}/+/metrics/#",
                     f"topic write {e}/+/event",
                     f"topic write {e}/actuator/+/state",
                     f"topic write {e}/gateway/+/status",

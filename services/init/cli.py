@@ -58,6 +58,12 @@ def register(app: typer.Typer) -> None:
             help="Edge only: reach the centre over WebSockets + TLS (its --websockets-port) "
             "through pfmon wss-tunnel at this HOST:PORT (compose: wss-tunnel:8884).",
         ),
+        bridge_metrics: str = typer.Option(
+            "all",
+            "--bridge-metrics",
+            help="Edge only: the metrics the bridge forwards: all (per reading and the "
+            "aggregates), aggregates (3 s and 10 min only) or one interval (600s).",
+        ),
         client_path: str = typer.Option(
             "/run/secrets/mqtt",
             "--client-path",
@@ -114,6 +120,7 @@ def register(app: typer.Typer) -> None:
                 central_host=central_host,
                 central_port=central_port or (443 if central_tunnel else 8883),
                 central_tunnel=central_tunnel,
+                bridge_metrics=bridge_metrics,
                 client_path=client_path,
                 broker_url=broker_url,
                 broker_path=broker_path,

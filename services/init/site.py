@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from services.init.bridge import bridge_conf, central_addresses, register_bridge
+from services.init.bridge import bridge_conf, bridged_topics, central_addresses, register_bridge
 from services.init.broker import (
     HOMEASSISTANT_USER,
     MOSQUITTO_UID,
@@ -93,6 +93,7 @@ def init_site(
     websockets_port: int | None = None,
     websockets_bind: str | None = None,
     central_tunnel: str | None = None,
+    bridge_metrics: str = "all",
     client_path: str = "/run/secrets/mqtt",  # may contain {user}
     broker_url: str | None = None,
     days: int = 3650,
@@ -110,6 +111,8 @@ def init_site(
     (``broker/conf.d/websockets.conf``; ``websockets_bind``: the IP address it binds).
     ``central_tunnel`` (edge): the HOST:PORT of the edge's ``pfmon wss-tunnel``, when the
     bridge reaches the centre's websockets listener (``central_port``, 443) through it.
+    ``bridge_metrics`` (edge): which metrics the bridge forwards (``all``, ``aggregates``
+    or one interval such as ``600s``).
     ``engine`` ``nats`` (centre only) also writes the NATS JetStream nodes' configurations
     and users (``nats/``, :mod:`services.init.nats`) for the nodes ``nats_nodes`` (default
     ``nats1``-``nats3``); their
@@ -134,6 +137,13 @@ def init_site(
                 "--central-host: a bridge through --central-tunnel reaches one central host;"
                 f" {central_host!r} lists several (list the nodes without a tunnel)"
             )
+    if bridge_metrics != "all":
+        try:
+            bridged_topics(bridge_metrics)
+        except ConfigError as exc:
+            problems.append(str(exc))
+        if role != "edge":
+            problems.append("--bridge-metrics: only an edge's bridge forwards metrics")
     if engine not in ENGINES:
         problems.append(f"--engine: {engine!r} is not one of {', '.join(ENGINES)}")
     elif engine == "nats":
@@ -220,6 +230,7 @@ def init_site(
             broker_path,
             days,
             central_tunnel,
+            bridge_metrics,
         )
         if central_tunnel is not None:
             result.notes.append(
@@ -395,6 +406,7 @@ def _write_edge_bridge(
     broker_path: str,
     days: int,
     tunnel: str | None = None,
+    metrics: str = "all",
 ) -> None:
     """The edge broker's bridge certificate and ``conf.d/bridge.conf``; its user at the centre."""
     site, broker = result.site, result.out / "broker"
@@ -410,6 +422,7 @@ def _write_edge_bridge(
         password=password,
         secrets_path=broker_path,
         tunnel=tunnel,
+        metrics=metrics,
     )
     write_private(broker / "conf.d" / "bridge.conf", conf)
     register_bridge(central, site, password)

@@ -200,6 +200,14 @@ class AnalyticsConfig(BaseModel):
         "others (0: whatever one read of the broker connection brought)",
     )
     batch_max: int = Field(2000, ge=1, le=100_000, description="readings per batch at most")
+    #: also publish each batch's metrics messages together, in archive batches
+    #: (``pfm/v1/{site}/archive/analytics``) for an archiver with ``archive_batches: true``
+    archive_batches: bool = Field(
+        False, description="also publish the metrics in archive batches, for the archiver"
+    )
+    archive_batch_max: int = Field(
+        1000, ge=1, le=100_000, description="metrics messages per archive batch at most"
+    )
     limits: AlarmLimits = Field(default_factory=AlarmLimits)
     #: per alarm code, what differs from the alarm's own defaults (the alarm table,
     #: ``services/analytics/alarms.py``, knows the codes and checks them at start)

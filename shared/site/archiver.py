@@ -81,6 +81,12 @@ class ArchiverConfig(BaseModel):
     spill_max_records: int = Field(5_000_000, ge=1000)
     retry_max_s: Duration = Field(10.0, gt=0, le=600, description="longest wait between DB retries")
     keep_readings: bool = Field(True, description="store raw readings in pfm_readings")
+    #: take the metrics from analytics' archive batches (``pfm/v1/{site}/archive/+``,
+    #: many messages each) instead of the per-meter ``metrics`` topics: the analytics of
+    #: every site archived here must publish them (``analytics.archive_batches: true``)
+    archive_batches: bool = Field(
+        False, description="metrics from analytics' archive batches, not per-meter topics"
+    )
     #: own = this site's topics; all = every site on the broker (the central store,
     #: fed by the edge gateways' bridges); a list of site slugs = those sites only (to
     #: split a centre between archivers, each with its own plain persistent subscriptions)
