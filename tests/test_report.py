@@ -524,6 +524,7 @@ def test_cli_report(db_dsn: str, tmp_path, monkeypatch) -> None:
         assert doc["period"] == {
             "from": "2026-03-02T00:00:00+00:00",
             "to": "2026-03-03T00:00:00+00:00",
+            "timezone": "UTC",
         }
         # no site file: a and b are billed each as its own billing point
         assert doc["kwh"] == 150 and doc["billing_points"] == ["a", "b"]
@@ -577,6 +578,28 @@ def test_cli_report(db_dsn: str, tmp_path, monkeypatch) -> None:
         )
         assert res.exit_code == 0, res.output
         assert "billing demand" not in res.output and "reactive energy above" in res.output
+        # a site in India (UTC+05:30): the data hour 08:00-09:00 UTC is 13:30-14:30 there;
+        # a period without an offset is the site's local time, and so is every time shown
+        india = tmp_path / "india.yaml"
+        india.write_text("site: plant\ntimezone: Asia/Kolkata\n")
+        local = ["--from", "2026-03-02T13:30", "--to", "2026-03-02T14:30"]
+        res = runner.invoke(app, ["report", "--site-file", str(india), *local])
+        assert res.exit_code == 0, res.output
+        assert "Period: 2026-03-02 13:30 to 2026-03-02 14:30 Asia/Kolkata" in res.output
+        res = runner.invoke(app, ["report", "--site-file", str(india), *local, "--format", "json"])
+        doc = orjson.loads(res.output)
+        assert doc["kwh"] == 150, doc
+        assert doc["period"] == {
+            "from": "2026-03-02T13:30:00+05:30",
+            "to": "2026-03-02T14:30:00+05:30",
+            "timezone": "Asia/Kolkata",
+        }
+        res = runner.invoke(app, ["report", "--site-file", str(india), *local, "--format", "csv"])
+        assert res.output.splitlines()[1].startswith("2026-03-02T13:30:00+05:30,"), res.output
+        # an explicit offset is taken as written
+        utc = ["--from", "2026-03-02T08:00+00:00", "--to", "2026-03-02T09:00Z"]
+        res = runner.invoke(app, ["report", "--site-file", str(india), *utc, "--format", "json"])
+        assert orjson.loads(res.output)["kwh"] == 150
     finally:
         asyncio.run(teardown())
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, tzinfo
 from pathlib import Path
 
 import typer
@@ -22,8 +22,8 @@ REPORT_HELP = (
 )
 
 
-def parse_when(text: str, option: str) -> datetime:
-    """ISO date or date-time; a naive value is UTC."""
+def parse_when(text: str, option: str, tz: tzinfo = UTC) -> datetime:
+    """ISO date or date-time; a naive value is in ``tz`` (the site's time zone)."""
     try:
         value = datetime.fromisoformat(text)
     except ValueError:
@@ -31,7 +31,7 @@ def parse_when(text: str, option: str) -> datetime:
             value = datetime.combine(date.fromisoformat(text), datetime.min.time())
         except ValueError:
             fail(f"{option} {text!r}: expected an ISO date or date-time, e.g. 2026-03-01T00:00")
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
+    return value if value.tzinfo else value.replace(tzinfo=tz)
 
 
 def register(app: typer.Typer) -> None:
@@ -52,7 +52,11 @@ def register(app: typer.Typer) -> None:
             "--site",
             help="Site slug to report on (default: the site file's 'site').",
         ),
-        start: str = typer.Option(..., "--from", help="Start, ISO date/time (UTC if naive)."),
+        start: str = typer.Option(
+            ...,
+            "--from",
+            help="Start, ISO date/time (without an offset: in the site file's timezone, else UTC).",
+        ),
         end: str = typer.Option(..., "--to", help="End (exclusive), ISO date/time."),
         fmt: str = typer.Option("md", "--format", help="md, html, csv or json."),
         out: Path | None = typer.Option(None, "--out", help="Write here instead of stdout."),
@@ -84,7 +88,7 @@ def register(app: typer.Typer) -> None:
         except ConfigError as exc:
             fail(str(exc))
         name = site or cfg.site
-        t0, t1 = parse_when(start, "--from"), parse_when(end, "--to")
+        t0, t1 = parse_when(start, "--from", cfg.zone), parse_when(end, "--to", cfg.zone)
 
         async def main() -> str:
             import asyncpg

@@ -36,7 +36,7 @@ import io
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta, tzinfo
 from pathlib import Path
 from typing import Any
 
@@ -203,6 +203,8 @@ class Report:
     #: billed PF over the period for the chart: (bucket start, PF), ``chart_step`` wide
     chart: list[tuple[datetime, float]] = field(default_factory=list)
     chart_step: timedelta = WINDOW
+    #: the site's time zone: what the report's times are shown in (UTC without one)
+    tz: tzinfo = UTC
 
     # -- billed totals (billing points only) ----------------------------------------------
     @property
@@ -403,6 +405,7 @@ async def build_report(
         target,
         meters,
         [],
+        tz=site.zone,
     )
     if not meters:
         rep.warnings.append(f"no metrics for site {site_name!r} between {start} and {end}")
@@ -638,7 +641,8 @@ async def _bank_supply(
     unknown = supply.hours - supply.hours_known
     if unknown > 1e-9:
         rep.notes.append(
-            f"bank {bank.name!r}: state unknown before {bounds[0]:%Y-%m-%d %H:%M:%S} UTC "
+            f"bank {bank.name!r}: state unknown before "
+            f"{_local(rep, bounds[0]):%Y-%m-%d %H:%M:%S} {_zone_name(rep)} "
             f"({unknown:.2f} h of {bank.meter!r}'s data): no supply counted there"
         )
     return supply, dict(per_window)
@@ -853,6 +857,22 @@ def _when(t: datetime) -> str:
     return f"{t:%Y-%m-%d %H:%M:%S}" if t.second or t.microsecond else f"{t:%Y-%m-%d %H:%M}"
 
 
+def _zone_name(rep: Report) -> str:
+    return str(getattr(rep.tz, "key", None) or rep.tz.tzname(None) or "UTC")
+
+
+def _local(rep: Report, t: datetime) -> datetime:
+    """``t`` in the site's time zone (how every time in the report is shown)."""
+    return t.astimezone(rep.tz)
+
+
+def _period(rep: Report) -> str:
+    return (
+        f"Period: {_when(_local(rep, rep.start))} to {_when(_local(rep, rep.end))} "
+        f"{_zone_name(rep)}"
+    )
+
+
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f} %"
 
@@ -893,10 +913,11 @@ def pf_svg(rep: Report, width: int = 720, height: int = 240) -> str:
         out.append(
             f'<text x="{pad_l - 4}" y="{y(tick) + 4:.1f}" text-anchor="end">{tick:.2f}</text>'
         )
-    out.append(f'<text x="{pad_l}" y="{height - 8}">{rep.start:%Y-%m-%d %H:%M}</text>')
+    start, end = _local(rep, rep.start), _local(rep, rep.end)
+    out.append(f'<text x="{pad_l}" y="{height - 8}">{start:%Y-%m-%d %H:%M}</text>')
     out.append(
         f'<text x="{width - pad_r}" y="{height - 8}" text-anchor="end">'
-        f"{rep.end:%Y-%m-%d %H:%M} UTC</text>"
+        f"{end:%Y-%m-%d %H:%M} {html.escape(_zone_name(rep))}</text>"
     )
     if pts:
         half = rep.chart_step / 2
@@ -922,7 +943,9 @@ def _summary_rows(rep: Report) -> list[tuple[str, str]]:
     if peak is not None:
         peak_text = f"{peak.kw:.2f} kW / {peak.kva:.2f} kVA"
         if peak.coverage < 0.999:
-            peak_text += f" (window {peak.start:%H:%M}, data for {_pct(peak.coverage)} of it)"
+            peak_text += (
+                f" (window {_local(rep, peak.start):%H:%M}, data for {_pct(peak.coverage)} of it)"
+            )
     rows = [
         ("Data coverage of the period", _pct(rep.coverage)),
         ("Active energy imported", f"{rep.kwh:.2f} kWh"),
@@ -1057,7 +1080,7 @@ def render_markdown(rep: Report, worst: int = 5, chart_file: str | None = None) 
     out = [
         f"# Power-factor report - {rep.site}",
         "",
-        f"Period: {_when(rep.start)} to {_when(rep.end)} UTC",
+        _period(rep),
         "",
     ]
     if rep.meters:
@@ -1124,7 +1147,7 @@ def render_html(rep: Report, worst: int = 5) -> str:
         "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px}"
         ".warn{background:#fde;padding:.5em}</style></head><body>",
         f"<h1>Power-factor report - {e(rep.site)}</h1>",
-        f"<p>Period: {_when(rep.start)} to {_when(rep.end)} UTC</p>",
+        f"<p>{e(_period(rep))}</p>",
     ]
     if rep.meters:
         parts.append(f"<p>{e(_coverage_line(rep))}</p>")
@@ -1197,7 +1220,7 @@ def render_csv(rep: Report) -> str:
     for x in rep.windows:
         w.writerow(
             [
-                x.start.isoformat(),
+                _local(rep, x.start).isoformat(),
                 f"{x.coverage:.4f}",
                 f"{x.kwh:.6f}",
                 f"{x.kvarh_ind:.6f}",
@@ -1222,7 +1245,11 @@ def report_dict(rep: Report) -> dict[str, Any]:
     peak = rep.peak
     return {
         "site": rep.site,
-        "period": {"from": rep.start.isoformat(), "to": rep.end.isoformat()},
+        "period": {
+            "from": _local(rep, rep.start).isoformat(),
+            "to": _local(rep, rep.end).isoformat(),
+            "timezone": _zone_name(rep),
+        },
         "coverage": _r(rep.coverage),
         "hours_covered": _r(rep.hours_covered),
         "billing_points": [m.meter for m in rep.billed],
@@ -1238,7 +1265,7 @@ def report_dict(rep: Report) -> dict[str, Any]:
         "peak_demand_kva": _r(peak.kva if peak else None),
         "peak_window": None
         if peak is None
-        else {"start": peak.start.isoformat(), "coverage": _r(peak.coverage)},
+        else {"start": _local(rep, peak.start).isoformat(), "coverage": _r(peak.coverage)},
         "hours_below_alert": _r(rep.hours_below(rep.pf_alert)),
         "hours_below_penalty": _r(rep.hours_below(rep.pf_penalty)),
         "currency": rep.currency,
