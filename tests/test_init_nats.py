@@ -102,6 +102,7 @@ def test_permissions_are_the_mosquitto_acl() -> None:
     assert publish == [
         "pfm.v1.branch1.*.metrics",
         "pfm.v1.branch1.*.metrics.>",  # the aggregates' level (metrics/3s, metrics/600s)
+        "pfm.v1.branch1.archive.analytics",  # analytics' archive batches
         "pfm.v1.branch1.*.event",
         "pfm.v1.branch1.actuator.*.state",
         "pfm.v1.branch1.gateway.*.status",

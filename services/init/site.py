@@ -111,8 +111,9 @@ def init_site(
     (``broker/conf.d/websockets.conf``; ``websockets_bind``: the IP address it binds).
     ``central_tunnel`` (edge): the HOST:PORT of the edge's ``pfmon wss-tunnel``, when the
     bridge reaches the centre's websockets listener (``central_port``, 443) through it.
-    ``bridge_metrics`` (edge): which metrics the bridge forwards (``all``, ``aggregates``
-    or one interval such as ``600s``).
+    ``bridge_metrics`` (edge): which metrics the bridge forwards (``all``, ``aggregates``,
+    one interval such as ``600s``, or ``batches``: analytics' archive batches, which the
+    site file's ``analytics.archive_batches`` must turn on).
     ``engine`` ``nats`` (centre only) also writes the NATS JetStream nodes' configurations
     and users (``nats/``, :mod:`services.init.nats`) for the nodes ``nats_nodes`` (default
     ``nats1``-``nats3``); their
@@ -164,9 +165,17 @@ def init_site(
     homeassistant = None  # a Home Assistant user and its ACL only with the section
     if site_file is not None:
         try:
-            homeassistant = load_site(site_file).homeassistant
+            site_config = load_site(site_file)
         except ConfigError as exc:
             problems.append(str(exc))
+        else:
+            homeassistant = site_config.homeassistant
+            if bridge_metrics == "batches" and not site_config.analytics.archive_batches:
+                problems.append(
+                    f"--bridge-metrics batches: {site_file} has analytics.archive_batches "
+                    "false, so its analytics publishes no batches and no metrics would reach "
+                    "the centre (set it to true)"
+                )
     if problems:
         raise ConfigError("pfmon init: cannot generate the site's secrets", problems)
 
