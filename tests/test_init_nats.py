@@ -638,4 +638,3 @@ def test_an_edge_registered_later_bridges_in_after_a_reload(
         local.loop_stop()
     reader.disconnect()
     reader.loop_stop()
-
