@@ -38,12 +38,11 @@ pytestmark = pytest.mark.skipif(
 METERS = ["m1", "m2", "m3"]
 
 
-def edge_site_file(tmp: Path, site: str, archive_batches: bool) -> Path:
+def edge_site_file(tmp: Path, site: str, archive_batches: bool, most: int = 200) -> Path:
     path = tmp / f"{site}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(
-        yaml.safe_dump({"site": site, "analytics": {"archive_batches": archive_batches}})
-    )
+    analytics = {"archive_batches": archive_batches, "archive_batch_max": most}
+    path.write_text(yaml.safe_dump({"site": site, "analytics": analytics}))
     return path
 
 
@@ -83,6 +82,19 @@ def test_batches_refused_when_the_edge_analytics_publishes_none(
         )
     assert "--bridge-metrics batches:" in str(err.value)
     assert "analytics.archive_batches false" in str(err.value)
+    # a batch the brokers would drop (message_size_limit 1 MiB) is refused too
+    with pytest.raises(ConfigError) as err:
+        init(
+            tmp_path / "edge",
+            site_name,
+            role="edge",
+            central=central.out,
+            central_host="127.0.0.1",
+            bridge_metrics="batches",
+            site_file=edge_site_file(tmp_path, site_name, archive_batches=True, most=1000),
+        )
+    assert "analytics.archive_batch_max 1000" in str(err.value)
+    assert "set 200 or less" in str(err.value)
 
 
 @pytest.mark.timeout(90)

@@ -49,6 +49,7 @@ from services.init.nats import nats_hash, node_problems, write_nats_centre
 from shared import topics
 from shared.errors import ConfigError
 from shared.site import load_site
+from shared.site.analytics import AnalyticsConfig
 
 __all__ = ["ENGINES", "PFMON_UID", "InitResult", "init_site", "new_password"]
 
@@ -170,12 +171,8 @@ def init_site(
             problems.append(str(exc))
         else:
             homeassistant = site_config.homeassistant
-            if bridge_metrics == "batches" and not site_config.analytics.archive_batches:
-                problems.append(
-                    f"--bridge-metrics batches: {site_file} has analytics.archive_batches "
-                    "false, so its analytics publishes no batches and no metrics would reach "
-                    "the centre (set it to true)"
-                )
+            if bridge_metrics == "batches":
+                problems += _batch_problems(site_file, site_config.analytics)
     if problems:
         raise ConfigError("pfmon init: cannot generate the site's secrets", problems)
 
@@ -403,6 +400,31 @@ def _bridges_kept(folder: Path) -> dict[str, str]:
     """The centre keeps the bridges of edges registered earlier (rotation re-registers):
     their hashes in ``folder/passwd`` (the Mosquitto broker's, or the NATS nodes')."""
     return {u: h for u, h in read_passwd(folder / "passwd").items() if u.startswith("bridge-")}
+
+
+#: the most metrics messages an archive batch may hold for ``--bridge-metrics batches``:
+#: per-reading messages reach ~3.9 kB (~4.3 kB escaped in the batch), and the brokers'
+#: ``message_size_limit`` (deploy/mosquitto/mosquitto.conf, 1 MiB) drops a larger one
+BRIDGE_BATCH_MAX = 200
+
+
+def _batch_problems(site_file: Path, analytics: AnalyticsConfig) -> list[str]:
+    """``--bridge-metrics batches`` needs the site's analytics to publish archive batches
+    that the brokers accept."""
+    if not analytics.archive_batches:
+        return [
+            f"--bridge-metrics batches: {site_file} has analytics.archive_batches false, so "
+            "its analytics publishes no batches and no metrics would reach the centre "
+            "(set it to true)"
+        ]
+    if analytics.archive_batch_max > BRIDGE_BATCH_MAX:
+        return [
+            f"--bridge-metrics batches: {site_file} has analytics.archive_batch_max "
+            f"{analytics.archive_batch_max}: a batch of that many metrics messages can pass "
+            "the brokers' 1 MiB message_size_limit, which drops it; set "
+            f"{BRIDGE_BATCH_MAX} or less"
+        ]
+    return []
 
 
 def _write_edge_bridge(
