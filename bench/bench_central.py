@@ -1,7 +1,7 @@
 """The central tier under N branches' worth of messages: broker ingest and archiver drain.
 
 Run: ``.venv/bin/python bench/bench_central.py [--broker nats|mosquitto] [--branches 10]
-[--meters 100] [--seconds 10] [--shards 16] [--archivers 1]``.
+[--meters 100] [--seconds 10] [--shards 16] [--archivers 1] [--batches 100]``.
 
 1. The centre's broker: a 3-node NATS JetStream cluster on loopback (``--broker nats``,
    MQTT 3.1.1, sessions and QoS 1 queues replicated on 3 nodes), or one private Mosquitto
@@ -10,7 +10,10 @@ Run: ``.venv/bin/python bench/bench_central.py [--broker nats|mosquitto] [--bran
 3. ``branches x meters x seconds`` per-second ``metrics`` messages (what an edge's bridge
    forwards at 1 Hz: 18 archived values each) are published into the centre at QoS 1
    while the archivers are away: the broker's ingest rate (messages and bytes per second,
-   each one stored and, on NATS, replicated before its PUBACK).
+   each one stored and, on NATS, replicated before its PUBACK). With ``--batches N`` each
+   branch's second goes out as archive batches of at most N messages instead
+   (``pfm/v1/{site}/archive/analytics``, what ``--bridge-metrics batches`` forwards), and
+   the archivers run with ``archive_batches``: the broker's CPU is then also given a row.
 4. The archivers come back and drain the backlog: the clock runs from their start to the
    last row committed; rows/s, and rows/s per archiver core (this process's CPU time over
    the drain: the archivers run here, the broker and PostgreSQL in their own processes).
@@ -33,6 +36,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import asyncpg
@@ -47,6 +51,7 @@ from services.archiver.shards import assign
 from shared import topics
 from shared.bus import Bus
 from shared.embedded import LocalMosquitto
+from shared.messages import encode_archive_batch
 from shared.service import Shutdown
 from shared.settings import Settings, load_settings
 from shared.site import SiteConfig, parse_site
@@ -165,6 +170,28 @@ def backlog(
     return per_second
 
 
+def as_batches(messages: list[list[tuple[str, bytes]]], most: int) -> list[list[tuple[str, bytes]]]:
+    """Each second's messages as archive batches: per site, at most ``most`` messages a
+    batch, on the site's ``archive/analytics`` topic (as an edge's analytics flushes one
+    second of its meters)."""
+    out: list[list[tuple[str, bytes]]] = []
+    seq: dict[str, int] = {}
+    for second in messages:
+        by_site: dict[str, list[tuple[str, bytes]]] = {}
+        for topic, payload in second:
+            by_site.setdefault(topics.parse(topic).site, []).append((topic, payload))
+        batches = []
+        for site, items in by_site.items():
+            for start in range(0, len(items), most):
+                seq[site] = seq.get(site, 0) + 1
+                payload = encode_archive_batch(
+                    site, datetime.now(UTC), seq[site], "analytics", items[start : start + most]
+                )
+                batches.append((topics.archive(site, "analytics"), payload))
+        out.append(batches)
+    return out
+
+
 async def publish_backlog(
     settings: Settings, messages: list[list[tuple[str, bytes]]]
 ) -> tuple[int, int, float]:
@@ -260,6 +287,7 @@ async def bench(args: argparse.Namespace) -> None:
                 "flush_interval_s": 0.5,
                 "buffer_max_records": max(20_000, args.batch * 4),
                 "rollup_interval_s": 3600,
+                "archive_batches": bool(args.batches),
                 "known": dict.fromkeys(sites, meter_names),
             },
         }
@@ -280,19 +308,25 @@ async def bench(args: argparse.Namespace) -> None:
             print(
                 f"central tier on {args.broker} ({nodes})"
                 f": {args.branches} branches x {args.meters} meters x {args.seconds} s at 1 Hz"
-                f" ({args.payload} metrics messages),"
+                f" ({args.payload} metrics messages"
+                + (f", in archive batches of <= {args.batches}" if args.batches else "")
+                + "),"
                 f" {args.shards} shards, {args.archivers} archiver(s)"
             )
             async with archivers(settings, site, args.archivers, workdir):
                 pass  # the shard sessions exist now; the archivers are away
             broker_cpu = centre.cpu_s()
             messages = backlog(args.payload, sites, args.meters, args.seconds)
-            n, size, pub_s = await publish_backlog(settings, messages)
+            n = sum(len(second) for second in messages)  # rows to come
+            if args.batches:
+                messages = as_batches(messages, args.batches)
+            sent, size, pub_s = await publish_backlog(settings, messages)
             broker_cpu, in_cpu = centre.cpu_s(), centre.cpu_s() - broker_cpu
             print(
-                f"  broker ingest at QoS 1: {n} messages, {size / n:.0f} bytes each, in"
-                f" {pub_s:.1f} s = {n / pub_s:,.0f} msg/s, {size / pub_s / 1e6:.2f} MB/s;"
-                f" broker CPU {in_cpu / n * 1e6:.0f} us a message"
+                f"  broker ingest at QoS 1: {sent} messages, {size / sent:.0f} bytes each, in"
+                f" {pub_s:.1f} s = {sent / pub_s:,.0f} msg/s, {size / pub_s / 1e6:.2f} MB/s;"
+                f" broker CPU {in_cpu / sent * 1e6:.0f} us a message, {in_cpu / n * 1e6:.1f} us"
+                f" a row ({n} rows)"
             )
             conn = await asyncpg.connect(own_dsn)
             try:
@@ -323,7 +357,8 @@ async def bench(args: argparse.Namespace) -> None:
                 f"  archiver drain: {rows} rows committed in {elapsed:.1f} s ="
                 f" {rows / elapsed:,.0f} rows/s; archiver CPU {cpu:.1f} s ="
                 f" {rows / cpu:,.0f} rows/s per archiver core ({cpu / rows * 1e6:.0f} us a row);"
-                f" broker CPU {out_cpu / rows * 1e6:.0f} us a message delivered"
+                f" broker CPU {out_cpu / sent * 1e6:.0f} us a message delivered,"
+                f" {out_cpu / rows * 1e6:.1f} us a row"
             )
             print(
                 f"  of which resuming the {len(site.archiver.known)} sites' subscriptions in"
@@ -367,6 +402,13 @@ def main() -> None:
         help="simple: 18 archived values a meter; analytics: the analytics service's messages",
     )
     parser.add_argument(
+        "--batches",
+        type=int,
+        default=0,
+        help="publish archive batches of at most this many messages (per branch and"
+        " second) instead of per-meter messages; archivers with archive_batches",
+    )
+    parser.add_argument(
         "--sizes", action="store_true", help="only the sizes of analytics' metrics messages"
     )
     args = parser.parse_args()
@@ -374,7 +416,7 @@ def main() -> None:
         analytics_sizes()
         return
     for name, value in vars(args).items():
-        if type(value) is int and value < (0 if name == "max_ack_pending" else 1):
+        if type(value) is int and value < (0 if name in ("max_ack_pending", "batches") else 1):
             parser.error(f"--{name} must be >= 1, not {value}")
     asyncio.run(bench(args))
 

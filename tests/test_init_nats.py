@@ -102,6 +102,7 @@ def test_permissions_are_the_mosquitto_acl() -> None:
     assert publish == [
         "pfm.v1.branch1.*.metrics",
         "pfm.v1.branch1.*.metrics.>",  # the aggregates' level (metrics/3s, metrics/600s)
+        "pfm.v1.branch1.archive.analytics",  # analytics' archive batches
         "pfm.v1.branch1.*.event",
         "pfm.v1.branch1.actuator.*.state",
         "pfm.v1.branch1.gateway.*.status",
@@ -375,8 +376,11 @@ def test_cluster_enforces_the_centres_users(cluster: Running) -> None:
     # bridges publish on other nodes than the archiver's: routes carry it (TLS both ways)
     allowed = "pfm/v1/branch1/m1/metrics"
     cluster.publish("bridge-branch1", 1, allowed)
+    batches = "pfm/v1/branch1/archive/analytics"  # its own site's archive batches
+    cluster.publish("bridge-branch1", 1, batches)
     refused = [
         ("bridge-branch1", "pfm/v1/branch2/m1/metrics"),  # another site's
+        ("bridge-branch1", "pfm/v1/branch2/archive/analytics"),  # another site's batches
         ("bridge-branch1", "pfm/v1/branch1/actuator/bank1/command"),  # a command
         ("bridge-branch1", "pfm/v1/branch1/m1/reading"),  # not a summary
         ("monitor", "pfm/v1/branch1/m2/metrics"),  # read-only
@@ -386,12 +390,12 @@ def test_cluster_enforces_the_centres_users(cluster: Running) -> None:
     sentinel = "pfm/v1/branch2/gateway/gw1/status"
     cluster.publish("bridge-branch2", 2, sentinel)
     deadline = time.monotonic() + 20
-    while not {allowed, sentinel} <= set(got) and time.monotonic() < deadline:
+    while not {allowed, batches, sentinel} <= set(got) and time.monotonic() < deadline:
         time.sleep(0.1)
     time.sleep(0.5)
     archiver.disconnect()
     archiver.loop_stop()
-    assert {allowed, sentinel} <= set(got), got  # the archiver reads every site
+    assert {allowed, batches, sentinel} <= set(got), got  # the archiver reads every site
     assert not [t for _u, t in refused if t in got], got
 
 

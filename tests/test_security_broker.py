@@ -809,9 +809,8 @@ def test_bridge_metrics_choice_is_checked(tmp_path: Path, site_name: str) -> Non
             central_host="127.0.0.1",
             bridge_metrics="10min",
         )
-    assert "--bridge-metrics '10min': expected all, aggregates or one aggregate interval" in str(
-        err.value
-    )
+    expected = "--bridge-metrics '10min': expected all, aggregates, batches or one aggregate"
+    assert expected in str(err.value)
     with pytest.raises(ConfigError, match="only an edge's bridge forwards metrics"):
         init(tmp_path / "site", site_name, bridge_metrics="aggregates")
 

@@ -1,8 +1,9 @@
 """An edge's bridge to the centre: its ``bridge.conf`` and its user at the central broker.
 
-The edge forwards its summaries (``metrics``, ``event``, actuator ``state``, gateway
-``status``) out to the centre, with persistent sessions both ways so that QoS 1
-messages queue at the edge while the WAN is down; nothing comes back.
+The edge forwards its summaries (``metrics``, or analytics' archive batches of them,
+``event``, actuator ``state``, gateway ``status``) out to the centre, with persistent
+sessions both ways so that QoS 1 messages queue at the edge while the WAN is down;
+nothing comes back.
 
 Over MQTT + TLS (8883, client certificate and password) by default. Mosquitto's bridges
 cannot speak WebSockets, so for an edge whose firewall passes only HTTPS the bridge dials
@@ -34,23 +35,26 @@ from shared.errors import ConfigError
 #: ``+/metrics/#`` is every metrics message: per input and the aggregates below it
 BRIDGED_TOPICS = ("+/metrics/#", "+/event", "actuator/+/state", "gateway/+/status")
 #: ``--bridge-metrics``: which metrics an edge forwards (an aggregate interval level such
-#: as ``600s`` forwards that interval only)
-BRIDGE_METRICS = {"all": "+/metrics/#", "aggregates": "+/metrics/+"}
+#: as ``600s`` forwards that interval only); ``batches``: analytics' archive batches
+#: (every metrics message, many in one MQTT message) instead of the per-meter topics
+BRIDGE_METRICS = {"all": "+/metrics/#", "aggregates": "+/metrics/+", "batches": "archive/analytics"}
 _INTERVAL = re.compile(r"^[1-9][0-9]*s$")
 
 
 def bridged_topics(metrics: str = "all") -> tuple[str, ...]:
     """The topics (below the site) an edge forwards: ``metrics`` is ``all`` (per-input
-    metrics and aggregates), ``aggregates`` (the 3 s and 10 min aggregates only) or one
-    aggregate interval (``600s``). Anything else is a :class:`ConfigError`."""
+    metrics and aggregates), ``aggregates`` (the 3 s and 10 min aggregates only), one
+    aggregate interval (``600s``) or ``batches`` (analytics' archive batches, which hold
+    every metrics message, instead of the per-meter topics). Anything else is a
+    :class:`ConfigError`."""
     if metrics in BRIDGE_METRICS:
         chosen = BRIDGE_METRICS[metrics]
     elif _INTERVAL.fullmatch(metrics):
         chosen = f"+/metrics/{metrics}"
     else:
         raise ConfigError(
-            f"--bridge-metrics {metrics!r}: expected all, aggregates or one aggregate interval"
-            " in whole seconds (3s, 600s)"
+            f"--bridge-metrics {metrics!r}: expected all, aggregates, batches or one aggregate"
+            " interval in whole seconds (3s, 600s)"
         )
     return (chosen, *BRIDGED_TOPICS[1:])
 

@@ -93,8 +93,9 @@ def acl_text(
     Home Assistant with ``allow_control``) ``.../actuator/+/request`` (never bridged); the
     collector publishes readings, waveforms, device events and the gateway status but
     never ``metrics``;
-    a bridge user (centre only) may publish only its own site's ``metrics``, ``event``,
-    actuator ``state`` and gateway status - never a command.
+    a bridge user (centre only) may publish only its own site's ``metrics``, analytics'
+    archive batches (``archive/analytics``), ``event``, actuator ``state`` and gateway
+    status - never a command.
     """
     s = f"{ROOT}/{site}"
     every_site = f"{ROOT}/+"
@@ -215,6 +216,7 @@ def acl_text(
                 f"bridge from edge site {edge}: its summaries only, never a command",
                 [
                     f"topic write {e}/+/metrics/#",
+                    f"topic write {e}/archive/analytics",
                     f"topic write {e}/+/event",
                     f"topic write {e}/actuator/+/state",
                     f"topic write {e}/gateway/+/status",

@@ -62,7 +62,9 @@ def register(app: typer.Typer) -> None:
             "all",
             "--bridge-metrics",
             help="Edge only: the metrics the bridge forwards: all (per reading and the "
-            "aggregates), aggregates (3 s and 10 min only) or one interval (600s).",
+            "aggregates), aggregates (3 s and 10 min only), one interval (600s) or batches "
+            "(analytics' archive batches: every metrics message, many a message; needs "
+            "analytics.archive_batches).",
         ),
         client_path: str = typer.Option(
             "/run/secrets/mqtt",

@@ -49,6 +49,7 @@ from services.init.nats import nats_hash, node_problems, write_nats_centre
 from shared import topics
 from shared.errors import ConfigError
 from shared.site import load_site
+from shared.site.analytics import AnalyticsConfig
 
 __all__ = ["ENGINES", "PFMON_UID", "InitResult", "init_site", "new_password"]
 
@@ -111,8 +112,9 @@ def init_site(
     (``broker/conf.d/websockets.conf``; ``websockets_bind``: the IP address it binds).
     ``central_tunnel`` (edge): the HOST:PORT of the edge's ``pfmon wss-tunnel``, when the
     bridge reaches the centre's websockets listener (``central_port``, 443) through it.
-    ``bridge_metrics`` (edge): which metrics the bridge forwards (``all``, ``aggregates``
-    or one interval such as ``600s``).
+    ``bridge_metrics`` (edge): which metrics the bridge forwards (``all``, ``aggregates``,
+    one interval such as ``600s``, or ``batches``: analytics' archive batches, which the
+    site file's ``analytics.archive_batches`` must turn on).
     ``engine`` ``nats`` (centre only) also writes the NATS JetStream nodes' configurations
     and users (``nats/``, :mod:`services.init.nats`) for the nodes ``nats_nodes`` (default
     ``nats1``-``nats3``); their
@@ -164,9 +166,13 @@ def init_site(
     homeassistant = None  # a Home Assistant user and its ACL only with the section
     if site_file is not None:
         try:
-            homeassistant = load_site(site_file).homeassistant
+            site_config = load_site(site_file)
         except ConfigError as exc:
             problems.append(str(exc))
+        else:
+            homeassistant = site_config.homeassistant
+            if bridge_metrics == "batches":
+                problems += _batch_problems(site_file, site_config.analytics)
     if problems:
         raise ConfigError("pfmon init: cannot generate the site's secrets", problems)
 
@@ -394,6 +400,31 @@ def _bridges_kept(folder: Path) -> dict[str, str]:
     """The centre keeps the bridges of edges registered earlier (rotation re-registers):
     their hashes in ``folder/passwd`` (the Mosquitto broker's, or the NATS nodes')."""
     return {u: h for u, h in read_passwd(folder / "passwd").items() if u.startswith("bridge-")}
+
+
+#: the most metrics messages an archive batch may hold for ``--bridge-metrics batches``:
+#: per-reading messages reach ~3.9 kB (~4.3 kB escaped in the batch), and the brokers'
+#: ``message_size_limit`` (deploy/mosquitto/mosquitto.conf, 1 MiB) drops a larger one
+BRIDGE_BATCH_MAX = 200
+
+
+def _batch_problems(site_file: Path, analytics: AnalyticsConfig) -> list[str]:
+    """``--bridge-metrics batches`` needs the site's analytics to publish archive batches
+    that the brokers accept."""
+    if not analytics.archive_batches:
+        return [
+            f"--bridge-metrics batches: {site_file} has analytics.archive_batches false, so "
+            "its analytics publishes no batches and no metrics would reach the centre "
+            "(set it to true)"
+        ]
+    if analytics.archive_batch_max > BRIDGE_BATCH_MAX:
+        return [
+            f"--bridge-metrics batches: {site_file} has analytics.archive_batch_max "
+            f"{analytics.archive_batch_max}: a batch of that many metrics messages can pass "
+            "the brokers' 1 MiB message_size_limit, which drops it; set "
+            f"{BRIDGE_BATCH_MAX} or less"
+        ]
+    return []
 
 
 def _write_edge_bridge(
