@@ -624,6 +624,47 @@ class ArchiveBatch(Message):
     messages: list[tuple[str, str]] = Field(max_length=100_000)
 
 
+#: what a batch adds around each message: the quotes, comma and brackets of
+#: ``["topic","payload"],``
+_BATCH_ITEM_OVERHEAD = 8
+#: what a batch adds around its messages (schema, site, ts, seq, service)
+_BATCH_ENVELOPE = 512
+
+
+def archive_item_size(topic: str, payload: bytes) -> int:
+    """The bytes ``(topic, payload)`` takes inside an encoded archive batch: the payload
+    is embedded as a JSON string, so each ``"`` and ``\\`` in it gains an escape."""
+    return (
+        len(topic.encode())
+        + len(payload)
+        + payload.count(b'"')
+        + payload.count(b"\\")
+        + _BATCH_ITEM_OVERHEAD
+    )
+
+
+def archive_chunks(
+    messages: list[tuple[str, bytes]], max_count: int, max_bytes: int
+) -> list[list[tuple[str, bytes]]]:
+    """``messages`` split, in order, into archive batches of at most ``max_count``
+    messages and ``max_bytes`` encoded bytes each (a broker drops a message above its
+    size limit: Mosquitto's ``message_size_limit``). A message that alone exceeds
+    ``max_bytes`` goes in a batch of its own."""
+    out: list[list[tuple[str, bytes]]] = []
+    chunk: list[tuple[str, bytes]] = []
+    size = _BATCH_ENVELOPE
+    for item in messages:
+        n = archive_item_size(*item)
+        if chunk and (len(chunk) >= max_count or size + n > max_bytes):
+            out.append(chunk)
+            chunk, size = [], _BATCH_ENVELOPE
+        chunk.append(item)
+        size += n
+    if chunk:
+        out.append(chunk)
+    return out
+
+
 def encode_archive_batch(
     site: str, ts: datetime, seq: int, service: str, messages: list[tuple[str, bytes]]
 ) -> bytes:

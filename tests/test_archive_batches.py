@@ -225,3 +225,36 @@ async def test_a_shard_subscribes_the_batches_of_its_own_sites_only(
     assert "pfm/v1/edge-b/archive/+" in filters
     assert not [f for f in filters if "/metrics" in f or "edge-a" in f]
     assert "pfm/v1/edge-b/+/event" in filters
+
+
+def test_archive_batches_stay_under_the_brokers_message_size_limit() -> None:
+    """A flush of 1,000 per-reading metrics messages (~3.5 kB each, ~3.5 MB in all) goes
+    out as several batches, each under ``archive_batch_bytes`` once encoded, in order,
+    nothing left out; the default is under the deployed Mosquitto's limit, which drops a
+    larger message (silently over MQTT 3.1.1)."""
+    import re
+    from pathlib import Path
+
+    from shared.messages import archive_chunks, encode_archive_batch
+    from shared.site.analytics import AnalyticsConfig
+
+    limit = AnalyticsConfig().archive_batch_bytes
+    conf = (Path(__file__).parents[1] / "deploy" / "mosquitto" / "mosquitto.conf").read_text()
+    broker_limit = int(re.search(r"^message_size_limit\s+(\d+)", conf, re.M).group(1))  # type: ignore[union-attr]
+    assert limit < broker_limit
+    # quotes and backslashes grow when a payload is embedded as a JSON string
+    payload = (
+        b'{"schema":"pfm.metrics/2","note":"a \\"quoted\\" \\\\ path",' + b'"v":1.5,' * 430 + b"}"
+    )
+    items = [(f"pfm/v1/s/m{k % 40}/metrics", payload) for k in range(1000)]
+    assert sum(len(p) for _, p in items) > 3 * broker_limit
+    chunks = archive_chunks(items, 1000, limit)
+    assert len(chunks) > 3
+    assert [x for c in chunks for x in c] == items
+    for seq, chunk in enumerate(chunks):
+        size = len(encode_archive_batch("s", datetime.now(UTC), seq, "analytics", chunk))
+        assert limit // 2 < size <= limit or chunk is chunks[-1], size
+    # the count still caps, and one message over the byte cap travels alone
+    assert [len(c) for c in archive_chunks(items[:10], 4, limit)] == [4, 4, 2]
+    big = [("t", b"x" * 40_000), ("t", b"y")]
+    assert [len(c) for c in archive_chunks(big, 10, 20_000)] == [1, 1]

@@ -53,6 +53,7 @@ from shared.messages import (
     Reading,
     Severity,
     Waveform,
+    archive_chunks,
     encode,
     encode_archive_batch,
 )
@@ -163,6 +164,7 @@ class Analytics:
         #: published together on the archive topic (under the batch's ack group)
         self.archive = site.analytics.archive_batches
         self.archive_max = site.analytics.archive_batch_max
+        self.archive_bytes = site.analytics.archive_batch_bytes
         self._archived: list[tuple[str, bytes]] = []
         self._archive_topic = topics.archive(site.site, SERVICE)
         self.archive_seq = seq_seed()
@@ -449,11 +451,10 @@ class Analytics:
 
     def _archive_out(self, group: AckGroup) -> None:
         """Publish the metrics emitted under ``group`` as archive batches (at most
-        ``archive_batch_max`` messages each), under the same group: its inputs are
-        acknowledged only once the batches are confirmed too."""
+        ``archive_batch_max`` messages and ``archive_batch_bytes`` each), under the same
+        group: its inputs are acknowledged only once the batches are confirmed too."""
         items, self._archived = self._archived, []
-        for start in range(0, len(items), self.archive_max):
-            chunk = items[start : start + self.archive_max]
+        for chunk in archive_chunks(items, self.archive_max, self.archive_bytes):
             self.archive_seq += 1
             try:
                 payload = encode_archive_batch(

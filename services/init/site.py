@@ -402,27 +402,14 @@ def _bridges_kept(folder: Path) -> dict[str, str]:
     return {u: h for u, h in read_passwd(folder / "passwd").items() if u.startswith("bridge-")}
 
 
-#: the most metrics messages an archive batch may hold for ``--bridge-metrics batches``:
-#: per-reading messages reach ~3.9 kB (~4.3 kB escaped in the batch), and the brokers'
-#: ``message_size_limit`` (deploy/mosquitto/mosquitto.conf, 1 MiB) drops a larger one
-BRIDGE_BATCH_MAX = 200
-
-
 def _batch_problems(site_file: Path, analytics: AnalyticsConfig) -> list[str]:
     """``--bridge-metrics batches`` needs the site's analytics to publish archive batches
-    that the brokers accept."""
+    (their size is capped by ``analytics.archive_batch_bytes``, under the brokers' limit)."""
     if not analytics.archive_batches:
         return [
             f"--bridge-metrics batches: {site_file} has analytics.archive_batches false, so "
             "its analytics publishes no batches and no metrics would reach the centre "
             "(set it to true)"
-        ]
-    if analytics.archive_batch_max > BRIDGE_BATCH_MAX:
-        return [
-            f"--bridge-metrics batches: {site_file} has analytics.archive_batch_max "
-            f"{analytics.archive_batch_max}: a batch of that many metrics messages can pass "
-            "the brokers' 1 MiB message_size_limit, which drops it; set "
-            f"{BRIDGE_BATCH_MAX} or less"
         ]
     return []
 

@@ -208,6 +208,13 @@ class AnalyticsConfig(BaseModel):
     archive_batch_max: int = Field(
         1000, ge=1, le=100_000, description="metrics messages per archive batch at most"
     )
+    archive_batch_bytes: int = Field(
+        512_000,
+        ge=16_384,
+        le=1_000_000,
+        description="bytes per archive batch at most (brokers drop larger messages: "
+        "Mosquitto's message_size_limit is 1 MiB in deploy/mosquitto)",
+    )
     limits: AlarmLimits = Field(default_factory=AlarmLimits)
     #: per alarm code, what differs from the alarm's own defaults (the alarm table,
     #: ``services/analytics/alarms.py``, knows the codes and checks them at start)
