@@ -231,17 +231,33 @@ class Profile:
     @functools.cached_property
     def _steps(
         self,
-    ) -> list[tuple[M, str, int, int, Callable[[list[int], str], float], str, float, bool]]:
+    ) -> list[
+        tuple[
+            M,
+            str,
+            int,
+            int,
+            Callable[[list[int], str], float] | None,
+            str,
+            float,
+            bool,
+            float,
+            float,
+        ]
+    ]:
+        """Per register, everything :meth:`decode` needs, worked out once: a u16 has no
+        decoder function (read in line), and the measurement's bounds are copied in."""
         return [
             (
                 m,
                 s.table,
                 s.address,
                 _WIDTH[s.type],
-                DECODERS[s.type],
+                None if s.type == "u16" else DECODERS[s.type],
                 s.word_order,
                 s.scale,
                 s.zero_is_missing,
+                *m.bounds,
             )
             for m, s in self.registers.items()
         ]
@@ -261,17 +277,34 @@ class Profile:
         physical bounds (``Measurement.bounds``) is left out and, when ``refused`` is
         given, appended to it with its registers and the reason."""
         out: dict[M, float] = {}
-        for measurement, table_name, address, width, fn, order, scale, missing in self._steps:
+        for (
+            measurement,
+            table_name,
+            address,
+            width,
+            fn,
+            order,
+            scale,
+            missing,
+            lo,
+            hi,
+        ) in self._steps:
             table = raw[table_name]
-            regs = [table[address]] if width == 1 else [table[address + i] for i in range(width)]
-            if missing and not any(regs):
-                continue
-            value = fn(regs, order) * scale
-            lo, hi = measurement.bounds
+            if fn is None:  # u16: one register, no list, no call
+                word = table[address]
+                if missing and not word:
+                    continue
+                value = float(word & 0xFFFF) * scale
+            else:
+                regs = [table[address + i] for i in range(width)]
+                if missing and not any(regs):
+                    continue
+                value = fn(regs, order) * scale
             if lo <= value <= hi:  # False for NaN
                 out[measurement] = value
             elif refused is not None:
                 why = implausible(measurement, value) or "implausible"
+                regs = [table[address + i] for i in range(width)]
                 refused.append(Refused(measurement, value, why, table_name, address, regs))
         for measurement, by in self._signed:
             if measurement in out:
