@@ -107,6 +107,14 @@ def encode(value: float, type_: str, order: str = "big") -> list[int]:
     return words if order == "big" else list(reversed(words))
 
 
+#: one register of a profile as :meth:`Profile.decode` reads it: measurement, table,
+#: address, width, decoder (None: a u16, read in line), word order, scale, zero is
+#: missing, the measurement's lower and upper bounds
+_Step = tuple[
+    M, str, int, int, Callable[[list[int], str], float] | None, str, float, bool, float, float
+]
+
+
 @dataclass(frozen=True, slots=True)
 class Refused:
     """A decoded value that was not published: which, what, why, and from where."""
@@ -231,20 +239,7 @@ class Profile:
     @functools.cached_property
     def _steps(
         self,
-    ) -> list[
-        tuple[
-            M,
-            str,
-            int,
-            int,
-            Callable[[list[int], str], float] | None,
-            str,
-            float,
-            bool,
-            float,
-            float,
-        ]
-    ]:
+    ) -> list[_Step]:
         """Per register, everything :meth:`decode` needs, worked out once: a u16 has no
         decoder function (read in line), and the measurement's bounds are copied in."""
         return [
