@@ -107,6 +107,14 @@ def encode(value: float, type_: str, order: str = "big") -> list[int]:
     return words if order == "big" else list(reversed(words))
 
 
+#: one register of a profile as :meth:`Profile.decode` reads it: measurement, table,
+#: address, width, decoder (None: a u16, read in line), word order, scale, zero is
+#: missing, the measurement's lower and upper bounds
+_Step = tuple[
+    M, str, int, int, Callable[[list[int], str], float] | None, str, float, bool, float, float
+]
+
+
 @dataclass(frozen=True, slots=True)
 class Refused:
     """A decoded value that was not published: which, what, why, and from where."""
@@ -231,17 +239,20 @@ class Profile:
     @functools.cached_property
     def _steps(
         self,
-    ) -> list[tuple[M, str, int, int, Callable[[list[int], str], float], str, float, bool]]:
+    ) -> list[_Step]:
+        """Per register, everything :meth:`decode` needs, worked out once: a u16 has no
+        decoder function (read in line), and the measurement's bounds are copied in."""
         return [
             (
                 m,
                 s.table,
                 s.address,
                 _WIDTH[s.type],
-                DECODERS[s.type],
+                None if s.type == "u16" else DECODERS[s.type],
                 s.word_order,
                 s.scale,
                 s.zero_is_missing,
+                *m.bounds,
             )
             for m, s in self.registers.items()
         ]
@@ -261,17 +272,34 @@ class Profile:
         physical bounds (``Measurement.bounds``) is left out and, when ``refused`` is
         given, appended to it with its registers and the reason."""
         out: dict[M, float] = {}
-        for measurement, table_name, address, width, fn, order, scale, missing in self._steps:
+        for (
+            measurement,
+            table_name,
+            address,
+            width,
+            fn,
+            order,
+            scale,
+            missing,
+            lo,
+            hi,
+        ) in self._steps:
             table = raw[table_name]
-            regs = [table[address]] if width == 1 else [table[address + i] for i in range(width)]
-            if missing and not any(regs):
-                continue
-            value = fn(regs, order) * scale
-            lo, hi = measurement.bounds
+            if fn is None:  # u16: one register, no list, no call
+                word = table[address]
+                if missing and not word:
+                    continue
+                value = float(word & 0xFFFF) * scale
+            else:
+                regs = [table[address + i] for i in range(width)]
+                if missing and not any(regs):
+                    continue
+                value = fn(regs, order) * scale
             if lo <= value <= hi:  # False for NaN
                 out[measurement] = value
             elif refused is not None:
                 why = implausible(measurement, value) or "implausible"
+                regs = [table[address + i] for i in range(width)]
                 refused.append(Refused(measurement, value, why, table_name, address, regs))
         for measurement, by in self._signed:
             if measurement in out:

@@ -159,6 +159,8 @@ class MeterState:
     reported: dict[M, tuple[float, int]] = field(default_factory=dict)
     #: a BACnet/IP meter: its profile (``profile`` is then its name and model only)
     bacnet: bn.BacnetProfile | None = None
+    #: where its readings go (worked out once: the names were checked at config load)
+    reading_topic: str = ""
 
     @property
     def where(self) -> str:
@@ -332,7 +334,8 @@ class Collector:
             registry=r,
         )
         self.spool_depth.set(len(self.spool))
-        for ms in self.meters:  # label children resolved once, not per poll
+        for ms in self.meters:  # label children and topics resolved once, not per poll
+            ms.reading_topic = topics.reading(site.site, ms.name)
             self.online_gauge.labels(ms.name).set(0)
             ms.polls_metric = self.polls.labels(ms.name)
             ms.missed_metric = self.missed.labels(ms.name)
@@ -508,7 +511,7 @@ class Collector:
             values=values,
             poll_s=took,
         )
-        self.outbox.put(topics.reading(self.site.site, m.name), encode(reading))
+        self.outbox.put(m.reading_topic, reading.model_dump_json(by_alias=True).encode())
         self._succeeded(m)
         if m.config.time_sync and m.profile.name in CLOCKS and isinstance(conn, ModbusConnection):
             now = time.monotonic()
