@@ -15,6 +15,7 @@ import pytest
 from services.collector import profiles as prof
 from services.simulator import SimServer, SimSite
 from shared.embedded import free_port
+from shared.errors import ConfigError
 from shared.measurements import Measurement as M
 from shared.messages import Reading
 from shared.settings import Settings
@@ -115,7 +116,9 @@ def plant(profile_name: str, user: prof.Profile | None) -> SimSite:
     return sim
 
 
-def site_for(name: str, port: int, profile_name: str, user: dict[str, Any] | None) -> SiteConfig:
+def site_for(
+    name: str, port: int, profile_name: str, user: dict[str, Any] | None, ct: object = None
+) -> SiteConfig:
     data: dict[str, Any] = {
         "site": name,
         "buses": [{"name": "b1", "host": "127.0.0.1", "port": port}],
@@ -126,7 +129,7 @@ def site_for(name: str, port: int, profile_name: str, user: dict[str, Any] | Non
                 "unit": 1,
                 "profile": profile_name,
                 "interval_s": 0.2,
-                "ct_ratio": CT,
+                "ct_ratio": CT if ct is None else ct,
                 "pt_ratio": PT,
                 "time_sync": False,
             }
@@ -138,7 +141,11 @@ def site_for(name: str, port: int, profile_name: str, user: dict[str, Any] | Non
 
 
 async def first_reading(
-    settings: Settings, site_name: str, profile_name: str, user: dict[str, Any] | None
+    settings: Settings,
+    site_name: str,
+    profile_name: str,
+    user: dict[str, Any] | None,
+    ct: object = None,
 ) -> tuple[Reading, dict[M, float], prof.Profile]:
     """One reading the collector published, and the secondary values the simulated
     meter held (as its registers decode)."""
@@ -146,7 +153,7 @@ async def first_reading(
     profile = prof.from_spec(profile_name, spec) if spec else prof.PROFILES[profile_name]
     sim = plant(profile_name, profile if spec else None)
     port = free_port()
-    site = site_for(site_name, port, profile_name, user)
+    site = site_for(site_name, port, profile_name, user, ct)
     async with SimServer(sim, port), sink_for(settings, site_name) as sink:
         async with running(settings, site):
             async with asyncio.timeout(15):
@@ -206,3 +213,25 @@ def test_ratio_factors_come_from_the_vocabulary() -> None:
     for never in (M.POWER_FACTOR, M.FREQUENCY, M.THD_CURRENT_L1, M.THD_VOLTAGE_L2):
         assert never not in factors
     assert sdm.primary_factors(1.0, 1.0) == {}
+
+
+async def test_a_ratio_that_pushes_a_value_past_its_bounds_costs_that_value_only(
+    settings: Settings, site_name: str
+) -> None:
+    """A 1,000,000:1 CT on ~4 A secondary makes ~4,000,000 A, past the physical bound
+    of a current (1e6 A): the currents are left out of the reading (a dead letter each),
+    and the reading - its voltages, frequency, PF - is published."""
+    reading, secondary, _ = await first_reading(settings, site_name, "sdm630", None, ct="1000000/1")
+    for m in (M.CURRENT_L1, M.CURRENT_L2, M.CURRENT_L3):
+        assert secondary[m] * 1e6 > m.bounds[1]
+        assert m not in reading.values, m
+    assert reading.values[M.VOLTAGE_L1_L2] == pytest.approx(11000.0, rel=1e-4)
+    assert M.FREQUENCY in reading.values and M.POWER_FACTOR_L1 in reading.values
+    assert reading.seq >= 1
+
+
+def test_a_ratio_that_is_no_ct_or_pt_is_refused() -> None:
+    for bad in ("1e300", "5/0.000000001", 1e9, "0.00001"):
+        with pytest.raises(ConfigError) as err:
+            site_for("s", 502, "sdm630", None, ct=bad)
+        assert "meters[0].ct_ratio" in str(err.value) and "is not a CT or PT" in str(err.value)

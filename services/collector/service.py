@@ -52,7 +52,7 @@ import math
 import random
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -127,6 +127,15 @@ def clock_seq() -> int:
 
 #: a meter's implausible measurement is reported (dead letter, log) at most this often
 IMPLAUSIBLE_REPORT_S = 60.0
+
+
+def _checked_limits(
+    limits: dict[M, tuple[float, float]], factors: Mapping[M, float]
+) -> dict[M, tuple[float, float]]:
+    """What a meter's primary values are checked against after its CT/PT ratios: the
+    site file's limits, and the physical bounds of every scaled measurement (a value
+    the ratio pushes past them is left out with a dead letter, not the whole reading)."""
+    return {**{m: m.bounds for m in factors}, **limits}
 
 
 @dataclass(eq=False)
@@ -240,7 +249,7 @@ class Collector:
                     bprofile.primary_factors(mc.ct_ratio, mc.pt_ratio),
                     bacnet=bprofile,
                 )
-                state.limits = site.limits_of(mc.name)
+                state.limits = _checked_limits(site.limits_of(mc.name), state.factors)
                 self.meters.append(state)
                 continue
             try:
@@ -261,7 +270,7 @@ class Collector:
                     extra={"meter": mc.name},
                 )
             state = MeterState(mc, site.bus(mc.bus), profile, profile.plan(), factors)
-            state.limits = site.limits_of(mc.name)
+            state.limits = _checked_limits(site.limits_of(mc.name), factors)
             self.meters.append(state)
         if problems:
             raise ConfigError(f"site {site.site!r}: {len(problems)} invalid field(s)", problems)
@@ -525,7 +534,8 @@ class Collector:
         raw: dict[str, dict[int, int]],
         refused: list[Refused],
     ) -> None:
-        """Leave out the values outside the site file's limits for ``m``."""
+        """Leave out the values outside the site file's limits for ``m`` (and, for a meter
+        behind CTs/PTs, the primary values outside their physical bounds)."""
         for measurement, (lo, hi) in m.limits.items():
             value = values.get(measurement)
             if value is None or lo <= value <= hi:

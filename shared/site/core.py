@@ -341,6 +341,10 @@ class BacnetTarget(BaseModel):
         return value
 
 
+#: the range a CT or PT ratio can have (a 50,000/1 A CT is 5e4; a 765 kV/110 V PT ~7,000)
+MIN_RATIO, MAX_RATIO = 1e-3, 1e6
+
+
 def _parse_ratio(value: object) -> float:
     """``"400/5"`` (primary/secondary), ``"11000/110"`` or a plain number as a ratio > 0."""
     if isinstance(value, bool):
@@ -363,6 +367,11 @@ def _parse_ratio(value: object) -> float:
         raise ValueError("not a ratio: write primary/secondary like '400/5'")
     if not math.isfinite(ratio) or ratio <= 0:
         raise ValueError("a ratio must be a finite number > 0")
+    if not MIN_RATIO <= ratio <= MAX_RATIO:
+        raise ValueError(
+            f"a ratio of {ratio:g} is not a CT or PT: between {MIN_RATIO:g} and {MAX_RATIO:g} "
+            "(e.g. '400/5' = 80, '33000/110' = 300)"
+        )
     return ratio
 
 
