@@ -29,7 +29,14 @@ from tests.test_archiver_helpers import (
     schema_dsn,
     wait_for,
 )
-from tests.test_security_broker import MOSQUITTO, Broker, Probe, init, service_settings
+from tests.test_security_broker import (
+    MOSQUITTO,
+    Broker,
+    Probe,
+    centre_and_edge,
+    init,
+    service_settings,
+)
 
 pytestmark = pytest.mark.skipif(
     not Path(MOSQUITTO).exists(), reason="the mosquitto binary is not installed"
@@ -101,15 +108,10 @@ async def test_batches_cross_the_bridge_and_the_centre_stores_each_row_once(
     tmp_path: Path, site_name: str, db_dsn: str, db_schema: str
 ) -> None:
     central_port = free_port()
-    central = init(tmp_path / "central", "centre", role="central")
-    edge = init(
-        tmp_path / "edge",
+    central, edge = centre_and_edge(
+        tmp_path,
         site_name,
-        role="edge",
-        central=central.out,
-        central_host="127.0.0.1",
-        central_port=central_port,
-        broker_path=str(tmp_path / "edge" / "secrets" / "broker"),
+        central_port,
         bridge_metrics="batches",
         site_file=edge_site_file(tmp_path, site_name, archive_batches=True),
     )

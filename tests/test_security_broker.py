@@ -253,6 +253,23 @@ def init(tmp: Path, site: str, **kwargs: object) -> InitResult:
     )
 
 
+def centre_and_edge(
+    tmp: Path, site: str, central_port: int, **edge: object
+) -> tuple[InitResult, InitResult]:
+    """A centre's files, and an edge's whose bridge dials it on ``central_port``."""
+    central = init(tmp / "central", "centre", role="central")
+    return central, init(
+        tmp / "edge",
+        site,
+        role="edge",
+        central=central.out,
+        central_host="127.0.0.1",
+        central_port=central_port,
+        broker_path=str(tmp / "edge" / "secrets" / "broker"),
+        **edge,
+    )
+
+
 def service_settings(result: InitResult, user: str, port: int, tmp: Path) -> Settings:
     """The service's generated env file, as the service would load it."""
     env: dict[str, str] = {}
@@ -651,16 +668,7 @@ def test_edge_bridge_forwards_summaries_and_queues_while_centre_is_down(
     tmp_path: Path, site_name: str
 ) -> None:
     central_port = free_port()
-    central = init(tmp_path / "central", "centre", role="central")
-    edge = init(
-        tmp_path / "edge",
-        site_name,
-        role="edge",
-        central=central.out,
-        central_host="127.0.0.1",
-        central_port=central_port,
-        broker_path=str(tmp_path / "edge" / "secrets" / "broker"),
-    )
+    central, edge = centre_and_edge(tmp_path, site_name, central_port)
     # the edge bundle never carries the CA key; the centre now knows the bridge user
     assert not (edge.out / "ca.key").exists()
     assert f"bridge-{site_name}" in read_passwd(central.out / "broker" / "passwd")
@@ -754,17 +762,7 @@ def test_an_edge_can_forward_only_its_aggregates(tmp_path: Path, site_name: str)
     """``--bridge-metrics 600s``: the 10 min aggregates cross, per-input metrics and
     the 3 s aggregates stay at the edge; events still cross."""
     central_port = free_port()
-    central = init(tmp_path / "central", "centre", role="central")
-    edge = init(
-        tmp_path / "edge",
-        site_name,
-        role="edge",
-        central=central.out,
-        central_host="127.0.0.1",
-        central_port=central_port,
-        broker_path=str(tmp_path / "edge" / "secrets" / "broker"),
-        bridge_metrics="600s",
-    )
+    central, edge = centre_and_edge(tmp_path, site_name, central_port, bridge_metrics="600s")
     conf = (edge.out / "broker" / "conf.d" / "bridge.conf").read_text()
     assert f"topic pfm/v1/{site_name}/+/metrics/600s out 1" in conf
     assert "metrics/#" not in conf
